@@ -1,0 +1,21 @@
+"""Errors the platform reports to users: each names the file or field and what is wrong."""
+
+
+class CLAdapterError(Exception):
+    """Base class: the CLI prints these without a traceback and exits non-zero."""
+
+
+class ParamsError(CLAdapterError):
+    """params.yaml or a flag holds a bad value."""
+
+
+class DataError(CLAdapterError):
+    """An input file, folder or manifest is unusable."""
+
+
+class ModelError(CLAdapterError):
+    """A backbone name, adapter option, checkpoint or model directory is wrong."""
+
+
+class TrackingError(CLAdapterError):
+    """The MLflow server or registry cannot do what was asked."""
