@@ -1,0 +1,168 @@
+"""Backbones behind one interface: every model's features become tokens (B, N, D).
+
+- timm ViT-like (ViT, DeiT, CLIP-ViT, EVA, ...): patch tokens, every prefix token
+  (class, distillation, registers) dropped.
+- timm CNNs in NCHW (ResNet, ConvNeXt, EfficientNet): (B, C, h, w) -> (B, h*w, C).
+- timm models with NHWC output (Swin, some ConvNeXt variants): (B, h, w, C) -> (B, h*w, C).
+- torchvision video models (r3d_18, mc3_18, r2plus1d_18, swin3d_*, s3d):
+  (B, C, t, h, w) -> (B, t*h*w, C).
+"""
+from __future__ import annotations
+
+import difflib
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+from .weights import load_into, read_state_dict
+
+KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
+KINETICS_STD = (0.22803, 0.22145, 0.216989)
+VIDEO_MODELS = ("r3d_18", "mc3_18", "r2plus1d_18", "swin3d_t", "swin3d_s", "swin3d_b", "s3d")
+
+
+@lru_cache(maxsize=1)
+def _timm_names() -> tuple[str, ...]:
+    import timm
+    return tuple(timm.list_models())
+
+
+def known_backbone(name: str) -> bool:
+    import timm
+    if name in VIDEO_MODELS:
+        return True
+    try:
+        return timm.is_model(name)
+    except Exception:
+        return False
+
+
+def check_backbone_name(name: str) -> None:
+    """Raise ModelError with close matches for an unknown backbone name."""
+    if not isinstance(name, str) or not known_backbone(name):
+        close = difflib.get_close_matches(str(name), _timm_names() + VIDEO_MODELS, n=5, cutoff=0.6)
+        hint = f"; did you mean: {', '.join(close)}" if close else ""
+        raise ModelError(f"unknown backbone {name!r} (not a timm model nor one of "
+                         f"torchvision's video models {', '.join(VIDEO_MODELS)}){hint}")
+
+
+class Backbone(nn.Module):
+    """A pretrained feature extractor with `forward_tokens` and `forward_pooled`.
+
+    Attributes: `name`, `model` (the timm/torchvision module), `dim` (token width D),
+    `is_3d`, `data_config` (input_size, mean, std, interpolation).
+    """
+
+    def __init__(self, name: str, pretrained: bool = False, checkpoint: str | None = None,
+                 **kwargs):
+        super().__init__()
+        check_backbone_name(name)
+        self.name, self.kwargs = name, dict(kwargs)
+        self.is_3d = name in VIDEO_MODELS
+        if self.is_3d:
+            self._build_video(name, pretrained, kwargs)
+        else:
+            self._build_timm(name, pretrained, kwargs)
+        if checkpoint:
+            state = read_state_dict(checkpoint)
+            load_into(self.model, state, source=str(checkpoint), ignore=self._classifier_keys())
+
+    # -- construction ------------------------------------------------------------------
+    def _build_timm(self, name, pretrained, kwargs):
+        import timm
+        try:
+            # num_classes=0: timm replaces its classifier by an identity.
+            self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        except TypeError as e:
+            raise ModelError(f"backbone {name!r} rejected its options {kwargs}: {e}") from e
+        self.dim = int(self.model.num_features)
+        self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0) or 0)
+        cfg = timm.data.resolve_model_data_config(self.model)
+        input_size = list(cfg["input_size"])
+        # timm keeps the pretrained cfg's 224 when img_size/in_chans are overridden.
+        img = kwargs.get("img_size")
+        if img is not None:
+            input_size[1:] = [img, img] if isinstance(img, int) else list(img)
+        if "in_chans" in kwargs:
+            input_size[0] = int(kwargs["in_chans"])
+        self.data_config = {"input_size": input_size, "mean": list(cfg["mean"]),
+                            "std": list(cfg["std"]),
+                            "interpolation": cfg.get("interpolation", "bicubic")}
+        if len(self.data_config["mean"]) != input_size[0]:  # e.g. in_chans=1 on RGB stats
+            m, s = self.data_config["mean"], self.data_config["std"]
+            self.data_config["mean"] = [sum(m) / len(m)] * input_size[0]
+            self.data_config["std"] = [sum(s) / len(s)] * input_size[0]
+
+    def _build_video(self, name, pretrained, kwargs):
+        from torchvision.models import video
+        ctor = getattr(video, name)
+        try:
+            self.model = ctor(weights="DEFAULT" if pretrained else None, **kwargs)
+        except TypeError as e:
+            raise ModelError(f"backbone {name!r} rejected its options {kwargs}: {e}") from e
+        if hasattr(self.model, "fc"):               # VideoResNet
+            self.dim = self.model.fc.in_features
+            self.model.fc = nn.Identity()
+        elif hasattr(self.model, "head"):           # Swin3D
+            self.dim = self.model.head.in_features
+            self.model.head = nn.Identity()
+        else:                                       # S3D: classifier is a conv block
+            self.dim = 1024
+            self.model.classifier = nn.Identity()
+        self.num_prefix_tokens = 0
+        frames, size = (16, 224) if name.startswith(("swin3d", "s3d")) else (16, 112)
+        self.data_config = {"input_size": [3, frames, size, size], "mean": list(KINETICS_MEAN),
+                            "std": list(KINETICS_STD), "interpolation": "bilinear"}
+
+    def _classifier_keys(self) -> tuple[str, ...]:
+        """Prefixes of the original classifier, absent here and ignored in checkpoints."""
+        if self.is_3d:
+            return ("fc.", "head.", "classifier.")
+        clf = getattr(self.model, "pretrained_cfg", {}).get("classifier") or "head"
+        clf = clf if isinstance(clf, (list, tuple)) else [clf]
+        return tuple(f"{c}." for c in clf)
+
+    # -- features ----------------------------------------------------------------------
+    def _video_features(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if hasattr(m, "stem"):  # VideoResNet
+            x = m.stem(x)
+            x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
+            return x.flatten(2).transpose(1, 2)                    # (B, t*h*w, C)
+        if hasattr(m, "patch_embed"):  # Swin3D: features come out (B, T, H, W, C)
+            x = m.norm(m.features(m.pos_drop(m.patch_embed(x))))
+            return x.flatten(1, 3)
+        x = m.features(x)                                          # S3D: (B, C, t, h, w)
+        return x.flatten(2).transpose(1, 2)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, D) from an input batch."""
+        if self.is_3d:
+            if x.dim() != 5:
+                raise ModelError(f"video backbone {self.name} expects (B, C, T, H, W), got {tuple(x.shape)}")
+            return self._video_features(x)
+        f = self.model.forward_features(x)
+        if f.dim() == 3:                                           # ViT-like
+            return f[:, self.num_prefix_tokens:]
+        if f.dim() == 4:
+            if getattr(self.model, "output_fmt", "NCHW") == "NHWC" or (
+                    f.shape[1] != self.dim and f.shape[-1] == self.dim):
+                return f.flatten(1, 2)                              # NHWC
+            return f.flatten(2).transpose(1, 2)                     # NCHW
+        raise ModelError(f"backbone {self.name} gave features of unexpected shape {tuple(f.shape)}")
+
+    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's usual pooled feature (B, D): class token for ViTs, average pool for CNNs."""
+        if self.is_3d:
+            return self._video_features(x).mean(dim=1)
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(x)
+
+
+def create_backbone(name: str, pretrained: bool = False, checkpoint: str | None = None,
+                    **kwargs) -> Backbone:
+    return Backbone(name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)

@@ -1,0 +1,187 @@
+"""The adapted model: backbone -> (CLAdapter -> mean over tokens) -> linear head.
+
+Modes:
+- ``cla``: backbone tokens -> CLAdapter -> mean over tokens -> head.
+- ``linear``, ``full``, ``lp-ft``: head on the backbone's usual pooled feature (class
+  token for ViTs, average pool for CNNs); they differ only in what training unfreezes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter import CLAdapter
+from .backbones import Backbone
+from .config import AdapterConfig
+from .errors import ModelError
+
+MODES = ("cla", "linear", "full", "lp-ft")
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+
+class CLAdapterModel(nn.Module):
+    def __init__(self, backbone: Backbone, num_classes: int, mode: str = "cla",
+                 adapter_config: AdapterConfig | None = None,
+                 class_names: list[str] | None = None):
+        super().__init__()
+        if mode not in MODES:
+            raise ModelError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ModelError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        self.mode = mode
+        self.backbone = backbone
+        self.adapter_config = (adapter_config or AdapterConfig()).validate()
+        self.adapter = CLAdapter.from_config(backbone.dim, self.adapter_config) if mode == "cla" else None
+        self.head = nn.Linear(backbone.dim, num_classes)
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        if len(self.class_names) != num_classes:
+            raise ModelError(f"{len(self.class_names)} class names for {num_classes} classes")
+        self.stage = 2
+
+    # -- forward -----------------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled feature (B, D) that the head sees."""
+        if self.adapter is None:
+            return self.backbone.forward_pooled(x)
+        return self.adapter(self.backbone.forward_tokens(x)).mean(dim=1)
+
+    def head_features(self, tokens_or_pooled: torch.Tensor) -> torch.Tensor:
+        """Logits from backbone output: tokens (B, N, D) in `cla` mode, else pooled (B, D).
+        Used by the stage-1 feature cache, which stores the frozen backbone's output."""
+        if self.adapter is None:
+            return self.head(tokens_or_pooled)
+        return self.head(self.adapter(tokens_or_pooled).mean(dim=1))
+
+    def backbone_output(self, x: torch.Tensor) -> torch.Tensor:
+        """What `head_features` takes: tokens in `cla` mode, the pooled feature otherwise."""
+        return self.backbone.forward_tokens(x) if self.adapter is not None else self.backbone.forward_pooled(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    # -- staged fine-tuning --------------------------------------------------------------
+    def set_stage(self, stage: int) -> "CLAdapterModel":
+        """Stage 1: backbone frozen (no gradients; BatchNorm and dropout in eval mode).
+        Stage 2: everything trainable."""
+        if stage not in (1, 2):
+            raise ModelError(f"stage must be 1 or 2, got {stage!r}")
+        self.stage = stage
+        for p in self.backbone.parameters():
+            p.requires_grad_(stage == 2)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "CLAdapterModel":
+        super().train(mode)
+        if self.stage == 1:
+            self.backbone.eval()  # frozen statistics: BatchNorm running stats, no dropout
+        return self
+
+    def param_report(self) -> dict:
+        def count(module, trainable=False):
+            if module is None:
+                return 0
+            return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+        backbone, adapter, head = count(self.backbone), count(self.adapter), count(self.head)
+        return {"total": backbone + adapter + head, "backbone": backbone, "adapter": adapter,
+                "head": head, "trainable": count(self, trainable=True),
+                "adapter_overhead_pct": 100.0 * adapter / backbone if backbone else 0.0}
+
+    def config_dict(self) -> dict:
+        dc = self.backbone.data_config
+        cfg = self.adapter_config.to_dict()
+        cfg.pop("grad_checkpointing")
+        return {"backbone": self.backbone.name, "backbone_kwargs": self.backbone.kwargs,
+                "mode": self.mode, **cfg, "num_classes": self.num_classes,
+                "class_names": self.class_names, "input_size": dc["input_size"],
+                "mean": dc["mean"], "std": dc["std"], "interpolation": dc["interpolation"],
+                "is_3d": self.backbone.is_3d}
+
+
+def build_model(backbone: str, num_classes: int, mode: str = "cla", num_centers: int = 20,
+                rank: int = 256, depth: int = 1, pretrained: bool = False,
+                checkpoint: str | None = None, *, mlp_ratio: float = 4.0,
+                temperature: float = 1.0, init: str = "paper", dropout: float = 0.0,
+                grad_checkpointing: bool = False, class_names: list[str] | None = None,
+                backbone_kwargs: dict | None = None, **more_backbone_kwargs) -> CLAdapterModel:
+    """Build a backbone (timm name or torchvision video model) with a CLAdapter and head.
+
+    `pretrained=True` uses timm's/torchvision's normal download (needs internet);
+    `checkpoint` loads backbone weights from a path, file:// or s3:// URI instead.
+    Extra keyword arguments go to `timm.create_model` (img_size, patch_size, in_chans...);
+    `backbone_kwargs` carries those whose names clash with the adapter's (timm's `depth`).
+    """
+    backbone_kwargs = {**(backbone_kwargs or {}), **more_backbone_kwargs}
+    # Validate the cheap things before building a possibly large backbone.
+    if mode not in MODES:
+        raise ModelError(f"mode must be one of {MODES}, got {mode!r}")
+    adapter_config = AdapterConfig(num_centers=num_centers, rank=rank, depth=depth,
+                                   mlp_ratio=mlp_ratio, temperature=temperature, init=init,
+                                   dropout=dropout, grad_checkpointing=grad_checkpointing).validate()
+    bb = Backbone(backbone, pretrained=pretrained, checkpoint=checkpoint, **backbone_kwargs)
+    return CLAdapterModel(bb, num_classes, mode, adapter_config, class_names)
+
+
+def save_model(model: CLAdapterModel, out_dir: str | Path, extra_files: dict | None = None) -> Path:
+    """Write `model.safetensors` + `config.json` (and `extra_files`: name -> JSON-able
+    object) into out_dir atomically: a temp dir beside it is renamed into place."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        write_json(tmp / CONFIG_FILE, model.config_dict())
+        for name, obj in (extra_files or {}).items():
+            write_json(tmp / name, obj)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_model(model_dir: str | Path, map_location: str = "cpu") -> CLAdapterModel:
+    """Rebuild a model saved by `save_model` (no download: weights come from the dir)."""
+    from safetensors.torch import load_file
+    model_dir = Path(model_dir)
+    cfg_path, w_path = model_dir / CONFIG_FILE, model_dir / WEIGHTS_FILE
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise ModelError(f"model directory {model_dir}: missing {p.name}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{cfg_path}: not valid JSON ({e})") from e
+    model = build_model(cfg["backbone"], cfg["num_classes"], mode=cfg["mode"],
+                        num_centers=cfg["num_centers"], rank=cfg["rank"], depth=cfg["depth"],
+                        mlp_ratio=cfg["mlp_ratio"], temperature=cfg["temperature"],
+                        init=cfg["init"], dropout=cfg["dropout"],
+                        class_names=cfg["class_names"], backbone_kwargs=cfg.get("backbone_kwargs"))
+    state = load_file(str(w_path), device=map_location)
+    from .weights import load_into
+    load_into(model, state, source=str(w_path))
+    return model.eval()
+
+
+def write_json(path: Path, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move a complete temp dir into place; an old out_dir is swapped out, then removed."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

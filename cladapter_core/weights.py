@@ -1,0 +1,118 @@
+"""Weights in: a local path, file:// or s3:// URI; safetensors or a weights-only torch file.
+
+Only safetensors and `torch.load(weights_only=True)` are used, so a pickled file with
+code in it is refused rather than executed.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+_WRAPPERS = ("state_dict", "model", "model_state", "module")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def s3_client():
+    """boto3 client honouring the usual variables (AWS_*, AWS_ENDPOINT_URL or the
+    MLflow-style MLFLOW_S3_ENDPOINT_URL for MinIO and other S3-compatible stores)."""
+    import boto3
+    from botocore.config import Config
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    cfg = Config(retries={"max_attempts": 5, "mode": "standard"})
+    return boto3.client("s3", endpoint_url=endpoint or None, config=cfg)
+
+
+def fetch_uri(uri: str, dest_dir: str | Path) -> Path:
+    """A local Path for `uri` (downloading s3:// objects into dest_dir)."""
+    uri = str(uri)
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        from botocore.exceptions import BotoCoreError, ClientError
+        dest = Path(dest_dir) / (Path(parsed.path).name or "weights")
+        try:
+            s3_client().download_file(parsed.netloc, parsed.path.lstrip("/"), str(dest))
+        except (ClientError, BotoCoreError) as e:
+            raise ModelError(f"cannot download checkpoint {uri}: {e}") from e
+        return dest
+    if parsed.scheme == "file":
+        path = Path(parsed.path)
+    elif parsed.scheme in ("", None) or len(parsed.scheme) == 1:  # plain path (or C:\)
+        path = Path(uri)
+    else:
+        raise ModelError(f"checkpoint {uri}: unsupported scheme {parsed.scheme!r} "
+                         "(use a path, file:// or s3://)")
+    if not path.is_file():
+        raise ModelError(f"checkpoint {uri}: no such file")
+    return path
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        raise ModelError(f"checkpoint {path}: empty file")
+    # safetensors starts with an 8-byte little-endian header length, then '{'.
+    if path.suffix == ".safetensors" or head[8:9] == b"{":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise ModelError(f"checkpoint {path}: not a readable safetensors file ({e})") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(f"checkpoint {path}: refused or unreadable: only safetensors and "
+                         f"weights-only torch files are loaded ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    for key in _WRAPPERS:
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"checkpoint {path}: expected a state dict of tensors")
+    return obj
+
+
+def read_state_dict(uri: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from a path, file:// or s3:// URI."""
+    with tempfile.TemporaryDirectory(prefix="cladapter-ckpt-") as tmp:
+        state = _read_file(fetch_uri(str(uri), tmp))
+    for prefix in _PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
+              ignore: tuple[str, ...] = ()) -> None:
+    """Load `state` into `module`; any missing, unexpected or mis-shaped key is an error
+    that lists them all (keys starting with a prefix in `ignore` are dropped first)."""
+    own = module.state_dict()
+    # A checkpoint saved from a CLAdapter model directory carries a `backbone.model.` prefix.
+    for prefix in ("backbone.model.", "backbone."):
+        if state and not any(k in own for k in state) and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not (k.startswith(ignore) and k not in own)}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        def few(items):
+            return ", ".join(items[:20]) + (f" ... (+{len(items) - 20} more)" if len(items) > 20 else "")
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches: {few(shapes)}")
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {few(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: {few(unexpected)}")
+        raise ModelError(f"{source} does not fit the backbone: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
