@@ -1,0 +1,343 @@
+"""Decoding image files, 3D volumes/clips and frame folders into numpy arrays.
+
+`decode(path)` returns the pixels in one canonical layout, keeping the stored dtype:
+2D images as (H, W, C), 3D volumes/clips as (T, H, W, C). `load_array` turns that into
+a float tensor in [0, 1] with the channel count a model takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cladapter_core.errors import DataError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+VOLUME_EXTS = (".npy", ".npz")
+TIFF_EXTS = (".tif", ".tiff")
+# npz members tried, in order, when an archive holds more than one array.
+NPZ_KEYS = ("data", "volume", "clip", "arr_0")
+
+
+class DecodeError(Exception):
+    """A file cannot be used; the message says why (the caller adds the path)."""
+
+
+def natural_key(name: str):
+    """Sort key that puts frame_2 before frame_10."""
+    return [(0, int(tok), "") if tok.isdigit() else (1, 0, tok) for tok in re.split(r"(\d+)", name) if tok]
+
+
+def is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTS
+
+
+def is_volume_file(path: Path) -> bool:
+    return path.suffix.lower() in VOLUME_EXTS
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """Image files directly in a frame folder, in natural name order."""
+    return sorted(
+        (p for p in folder.iterdir() if p.is_file() and not is_hidden(p) and is_image_file(p)),
+        key=lambda p: natural_key(p.name),
+    )
+
+
+def kind_of(path: Path) -> str | None:
+    """'2d' for an image file, '3d' for a .npy/.npz file or a folder (of frames), else None."""
+    if path.is_dir():
+        return "3d"
+    if is_image_file(path):
+        return "2d"
+    if is_volume_file(path):
+        return "3d"
+    return None
+
+
+# ---------------------------------------------------------------- 2D decoding
+
+
+def _channels_last_2d(arr: np.ndarray) -> np.ndarray:
+    """(H,W) / (H,W,C) / (C,H,W) -> (H,W,C); anything else is refused."""
+    if arr.ndim == 2:
+        return arr[:, :, None]
+    if arr.ndim == 3:
+        if arr.shape[-1] <= 4:
+            return arr
+        if arr.shape[0] <= 4:  # planar TIFF: channels first
+            return np.moveaxis(arr, 0, -1)
+        raise DecodeError(
+            f"array of shape {tuple(arr.shape)} is a stack, not a 2D image "
+            "(save stacks as .npy or as a folder of frames)"
+        )
+    raise DecodeError(f"expected a 2D image (H,W) or (H,W,C), got an array of rank {arr.ndim}, shape {tuple(arr.shape)}")
+
+
+def _decode_pil(path: Path) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img.load()  # force the decode so truncated files fail here
+        img = ImageOps.exif_transpose(img)
+        mode = img.mode
+        if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+            arr = np.array(img).astype(np.uint16)
+        elif mode == "I":
+            arr = np.array(img)
+            # 16-bit PNGs may open as 32-bit "I"; keep them 16-bit when they fit.
+            if arr.size and arr.min() >= 0 and arr.max() <= 65535:
+                arr = arr.astype(np.uint16)
+        elif mode == "F":
+            arr = np.array(img, dtype=np.float32)
+        elif mode in ("L", "RGB", "RGBA", "LA"):
+            arr = np.array(img)
+        elif mode == "1":
+            arr = np.array(img.convert("L"))
+        elif mode in ("P", "PA"):
+            arr = np.array(img.convert("RGBA" if "transparency" in img.info or mode == "PA" else "RGB"))
+        else:  # CMYK, YCbCr, LAB, HSV ...
+            arr = np.array(img.convert("RGB"))
+    return arr
+
+
+def _decode_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    try:
+        return np.asarray(tifffile.imread(path))
+    except Exception as tiff_exc:  # noqa: BLE001 - fall back to PIL, report both if both fail
+        try:
+            return _decode_pil(path)
+        except Exception:  # noqa: BLE001
+            raise DecodeError(f"cannot decode TIFF: {tiff_exc}") from tiff_exc
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """A 2D image file -> (H, W, C) array in its stored dtype."""
+    if path.suffix.lower() in TIFF_EXTS:
+        arr = _decode_tiff(path)
+    else:
+        try:
+            arr = _decode_pil(path)
+        except DecodeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
+            raise DecodeError(f"cannot decode image: {exc}") from exc
+    return _channels_last_2d(arr)
+
+
+# ---------------------------------------------------------------- 3D decoding
+
+
+def _channels_last_3d(arr: np.ndarray) -> np.ndarray:
+    """(T,H,W) / (T,H,W,C) / (C,T,H,W) -> (T,H,W,C); anything else is refused."""
+    if arr.ndim == 3:
+        return arr[..., None]
+    if arr.ndim == 4:
+        if arr.shape[-1] <= 4:
+            return arr
+        if arr.shape[0] <= 4:
+            return np.moveaxis(arr, 0, -1)
+        raise DecodeError(
+            f"4D array of shape {tuple(arr.shape)} has no channel axis of size 1-4 "
+            "at the start or the end; expected (T,H,W,C) or (C,T,H,W)"
+        )
+    raise DecodeError(
+        f"expected a 3D volume/clip of rank 3 (T,H,W) or 4 (T,H,W,C), "
+        f"got rank {arr.ndim}, shape {tuple(arr.shape)}"
+    )
+
+
+def _decode_volume_file(path: Path) -> np.ndarray:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001
+        raise DecodeError(f"cannot read numpy file: {exc}") from exc
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            keys = list(loaded.files)
+            if not keys:
+                raise DecodeError("npz archive holds no arrays")
+            if len(keys) == 1:
+                key = keys[0]
+            else:
+                key = next((k for k in NPZ_KEYS if k in keys), None)
+                if key is None:
+                    raise DecodeError(
+                        f"npz archive holds several arrays ({', '.join(sorted(keys))}); "
+                        f"name the volume one of: {', '.join(NPZ_KEYS)}"
+                    )
+            try:
+                arr = loaded[key]
+            except Exception as exc:  # noqa: BLE001
+                raise DecodeError(f"cannot read array '{key}' from npz: {exc}") from exc
+    else:
+        arr = loaded
+    if arr.dtype.kind not in "biuf":
+        raise DecodeError(f"array dtype {arr.dtype} is not numeric")
+    return arr
+
+
+def _decode_frame_folder(folder: Path) -> np.ndarray:
+    frames = frame_files(folder)
+    if not frames:
+        raise DecodeError(f"frame folder holds no image files ({', '.join(IMAGE_EXTS)})")
+    arrays = []
+    for frame in frames:
+        if frame.stat().st_size == 0:
+            raise DecodeError(f"frame {frame.name} is an empty file")
+        try:
+            arrays.append(decode_image(frame))
+        except DecodeError as exc:
+            raise DecodeError(f"frame {frame.name}: {exc}") from exc
+    first = arrays[0]
+    for frame, arr in zip(frames, arrays):
+        if arr.shape != first.shape or arr.dtype != first.dtype:
+            raise DecodeError(
+                f"frames differ: {frames[0].name} is {first.shape} {first.dtype}, "
+                f"{frame.name} is {arr.shape} {arr.dtype}"
+            )
+    return np.stack(arrays)
+
+
+def decode_volume(path: Path) -> np.ndarray:
+    """A .npy/.npz file or a folder of frames -> (T, H, W, C) array in its stored dtype."""
+    if path.is_dir():
+        return _decode_frame_folder(path)
+    return _channels_last_3d(_decode_volume_file(path))
+
+
+# ---------------------------------------------------------------- checks and helpers
+
+
+def decode(path: Path) -> np.ndarray:
+    """Decode and check one item; raise DecodeError (message without the path) if unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise DecodeError("file does not exist")
+    kind = kind_of(path)
+    if kind is None:
+        raise DecodeError(f"unsupported file type '{path.suffix}' (supported: {', '.join(IMAGE_EXTS + VOLUME_EXTS)})")
+    if path.is_file() and path.stat().st_size == 0:
+        raise DecodeError("empty file (0 bytes)")
+    arr = decode_image(path) if kind == "2d" else decode_volume(path)
+    if arr.size == 0 or 0 in arr.shape:
+        raise DecodeError(f"empty array, shape {tuple(arr.shape)}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise DecodeError("contains NaN or infinite values")
+    if arr.dtype.kind not in "biuf":
+        raise DecodeError(f"pixel dtype {arr.dtype} is not numeric")
+    return arr
+
+
+def pixel_hash(arr: np.ndarray) -> str:
+    """sha256 of decoded pixels (dtype, shape and values), independent of file format."""
+    canon = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    digest = hashlib.sha256(f"{canon.dtype.str}|{canon.shape}|".encode())
+    digest.update(canon.tobytes())
+    return digest.hexdigest()
+
+
+def to_unit_float(arr: np.ndarray) -> np.ndarray:
+    """Scale pixels to float32 in [0, 1].
+
+    uint8 / 255 and uint16 / 65535 (fixed, so brightness keeps its meaning across files);
+    bool as 0/1; other dtypes (float, int16, uint32 ...) are kept when already within
+    [0, 1] and otherwise min-max scaled per file.
+    """
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    out = arr.astype(np.float32)
+    lo, hi = float(out.min()), float(out.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return out
+    if hi == lo:
+        return np.zeros_like(out)
+    return (out - lo) / (hi - lo)
+
+
+def match_channels(arr: np.ndarray, in_chans: int, name: str = "") -> np.ndarray:
+    """Channels-last float array -> `in_chans` channels (drop alpha, grey<->RGB)."""
+    c = arr.shape[-1]
+    if c in (2, 4) and in_chans != c:  # LA / RGBA: drop alpha
+        arr = arr[..., : c - 1]
+        c -= 1
+    if c == in_chans:
+        return arr
+    if c == 1:
+        return np.repeat(arr, in_chans, axis=-1)
+    if in_chans == 1:
+        return arr.mean(axis=-1, keepdims=True)
+    raise DataError(f"{name or 'input'}: has {c} channels, the model takes {in_chans}")
+
+
+def load_array(path, in_chans: int = 3) -> torch.Tensor:
+    """Decode one file to a float tensor in [0, 1]: 2D -> (C, H, W), 3D -> (C, T, H, W)."""
+    path = Path(path)
+    try:
+        arr = decode(path)
+    except DecodeError as exc:
+        raise DataError(f"{path}: {exc}") from None
+    arr = match_channels(to_unit_float(arr), in_chans, str(path))
+    tensor = torch.from_numpy(np.ascontiguousarray(arr))
+    if tensor.ndim == 3:  # H,W,C -> C,H,W
+        return tensor.permute(2, 0, 1).contiguous()
+    return tensor.permute(3, 0, 1, 2).contiguous()  # T,H,W,C -> C,T,H,W
+
+
+# ---------------------------------------------------------------- resized copies (prepare)
+
+
+def resize_array(arr: np.ndarray, size: int) -> np.ndarray:
+    """Resize (H,W,C) or (T,H,W,C) pixels to size x size, keeping the dtype (antialiased)."""
+    dtype = arr.dtype
+    work = arr.astype(np.uint8) if dtype == np.bool_ else arr
+    x = torch.from_numpy(np.ascontiguousarray(work).astype(np.float64 if dtype.kind == "f" else np.float32))
+    lead = x.shape[:-3]
+    h, w, c = x.shape[-3:]
+    x = x.reshape(-1, h, w, c).permute(0, 3, 1, 2)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = x.permute(0, 2, 3, 1).reshape(*lead, size, size, c)
+    out = x.numpy()
+    if dtype.kind in "biu":
+        info = np.iinfo(work.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    return out.astype(work.dtype)
+
+
+def write_copy(arr: np.ndarray, stem: Path) -> Path:
+    """Write pixels next to `stem` in a lossless format that keeps the dtype; return the path.
+
+    2D uint8 (1-4 channels) and single-channel uint16 -> PNG; other 2D -> TIFF; 3D -> .npy.
+    """
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    if arr.ndim == 4:
+        path = stem.with_name(stem.name + ".npy")
+        np.save(path, arr, allow_pickle=False)
+        return path
+    c = arr.shape[-1]
+    if arr.dtype == np.uint8 or (arr.dtype == np.uint16 and c == 1):
+        from PIL import Image
+
+        path = stem.with_name(stem.name + ".png")
+        img = Image.fromarray(arr[:, :, 0] if c == 1 else arr)
+        img.save(path, format="PNG")
+        return path
+    import tifffile
+
+    path = stem.with_name(stem.name + ".tif")
+    tifffile.imwrite(path, arr[:, :, 0] if c == 1 else arr, compression="zlib")
+    return path
