@@ -1,0 +1,381 @@
+"""The prepare stage: validate every file, split, detect leaks, write the prepared dir.
+
+Output (written atomically): `manifest.csv` (path,label,split,sha256), `classes.json`,
+`summary.json`, and with `data.resize` an `images/` folder of resized copies.
+Same source, params and seed give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import warnings
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from cladapter_core.data.atomic import atomic_dir
+from cladapter_core.data.images import DecodeError, decode, pixel_hash, resize_array, write_copy
+from cladapter_core.data.sources import SPLITS, Item, format_lines, list_source
+from cladapter_core.errors import DataError, ParamsError
+
+log = logging.getLogger(__name__)
+
+DATA_DEFAULTS = {
+    "val_fraction": 0.15,
+    "test_fraction": 0.15,
+    "shots_per_class": None,
+    "folds": 0,
+    "fold": 0,
+    "skip_invalid": False,
+    "resize": None,
+}
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------- params
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def data_params(params: dict) -> dict:
+    """The `data` section with defaults filled in; every bad value reported at once."""
+    given = dict(params.get("data") or {})
+    dp = {**DATA_DEFAULTS, **{k: given[k] for k in DATA_DEFAULTS if k in given}}
+    problems = []
+    for key in ("val_fraction", "test_fraction"):
+        v = dp[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            problems.append(f"data.{key}: {v!r} is not a number in [0, 1)")
+    if not problems and dp["val_fraction"] + dp["test_fraction"] >= 1:
+        problems.append(
+            f"data.val_fraction + data.test_fraction = {dp['val_fraction'] + dp['test_fraction']:g} leaves nothing to train on"
+        )
+    if dp["shots_per_class"] is not None and not (_is_int(dp["shots_per_class"]) and dp["shots_per_class"] >= 1):
+        problems.append(f"data.shots_per_class: {dp['shots_per_class']!r} is not null or a whole number >= 1")
+    if not (_is_int(dp["folds"]) and dp["folds"] >= 0):
+        problems.append(f"data.folds: {dp['folds']!r} is not a whole number >= 0")
+    elif not _is_int(dp["fold"]) or dp["fold"] < 0:
+        problems.append(f"data.fold: {dp['fold']!r} is not a whole number >= 0")
+    elif dp["folds"] > 1 and dp["fold"] >= dp["folds"]:
+        problems.append(f"data.fold: {dp['fold']} is out of range for data.folds={dp['folds']} (0..{dp['folds'] - 1})")
+    if not isinstance(dp["skip_invalid"], bool):
+        problems.append(f"data.skip_invalid: {dp['skip_invalid']!r} is not true or false")
+    if dp["resize"] is not None and not (_is_int(dp["resize"]) and dp["resize"] >= 2):
+        problems.append(f"data.resize: {dp['resize']!r} is not null or a whole number >= 2")
+    seed = params.get("seed", 0)
+    if not _is_int(seed):
+        problems.append(f"seed: {seed!r} is not a whole number")
+    if problems:
+        raise ParamsError("bad data parameters:\n" + format_lines(problems))
+    return dp
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _copy_stems(items: list[Item], class_index: dict[str, int]) -> list[str]:
+    """images/<label id>/<file stem>, made unique in listing order."""
+    taken: set[str] = set()
+    stems = []
+    for it in items:
+        base = f"images/{class_index[it.label]}/{Path(it.rel).stem or 'item'}"
+        stem, n = base, 0
+        while stem in taken:
+            n += 1
+            stem = f"{base}-{n}"
+        taken.add(stem)
+        stems.append(stem)
+    return stems
+
+
+def _check_all(items: list[Item], resize: int | None, tmp: Path, stems: list[str]) -> list[dict]:
+    """Decode every item once (threads: decoding and hashing release the GIL)."""
+
+    def check(i: int) -> dict:
+        it = items[i]
+        try:
+            arr = decode(it.path)
+        except DecodeError as exc:
+            return {"error": str(exc)}
+        except OSError as exc:
+            return {"error": f"cannot read: {exc}"}
+        info = {"sha256": pixel_hash(arr), "dtype": str(arr.dtype), "shape": list(arr.shape[:-1])}
+        if resize:
+            copy = write_copy(resize_array(arr, resize), tmp / stems[i])
+            info["copy"] = copy.relative_to(tmp).as_posix()
+        return info
+
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(check, range(len(items))))
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def _split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(n_val, n_test) for a class of n items; at least one of each when the class allows."""
+    half_up = lambda x: int(np.floor(x + 0.5))  # noqa: E731 - no banker's rounding
+    n_test = half_up(n * test_fraction)
+    n_val = half_up(n * val_fraction)
+    if test_fraction > 0 and n_test == 0 and n >= 3:
+        n_test = 1
+    if val_fraction > 0 and n_val == 0 and n - n_test >= 2:
+        n_val = 1
+    while n_val + n_test >= n and (n_val or n_test):  # keep one training item
+        if n_val:
+            n_val -= 1
+        else:
+            n_test -= 1
+    return n_val, n_test
+
+
+def _stratified(by_class: dict[str, list[int]], rng, val_fraction, test_fraction, split: dict[int, str]):
+    for label in sorted(by_class):
+        idx = by_class[label]
+        order = [idx[j] for j in rng.permutation(len(idx))]
+        n_val, n_test = _split_counts(len(idx), val_fraction, test_fraction)
+        for k, i in enumerate(order):
+            split[i] = "test" if k < n_test else "val" if k < n_test + n_val else "train"
+
+
+def _group(indices, items: list[Item]) -> dict[str, list[int]]:
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i in indices:
+        by_class[items[i].label].append(i)
+    return by_class
+
+
+def assign_splits(items: list[Item], dp: dict, seed: int, has_split: bool, has_fold: bool) -> tuple[dict[int, str], dict]:
+    """Split index -> 'train'|'val'|'test' (items sorted by rel path), plus how it was done."""
+    rng = np.random.RandomState(seed)
+    all_idx = list(range(len(items)))
+    split: dict[int, str] = {}
+    how: dict = {}
+
+    if has_fold:  # folds from the CSV; its split column (if any) only marks test rows
+        test = [i for i in all_idx if items[i].split == "test"]
+        pool = [i for i in all_idx if items[i].split != "test"]
+        if not test and dp["test_fraction"] > 0:
+            _stratified(_group(pool, items), rng, 0.0, dp["test_fraction"], split)
+            pool = [i for i in pool if split[i] != "test"]
+            how["test"] = "held out (test_fraction)"
+        else:
+            how["test"] = "column"
+        for i in test:
+            split[i] = "test"
+        fold_ids = sorted({items[i].fold for i in pool})
+        if dp["folds"] > 1 and dp["folds"] != len(fold_ids):
+            raise DataError(
+                f"data.folds={dp['folds']} but the CSV fold column holds {len(fold_ids)} fold(s): {fold_ids}"
+            )
+        if dp["fold"] not in fold_ids:
+            raise DataError(f"data.fold={dp['fold']} is not among the CSV's fold ids {fold_ids}")
+        for i in pool:
+            split[i] = "val" if items[i].fold == dp["fold"] else "train"
+        how.update(method="fold column", folds=len(fold_ids), fold=dp["fold"])
+        return split, how
+
+    if has_split:
+        for i in all_idx:
+            split[i] = items[i].split
+        present = {s for s in split.values()}
+        carve_val = "val" not in present and dp["val_fraction"] > 0
+        carve_test = "test" not in present and dp["test_fraction"] > 0
+        if carve_val or carve_test:  # e.g. a dataset published as train/test only
+            train = [i for i in all_idx if split[i] == "train"]
+            _stratified(
+                _group(train, items), rng,
+                dp["val_fraction"] if carve_val else 0.0,
+                dp["test_fraction"] if carve_test else 0.0,
+                split,
+            )
+        how["method"] = "split column"
+        carved = [s for s, c in (("val", carve_val), ("test", carve_test)) if c]
+        if carved:
+            how["carved_from_train"] = carved
+    else:
+        _stratified(_group(all_idx, items), rng, dp["val_fraction"], dp["test_fraction"], split)
+        how["method"] = "stratified"
+
+    if dp["folds"] > 1:  # stratified k-fold over train+val; test stays as split above
+        pool = [i for i in all_idx if split[i] != "test"]
+        fold_rng = np.random.RandomState(seed + 1)
+        counter = 0  # continues across classes so folds get equal sizes
+        for label, idx in sorted(_group(pool, items).items()):
+            for j in fold_rng.permutation(len(idx)):
+                split[idx[j]] = "val" if counter % dp["folds"] == dp["fold"] else "train"
+                counter += 1
+        how.update(folds=dp["folds"], fold=dp["fold"])
+    return split, how
+
+
+def few_shot(items: list[Item], split: dict[int, str], shots: int, seed: int) -> int:
+    """Keep at most `shots` training items per class (seeded); drop the rest. Returns #dropped."""
+    rng = np.random.RandomState(seed + 2)
+    dropped = 0
+    train = [i for i in sorted(split) if split[i] == "train"]
+    for label, idx in sorted(_group(train, items).items()):
+        if len(idx) <= shots:
+            continue
+        keep = {idx[j] for j in rng.permutation(len(idx))[:shots]}
+        for i in idx:
+            if i not in keep:
+                del split[i]
+                dropped += 1
+    return dropped
+
+
+# ---------------------------------------------------------------- leaks
+
+
+def find_leaks(items: list[Item], split: dict[int, str], info: list[dict]) -> tuple[list[dict], int]:
+    """Identical pixels in more than one split (leaks) and within one split (duplicates)."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i in sorted(split):
+        groups[info[i]["sha256"]].append(i)
+    leaks, duplicates = [], 0
+    for sha, idx in sorted(groups.items()):
+        if len(idx) < 2:
+            continue
+        if len({split[i] for i in idx}) > 1:
+            leaks.append({
+                "sha256": sha,
+                "items": [{"path": items[i].rel, "split": split[i], "label": items[i].label} for i in idx],
+            })
+        else:
+            duplicates += len(idx) - 1
+    return leaks, duplicates
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _rel_to(path: Path, start: Path) -> str:
+    try:
+        return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+    except ValueError:  # another drive (Windows)
+        return path.resolve().as_posix()
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def prepare(source, out_dir, params: dict) -> dict:
+    """Validate, split and index `source` into `out_dir`; return the summary dict.
+
+    `source`: ImageFolder directory, CSV manifest (path,label[,split|fold]), or class
+    folders of .npy/.npz volumes or frame folders (3D). See docs/ARCHITECTURE.md.
+    """
+    dp = data_params(params)
+    seed = int(params.get("seed", 0))
+    source, out_dir = Path(source), Path(out_dir)
+    listing = list_source(source)
+
+    kinds = {"2d" if it.path.is_file() and it.path.suffix.lower() not in (".npy", ".npz") else "3d": it for it in listing.items}
+    if len(kinds) > 1:
+        raise DataError(
+            f"{source}: mixes 2D images ({kinds['2d'].rel}) and 3D volumes/clips ({kinds['3d'].rel}); "
+            "prepare them as separate datasets"
+        )
+    is_3d = "3d" in kinds
+    class_index = {name: i for i, name in enumerate(listing.class_names)}
+    if len(listing.class_names) < 2:
+        raise DataError(
+            f"{source}: only one class ({', '.join(listing.class_names) or 'none'}) found; "
+            "classification needs at least two"
+        )
+
+    items = sorted(listing.items, key=lambda it: it.rel)
+    with atomic_dir(out_dir) as tmp:
+        stems = _copy_stems(items, class_index)
+        info = _check_all(items, dp["resize"], tmp, stems)
+        bad = [(it, reason) for it, reason in listing.bad]
+        bad += [(it, inf["error"]) for it, inf in zip(items, info) if "error" in inf]
+        bad.sort(key=lambda b: b[0].rel)
+        if bad and not dp["skip_invalid"]:
+            lines = [f"{it.path}: {reason}" for it, reason in bad]
+            raise DataError(
+                f"{len(bad)} unusable file(s) in {source}:\n" + format_lines(lines)
+                + "\nFix or remove them, or set data.skip_invalid: true to leave them out."
+            )
+        skipped = [{"path": it.rel, "reason": reason} for it, reason in bad]
+        if skipped:
+            warnings.warn(f"prepare: left out {len(skipped)} unusable file(s) of {source} (see summary.json 'skipped')",
+                          stacklevel=2)
+        good = [(it, inf) for it, inf in zip(items, info) if "error" not in inf]
+        items, info = [g[0] for g in good], [g[1] for g in good]
+
+        # Every class must still have something to train on.
+        has_split = listing.has_split and not listing.has_fold
+        trainable = Counter(it.label for it in items if not has_split or it.split == "train")
+        if listing.has_fold:
+            trainable = Counter(it.label for it in items if it.split != "test")
+        lacking = [name for name in listing.class_names if trainable[name] == 0]
+        if lacking:
+            raise DataError(
+                f"{source}: class(es) with no usable training file: {', '.join(lacking)}"
+                + (" (after leaving out unusable files)" if skipped else "")
+            )
+
+        split, how = assign_splits(items, dp, seed, has_split=listing.has_split, has_fold=listing.has_fold)
+        n_dropped = few_shot(items, split, dp["shots_per_class"], seed) if dp["shots_per_class"] else 0
+        leaks, duplicates = find_leaks(items, split, info)
+        if leaks:
+            msg = (f"prepare: {len(leaks)} image(s) with identical pixels appear in more than one split "
+                   "(data leak; see summary.json 'leaks')")
+            warnings.warn(msg, stacklevel=2)
+            log.warning(msg)
+
+        rows = []
+        for i in sorted(split, key=lambda i: (SPLITS.index(split[i]), items[i].rel)):
+            path = info[i]["copy"] if dp["resize"] else items[i].rel
+            rows.append((path, class_index[items[i].label], split[i], info[i]["sha256"]))
+        with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(["path", "label", "split", "sha256"])
+            writer.writerows(rows)
+        _write_json(tmp / "classes.json", listing.class_names)
+
+        counts = {s: {name: 0 for name in listing.class_names} for s in SPLITS}
+        for i, s in split.items():
+            counts[s][items[i].label] += 1
+        shapes = np.array([inf["shape"] for inf in info]) if info else np.zeros((0, 2), int)
+        summary = {
+            "format_version": FORMAT_VERSION,
+            "source": str(source),
+            "source_kind": listing.kind,
+            "source_root": str(listing.root),
+            # Manifest paths are relative to `root`, itself relative to the prepared dir
+            # ("." when the images were copied in, so the dir can move on its own).
+            "root": "." if dp["resize"] else _rel_to(listing.root, out_dir.parent / out_dir.name),
+            "copied": bool(dp["resize"]),
+            "is_3d": is_3d,
+            "classes": listing.class_names,
+            "num_classes": len(listing.class_names),
+            "counts": counts,
+            "totals": {s: sum(counts[s].values()) for s in SPLITS},
+            "split": how,
+            "few_shot_dropped": n_dropped,
+            "leaks": leaks,
+            "num_leaks": len(leaks),
+            "duplicates_within_split": duplicates,
+            "skipped": skipped,
+            "ignored": listing.ignored,
+            "dtypes": dict(sorted(Counter(inf["dtype"] for inf in info).items())),
+            # (T,)H,W of the stored pixels before any resize
+            "size_min": shapes.min(axis=0).tolist() if len(shapes) else [],
+            "size_max": shapes.max(axis=0).tolist() if len(shapes) else [],
+            "seed": seed,
+            "params": dp,
+        }
+        _write_json(tmp / "summary.json", summary)
+    return summary

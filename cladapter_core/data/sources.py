@@ -1,0 +1,214 @@
+"""Listing a data source: an ImageFolder tree or a CSV manifest -> items with labels.
+
+Nothing is decoded here; problems that concern one file (missing, unsupported type,
+listed twice) are returned as bad entries so `prepare` can report them together with
+the files that fail to decode. Problems with the source as a whole raise DataError.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cladapter_core.data.images import is_hidden, kind_of
+from cladapter_core.errors import DataError
+
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val",
+    "test": "test", "testing": "test",
+}
+MAX_LISTED = 30  # lines of detail in one error message
+
+
+@dataclass
+class Item:
+    path: Path            # where the file/folder is (as the user gave it, joined)
+    rel: str              # posix path relative to the source root (messages, summary)
+    label: str            # class name
+    split: str | None = None  # from a CSV split column
+    fold: int | None = None   # from a CSV fold column
+    line: int | None = None   # CSV line number
+
+
+@dataclass
+class Listing:
+    kind: str                     # "folder" | "csv"
+    root: Path                    # manifest paths are relative to this
+    items: list[Item]             # usable-looking entries
+    bad: list[tuple[Item, str]]   # entries that cannot be used, with the reason
+    ignored: list[str]            # files of unsupported types inside class folders
+    class_names: list[str]        # all classes named by the source
+    has_split: bool = False
+    has_fold: bool = False
+
+
+def format_lines(lines: list[str]) -> str:
+    shown = lines[:MAX_LISTED]
+    more = len(lines) - len(shown)
+    text = "\n".join(f"  {line}" for line in shown)
+    return text + (f"\n  ... and {more} more" if more > 0 else "")
+
+
+def sort_classes(names) -> list[str]:
+    """Numeric order when every name is an integer ("2" before "10"), else plain order."""
+    names = sorted(set(names))
+    if all(n.strip().lstrip("-").isdigit() for n in names):
+        return sorted(names, key=lambda n: (int(n), n))
+    return names
+
+
+def list_source(source: Path) -> Listing:
+    if not source.exists():
+        raise DataError(f"data source {source} does not exist")
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise DataError(
+                f"data source {source} is a file but not a .csv manifest; give an ImageFolder "
+                "directory (one sub-folder per class) or a CSV with columns path,label"
+            )
+        return _list_csv(source)
+    return _list_folder(source)
+
+
+# ---------------------------------------------------------------- ImageFolder tree
+
+
+def _list_folder(root: Path) -> Listing:
+    class_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and not is_hidden(d)]
+    if not class_dirs:
+        raise DataError(
+            f"{root}: no class folders found; expected one sub-folder per class "
+            f"(e.g. {root}/cat/001.png), or a CSV manifest with columns path,label"
+        )
+    items: list[Item] = []
+    ignored: list[str] = []
+    empty: list[str] = []
+    for class_dir in class_dirs:
+        entries = [e for e in sorted(class_dir.iterdir()) if not is_hidden(e)]
+        files = [e for e in entries if e.is_file()]
+        clips = [e for e in entries if e.is_dir()]
+        usable = [f for f in files if kind_of(f) is not None]
+        ignored += [f.relative_to(root).as_posix() for f in files if kind_of(f) is None]
+        images = [f for f in usable if kind_of(f) == "2d"]
+        if clips and images:
+            raise DataError(
+                f"{class_dir}: holds both image files ({images[0].name}) and sub-folders "
+                f"({clips[0].name}); use image files for 2D data or one sub-folder of frames "
+                "per clip for 3D data, not both"
+            )
+        members = usable + clips
+        if not members:
+            empty.append(str(class_dir))
+        for member in members:
+            items.append(Item(path=member, rel=member.relative_to(root).as_posix(), label=class_dir.name))
+    if empty:
+        raise DataError(
+            "empty class folder(s) (no image, .npy/.npz file or frame folder):\n" + format_lines(empty)
+        )
+    names = sort_classes(d.name for d in class_dirs)
+    return Listing(kind="folder", root=root, items=items, bad=[], ignored=sorted(ignored), class_names=names)
+
+
+# ---------------------------------------------------------------- CSV manifest
+
+
+def _list_csv(csv_path: Path) -> Listing:
+    root = csv_path.parent
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{csv_path}: cannot read CSV manifest: {exc}") from None
+    if not rows or not any(cell.strip() for cell in rows[0]):
+        raise DataError(f"{csv_path}: CSV manifest is empty; expected a header row with columns path,label")
+    header = [h.strip().lower() for h in rows[0]]
+    missing = [c for c in ("path", "label") if c not in header]
+    if missing:
+        raise DataError(
+            f"{csv_path}: CSV manifest lacks column(s) {', '.join(missing)}; it has: "
+            f"{', '.join(h for h in header if h) or '(none)'}. Needed: path,label "
+            "(optional: split with train/val/test, or fold)"
+        )
+    col = {name: header.index(name) for name in ("path", "label", "split", "fold") if name in header}
+    has_split, has_fold = "split" in col, "fold" in col
+
+    items: list[Item] = []
+    bad: list[tuple[Item, str]] = []
+    problems: list[str] = []
+    first_line: dict[str, int] = {}
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue  # blank line
+        cell = lambda name: row[col[name]].strip() if col[name] < len(row) else ""  # noqa: E731
+        path_s, label = cell("path"), cell("label")
+        if not path_s:
+            problems.append(f"line {line_no}: empty path")
+            continue
+        if not label:
+            problems.append(f"line {line_no}: empty label for {path_s}")
+            continue
+        split = fold = None
+        if has_split:
+            raw = cell("split")
+            split = SPLIT_ALIASES.get(raw.lower())
+            if split is None:
+                problems.append(f"line {line_no}: split '{raw}' is not one of train, val, test")
+                continue
+        if has_fold and split != "test":
+            raw = cell("fold")
+            if raw.lower() == "test":
+                split = "test"
+            else:
+                try:
+                    fold = int(raw)
+                    if fold < 0:
+                        raise ValueError
+                except ValueError:
+                    problems.append(f"line {line_no}: fold '{raw}' is not a whole number >= 0 (or 'test')")
+                    continue
+        path = Path(path_s)
+        path = path if path.is_absolute() else root / path
+        try:
+            rel = Path(os.path.relpath(path, root)).as_posix()
+        except ValueError:  # another drive (Windows)
+            rel = path.as_posix()
+        item = Item(path=path, rel=rel, label=label, split=split, fold=fold, line=line_no)
+        key = os.path.normpath(os.path.abspath(path))
+        if key in first_line:
+            bad.append((item, f"listed again on line {line_no} (first on line {first_line[key]})"))
+            continue
+        first_line[key] = line_no
+        if not path.exists():
+            bad.append((item, f"missing file (listed on line {line_no} of {csv_path.name})"))
+        elif kind_of(path) is None:
+            bad.append((item, f"unsupported file type '{path.suffix}' (line {line_no})"))
+        else:
+            items.append(item)
+    if problems:
+        raise DataError(f"{csv_path}: bad rows in CSV manifest:\n" + format_lines(problems))
+    listed = items + [it for it, _ in bad]
+    if not listed:
+        raise DataError(f"{csv_path}: CSV manifest has a header but no rows")
+
+    # Classes come from the rows that train on them; val/test labels must be among those.
+    if has_split or has_fold:
+        pool = [it for it in listed if it.split != "test" and (it.split in (None, "train") or has_fold)]
+        names = sort_classes(it.label for it in pool)
+        unknown = [it for it in listed if it.label not in set(names)]
+        if unknown:
+            where = "train rows" if not has_fold else "non-test rows"
+            lines = [f"line {it.line}: label '{it.label}' ({it.split or 'fold'} row, {it.rel})" for it in unknown]
+            raise DataError(
+                f"{csv_path}: label(s) not found in any of the {where}, so no model could learn them "
+                f"(known labels: {', '.join(names) or 'none'}):\n" + format_lines(lines)
+            )
+    else:
+        names = sort_classes(it.label for it in listed)
+    return Listing(
+        kind="csv", root=root, items=items, bad=bad, ignored=[], class_names=names,
+        has_split=has_split, has_fold=has_fold,
+    )
