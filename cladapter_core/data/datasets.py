@@ -1,0 +1,204 @@
+"""Reading a prepared directory for training, evaluation and prediction."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cladapter_core.data.images import frame_files, is_hidden, is_image_file, is_volume_file, kind_of, load_array
+from cladapter_core.data.sources import SPLITS, format_lines
+from cladapter_core.data.transforms import build_transform
+from cladapter_core.errors import DataError
+
+
+def _need(prepared_dir: Path, name: str) -> Path:
+    path = Path(prepared_dir) / name
+    if not path.is_file():
+        raise DataError(f"{prepared_dir} is not a prepared data directory (no {name}); run `prepare` first")
+    return path
+
+
+def load_summary(prepared_dir) -> dict:
+    path = _need(prepared_dir, "summary.json")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from None
+
+
+def load_classes(prepared_dir) -> list[str]:
+    path = _need(prepared_dir, "classes.json")
+    try:
+        classes = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{path}: expected a JSON list of class names")
+    return classes
+
+
+def is_3d(prepared_dir) -> bool:
+    return bool(load_summary(prepared_dir).get("is_3d", False))
+
+
+def data_root(prepared_dir) -> Path:
+    """The folder manifest paths are relative to.
+
+    Tried in order: `root` relative to the prepared dir ("." when images were copied in,
+    so a copied prepared dir works anywhere), then `source_root` as given to `prepare`
+    (relative to the working directory, e.g. the repo root).
+    """
+    prepared_dir = Path(prepared_dir)
+    summary = load_summary(prepared_dir)
+    candidates = [prepared_dir / summary.get("root", ".")]
+    if summary.get("source_root") and not summary.get("copied"):
+        candidates.append(Path(summary["source_root"]))
+    for cand in candidates:
+        if cand.is_dir():
+            return cand
+    raise DataError(
+        f"{prepared_dir}: the data it indexes is not found at "
+        + " or ".join(str(c) for c in candidates)
+        + " (moved or deleted?); prepare again, or prepare with data.resize to copy the images in"
+    )
+
+
+def read_manifest(prepared_dir, split: str | None = None) -> list[tuple[Path, int]]:
+    """(absolute path, label id) rows of the manifest, in manifest order; one split or all."""
+    if split is not None and split not in SPLITS:
+        raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    prepared_dir = Path(prepared_dir)
+    path = _need(prepared_dir, "manifest.csv")
+    root = data_root(prepared_dir).resolve()
+    n_classes = len(load_classes(prepared_dir))
+    rows: list[tuple[Path, int]] = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"path", "label", "split"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"{path}: lacks column(s) {', '.join(sorted(missing))}")
+        for line_no, row in enumerate(reader, start=2):
+            if split is not None and row["split"] != split:
+                continue
+            try:
+                label = int(row["label"])
+            except ValueError:
+                raise DataError(f"{path}: line {line_no}: label {row['label']!r} is not a class index") from None
+            if not 0 <= label < n_classes:
+                raise DataError(f"{path}: line {line_no}: label {label} is outside 0..{n_classes - 1}")
+            rows.append((Path(os.path.normpath(root / row["path"])), label))
+    return rows
+
+
+class ManifestDataset(Dataset):
+    """`(tensor, label)` pairs of one split of a prepared directory."""
+
+    def __init__(self, prepared_dir, split: str | None, transform=None, in_chans: int = 3):
+        self.prepared_dir = Path(prepared_dir)
+        self.split = split
+        self.items = read_manifest(prepared_dir, split)
+        self.classes = load_classes(prepared_dir)
+        self.targets = [label for _, label in self.items]
+        self.transform = transform
+        self.in_chans = in_chans
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        path, label = self.items[index]
+        x = load_array(path, self.in_chans)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, label
+
+
+def make_loader(prepared_dir, split: str, model_config: dict, train: bool, params: dict,
+                batch_size: int | None = None) -> DataLoader:
+    """A DataLoader over one split; train=True augments and shuffles (seeded from params['seed'])."""
+    tp = params.get("train", {}) or {}
+    data_is_3d = is_3d(prepared_dir)
+    model_is_3d = len(model_config["input_size"]) == 4
+    if data_is_3d != model_is_3d:
+        raise DataError(
+            f"{prepared_dir} holds {'3D' if data_is_3d else '2D'} data but the model takes "
+            f"{'3D clips' if model_is_3d else '2D images'} (input_size {list(model_config['input_size'])})"
+        )
+    transform = build_transform(model_config, train, tp.get("augment"))
+    dataset = ManifestDataset(prepared_dir, split, transform, in_chans=int(model_config["input_size"][0]))
+    if len(dataset) == 0:
+        raise DataError(f"{prepared_dir}: the '{split}' split is empty (see summary.json counts)")
+    num_workers = int(tp.get("num_workers", 0) or 0)
+    generator = None
+    if train:
+        generator = torch.Generator()
+        generator.manual_seed(int(params.get("seed", 0)))
+    return DataLoader(
+        dataset,
+        batch_size=int(batch_size or tp.get("batch_size", 32)),
+        shuffle=train,
+        generator=generator,  # also seeds the workers, so their augmentations repeat
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+    )
+
+
+def _walk_inputs(path: Path, want_3d: bool) -> list[Path]:
+    """Supported inputs under a folder, sorted. For 3D a folder of frames is one clip."""
+    if want_3d and frame_files(path) and not any(p.is_dir() and not is_hidden(p) for p in path.iterdir()):
+        return [path]
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(dirpath)
+        if want_3d:
+            if here != path and not dirnames and frame_files(here):
+                found.append(here)
+            found += [here / f for f in sorted(filenames) if not f.startswith(".") and is_volume_file(Path(f))]
+        else:
+            found += [here / f for f in sorted(filenames) if not f.startswith(".") and is_image_file(Path(f))]
+    return found
+
+
+def load_inputs(paths, model_config: dict) -> tuple[torch.Tensor, list[Path]]:
+    """Files and folders -> (batch through the eval transform, the input paths in batch order)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    want_3d = len(model_config["input_size"]) == 4
+    files: list[Path] = []
+    problems: list[str] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            problems.append(f"{p}: does not exist")
+        elif p.is_dir():
+            found = _walk_inputs(p, want_3d)
+            if not found:
+                problems.append(f"{p}: holds no supported {'3D volumes/clips' if want_3d else 'images'}")
+            files += found
+        elif (kind_of(p) == "3d") != want_3d or kind_of(p) is None:
+            problems.append(f"{p}: not a {'3D volume (.npy/.npz)' if want_3d else 'supported image'} file")
+        else:
+            files.append(p)
+    if problems:
+        raise DataError("cannot use the inputs:\n" + format_lines(problems))
+    if not files:
+        raise DataError("no inputs given")
+    transform = build_transform(model_config, train=False)
+    in_chans = int(model_config["input_size"][0])
+    tensors, errors = [], []
+    for f in files:
+        try:
+            tensors.append(transform(load_array(f, in_chans)))
+        except DataError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise DataError(f"{len(errors)} input(s) cannot be decoded:\n" + format_lines(errors))
+    return torch.stack(tensors), files

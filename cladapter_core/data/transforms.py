@@ -1,0 +1,117 @@
+"""Tensor transforms for training and evaluation (torchvision.transforms.v2 on float tensors).
+
+Inputs are float tensors in [0, 1] from `load_array`: (C, H, W) or, for 3D, (C, T, H, W).
+Eval: resize to the model's input size, normalise. Train adds the reference
+augmentations (flips, brightness/contrast, shift/scale/rotate) from `train.augment`.
+A 3D clip goes through as one (T, C, H, W) batch, so every frame gets the same random
+parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+from cladapter_core.errors import ModelError, ParamsError
+
+AUGMENT_DEFAULTS = {
+    "hflip": False,
+    "vflip": False,
+    "brightness": 0.0,
+    "contrast": 0.0,
+    "shift": 0.0,
+    "scale": 0.0,
+    "rotate": 0.0,
+}
+
+
+def augment_params(augment: dict | None) -> dict:
+    """`train.augment` with defaults; unknown keys and bad values are ParamsErrors."""
+    augment = dict(augment or {})
+    problems = [f"train.augment.{k}: unknown option (known: {', '.join(AUGMENT_DEFAULTS)})"
+                for k in sorted(set(augment) - set(AUGMENT_DEFAULTS))]
+    out = {**AUGMENT_DEFAULTS, **{k: v for k, v in augment.items() if k in AUGMENT_DEFAULTS}}
+    for key in ("hflip", "vflip"):
+        if not isinstance(out[key], bool):
+            problems.append(f"train.augment.{key}: {out[key]!r} is not true or false")
+    for key, top in (("brightness", 1.0), ("contrast", 1.0), ("shift", 1.0), ("scale", 1.0), ("rotate", 180.0)):
+        v = out[key]
+        if v is None:
+            out[key] = v = 0.0
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= top:
+            problems.append(f"train.augment.{key}: {v!r} is not a number in [0, {top:g}]")
+    if problems:
+        raise ParamsError("bad augmentation parameters:\n" + "\n".join(f"  {p}" for p in problems))
+    return out
+
+
+def _augmentations(aug: dict) -> list:
+    steps = []
+    if aug["hflip"]:
+        steps.append(v2.RandomHorizontalFlip(p=0.5))
+    if aug["vflip"]:
+        steps.append(v2.RandomVerticalFlip(p=0.5))
+    if aug["rotate"] or aug["shift"] or aug["scale"]:
+        steps.append(v2.RandomAffine(
+            degrees=float(aug["rotate"]),
+            translate=(float(aug["shift"]), float(aug["shift"])) if aug["shift"] else None,
+            scale=(1.0 - aug["scale"], 1.0 + aug["scale"]) if aug["scale"] else None,
+            interpolation=v2.InterpolationMode.BILINEAR,
+        ))
+    if aug["brightness"] or aug["contrast"]:
+        # Before normalisation: ColorJitter expects (and clamps to) [0, 1].
+        steps.append(v2.ColorJitter(brightness=float(aug["brightness"]) or None,
+                                    contrast=float(aug["contrast"]) or None))
+    return steps
+
+
+class ImageTransform:
+    """Resize (+ augment) + normalise; a module-level class so DataLoader workers can pickle it."""
+
+    def __init__(self, input_size, mean, std, augment: list | None = None):
+        self.is_3d = len(input_size) == 4
+        self.channels = int(input_size[0])
+        self.frames = int(input_size[1]) if self.is_3d else None
+        self.size = [int(input_size[-2]), int(input_size[-1])]
+        self.augment = v2.Compose(augment) if augment else None
+        mean, std = list(mean), list(std)
+        if len(mean) == 1:
+            mean = mean * self.channels
+        if len(std) == 1:
+            std = std * self.channels
+        if len(mean) != self.channels or len(std) != self.channels:
+            raise ModelError(
+                f"model config: mean/std have {len(mean)}/{len(std)} values for {self.channels} input channels"
+            )
+        self.normalize = v2.Normalize(mean=[float(m) for m in mean], std=[float(s) for s in std])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_3d:
+            if x.ndim != 4:
+                raise ModelError(f"3D model expects a (C,T,H,W) clip, got shape {tuple(x.shape)}")
+            t = x.shape[1]
+            if t != self.frames:  # evenly spaced frames (repeats when the clip is short)
+                idx = torch.linspace(0, t - 1, self.frames).round().long()
+                x = x[:, idx]
+            x = x.permute(1, 0, 2, 3)  # (T,C,H,W): frames share the random parameters
+        elif x.ndim != 3:
+            raise ModelError(f"2D model expects a (C,H,W) image, got shape {tuple(x.shape)}")
+        if list(x.shape[-2:]) != self.size:
+            x = v2.functional.resize(x, self.size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        if self.augment is not None:
+            x = self.augment(x)
+        x = self.normalize(x)
+        if self.is_3d:
+            x = x.permute(1, 0, 2, 3)
+        return x.contiguous()
+
+
+def build_transform(model_config: dict, train: bool, augment: dict | None = None) -> ImageTransform:
+    """Callable float tensor -> model input; `train` adds the augmentations in `augment`."""
+    input_size = list(model_config["input_size"])
+    if len(input_size) not in (3, 4):
+        raise ModelError(f"model config input_size {input_size} is neither [C,H,W] nor [C,T,H,W]")
+    if "is_3d" in model_config and bool(model_config["is_3d"]) != (len(input_size) == 4):
+        raise ModelError(f"model config: is_3d={model_config['is_3d']} does not match input_size {input_size}")
+    steps = _augmentations(augment_params(augment)) if train else None
+    return ImageTransform(input_size, model_config["mean"], model_config["std"], steps)
