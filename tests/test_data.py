@@ -427,6 +427,14 @@ def test_bad_sources(tmp_path, case):
     assert leftovers(tmp_path) == []
 
 
+def test_output_may_not_overlap_the_source(tmp_path):
+    src = image_folder(tmp_path / "src")
+    for out in (src / "prepared", src, tmp_path):
+        with pytest.raises(DataError, match="overlap"):
+            prepare(src, out, make_params())
+    assert sorted(p.name for p in src.iterdir()) == ["a", "b", "c"]
+
+
 def test_bad_params_are_params_errors(tmp_path):
     src = image_folder(tmp_path / "src")
     with pytest.raises(ParamsError) as err:

@@ -278,6 +278,10 @@ def prepare(source, out_dir, params: dict) -> dict:
     dp = data_params(params)
     seed = int(params.get("seed", 0))
     source, out_dir = Path(source), Path(out_dir)
+    src_abs, out_abs = source.resolve(), out_dir.resolve()
+    if out_abs == src_abs or src_abs.is_relative_to(out_abs) or (source.is_dir() and out_abs.is_relative_to(src_abs)):
+        # Replacing out_dir would delete the source, or the output would be listed as a class.
+        raise DataError(f"output {out_dir} and data source {source} overlap; write the prepared data elsewhere")
     listing = list_source(source)
 
     kinds = {"2d" if it.path.is_file() and it.path.suffix.lower() not in (".npy", ".npz") else "3d": it for it in listing.items}
@@ -378,4 +382,6 @@ def prepare(source, out_dir, params: dict) -> dict:
             "params": dp,
         }
         _write_json(tmp / "summary.json", summary)
+    log.info("prepared %s -> %s: %s, %d classes, %d leak(s), %d skipped",
+             source, out_dir, summary["totals"], len(listing.class_names), len(leaks), len(skipped))
     return summary
