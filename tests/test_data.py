@@ -595,6 +595,9 @@ def test_train_loader_shuffles_with_the_seed(tmp_path):
     (la, xa), (lb, xb) = order(0), order(0)
     assert la == lb and torch.equal(xa, xb)
     lc, _ = order(1)
+    # an empty split is an empty loader (the trainer then skips validation)
+    prepare(src, tmp_path / "noval", make_params(val_fraction=0))
+    assert len(make_loader(tmp_path / "noval", "val", MODEL_2D, train=False, params=make_params()).dataset) == 0
     assert sorted(lc) == sorted(la) and lc != la
     ds = ManifestDataset(tmp_path / "out", "train", transform=None, in_chans=1)
     assert len(ds) == 18 and ds[0][0].shape == (1, 12, 12)

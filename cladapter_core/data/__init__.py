@@ -15,6 +15,7 @@ from cladapter_core.data.datasets import (
     load_summary,
     make_loader,
     read_manifest,
+    walk_inputs,
 )
 from cladapter_core.data.demo import make_demo_data
 from cladapter_core.data.images import IMAGE_EXTS, VOLUME_EXTS, decode, load_array, pixel_hash
@@ -42,4 +43,5 @@ __all__ = [
     "pixel_hash",
     "prepare",
     "read_manifest",
+    "walk_inputs",
 ]

@@ -120,7 +120,11 @@ class ManifestDataset(Dataset):
 
 def make_loader(prepared_dir, split: str, model_config: dict, train: bool, params: dict,
                 batch_size: int | None = None) -> DataLoader:
-    """A DataLoader over one split; train=True augments and shuffles (seeded from params['seed'])."""
+    """A DataLoader over one split; train=True augments and shuffles (seeded from params['seed']).
+
+    An empty split (e.g. val with data.val_fraction 0) gives an empty loader; callers check
+    `len(loader.dataset)`.
+    """
     tp = params.get("train", {}) or {}
     data_is_3d = is_3d(prepared_dir)
     model_is_3d = len(model_config["input_size"]) == 4
@@ -131,8 +135,6 @@ def make_loader(prepared_dir, split: str, model_config: dict, train: bool, param
         )
     transform = build_transform(model_config, train, tp.get("augment"))
     dataset = ManifestDataset(prepared_dir, split, transform, in_chans=int(model_config["input_size"][0]))
-    if len(dataset) == 0:
-        raise DataError(f"{prepared_dir}: the '{split}' split is empty (see summary.json counts)")
     num_workers = int(tp.get("num_workers", 0) or 0)
     generator = None
     if train:
@@ -150,7 +152,7 @@ def make_loader(prepared_dir, split: str, model_config: dict, train: bool, param
     )
 
 
-def _walk_inputs(path: Path, want_3d: bool) -> list[Path]:
+def walk_inputs(path: Path, want_3d: bool) -> list[Path]:
     """Supported inputs under a folder, sorted. For 3D a folder of frames is one clip."""
     if want_3d and frame_files(path) and not any(p.is_dir() and not is_hidden(p) for p in path.iterdir()):
         return [path]
@@ -167,6 +169,9 @@ def _walk_inputs(path: Path, want_3d: bool) -> list[Path]:
     return found
 
 
+_walk_inputs = walk_inputs  # older name, used by evaluate.py
+
+
 def load_inputs(paths, model_config: dict) -> tuple[torch.Tensor, list[Path]]:
     """Files and folders -> (batch through the eval transform, the input paths in batch order)."""
     if isinstance(paths, (str, os.PathLike)):
@@ -179,7 +184,7 @@ def load_inputs(paths, model_config: dict) -> tuple[torch.Tensor, list[Path]]:
         if not p.exists():
             problems.append(f"{p}: does not exist")
         elif p.is_dir():
-            found = _walk_inputs(p, want_3d)
+            found = walk_inputs(p, want_3d)
             if not found:
                 problems.append(f"{p}: holds no supported {'3D volumes/clips' if want_3d else 'images'}")
             files += found
