@@ -1,0 +1,455 @@
+"""The MLflow model registry: register a trained, evaluated model; promote it; show its lineage.
+
+Aliases (not the deprecated stages): ``challenger`` is the newest registration,
+``champion`` the model to serve (``models:/<name>@champion``).
+
+Version tags written by ``register``: ``run_id``, ``data_hash``, ``model_hash`` (content
+hash of the model directory: what makes re-registration idempotent), ``git_commit``,
+``pipeline_id``, ``metric.<name>`` for every test metric, and
+``cladapter.registration`` = ``pending`` while being made, ``complete`` when done.
+``promote`` adds ``promotion.decision``, ``promotion.reason``, ``promotion.compared_with``
+and ``promotion.time`` to the candidate, and ``promotion.replaced_by`` to the old champion.
+
+Concurrent promotions are serialised by a lock that every MLflow backend makes atomic:
+creating a registered model named ``<name>.promotion-lock`` succeeds for exactly one
+process (the store's unique key on the name; a second create gets
+RESOURCE_ALREADY_EXISTS), deleting it releases. So two ``promote`` commands against the
+same server (or SQLite file) run one after the other, and the second compares against
+the champion the first left: the better model ends as the one champion. A lock older
+than ``STALE_LOCK_S`` (a killed promote) is broken.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import socket
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import tracking
+from .errors import TrackingError
+from .tracking import _errors
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+STATE_TAG = "cladapter.registration"
+METRIC_TAG = "metric."
+LOCK_SUFFIX = ".promotion-lock"
+LOCK_TAG = "cladapter.lock_owner"
+STALE_LOCK_S = 120.0
+
+
+# -- helpers ---------------------------------------------------------------------------
+def _client():
+    from mlflow import MlflowClient
+    return MlflowClient()
+
+
+def _code(e: Exception) -> str:
+    return str(getattr(e, "error_code", ""))
+
+
+def read_metrics(eval_dir: str | Path) -> dict[str, float]:
+    """``eval_dir/metrics.json``: a flat ``{name: number}`` dict (null values are left out)."""
+    path = Path(eval_dir) / "metrics.json"
+    if not path.is_file():
+        raise TrackingError(f"{path}: no such file (run `evaluate` first)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TrackingError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise TrackingError(f"{path}: expected a flat {{name: number}} mapping")
+    out = {}
+    for k, v in data.items():
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TrackingError(f"{path}: metric {k!r} must be a number, got {v!r}")
+        out[str(k)] = float(v)
+    return out
+
+
+def _metric_of(version, metric: str) -> float | None:
+    raw = version.tags.get(METRIC_TAG + metric)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return None if math.isnan(value) else value
+
+
+def _alias(client, name: str, alias: str):
+    """The version an alias points at, or None (no such alias or model)."""
+    from mlflow.exceptions import MlflowException
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if _code(e) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def _versions_with_tag(client, name: str, key: str, value: str) -> list:
+    from mlflow.exceptions import MlflowException
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as e:
+        if _code(e) == "RESOURCE_DOES_NOT_EXIST":
+            return []
+        raise
+    return sorted((v for v in versions if v.tags.get(key) == value), key=lambda v: int(v.version))
+
+
+def _describe(version, created: bool | None = None) -> dict:
+    out = {"name": version.name, "version": int(version.version),
+           "model_uri": f"models:/{version.name}/{version.version}",
+           "run_id": version.run_id, "source": version.source,
+           "aliases": sorted(getattr(version, "aliases", []) or []),
+           "metrics": {k[len(METRIC_TAG):]: float(v) for k, v in version.tags.items()
+                       if k.startswith(METRIC_TAG)},
+           "tags": dict(version.tags)}
+    if created is not None:
+        out["created"] = created
+    return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# -- register --------------------------------------------------------------------------
+def register(model_dir: str | Path, eval_dir: str | Path, params: dict, *,
+             data_hash: str | None = None) -> dict:
+    """Register a trained model directory as a new version of
+    ``params["register"]["model_name"]`` with alias ``challenger``.
+
+    Logs into the active MLflow run, or opens a ``register`` stage run (see
+    ``tracking.stage_run``): the test metrics (``test_<name>``), ``eval_dir`` as artifacts
+    under ``evaluation/``, and the model as a pyfunc (``tracking.log_model``). The version
+    is tagged with its run id, data hash, model hash, git commit and every metric of
+    ``eval_dir/metrics.json`` (``metric.<name>``); that file must hold
+    ``params["register"]["metric"]``.
+
+    Idempotent: a model directory whose content was already registered returns that
+    version (``"created": False``) and logs nothing. If anything fails after the version
+    was created, the version is deleted (and the previous challenger keeps its alias), so
+    no partial registration remains; a half-made version left by a killed process is
+    removed by the next ``register`` of the same model.
+
+    Returns ``{"name", "version", "model_uri", "run_id", "source", "aliases", "metrics",
+    "tags", "created"}``.
+    """
+    import mlflow
+
+    model_dir, eval_dir = Path(model_dir), Path(eval_dir)
+    reg = params["register"]
+    name, metric = reg["model_name"], reg["metric"]
+    metrics = read_metrics(eval_dir)
+    if metric not in metrics or math.isnan(metrics[metric]):
+        raise TrackingError(f"{eval_dir / 'metrics.json'}: no value for {metric!r} "
+                            f"(register.metric), which promotion compares; has: "
+                            f"{', '.join(sorted(metrics)) or 'nothing'}")
+    for f in ("config.json", "model.safetensors"):
+        if not (model_dir / f).is_file():
+            raise TrackingError(f"model directory {model_dir}: missing {f}")
+    model_hash = tracking.content_hash(model_dir)
+    tracking.configure(params)
+    client = _client()
+
+    with _errors(f"looking up registered model {name!r}"):
+        same = _versions_with_tag(client, name, "model_hash", model_hash)
+        done = [v for v in same if v.tags.get(STATE_TAG) == "complete"]
+        if done:
+            return _describe(client.get_model_version(name, done[0].version), created=False)
+        for stale in same:  # half-made by a process that died mid-registration
+            client.delete_model_version(name, stale.version)
+
+    active = mlflow.active_run()
+    run_ctx = contextlib.nullcontext(active) if active is not None else \
+        tracking.stage_run(params, "register", data_hash)
+    with run_ctx as run:
+        run_id = run.info.run_id
+        with _errors("logging test metrics"):
+            mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+        tracking.log_artifacts_dir(eval_dir, "evaluation")
+        model_uri = tracking.log_model(model_dir)
+        run_tags = client.get_run(run_id).data.tags
+        tags = {"run_id": run_id, "model_hash": model_hash,
+                "data_hash": data_hash or run_tags.get("data_hash", "unknown"),
+                "git_commit": run_tags.get("git_commit", "unknown"),
+                "pipeline_id": run_tags.get(tracking.PIPELINE_TAG, "unknown"),
+                "metric_split": str((params.get("evaluate") or {}).get("split", "test")),
+                STATE_TAG: "pending",
+                **{METRIC_TAG + k: repr(v) for k, v in metrics.items()}}
+        description = (f"{run_tags.get('backbone')} K={run_tags.get('K')} "
+                       f"mode={run_tags.get('mode')}; {metric}={metrics[metric]:.4f}")
+        return _create_version(client, name, model_uri, tags, description)
+
+
+def _create_version(client, name: str, model_uri: str, tags: dict, description: str) -> dict:
+    """Create the version, point ``challenger`` at it, mark it complete - or undo it all."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    created_model, version, previous = False, None, None
+    try:
+        with _errors(f"registering {model_uri} as {name!r}"):
+            try:
+                client.create_registered_model(name, description="CLAdapter models; aliases "
+                                               "`champion` (serve) and `challenger` (newest)")
+                created_model = True
+            except MlflowException as e:
+                if _code(e) != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            previous = _alias(client, name, CHALLENGER)
+            mv = mlflow.register_model(model_uri, name, tags=tags)
+            version = mv.version
+            client.update_model_version(name, version, description=description)
+            client.set_registered_model_alias(name, CHALLENGER, version)
+            client.set_model_version_tag(name, version, STATE_TAG, "complete")
+            return _describe(client.get_model_version(name, version), created=True)
+    except BaseException:
+        _undo(client, name, version, previous, created_model)
+        raise
+
+
+def _undo(client, name, version, previous, created_model) -> None:
+    with contextlib.suppress(Exception):
+        if version is not None:
+            client.delete_model_version(name, version)
+    with contextlib.suppress(Exception):
+        if previous is not None and _alias(client, name, CHALLENGER) is None:
+            client.set_registered_model_alias(name, CHALLENGER, previous.version)
+    with contextlib.suppress(Exception):
+        if created_model and not client.search_model_versions(f"name = '{name}'"):
+            client.delete_registered_model(name)
+
+
+# -- promote ---------------------------------------------------------------------------
+def _try_lock(client, lock: str, name: str, owner: str):
+    """None: acquired; the lock's RegisteredModel: held by another; False: just released."""
+    from mlflow.exceptions import MlflowException
+    try:
+        client.create_registered_model(
+            lock, tags={LOCK_TAG: owner},
+            description=f"promotion lock of {name}, held by {owner} since {_now()}; "
+                        "delete it if no promote is running")
+        return None
+    except MlflowException as e:
+        if _code(e) != "RESOURCE_ALREADY_EXISTS":
+            raise
+    try:
+        return client.get_registered_model(lock)
+    except MlflowException as e:
+        if _code(e) == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+
+
+@contextlib.contextmanager
+def promotion_lock(name: str, timeout: float = 120.0, stale_after: float = STALE_LOCK_S):
+    """Hold the promotion lock of registered model ``name`` (see the module docstring)."""
+    client = _client()
+    lock = name + LOCK_SUFFIX
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + timeout
+    while True:
+        with _errors(f"taking the promotion lock {lock!r}"):
+            held = _try_lock(client, lock, name, owner)
+        if held is None:
+            break
+        if held is False:
+            continue  # released meanwhile: try again at once
+        age = time.time() - held.creation_timestamp / 1000.0
+        if age > stale_after:  # its holder died: break it
+            with contextlib.suppress(Exception):
+                client.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise TrackingError(f"registered model {name!r}: another promotion holds the lock "
+                                f"{lock!r} ({held.tags.get(LOCK_TAG)}, {age:.0f}s); retry later, "
+                                "or delete that registered model if no promote is running")
+        time.sleep(0.2 + random.random() * 0.3)
+    try:
+        yield owner
+    finally:
+        with contextlib.suppress(Exception):
+            if client.get_registered_model(lock).tags.get(LOCK_TAG) == owner:
+                client.delete_registered_model(lock)
+
+
+def promote(params: dict, dry_run: bool = False, *, version: int | str | None = None,
+            lock_timeout: float = 120.0) -> dict:
+    """Make the candidate (``version``, default the ``challenger``) the ``champion`` when its
+    test metric ``params["register"]["metric"]`` beats the champion's by at least
+    ``params["register"]["margin"]`` (and by more than 0); the first model becomes champion.
+
+    The decision and its reason are written on the candidate as tags. ``dry_run=True``
+    decides and returns the same answer but writes nothing and takes no lock. A champion
+    without the metric raises ``TrackingError`` and stays champion. Concurrent promotions
+    are serialised (``promotion_lock``).
+
+    Returns ``{"model_name", "metric", "margin", "candidate", "candidate_value",
+    "champion_before", "champion_value", "champion_after", "decision"
+    ("promoted" | "rejected" | "unchanged"), "reason", "dry_run"}``.
+    """
+    reg = params["register"]
+    name, metric, margin = reg["model_name"], reg["metric"], float(reg["margin"])
+    tracking.configure(params)
+    client = _client()
+    lock = contextlib.nullcontext() if dry_run else promotion_lock(name, lock_timeout)
+    with lock:
+        with _errors(f"reading registered model {name!r}"):
+            if version is not None:
+                candidate = client.get_model_version(name, str(version))
+            else:
+                candidate = _alias(client, name, CHALLENGER)
+                if candidate is None:
+                    raise TrackingError(f"registered model {name!r} has no {CHALLENGER!r} version: "
+                                        "run `register` first")
+            champion = _alias(client, name, CHAMPION)
+        result = decide(candidate, champion, metric, margin)
+        result.update(model_name=name, dry_run=dry_run)
+        if not dry_run and result["decision"] != "unchanged":
+            with _errors(f"writing the promotion of {name!r} v{candidate.version}"):
+                _apply(client, name, candidate, champion, result)
+    return result
+
+
+def decide(candidate, champion, metric: str, margin: float) -> dict:
+    """The promotion decision for two model versions (no side effects)."""
+    if candidate.tags.get(STATE_TAG, "complete") != "complete":
+        raise TrackingError(f"{candidate.name!r} v{candidate.version} is a half-made registration "
+                            "(cladapter.registration=pending): run `register` again")
+    cand_v = _metric_of(candidate, metric)
+    if cand_v is None:
+        raise TrackingError(f"{candidate.name!r} v{candidate.version} has no test metric "
+                            f"{metric!r} (tag {METRIC_TAG}{metric}); cannot promote it")
+    out = {"metric": metric, "margin": margin, "candidate": int(candidate.version),
+           "candidate_value": cand_v, "champion_before": None, "champion_value": None}
+    if champion is None:
+        return {**out, "champion_after": out["candidate"], "decision": "promoted",
+                "reason": f"first model: no champion yet ({metric}={cand_v:.4f})"}
+    out["champion_before"] = int(champion.version)
+    if champion.version == candidate.version:
+        return {**out, "champion_value": cand_v, "champion_after": out["candidate"],
+                "decision": "unchanged", "reason": f"v{candidate.version} is already the champion"}
+    champ_v = _metric_of(champion, metric)
+    if champ_v is None:
+        raise TrackingError(
+            f"champion {champion.name!r} v{champion.version} has no test metric {metric!r} "
+            f"(tag {METRIC_TAG}{metric}), so v{candidate.version} cannot be compared with it; "
+            f"v{champion.version} stays champion. Tag it with its metric, or move the alias "
+            "by hand if it should go")
+    out["champion_value"] = champ_v
+    diff = cand_v - champ_v
+    if diff > 0 and diff >= margin:
+        return {**out, "champion_after": out["candidate"], "decision": "promoted",
+                "reason": f"{metric} {cand_v:.4f} vs champion v{champion.version} "
+                          f"{champ_v:.4f}: {diff:+.4f} >= margin {margin:g}"}
+    why = "not better" if diff <= 0 else f"below margin {margin:g}"
+    return {**out, "champion_after": out["champion_before"], "decision": "rejected",
+            "reason": f"{metric} {cand_v:.4f} vs champion v{champion.version} "
+                      f"{champ_v:.4f}: {diff:+.4f}, {why}"}
+
+
+def _apply(client, name: str, candidate, champion, result: dict) -> None:
+    v = candidate.version
+    if result["decision"] == "promoted":
+        client.set_registered_model_alias(name, CHAMPION, v)
+        if champion is not None:
+            client.set_model_version_tag(name, champion.version, "promotion.replaced_by", str(v))
+    for key, value in (("decision", result["decision"]), ("reason", result["reason"]),
+                       ("compared_with", str(result["champion_before"] or "none")),
+                       ("time", _now())):
+        client.set_model_version_tag(name, v, f"promotion.{key}", value)
+
+
+# -- lineage ---------------------------------------------------------------------------
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+
+
+def lineage(model_uri: str) -> dict:
+    """The chain behind ``models:/<name>@<alias>`` or ``models:/<name>/<version>``: the
+    registered version (aliases, tags, test metrics), its run, the git commit, the data
+    hash, the parameters, and the other stage runs of the same pipeline execution.
+    Uses the tracking URI as configured (``tracking.configure``)."""
+    from mlflow.entities import ViewType
+
+    m = _URI.match(model_uri or "")
+    if not m:
+        raise TrackingError(f"model URI {model_uri!r}: expected models:/<name>@<alias> "
+                            "or models:/<name>/<version>")
+    name = m["name"]
+    client = _client()
+    with _errors(f"looking up {model_uri}"):
+        if m["alias"]:
+            mv = _alias(client, name, m["alias"])
+            if mv is None:
+                raise TrackingError(f"{model_uri}: registered model {name!r} has no alias "
+                                    f"{m['alias']!r}")
+        else:
+            mv = client.get_model_version(name, m["version"])
+        out = {"model_uri": model_uri, "model": _describe(mv), "run": None,
+               "git_commit": mv.tags.get("git_commit"), "data_hash": mv.tags.get("data_hash"),
+               "model_hash": mv.tags.get("model_hash"), "params": {}, "pipeline": None}
+        if not mv.run_id:
+            return out
+        run = client.get_run(mv.run_id)
+        t = run.data.tags
+        out["run"] = {"run_id": run.info.run_id, "name": run.info.run_name,
+                      "stage": t.get("stage"), "status": run.info.status,
+                      "experiment_id": run.info.experiment_id,
+                      "artifact_uri": run.info.artifact_uri,
+                      "start": _ms(run.info.start_time), "end": _ms(run.info.end_time)}
+        out["git_commit"] = out["git_commit"] or t.get("git_commit")
+        out["git_dirty"] = t.get("git_dirty")
+        out["data_hash"] = out["data_hash"] or t.get("data_hash")
+        out["params"] = dict(sorted(run.data.params.items()))
+        parent = t.get("mlflow.parentRunId")
+        if parent:
+            children = client.search_runs([run.info.experiment_id],
+                                          f"tags.`mlflow.parentRunId` = '{parent}'",
+                                          run_view_type=ViewType.ACTIVE_ONLY, max_results=200)
+            out["pipeline"] = {
+                "pipeline_id": t.get(tracking.PIPELINE_TAG), "parent_run_id": parent,
+                "stages": [{"stage": c.data.tags.get("stage"), "run_id": c.info.run_id,
+                            "status": c.info.status, "start": _ms(c.info.start_time)}
+                           for c in sorted(children, key=lambda c: c.info.start_time)]}
+    return out
+
+
+def _ms(ms: int | None) -> str | None:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds") if ms else None
+
+
+def format_lineage(info: dict) -> str:
+    """A printable form of ``lineage()``."""
+    mv, run = info["model"], info["run"]
+    lines = [f"{info['model_uri']}  ->  {mv['name']} v{mv['version']}"
+             + (f"  [{', '.join(mv['aliases'])}]" if mv["aliases"] else ""),
+             f"  metrics:    " + (", ".join(f"{k}={v:.4f}" for k, v in sorted(mv["metrics"].items()))
+                                  or "-"),
+             f"  source:     {mv['source']}"]
+    if run:
+        lines.append(f"  run:        {run['run_id']} ({run['name']}, {run['status']})")
+    lines += [f"  git commit: {info.get('git_commit') or '-'}"
+              + (" (dirty)" if info.get("git_dirty") == "true" else ""),
+              f"  data hash:  {info.get('data_hash') or '-'}",
+              f"  model hash: {info.get('model_hash') or '-'}"]
+    if info.get("pipeline"):
+        p = info["pipeline"]
+        lines.append(f"  pipeline:   {p['pipeline_id']} (parent run {p['parent_run_id']})")
+        lines += [f"    - {s['stage']}: {s['run_id']} {s['status']}" for s in p["stages"]]
+    if info["params"]:
+        lines.append("  params:")
+        lines += [f"    {k} = {v}" for k, v in info["params"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,652 @@
+"""MLflow tracking: where runs go, how the runs of one pipeline execution are grouped,
+what each stage logs, and the trained model as an MLflow pyfunc.
+
+Where runs go
+    ``MLFLOW_TRACKING_URI`` when set (an ``mlflow server``: ``http://host:5000``; its
+    artifacts may be proxied by the server or live on S3, for which the usual
+    ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``MLFLOW_S3_ENDPOINT_URL`` apply),
+    else the embedded store ``sqlite:///mlflow.db`` in the working directory, with
+    artifacts in ``./mlruns``. The experiment is ``params["tracking"]["experiment"]``
+    (default ``cladapter``).
+
+Grouping across processes
+    Under ``dvc repro`` every stage is its own process, so the stages cannot share an
+    in-memory parent run. Each stage run is a child (``mlflow.parentRunId``) of a parent
+    run found by the tag ``cladapter.pipeline_id``: ``$CLADAPTER_PIPELINE_ID`` when set
+    (the KFP pipeline sets its run id), else a hash of the git commit, the resolved
+    params and the data's hash, which is the same for every stage of one ``dvc repro``.
+    The first stage creates the parent. Two stages starting at the same moment may both
+    create one; both then keep the oldest and the other is deleted.
+
+Failure policy
+    Problems a user can fix (unreachable server, bad credentials, missing files) raise
+    ``TrackingError`` naming the URI or path. Per-epoch logging from the trainer callback
+    never stops training: a failed write is kept and retried at the next epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from .errors import CLAdapterError, TrackingError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "cladapter"
+PIPELINE_ENV = "CLADAPTER_PIPELINE_ID"
+PIPELINE_TAG = "cladapter.pipeline_id"
+ROLE_TAG = "cladapter.role"          # "pipeline" on parent runs, "stage" on stage runs
+MODEL_ARTIFACT = "model"             # name of the logged pyfunc model
+CHECK_TIMEOUT_S = 5.0
+_PARAM_MAX = 6000                    # MLflow's limit on a parameter value's length
+
+
+# -- where runs go ---------------------------------------------------------------------
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` or the embedded ``sqlite:///mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def experiment_name(params: dict | None) -> str:
+    return ((params or {}).get("tracking") or {}).get("experiment") or DEFAULT_EXPERIMENT
+
+
+def _redact(uri: str) -> str:
+    """The URI without a password, for error messages."""
+    return re.sub(r"//([^/:@]+):[^/@]*@", r"//\1:***@", uri)
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0] if text else type(e).__name__
+    return first[:500]
+
+
+@contextlib.contextmanager
+def _errors(what: str, uri: str | None = None) -> Iterator[None]:
+    """Turn MLflow/HTTP/S3 failures into a TrackingError that says what failed and where."""
+    try:
+        yield
+    except CLAdapterError:
+        raise
+    except Exception as e:
+        where = _redact(uri or tracking_uri())
+        hint = ""
+        text = f"{type(e).__name__}: {e}"
+        if re.search(r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|NoCredentials"
+                     r"|Unable to locate credentials|S3UploadFailed", text):
+            hint = (" - check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and "
+                    "MLFLOW_S3_ENDPOINT_URL for the artifact store")
+        raise TrackingError(f"{what} failed (tracking URI {where}): "
+                            f"{type(e).__name__}: {_short(e)}{hint}") from e
+
+
+def check_tracking(uri: str | None = None, timeout: float = CHECK_TIMEOUT_S) -> str:
+    """Fail fast, before any training, when the tracking store cannot be used.
+
+    For an ``http(s)://`` server: one direct GET of the experiments API with a short
+    timeout and no retries (MLflow's own client retries for minutes). For the embedded
+    ``sqlite:///`` store: the database's folder must exist and be writable. Returns the
+    URI checked; raises ``TrackingError`` naming it otherwise.
+    """
+    uri = uri or tracking_uri()
+    shown = _redact(uri)
+    if uri.startswith(("http://", "https://")):
+        import requests
+        url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search"
+        auth, headers = None, {}
+        if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+        elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+            auth = (os.environ["MLFLOW_TRACKING_USERNAME"],
+                    os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+        verify = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() != "true"
+        try:
+            r = requests.get(url, params={"max_results": 1}, timeout=timeout, auth=auth,
+                             headers=headers, verify=verify)
+        except requests.RequestException as e:
+            raise TrackingError(
+                f"MLflow tracking server {shown} is unreachable ({type(e).__name__}: {_short(e)}). "
+                "Start it, fix MLFLOW_TRACKING_URI, or unset MLFLOW_TRACKING_URI to use the "
+                f"embedded store {DEFAULT_TRACKING_URI}") from e
+        if r.status_code in (401, 403):
+            raise TrackingError(f"MLflow tracking server {shown} refused the credentials "
+                                f"(HTTP {r.status_code}): set MLFLOW_TRACKING_USERNAME/PASSWORD "
+                                "or MLFLOW_TRACKING_TOKEN")
+        try:
+            ok = r.status_code == 200 and isinstance(r.json(), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise TrackingError(f"{shown} does not answer like an MLflow tracking server "
+                                f"(HTTP {r.status_code} from {url}: {r.text[:200]!r})")
+        return uri
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):] or "mlflow.db")
+        folder = (db.parent if str(db.parent) else Path(".")).resolve()
+        if not folder.is_dir():
+            raise TrackingError(f"tracking store {shown}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise TrackingError(f"tracking store {shown}: {db} is not writable")
+        return uri
+    if uri.startswith(("postgresql", "mysql", "mssql")):
+        import sqlalchemy
+        try:
+            engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(timeout)})
+            with engine.connect():
+                pass
+        except Exception as e:
+            raise TrackingError(f"tracking database {shown} is unreachable: {_short(e)}") from e
+        return uri
+    return uri  # file:, databricks, ...: MLflow reports problems itself
+
+
+def configure(params: dict | None = None) -> dict:
+    """Point MLflow at ``tracking_uri()`` and select (create) the experiment.
+
+    Returns ``{"tracking_uri", "experiment", "experiment_id", "artifact_location"}``.
+    Does not probe a server; call ``check_tracking()`` first to fail fast.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri()
+    name = experiment_name(params)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    with _errors(f"selecting MLflow experiment {name!r}", uri):
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                client.create_experiment(name)
+            except MlflowException as e:  # another process created it just now
+                if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+                    raise
+            exp = client.get_experiment_by_name(name)
+        if exp.lifecycle_stage != "active":
+            raise TrackingError(f"MLflow experiment {name!r} is deleted on {_redact(uri)}: restore "
+                                "it (`mlflow experiments restore`) or set tracking.experiment")
+        mlflow.set_experiment(experiment_id=exp.experiment_id)
+    return {"tracking_uri": uri, "experiment": name, "experiment_id": exp.experiment_id,
+            "artifact_location": exp.artifact_location}
+
+
+# -- identity: git, data, pipeline -------------------------------------------------------
+def git_commit(cwd: str | Path | None = None) -> tuple[str | None, bool]:
+    """(commit hash, dirty) of the repository at cwd; (None, False) outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None, False
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=cwd, capture_output=True, text=True, timeout=30)
+        return head.stdout.strip(), bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, False
+
+
+def _dvc_out_md5(outs, rel: str) -> str | None:
+    for out in outs or []:
+        if isinstance(out, dict) and Path(str(out.get("path", ""))).as_posix().rstrip("/") == rel:
+            return out.get("md5") or out.get("etag") or out.get("checksum")
+    return None
+
+
+def _from_dvc(path: Path) -> tuple[str, str] | None:
+    """DVC's recorded md5 of path: from `<path>.dvc` or a `dvc.lock` above it."""
+    dvc_file = path.with_name(path.name + ".dvc")
+    if dvc_file.is_file():
+        try:
+            meta = yaml.safe_load(dvc_file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise TrackingError(f"{dvc_file}: not valid YAML ({e})") from e
+        md5 = _dvc_out_md5(meta.get("outs"), path.name)
+        if md5:
+            return md5, str(dvc_file)
+    absolute = path.resolve()
+    for folder in absolute.parents:
+        lock = folder / "dvc.lock"
+        if lock.is_file():
+            try:
+                meta = yaml.safe_load(lock.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise TrackingError(f"{lock}: not valid YAML ({e})") from e
+            rel = absolute.relative_to(folder).as_posix()
+            for stage in (meta.get("stages") or {}).values():
+                md5 = _dvc_out_md5((stage or {}).get("outs"), rel)
+                if md5:
+                    return md5, str(lock)
+            return None  # the nearest dvc.lock is the project's; don't look further up
+        if (folder / ".dvc").is_dir() or (folder / ".git").exists():
+            return None
+    return None
+
+
+def content_hash(path: str | Path) -> str:
+    """md5 of a file, or of a folder's sorted (relative path, file md5) list: same files,
+    same hash, wherever the folder lies."""
+    path = Path(path)
+    if path.is_file():
+        return _file_md5(path)
+    if not path.is_dir():
+        raise TrackingError(f"cannot hash {path}: no such file or folder")
+    total = hashlib.md5()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        total.update(f"{f.relative_to(path).as_posix()}\0{_file_md5(f)}\n".encode())
+    return total.hexdigest()
+
+
+def _file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def data_hash_and_source(path: str | Path) -> tuple[str, str]:
+    """(hash, where it came from): DVC's md5 from ``<path>.dvc`` or ``dvc.lock`` when the
+    path is DVC-tracked, else ``content_hash(path)`` ("content")."""
+    path = Path(path)
+    found = _from_dvc(path)
+    if found:
+        return found
+    if not path.exists():
+        raise TrackingError(f"data path {path}: no such file or folder (cannot hash it)")
+    return content_hash(path), "content"
+
+
+def data_hash(path: str | Path) -> str:
+    """The data's hash for tags and lineage: DVC's md5 for a DVC-tracked path (from its
+    ``.dvc`` file or ``dvc.lock``), else a deterministic content hash of the file/folder."""
+    return data_hash_and_source(path)[0]
+
+
+def _source_hash(params: dict) -> str | None:
+    source = (params.get("data") or {}).get("source")
+    if not source:
+        return None
+    try:
+        return data_hash(source)
+    except TrackingError:
+        return None  # a remote or not-yet-made source: the pipeline id uses its name
+
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
+
+
+def pipeline_id(params: dict, source_hash: str | None = None) -> str:
+    """The id shared by all stage runs of one pipeline execution.
+
+    ``$CLADAPTER_PIPELINE_ID`` when set (KFP passes its run id); else the first 16 hex of
+    sha256(git commit, resolved params, data hash of ``data.source``), so every stage of
+    one ``dvc repro`` (separate processes) finds the same parent run."""
+    env = os.environ.get(PIPELINE_ENV, "").strip()
+    if env:
+        # The id is matched in a search filter: keep it to safe characters.
+        return env if _SAFE_ID.match(env) else hashlib.sha256(env.encode()).hexdigest()[:16]
+    commit, _ = git_commit()
+    if source_hash is None:
+        source_hash = _source_hash(params) or str((params.get("data") or {}).get("source"))
+    blob = json.dumps({"git": commit, "params": params, "data": source_hash},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_tags(params: dict, stage: str, data_hash: str | None = None) -> dict[str, str]:
+    """Tags every stage run carries: stage, backbone, K, mode, git commit, data hash."""
+    m, t = params.get("model") or {}, params.get("train") or {}
+    commit, dirty = git_commit()
+    tags = {"stage": str(stage), "backbone": str(m.get("backbone")),
+            "K": str(m.get("num_centers")), "mode": str(t.get("mode")),
+            "git_commit": commit or "unknown", "git_dirty": str(dirty).lower(),
+            "data_hash": data_hash or "unknown", ROLE_TAG: "stage"}
+    return tags
+
+
+def _param_value(v: Any) -> str:
+    text = json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
+    return text[:_PARAM_MAX]
+
+
+def _pipeline_parent(client, experiment_id: str, pid: str, params: dict,
+                     tags: dict) -> str:
+    """Run id of the pipeline's parent run; created when it does not exist yet."""
+    from mlflow.entities import Param, ViewType
+
+    flt = f"tags.`{PIPELINE_TAG}` = '{pid}' and tags.`{ROLE_TAG}` = 'pipeline'"
+
+    def parents():
+        runs = client.search_runs([experiment_id], filter_string=flt,
+                                  run_view_type=ViewType.ACTIVE_ONLY, max_results=100)
+        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    found = parents()
+    if found:
+        return found[0].info.run_id
+    parent_tags = {k: v for k, v in tags.items() if k not in ("stage",)}
+    parent_tags.update({PIPELINE_TAG: pid, ROLE_TAG: "pipeline"})
+    mine = client.create_run(experiment_id, run_name=f"pipeline-{pid[:12]}", tags=parent_tags)
+    client.log_batch(mine.info.run_id, params=[Param(k, _param_value(v))
+                                               for k, v in _flat(params).items()])
+    # Another stage may have created a parent at the same moment: all keep the oldest.
+    found = parents()
+    winner = found[0].info.run_id if found else mine.info.run_id
+    if winner != mine.info.run_id:
+        client.delete_run(mine.info.run_id)
+    return winner
+
+
+def _flat(params: dict) -> dict:
+    from .params import flatten
+    return flatten(params)
+
+
+@contextlib.contextmanager
+def stage_run(params: dict, stage: str, data_hash: str | None = None):
+    """Run one pipeline stage inside an MLflow run; yields the active ``mlflow.ActiveRun``.
+
+    The run is a child of the pipeline's parent run (see ``pipeline_id``), or of the
+    active run when one is open in this process (e.g. tuning trials under the tune
+    stage). It gets the flattened params, ``params.json`` and the tags of ``run_tags``
+    (``data_hash``: the given one, else the hash of ``data.source``). It ends FINISHED, or
+    FAILED when the body raises; the parent's status follows its latest stage.
+
+    Example::
+
+        tracking.check_tracking()
+        with tracking.stage_run(params, "train-stage1", data_hash=tracking.data_hash(prepared)):
+            train.train(params, prepared, out, stage=1, callbacks=[tracking.EpochLogger()])
+            tracking.log_artifacts_dir(out, "model_dir")
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    cfg = configure(params)
+    client = MlflowClient()
+    source_hash = None
+    if data_hash is None or not os.environ.get(PIPELINE_ENV):
+        source_hash = _source_hash(params)
+    pid = pipeline_id(params, source_hash)
+    tags = run_tags(params, stage, data_hash or source_hash)
+    tags[PIPELINE_TAG] = pid
+    active = mlflow.active_run()
+    with _errors(f"starting the MLflow run of stage {stage!r}"):
+        if active is not None:
+            parent_id, experiment_id = active.info.run_id, active.info.experiment_id
+        else:
+            experiment_id = cfg["experiment_id"]
+            parent_id = _pipeline_parent(client, experiment_id, pid, params, tags)
+            client.update_run(parent_id, status="RUNNING")
+        tags["mlflow.parentRunId"] = parent_id
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=str(stage), tags=tags,
+                               nested=active is not None)
+    status = "FAILED"
+    try:
+        with run:
+            with _errors(f"logging the params of stage {stage!r}"):
+                client.log_batch(run.info.run_id, params=[
+                    Param(k, _param_value(v)) for k, v in _flat(params).items()])
+                mlflow.log_dict(params, "params.json")
+            yield run
+            status = "FINISHED"
+    finally:
+        if active is None:
+            with contextlib.suppress(Exception):  # cosmetic: the parent shows the last status
+                client.set_terminated(parent_id, status=status)
+
+
+def _active_run_id(what: str) -> str:
+    import mlflow
+    run = mlflow.active_run()
+    if run is None:
+        raise TrackingError(f"{what} needs an active MLflow run: call it inside "
+                            "`with tracking.stage_run(params, stage):`")
+    return run.info.run_id
+
+
+# -- what stages log -----------------------------------------------------------------------
+def _numeric(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isinf(v))
+
+
+class EpochLogger:
+    """Trainer callback: logs each epoch's numbers as MLflow metrics (step = epoch).
+
+    Use inside ``stage_run``: ``train.train(..., callbacks=[tracking.EpochLogger()])``.
+    ``on_epoch_end`` logs every numeric field of the record (train_loss, val_loss,
+    val_<metric>, lr, seconds, ...) except ``epoch`` and ``stage``; a record of another
+    stage than the one training started with is prefixed ``stage<N>/`` so the curves of
+    two stages in one run do not overwrite each other. A failed write (server down) is
+    warned about, kept, and retried with the next epoch: tracking never stops training.
+    """
+
+    SKIP = ("epoch", "stage")
+
+    def __init__(self, run_id: str | None = None):
+        self.run_id = run_id
+        self.stage = None
+        self._pending: list = []
+        self._warned = False
+
+    # the trainer's hooks -----------------------------------------------------------
+    def on_train_start(self, info: dict) -> None:
+        self.run_id = self.run_id or _active_run_id("EpochLogger")
+        self.stage = info.get("stage")
+        report = info.get("param_report") or {}
+        metrics = {f"params_{k}": v for k, v in report.items() if _numeric(v)}
+        self._log(metrics, step=0)
+        if report:
+            self._safe(lambda: self._client().log_dict(self.run_id, report, "param_report.json"))
+        if info.get("mode") is not None:
+            self._safe(lambda: self._client().set_tag(self.run_id, "mode", str(info["mode"])))
+
+    def on_epoch_end(self, record: dict) -> None:
+        if self.run_id is None:  # used without on_train_start
+            self.run_id = _active_run_id("EpochLogger")
+        stage = record.get("stage")
+        prefix = f"stage{stage}/" if stage is not None and self.stage is not None \
+            and stage != self.stage else ""
+        metrics = {f"{prefix}{k}": v for k, v in record.items()
+                   if k not in self.SKIP and _numeric(v)}
+        self._log(metrics, step=int(record.get("epoch", 0) or 0))
+
+    def on_train_end(self, result: dict) -> None:
+        if self.run_id is None:
+            return
+        flat = _flat(result) if isinstance(result, dict) else {}
+        self._log({f"summary.{k}": v for k, v in flat.items() if _numeric(v)}, step=0)
+        if isinstance(result, dict):
+            self._safe(lambda: self._client().log_text(
+                self.run_id, json.dumps(result, indent=2, default=str), "train_summary.json"))
+        if self._pending:
+            warnings.warn(f"MLflow: {len(self._pending)} metric values could not be logged "
+                          f"to run {self.run_id} on {_redact(tracking_uri())}")
+
+    # internals -----------------------------------------------------------------------
+    @staticmethod
+    def _client():
+        from mlflow import MlflowClient
+        return MlflowClient()
+
+    def _log(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if self._pending:
+            batch = self._pending
+            if self._safe(lambda: self._client().log_batch(self.run_id, metrics=batch)):
+                self._pending = []
+
+    def _safe(self, fn) -> bool:
+        try:
+            fn()
+            return True
+        except Exception as e:
+            if not self._warned:
+                warnings.warn(f"MLflow logging to {_redact(tracking_uri())} failed "
+                              f"({type(e).__name__}: {_short(e)}); training goes on")
+                self._warned = True
+            return False
+
+
+def log_artifacts_dir(path: str | Path, artifact_path: str | None = None) -> str:
+    """Upload a folder (or one file) into the active run under ``artifact_path``;
+    returns the artifact URI. ``TrackingError`` when the path is missing or the artifact
+    store refuses (e.g. wrong S3 credentials)."""
+    import mlflow
+    path = Path(path)
+    _active_run_id(f"log_artifacts_dir({path})")
+    if not path.exists():
+        raise TrackingError(f"cannot log artifacts: {path} does not exist")
+    with _errors(f"uploading {path} to the run's artifacts"):
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path)
+        else:
+            mlflow.log_artifact(str(path), artifact_path)
+        return mlflow.get_artifact_uri(artifact_path)
+
+
+# -- the model as an MLflow pyfunc -----------------------------------------------------------
+# ``CLAdapterPyfunc`` subclasses ``mlflow.pyfunc.PythonModel``; it is built on first use
+# (module ``__getattr__``) so that importing this module does not import mlflow. It is
+# pickled by reference, so loading a logged model needs cladapter_core installed.
+def _pyfunc_class():
+    import mlflow.pyfunc
+
+    class CLAdapterPyfunc(mlflow.pyfunc.PythonModel):
+        """A CLAdapter model directory served as an MLflow pyfunc.
+
+        Input: a float32 numpy array ``(B, C, H, W)`` (``(B, C, T, H, W)`` for 3D models)
+        of RAW images with values in [0, 1], at the model's ``input_size`` - e.g.
+        ``torchvision.transforms.functional.to_tensor(img)`` after resizing. The wrapper
+        normalises with the model's own mean/std (config.json); already-normalised input
+        is refused (values outside [0, 1]).
+
+        Output: a pandas DataFrame, one row per image: ``label`` (class name) and one
+        ``prob_<class name>`` column per class (softmax probabilities, summing to 1).
+        """
+
+        batch_size = 64
+
+        def load_context(self, context):
+            from .model import load_model
+            model_dir = Path(context.artifacts["model_dir"])
+            self.config = json.loads((model_dir / "config.json").read_text())
+            self.model = load_model(model_dir).eval()
+
+        def predict(self, context, model_input, params=None):
+            import numpy as np
+            import pandas as pd
+            import torch
+
+            x = np.asarray(model_input, dtype=np.float32)
+            shape = tuple(self.config["input_size"])
+            if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+                raise ValueError(f"expected a float32 batch of shape (B, {', '.join(map(str, shape))}), "
+                                 f"got {tuple(x.shape)}")
+            if x.size and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
+                raise ValueError(f"expected raw images with values in [0, 1], got values in "
+                                 f"[{x.min():.3g}, {x.max():.3g}]; do not normalise the input")
+            view = (1, -1) + (1,) * (len(shape) - 1)
+            mean = torch.tensor(self.config["mean"], dtype=torch.float32).view(view)
+            std = torch.tensor(self.config["std"], dtype=torch.float32).view(view)
+            probs = []
+            with torch.no_grad():
+                for i in range(0, len(x), self.batch_size):
+                    xb = (torch.from_numpy(x[i:i + self.batch_size]) - mean) / std
+                    probs.append(torch.softmax(self.model(xb).float(), dim=1).numpy())
+            names = self.config["class_names"]
+            p = np.concatenate(probs) if probs else np.zeros((0, len(names)), np.float32)
+            out = pd.DataFrame({"label": [names[i] for i in p.argmax(axis=1)]})
+            for j, name in enumerate(names):
+                out[f"prob_{name}"] = p[:, j].astype(np.float64)
+            return out
+
+    CLAdapterPyfunc.__module__ = __name__
+    CLAdapterPyfunc.__qualname__ = "CLAdapterPyfunc"
+    return CLAdapterPyfunc
+
+
+def pyfunc_class():
+    """The ``CLAdapterPyfunc`` class (built once)."""
+    if "CLAdapterPyfunc" not in globals():
+        globals()["CLAdapterPyfunc"] = _pyfunc_class()
+    return globals()["CLAdapterPyfunc"]
+
+
+def __getattr__(name):  # `tracking.CLAdapterPyfunc`, also when unpickling a logged model
+    if name == "CLAdapterPyfunc":
+        return pyfunc_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def model_signature(config: dict):
+    """Signature of the pyfunc: float32 tensor (-1, *input_size) -> label + prob_<class>."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *config["input_size"]))])
+    outputs = Schema([ColSpec("string", "label")] +
+                     [ColSpec("double", f"prob_{c}") for c in config["class_names"]])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def _requirements() -> list[str]:
+    """Pinned from this environment; no pip inference (it needs a subprocess and is slow).
+    cladapter_core itself must be installed where the model is loaded (the platform image)."""
+    from importlib.metadata import PackageNotFoundError, version
+    reqs = []
+    for pkg in ("mlflow", "torch", "timm", "safetensors", "numpy", "pandas", "pyyaml"):
+        try:
+            reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
+        except PackageNotFoundError:
+            reqs.append(pkg)
+    return reqs
+
+
+def log_model(model_dir: str | Path, registered_name: str | None = None) -> str:
+    """Log a model directory (``save_model`` output) into the active run as an MLflow
+    pyfunc (see ``CLAdapterPyfunc`` for input and output), with signature and input
+    example; returns the model URI (``models:/m-...``). ``registered_name`` also registers
+    it (plain MLflow registration; ``registry.register`` adds tags and aliases).
+
+    Loading: ``mlflow.pyfunc.load_model(uri).predict(batch)`` with ``batch`` a float32
+    array of raw [0, 1] images ``(B, *input_size)``.
+    """
+    import mlflow
+    import numpy as np
+
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file() or not (model_dir / "model.safetensors").is_file():
+        raise TrackingError(f"cannot log model: {model_dir} is not a model directory "
+                            "(needs config.json and model.safetensors)")
+    try:
+        config = json.loads(cfg_path.read_text())
+        signature = model_signature(config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise TrackingError(f"{cfg_path}: unusable model config ({e})") from e
+    _active_run_id("log_model")
+    example = np.full((1, *config["input_size"]), 0.5, dtype=np.float32)
+    with _errors(f"logging model {model_dir}"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*type hint.*")
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT, python_model=pyfunc_class()(),
+            artifacts={"model_dir": str(model_dir)}, signature=signature,
+            input_example=example, pip_requirements=_requirements(),
+            registered_model_name=registered_name)
+    return info.model_uri
