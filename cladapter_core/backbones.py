@@ -56,7 +56,7 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, name: str, pretrained: bool = False, checkpoint: str | None = None,
-                 **kwargs):
+                 input_size: int | list[int] | None = None, **kwargs):
         super().__init__()
         check_backbone_name(name)
         self.name, self.kwargs = name, dict(kwargs)
@@ -65,6 +65,8 @@ class Backbone(nn.Module):
             self._build_video(name, pretrained, kwargs)
         else:
             self._build_timm(name, pretrained, kwargs)
+        if input_size is not None:
+            self._set_input_size(input_size)
         if checkpoint:
             state = read_state_dict(checkpoint)
             load_into(self.model, state, source=str(checkpoint), ignore=self._classifier_keys())
@@ -115,6 +117,18 @@ class Backbone(nn.Module):
         frames, size = (16, 224) if name.startswith(("swin3d", "s3d")) else (16, 112)
         self.data_config = {"input_size": [3, frames, size, size], "mean": list(KINETICS_MEAN),
                             "std": list(KINETICS_STD), "interpolation": "bilinear"}
+
+    def _set_input_size(self, size) -> None:
+        """What the data pipeline resizes to: H (square), [H, W], or [T, H, W] for 3D.
+        CNNs take any size; for ViTs pass timm's `img_size` too."""
+        size = [size] if isinstance(size, int) else list(size)
+        want = 3 if self.is_3d else 2
+        if len(size) == 1:
+            size = size * 2 if not self.is_3d else self.data_config["input_size"][1:2] + size * 2
+        if len(size) != want or not all(isinstance(v, int) and v > 0 for v in size):
+            raise ModelError(f"input_size for {self.name} must be {'[T, H, W]' if self.is_3d else 'H or [H, W]'} "
+                             f"of positive integers, got {size}")
+        self.data_config["input_size"] = self.data_config["input_size"][:1] + size
 
     def _classifier_keys(self) -> tuple[str, ...]:
         """Prefixes of the original classifier, absent here and ignored in checkpoints."""

@@ -109,13 +109,16 @@ def build_model(backbone: str, num_classes: int, mode: str = "cla", num_centers:
                 checkpoint: str | None = None, *, mlp_ratio: float = 4.0,
                 temperature: float = 1.0, init: str = "paper", dropout: float = 0.0,
                 grad_checkpointing: bool = False, class_names: list[str] | None = None,
-                backbone_kwargs: dict | None = None, **more_backbone_kwargs) -> CLAdapterModel:
+                backbone_kwargs: dict | None = None, input_size=None,
+                **more_backbone_kwargs) -> CLAdapterModel:
     """Build a backbone (timm name or torchvision video model) with a CLAdapter and head.
 
     `pretrained=True` uses timm's/torchvision's normal download (needs internet);
     `checkpoint` loads backbone weights from a path, file:// or s3:// URI instead.
     Extra keyword arguments go to `timm.create_model` (img_size, patch_size, in_chans...);
     `backbone_kwargs` carries those whose names clash with the adapter's (timm's `depth`).
+    `input_size` (H, [H, W] or [T, H, W]) sets what images are resized to; by default the
+    backbone's pretrained configuration (or timm's `img_size`).
     """
     backbone_kwargs = {**(backbone_kwargs or {}), **more_backbone_kwargs}
     # Validate the cheap things before building a possibly large backbone.
@@ -124,7 +127,8 @@ def build_model(backbone: str, num_classes: int, mode: str = "cla", num_centers:
     adapter_config = AdapterConfig(num_centers=num_centers, rank=rank, depth=depth,
                                    mlp_ratio=mlp_ratio, temperature=temperature, init=init,
                                    dropout=dropout, grad_checkpointing=grad_checkpointing).validate()
-    bb = Backbone(backbone, pretrained=pretrained, checkpoint=checkpoint, **backbone_kwargs)
+    bb = Backbone(backbone, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size,
+                  **backbone_kwargs)
     return CLAdapterModel(bb, num_classes, mode, adapter_config, class_names)
 
 
@@ -164,7 +168,8 @@ def load_model(model_dir: str | Path, map_location: str = "cpu") -> CLAdapterMod
                         num_centers=cfg["num_centers"], rank=cfg["rank"], depth=cfg["depth"],
                         mlp_ratio=cfg["mlp_ratio"], temperature=cfg["temperature"],
                         init=cfg["init"], dropout=cfg["dropout"],
-                        class_names=cfg["class_names"], backbone_kwargs=cfg.get("backbone_kwargs"))
+                        class_names=cfg["class_names"], backbone_kwargs=cfg.get("backbone_kwargs"),
+                        input_size=cfg["input_size"][1:])
     state = load_file(str(w_path), device=map_location)
     from .weights import load_into
     load_into(model, state, source=str(w_path))

@@ -150,6 +150,9 @@ def validate_params(p: dict) -> list[str]:
         except ModelError as e:
             out.append(f"model.backbone: {e}")
     need(isinstance(m["backbone_kwargs"] or {}, dict), "model.backbone_kwargs", "must be a mapping", m["backbone_kwargs"])
+    size = m["input_size"]
+    need(size is None or (_is_int(size) and size > 0) or (isinstance(size, list) and size and all(
+        _is_int(v) and v > 0 for v in size)), "model.input_size", "must be null, H, [H, W] or [T, H, W]", size)
     need(isinstance(m["pretrained"], bool), "model.pretrained", "must be true or false", m["pretrained"])
     need(m["checkpoint"] is None or isinstance(m["checkpoint"], str), "model.checkpoint",
          "must be a path or URI", m["checkpoint"])
@@ -208,4 +211,5 @@ def model_kwargs(params: dict) -> dict:
                 num_centers=m["num_centers"], rank=m["rank"], depth=m["depth"],
                 pretrained=m["pretrained"], checkpoint=m["checkpoint"],
                 mlp_ratio=m["mlp_ratio"], temperature=m["temperature"], init=m["init"],
-                dropout=m["dropout"], backbone_kwargs=m["backbone_kwargs"] or {})
+                dropout=m["dropout"], backbone_kwargs=m["backbone_kwargs"] or {},
+                input_size=m["input_size"])

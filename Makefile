@@ -1,0 +1,33 @@
+# `make demo` and `make test` work on a fresh clone: each first creates .venv and installs
+# the pinned project (constraints.txt pins the whole environment).
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test install system-deps clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# Debian packages the tests use: Chromium renders report.html headless.
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "warning: chromium could not be installed; the browser test will be skipped"; \
+	  else echo "note: install chromium to run the browser test of report.html"; fi; }
+
+demo: $(STAMP)
+	$(VENV)/bin/cladapter demo
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf outputs mlflow.db mlruns mlartifacts data/demo

@@ -1,0 +1,222 @@
+"""The `cladapter` command. Each subcommand reads params.yaml, lets flags override it
+(`-S section.key=value`, or the named flags), and calls one stage function."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import CLAdapterError
+
+EPILOG = """Parameters: every subcommand reads --params (default params.yaml, else the embedded
+defaults) and applies -S overrides, e.g. -S model.num_centers=10 -S stage1.epochs=3.
+MLflow: runs go to $MLFLOW_TRACKING_URI (default sqlite:///mlflow.db); --no-track disables."""
+
+
+def _common(p: argparse.ArgumentParser, track: bool = False) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("-S", "--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a parameter, e.g. -S stage1.epochs=3")
+    if track:
+        p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="cladapter",
+        description="CLAdapter: adapt foundation vision models to small scientific datasets "
+                    "with a Cluster Attention Adapter and Staged Fine-Tuning.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+    ap.add_argument("--version", action="version", version=f"cladapter {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo-data", help="write the demo dataset (scikit-learn's handwritten digits as PNGs)",
+                       description="Write scikit-learn's bundled handwritten digits (1797 real 8x8 scans, "
+                                   "10 classes) as PNG files in an ImageFolder tree.")
+    p.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
+
+    p = sub.add_parser("prepare", help="validate a dataset, split it and write a manifest",
+                       description="Decode and check every file, split train/val/test (stratified, "
+                                   "seeded), detect leaks, write manifest.csv, classes.json, summary.json.")
+    _common(p)
+    p.add_argument("--source", help="ImageFolder tree, CSV manifest or 3D folder (default: data.source)")
+    p.add_argument("--out", default="outputs/prepared", help="output folder (default: outputs/prepared)")
+    p.add_argument("--skip-invalid", action="store_true", help="leave unreadable files out and report them")
+
+    p = sub.add_parser("train", help="train one stage (Staged Fine-Tuning) or a baseline",
+                       description="Stage 1 trains adapter + head on the frozen backbone; stage 2 "
+                                   "starts from stage 1 (--init-from) with everything unfrozen at "
+                                   "lr * stage2.lr_factor. Baselines: --mode linear | full | lp-ft. "
+                                   "A checkpoint is written each epoch beside --out; an interrupted "
+                                   "run (SIGTERM, crash) resumes from it when run again.")
+    _common(p, track=True)
+    p.add_argument("--stage", type=int, choices=(1, 2), default=1)
+    p.add_argument("--mode", choices=("cla", "linear", "full", "lp-ft"), help="default: train.mode")
+    p.add_argument("--prepared", default="outputs/prepared", help="prepared dataset folder")
+    p.add_argument("--out", help="model folder (default: outputs/stage<N>)")
+    p.add_argument("--init-from", help="stage-1 model folder (stage 2; default: outputs/stage1)")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+
+    p = sub.add_parser("evaluate", help="metrics, confusion matrix, curves, predictions, report.html",
+                       description="Evaluate a model folder on a split of a prepared dataset.")
+    _common(p, track=True)
+    p.add_argument("--model", default="outputs/stage2", help="model folder (default: outputs/stage2)")
+    p.add_argument("--prepared", default="outputs/prepared")
+    p.add_argument("--out", default="outputs/eval", help="output folder (default: outputs/eval)")
+    p.add_argument("--split", choices=("train", "val", "test"), help="default: evaluate.split")
+    p.add_argument("--tsne", action="store_true", help="also draw t-SNE of features with/without the adapter")
+
+    p = sub.add_parser("predict", help="class and probabilities for image/volume files or folders")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("inputs", nargs="+", help="files or folders")
+    p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
+    p.add_argument("--batch-size", type=int, default=32)
+
+    p = sub.add_parser("compare", help="linear, full, lp-ft, CLAdapter stage 1 and SFT over seeds",
+                       description="Train every method on one dataset and backbone over several "
+                                   "seeds; print and write a table of macro-F1 and accuracy (mean "
+                                   "and spread), trainable parameters and time.")
+    _common(p)
+    p.add_argument("--prepared", default="outputs/prepared")
+    p.add_argument("--out", default="outputs/compare")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="subset of: linear full lp-ft cla-stage1 cla-sft")
+
+    p = sub.add_parser("demo", help="the whole flow in one process on the demo data",
+                       description="demo-data, prepare, stage 1, stage 2, evaluate; prints the metrics.")
+    _common(p, track=True)
+    p.add_argument("--out", default="outputs", help="output root (default: outputs)")
+    return ap
+
+
+def _load(args):
+    from .params import load_params
+    return load_params(args.params, args.overrides)
+
+
+def _print_metrics(metrics: dict, title: str) -> None:
+    print(title)
+    for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall", "weighted_f1", "roc_auc"):
+        if k in metrics:
+            print(f"  {k:<16} {metrics[k]:.4f}")
+
+
+def cmd_demo_data(args):
+    from .data import make_demo_data
+    out = make_demo_data(args.out)
+    print(f"demo dataset in {out}")
+
+
+def cmd_prepare(args):
+    from .data import prepare
+    params = _load(args)
+    if args.skip_invalid:
+        params["data"]["skip_invalid"] = True
+    summary = prepare(args.source or params["data"]["source"], args.out, params)
+    counts = summary.get("split_counts") or summary.get("counts", {})
+    print(f"prepared {args.out}: {json.dumps(counts, sort_keys=True)}")
+    for key in ("skipped", "leaks"):
+        if summary.get(key):
+            print(f"  {key}: {len(summary[key])} (see {args.out}/summary.json)")
+
+
+def _tracked(args, params, stage_name):
+    """MLflow run context for a stage, or a no-op when tracking is off."""
+    from contextlib import nullcontext
+    if getattr(args, "no_track", False) or os.environ.get("CLADAPTER_TRACKING", "1") == "0":
+        return nullcontext(None), []
+    from . import tracking
+    tracking.check_tracking()
+    return tracking.stage_run(params, stage_name), [tracking.EpochLogger()]
+
+
+def cmd_train(args):
+    from .train import train
+    params = _load(args)
+    mode = args.mode or params["train"]["mode"]
+    out = args.out or f"outputs/stage{args.stage}"
+    init_from = args.init_from or ("outputs/stage1" if args.stage == 2 else None)
+    ctx, callbacks = _tracked(args, params, f"train_stage{args.stage}")
+    with ctx as run:
+        summary = train(params, args.prepared, out, stage=args.stage, mode=mode, init_from=init_from,
+                        resume=not args.no_resume, callbacks=callbacks)
+        if run is not None:
+            from . import tracking
+            tracking.log_artifacts_dir(out, "model_dir")
+    print(f"stage {args.stage} ({mode}) -> {out}: best epoch {summary['best_epoch']}, "
+          f"val {summary['select_metric']} {summary['best_value']}")
+
+
+def cmd_evaluate(args):
+    from .evaluate import evaluate
+    params = _load(args)
+    if args.split:
+        params["evaluate"]["split"] = args.split
+    if args.tsne:
+        params["evaluate"]["tsne"] = True
+    ctx, _ = _tracked(args, params, "evaluate")
+    with ctx as run:
+        metrics = evaluate(args.model, args.prepared, args.out, params)
+        if run is not None:
+            from . import tracking
+            tracking.log_evaluation(args.out, metrics)
+    _print_metrics(metrics, f"{params['evaluate']['split']} metrics ({args.out}/metrics.json):")
+
+
+def cmd_predict(args):
+    from .evaluate import predict
+    rows = predict(args.model, args.inputs, args.out, batch_size=args.batch_size)
+    print(f"{len(rows)} predictions -> {args.out}")
+
+
+def cmd_compare(args):
+    from .compare import compare
+    params = _load(args)
+    compare(params, args.prepared, args.out, seeds=args.seeds, methods=args.methods)
+
+
+def cmd_demo(args):
+    from .data import make_demo_data, prepare
+    from .evaluate import evaluate
+    from .train import train
+    params = _load(args)
+    root = Path(args.out)
+    make_demo_data(params["data"]["source"])
+    prepare(params["data"]["source"], root / "prepared", params)
+    for stage in (1, 2):
+        train(params, root / "prepared", root / f"stage{stage}", stage=stage, mode="cla",
+              init_from=root / "stage1" if stage == 2 else None)
+    metrics = evaluate(root / "stage2", root / "prepared", root / "eval", params)
+    _print_metrics(metrics, f"test metrics ({root / 'eval' / 'metrics.json'}):")
+    print(f"report: {root / 'eval' / 'report.html'}")
+
+
+COMMANDS = {"demo-data": cmd_demo_data, "prepare": cmd_prepare, "train": cmd_train,
+            "evaluate": cmd_evaluate, "predict": cmd_predict, "compare": cmd_compare,
+            "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .train import Preempted
+    try:
+        COMMANDS[args.command](args)
+    except Preempted as e:
+        # 143 = killed by SIGTERM: schedulers (KFP retries, DVC) see an interrupted step.
+        print(f"cladapter {args.command}: {e}", file=sys.stderr)
+        return 143
+    except CLAdapterError as e:
+        print(f"cladapter {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cladapter {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

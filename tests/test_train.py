@@ -1,0 +1,173 @@
+"""The staged trainer on the real demo data (digit scans) with a tiny backbone."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cladapter_core.data import make_demo_data, prepare
+from cladapter_core.params import load_params
+from cladapter_core.train import Preempted, TrainingError, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.backbone=vit_tiny_patch16_224",
+    "model.backbone_kwargs={img_size: 16, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
+    "model.rank=8", "model.num_centers=4", "train.batch_size=16",
+    "stage1.epochs=2", "stage2.epochs=1", "train.warmup_epochs=1",
+]
+
+
+def tiny_params(*more):
+    return load_params(None, TINY + list(more))
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_data(root / "digits")
+    # 12 training scans per class keep each epoch to a fraction of a second.
+    params = tiny_params("data.shots_per_class=12", "data.val_fraction=0.05", "data.test_fraction=0.05")
+    prepare(root / "digits", root / "prepared", params)
+    return root / "prepared"
+
+
+def weights(model_dir):
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def test_staged_fine_tuning_freezes_then_unfreezes(prepared, tmp_path):
+    params = tiny_params()
+    s1 = train(params, prepared, tmp_path / "s1", stage=1, progress=False)
+    assert s1["epochs_run"] == 2 and s1["param_report"]["adapter"] > 0
+    # stage 1 leaves the backbone bit-identical to the freshly built one
+    torch.manual_seed(params["seed"])
+    from cladapter_core.model import build_model
+    from cladapter_core.params import model_kwargs
+    fresh = build_model(num_classes=10, class_names=[str(i) for i in range(10)], **model_kwargs(params))
+    w1 = weights(tmp_path / "s1")
+    for k, v in fresh.state_dict().items():
+        if k.startswith("backbone."):
+            assert torch.equal(w1[k], v), k
+    assert any(not torch.equal(w1[k], v) for k, v in fresh.state_dict().items() if k.startswith("adapter."))
+    s2 = train(params, prepared, tmp_path / "s2", stage=2, init_from=tmp_path / "s1", progress=False)
+    w2 = weights(tmp_path / "s2")
+    changed = [k for k in w1 if k.startswith("backbone.") and not torch.equal(w1[k], w2[k])]
+    assert len(changed) > 10
+    assert s2["lr"] == pytest.approx(params["train"]["lr"] * params["stage2"]["lr_factor"])
+    hist = json.loads((tmp_path / "s2" / "history.json").read_text())
+    assert [(r["stage"], r["epoch"]) for r in hist] == [(1, 1), (1, 2), (2, 1)]
+    assert {"train_loss", "val_loss", "val_macro_f1", "val_accuracy", "lr"} <= set(hist[-1])
+    assert not (tmp_path / "s1.ckpt").exists()  # removed once the model is saved
+
+
+def test_learning_happens_on_real_digits(prepared, tmp_path):
+    params = tiny_params("stage1.epochs=6", "train.lr=0.003")
+    s1 = train(params, prepared, tmp_path / "s1", stage=1, progress=False)
+    hist = json.loads((tmp_path / "s1" / "history.json").read_text())
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert s1["best_value"] > 0.3  # chance is 0.1 on ten balanced classes
+
+
+@pytest.mark.parametrize("mode,stages", [("linear", [1]), ("full", [1]), ("lp-ft", [1, 2])])
+def test_baselines_through_the_same_loop(prepared, tmp_path, mode, stages):
+    params = tiny_params()
+    for stage in stages:
+        s = train(params, prepared, tmp_path / f"s{stage}", stage=stage, mode=mode,
+                  init_from=tmp_path / "s1" if stage == 2 else None, progress=False)
+    cfg = json.loads((tmp_path / f"s{stages[-1]}" / "config.json").read_text())
+    assert cfg["mode"] == mode and s["param_report"]["adapter"] == 0
+    if mode == "linear":
+        assert s["param_report"]["trainable"] == s["param_report"]["head"]
+    if mode == "full":
+        assert s["epochs_run"] == 3  # stage1 + stage2 epochs in one stage
+
+
+def test_resume_mid_epoch_gives_identical_weights(prepared, tmp_path):
+    params = tiny_params("model.dropout=0.1")
+    train(params, prepared, tmp_path / "ref", stage=1, progress=False)
+    # 120 training images / 16 = 8 batches per epoch: stop inside the second epoch
+    with pytest.raises(Preempted):
+        train(params, prepared, tmp_path / "run", stage=1, progress=False, max_steps=11)
+    assert (tmp_path / "run.ckpt" / "last.pt").is_file() and not (tmp_path / "run").exists()
+    train(params, prepared, tmp_path / "run", stage=1, progress=False)
+    ref, got = weights(tmp_path / "ref"), weights(tmp_path / "run")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    h_ref = json.loads((tmp_path / "ref" / "history.json").read_text())
+    h_got = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [r["val_macro_f1"] for r in h_ref] == [r["val_macro_f1"] for r in h_got]
+
+
+def test_checkpoint_of_other_params_is_not_resumed(prepared, tmp_path):
+    with pytest.raises(Preempted):
+        train(tiny_params(), prepared, tmp_path / "run", stage=1, progress=False, max_steps=3)
+    s = train(tiny_params("train.lr=0.01"), prepared, tmp_path / "run", stage=1, progress=False)
+    assert s["epochs_run"] == 2
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "CLADAPTER_TRACKING": "0", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cladapter_core.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_process_resumes_to_same_weights(prepared, tmp_path, sig):
+    flags = [f"--set={o}" for o in TINY + ["stage1.epochs=4"]]
+    (tmp_path / "empty.yaml").write_text("")
+    args = ["train", "--params", str(tmp_path / "empty.yaml"), "--stage", "1", "--prepared", str(prepared)]
+    ref = _cli(*args, "--out", str(tmp_path / "ref"), *flags)
+    assert ref.wait(300) == 0, ref.stdout.read()
+    proc = _cli(*args, "--out", str(tmp_path / "run"), *flags)
+    ckpt = tmp_path / "run.ckpt" / "last.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    proc.send_signal(sig)
+    code = proc.wait(120)
+    out = proc.stdout.read()
+    if sig == signal.SIGTERM:
+        assert code == 143 and "run again to resume" in out, out
+    else:
+        assert code == -signal.SIGKILL
+    assert not (tmp_path / "run").exists()
+    again = _cli(*args, "--out", str(tmp_path / "run"), *flags)
+    out = again.stdout.read()
+    assert again.wait(300) == 0, out
+    assert "resuming" in out
+    ref_w, got = weights(tmp_path / "ref"), weights(tmp_path / "run")
+    assert all(torch.equal(ref_w[k], got[k]) for k in ref_w)
+
+
+def test_non_finite_loss_stops_with_clear_error(prepared, tmp_path):
+    params = tiny_params("train.lr=1.0e+30", "train.grad_clip=0", "train.warmup_epochs=0")
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        train(params, prepared, tmp_path / "m", stage=1, progress=False)
+    assert not (tmp_path / "m").exists()
+
+
+def test_stage2_needs_stage1_and_matching_classes(prepared, tmp_path):
+    with pytest.raises(TrainingError, match="needs the stage-1 model"):
+        train(tiny_params(), prepared, tmp_path / "m", stage=2)
+    with pytest.raises(TrainingError, match="single stage"):
+        train(tiny_params(), prepared, tmp_path / "m", stage=2, mode="linear")
+
+
+def test_cli_lists_every_params_problem_at_once(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("model:\n  num_centers: 0\n  backbone: vit_base_patch16_244\n"
+                   "stage1:\n  epochs: -1\ntrain:\n  lr_typo: 3\n")
+    proc = _cli("train", "--params", str(bad), "--out", str(tmp_path / "m"))
+    out = proc.stdout.read()
+    assert proc.wait(60) == 2
+    for field in ("model.num_centers", "model.backbone", "vit_base_patch16_224", "stage1.epochs",
+                  "train.lr_typo: unknown parameter", str(bad)):
+        assert field in out, (field, out)
+    assert "Traceback" not in out and not (tmp_path / "m").exists()
