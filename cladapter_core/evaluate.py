@@ -1,0 +1,376 @@
+"""Evaluation of a saved model on a prepared split, and prediction on new files.
+
+`evaluate` writes the evaluation directory (see docs/ARCHITECTURE.md) atomically:
+
+    metrics.json                flat {name: float}; roc_auc left out where undefined
+    classification_report.json  per class precision/recall/F1/support
+    confusion_matrix.json       {labels, matrix} (rows: true class, columns: predicted)
+    confusion_matrix.png        annotated heatmap
+    curves.png                  training curves from the model's history.json (if any)
+    predictions.csv             path, label, predicted, prob_<class>...
+    param_report.json           parameter counts (model.param_report() + trainable_stage1)
+    report.html                 self-contained report (images embedded)
+    tsne.png                    features without / with the adapter (evaluate.tsne: true)
+    plots/confusion.csv         actual,predicted per sample, for `dvc plots`
+
+`predict` runs a model on files and folders and writes a CSV of class probabilities.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError, ParamsError
+from .model import CLAdapterModel, load_model, replace_dir, write_json
+
+TSNE_MAX_POINTS = 2000   # t-SNE is O(n log n) per iteration but slow on 2 CPU cores beyond this
+TSNE_MIN_POINTS = 5
+TSNE_EXACT_MAX = 500
+
+
+def _device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _progress(iterable, desc: str, total: int | None = None):
+    from tqdm.auto import tqdm
+    # disable=None: a bar on a terminal, silence in logs (DVC, KFP pods, CI)
+    return tqdm(iterable, desc=desc, total=total, disable=None, leave=False)
+
+
+def _eval_params(params: dict) -> tuple[str, bool, int, str | None, int]:
+    ev = params.get("evaluate") or {}
+    split = ev.get("split", "test")
+    if split not in ("train", "val", "test"):
+        raise ParamsError(f"evaluate.split: must be train, val or test, got {split!r}")
+    tsne = ev.get("tsne", False)
+    if not isinstance(tsne, bool):
+        raise ParamsError(f"evaluate.tsne: must be true or false, got {tsne!r}")
+    tp = params.get("train") or {}
+    batch_size = tp.get("batch_size", 32)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ParamsError(f"train.batch_size: must be an integer >= 1, got {batch_size!r}")
+    return split, tsne, batch_size, tp.get("select_metric"), int(params.get("seed", 0) or 0)
+
+
+@torch.no_grad()
+def _run(model: CLAdapterModel, batches, device: torch.device, keep_features: bool):
+    """Probabilities for every batch, and (keep_features) pooled features without and
+    with the adapter. The forward is split by hand so one pass gives all three; it is
+    the same computation as `model(x)`."""
+    model.eval().to(device)
+    probs, without, with_ = [], [], []
+    for x in batches:
+        x = x.to(device, non_blocking=True)
+        if keep_features:
+            out = model.backbone_output(x)           # tokens (cla) or pooled (other modes)
+            if model.adapter is not None:
+                feats = model.adapter(out).mean(dim=1)
+                without.append(out.mean(dim=1).float().cpu())
+            else:
+                feats = out
+            with_.append(feats.float().cpu())
+            logits = model.head(feats)
+        else:
+            logits = model(x)
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+    cat = lambda xs: torch.cat(xs).numpy() if xs else None  # noqa: E731
+    return cat(probs), cat(without), cat(with_)
+
+
+def _check_classes(model: CLAdapterModel, classes: list[str], model_dir: Path, prepared_dir: Path) -> None:
+    if len(classes) != model.num_classes:
+        raise DataError(f"{prepared_dir} has {len(classes)} classes but the model in {model_dir} "
+                        f"predicts {model.num_classes}")
+    if list(model.class_names) != list(classes):
+        diff = [f"{i}: data {c!r} vs model {m!r}" for i, (c, m) in enumerate(zip(classes, model.class_names))
+                if c != m][:5]
+        raise DataError(f"class names of {prepared_dir} (classes.json) differ from the model's in "
+                        f"{model_dir} (config.json), so label ids would not mean the same class: "
+                        + "; ".join(diff))
+
+
+def _read_json(path: Path):
+    """A JSON file, or None when absent or unreadable (the report then says so)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def tsne_embed(features: np.ndarray, seed: int) -> np.ndarray:
+    """2-D t-SNE with a fixed seed; perplexity shrinks for small n (it must stay < n)."""
+    from sklearn.manifold import TSNE
+    n = len(features)
+    perplexity = float(max(1.0, min(30.0, (n - 1) / 3.0)))
+    # Exact t-SNE for small n: quicker than Barnes-Hut there (whose OpenMP threads crawl
+    # on a busy few-core machine) and no approximation.
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
+                random_state=seed, method="exact" if n <= TSNE_EXACT_MAX else "barnes_hut")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn's FutureWarnings about defaults
+        return tsne.fit_transform(np.asarray(features, dtype=np.float32))
+
+
+def _make_tsne(model, without, with_, labels, class_names, path, seed, notes) -> Path | None:
+    from .plots import tsne_png
+    n = len(labels)
+    if n < TSNE_MIN_POINTS:
+        notes.append(f"t-SNE skipped: {n} samples (needs at least {TSNE_MIN_POINTS}).")
+        return None
+    idx = np.arange(n)
+    note = ""
+    if n > TSNE_MAX_POINTS:
+        idx = np.sort(np.random.default_rng(seed).choice(n, TSNE_MAX_POINTS, replace=False))
+        note = f"{TSNE_MAX_POINTS} of {n} samples, drawn at random (seed {seed})"
+        notes.append(f"t-SNE drawn on {note}.")
+    labels = np.asarray(labels)[idx]
+    if model.adapter is not None:
+        panels = [("without adapter (backbone tokens, mean-pooled)", tsne_embed(without[idx], seed)),
+                  (f"with CLAdapter (K = {model.adapter_config.num_centers})", tsne_embed(with_[idx], seed))]
+    else:
+        panels = [(f"backbone pooled feature ({model.mode} mode)", tsne_embed(with_[idx], seed))]
+    return tsne_png(panels, labels, class_names, path, note=note)
+
+
+def _param_report(model: CLAdapterModel) -> dict:
+    report = model.param_report()
+    stage = model.stage
+    report["trainable_stage1"] = model.set_stage(1).param_report()["trainable"]  # backbone frozen
+    report["trainable_stage2"] = model.set_stage(2).param_report()["trainable"]
+    model.set_stage(stage)
+    return report
+
+
+def evaluate(model_dir, prepared_dir, out_dir, params: dict, *, device: str | None = None) -> dict:
+    """Evaluate the model in `model_dir` on `params['evaluate']['split']` of `prepared_dir`;
+    write the evaluation directory `out_dir` atomically and return the metrics."""
+    from .data import load_classes, make_loader, read_manifest
+    from .metrics import classification_metrics, confusion, per_class_report
+    from .plots import confusion_matrix_png, curves_png
+    from .report import render_report
+
+    model_dir, prepared_dir, out_dir = Path(model_dir), Path(prepared_dir), Path(out_dir)
+    split, want_tsne, batch_size, select_metric, seed = _eval_params(params)
+    model = load_model(model_dir)
+    classes = load_classes(prepared_dir)
+    _check_classes(model, classes, model_dir, prepared_dir)
+    config = model.config_dict()
+    items = read_manifest(prepared_dir, split)
+    if not items:
+        raise DataError(f"{prepared_dir}: the {split!r} split is empty (see summary.json counts); "
+                        "choose another with evaluate.split")
+    loader = make_loader(prepared_dir, split, config, False, params, batch_size=batch_size)
+    labels_seen: list[int] = []
+
+    def batches():
+        for x, y in _progress(loader, f"evaluate {split}"):
+            labels_seen.extend(int(v) for v in y)
+            yield x
+
+    dev = _device(device)
+    probs, without, with_ = _run(model, batches(), dev, keep_features=want_tsne)
+    model.cpu()
+    y_true = np.asarray(labels_seen, dtype=np.int64)
+    if len(y_true) != len(items) or any(int(a) != b for a, b in zip(y_true, (lb for _, lb in items))):
+        raise DataError(f"{prepared_dir}: the loader's labels do not follow manifest.csv's order "
+                        f"for split {split!r}; cannot attribute predictions to files")
+    y_pred = probs.argmax(axis=1)
+    n, num_classes = len(y_true), len(classes)
+
+    metrics = classification_metrics(y_true, probs, num_classes)
+    eps = 1e-12  # test-split cross-entropy, the same loss the trainer reports
+    metrics["loss"] = float(-np.log(np.clip(probs[np.arange(n), y_true], eps, 1.0)).mean())
+    metrics = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}  # JSON has no NaN
+    metrics["n_samples"] = float(n)
+    per_class = per_class_report(y_true, y_pred, classes)
+    matrix = confusion(y_true, y_pred, num_classes)
+    params_report = _param_report(model)
+    history = _read_json(model_dir / "history.json")
+    train_summary = _read_json(model_dir / "train_summary.json")
+    notes: list[str] = []
+    if "roc_auc" not in metrics:
+        notes.append("ROC AUC left out of metrics.json: undefined because some class has no "
+                     f"sample in the {split} split.")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _chmod_default(tmp, directory=True)
+        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "classification_report.json", per_class)
+        write_json(tmp / "confusion_matrix.json", {"labels": classes, "matrix": matrix})
+        write_json(tmp / "param_report.json", params_report)
+        _write_predictions(tmp / "predictions.csv", [p for p, _ in items], y_true, probs, classes)
+        (tmp / "plots").mkdir()
+        with open(tmp / "plots" / "confusion.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["actual", "predicted"])
+            w.writerows((classes[a], classes[b]) for a, b in zip(y_true, y_pred))
+
+        images = {"confusion": confusion_matrix_png(matrix, classes, tmp / "confusion_matrix.png",
+                                                    title=f"Confusion matrix ({split}, n = {n})")}
+        images["curves"] = None
+        if isinstance(history, list) and history:
+            images["curves"] = curves_png(history, tmp / "curves.png", select_metric)
+        else:
+            notes.append(f"No usable history.json in {model_dir}: training curves not drawn.")
+        images["tsne"] = None
+        if want_tsne:
+            images["tsne"] = _make_tsne(model, without, with_, y_true, classes, tmp / "tsne.png", seed, notes)
+        html = render_report(config, metrics, params_report, per_class, images, {
+            "split": split, "model_dir": str(model_dir), "prepared_dir": str(prepared_dir),
+            "notes": notes, "train_summary": train_summary if isinstance(train_summary, dict) else None})
+        (tmp / "report.html").write_text(html, encoding="utf-8")
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return metrics
+
+
+def _chmod_default(path: Path, directory: bool) -> None:
+    """mkdtemp/mkstemp create 0700/0600; give the output the usual umask-based mode so
+    other users (a DVC cache, a shared MLflow artifact store) can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
+def _prob_columns(classes: list[str]) -> list[str]:
+    return [f"prob_{c}" for c in classes]
+
+
+def _write_predictions(path: Path, paths, y_true, probs, classes) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "predicted", *_prob_columns(classes)])
+        for p, t, pr in zip(paths, y_true, probs):
+            w.writerow([str(p), classes[int(t)], classes[int(pr.argmax())], *(f"{v:.6f}" for v in pr)])
+
+
+# -- prediction on new files ---------------------------------------------------------------
+def _expand_inputs(inputs, config: dict) -> list[Path]:
+    """Inputs as the files (or 3D frame folders) to run, in order, each once. Folders are
+    walked as `data.load_inputs` walks them; nothing is decoded here, so a large folder is
+    then loaded batch by batch."""
+    from .data import walk_inputs
+    want_3d = len(config["input_size"]) == 4
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = list(inputs or [])
+    if not inputs:
+        raise DataError("predict: no inputs given")
+    files: list[Path] = []
+    problems: list[str] = []
+    for raw in inputs:
+        p = Path(raw)
+        if not p.exists():
+            problems.append(f"{p}: does not exist")
+        elif p.is_dir():
+            found = walk_inputs(p, want_3d)
+            if not found:
+                problems.append(f"{p}: holds no supported {'3D volumes/clips' if want_3d else 'images'}")
+            files += found
+        else:
+            files.append(p)
+    if problems:
+        raise DataError("predict: cannot use the inputs:\n" + "\n".join(f"  {x}" for x in problems))
+    seen, unique = set(), []
+    for f in files:
+        key = os.path.normpath(os.path.abspath(f))
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def predict(model_dir, inputs, out_path, batch_size: int = 32, *, skip_invalid: bool = False,
+            device: str | None = None) -> list[dict]:
+    """Class probabilities for image files and folders (walked); writes a CSV
+    (path, predicted, prob_<class>...) atomically and returns its rows as dicts.
+
+    An unreadable file is a DataError naming it; with skip_invalid it is left out
+    with a warning instead (an error still if nothing is readable).
+    """
+    from .data import load_inputs
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ParamsError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
+    model = load_model(model_dir)
+    config = model.config_dict()
+    files = _expand_inputs(inputs, config)
+    dev = _device(device)
+    model.eval().to(dev)
+    classes = model.class_names
+    rows: list[dict] = []
+    skipped: list[str] = []
+    with torch.no_grad():
+        for start in _progress(range(0, len(files), batch_size), "predict",
+                               total=math.ceil(len(files) / batch_size)):
+            chunk = files[start:start + batch_size]
+            try:
+                x, used = load_inputs(chunk, config)
+            except DataError:
+                if not skip_invalid:
+                    raise
+                x, used = _load_each(chunk, config, skipped)
+                if x is None:
+                    continue
+            probs = torch.softmax(model(x.to(dev)).float(), dim=1).cpu().numpy()
+            for p, pr in zip(used, probs):
+                row = {"path": str(p), "predicted": classes[int(pr.argmax())]}
+                row.update({col: float(v) for col, v in zip(_prob_columns(classes), pr)})
+                rows.append(row)
+    if skipped:
+        warnings.warn(f"predict: left out {len(skipped)} unreadable input(s):\n  " + "\n  ".join(skipped))
+    if not rows:
+        raise DataError("predict: no readable input among " + ", ".join(str(f) for f in files[:10])
+                        + (f" and {len(files) - 10} more" if len(files) > 10 else "")
+                        + ("\n  " + "\n  ".join(skipped) if skipped else ""))
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["path", "predicted", *_prob_columns(classes)])
+            w.writeheader()
+            for row in rows:
+                w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+        _chmod_default(Path(tmp), directory=False)
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return rows
+
+
+def _load_each(chunk, config, skipped: list[str]):
+    """Fallback after a batch failed to load: load file by file, recording failures."""
+    from .data import load_inputs
+    xs, used = [], []
+    for f in chunk:
+        try:
+            x, u = load_inputs([f], config)
+        except DataError as exc:
+            skipped.append(str(exc).replace("\n", " "))
+            continue
+        xs.append(x)
+        used += u
+    if not xs:
+        return None, []
+    return torch.cat(xs), used
+
+
+__all__ = ["evaluate", "predict", "tsne_embed"]
