@@ -14,7 +14,6 @@ num_workers=0 or more), and DDP ranks see disjoint slices of the single-process 
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -31,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import CLAdapterError, ModelError
+from .errors import CLAdapterError
 from .metrics import classification_metrics
-from .model import CLAdapterModel, build_model, load_model, save_model
+from .model import build_model, load_model, save_model
 from .params import flatten, model_kwargs
 
 STAGED_MODES = ("cla", "lp-ft")
@@ -254,6 +253,8 @@ def train(params: dict, prepared_dir, out_dir, stage: int = 1, mode: str | None 
         model = build_model(num_classes=len(classes), class_names=classes, **{**model_kwargs(params), "mode": mode})
     model.set_stage(1 if plan["freeze"] else 2)
     model.to(device)
+    if t.get("channels_last"):
+        model.to(memory_format=torch.channels_last)  # CNNs: NHWC kernels; inputs follow the weights
     config = model.config_dict()
 
     train_ds = SeededDataset(data.ManifestDataset(
@@ -262,9 +263,11 @@ def train(params: dict, prepared_dir, out_dir, stage: int = 1, mode: str | None 
     if len(train_ds) == 0:
         raise TrainingError(f"{prepared_dir}: the train split is empty")
     sampler = EpochBatchSampler(len(train_ds), t["batch_size"], seed, True, rank, world)
+    # Its own generator: creating the iterator must not draw from the global RNG, whose
+    # state a mid-epoch checkpoint restores.
     train_loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=t["num_workers"],
                               pin_memory=device.type == "cuda",
-                              persistent_workers=False)
+                              generator=torch.Generator().manual_seed(seed))
     val_loader = data.make_loader(prepared_dir, "val", config, False, params)
     if len(val_loader.dataset) == 0:
         val_loader = None  # no validation split: the last epoch is kept
@@ -277,6 +280,22 @@ def train(params: dict, prepared_dir, out_dir, stage: int = 1, mode: str | None 
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Frozen backbone: train on its stored outputs (cache.py) instead of recomputing them.
+    forward, eval_forward, cache_info = net, None, None
+    if plan["freeze"] and (t.get("cache") or {}).get("views") is not None:
+        if world > 1:
+            print("feature cache: off under DDP (each rank would recompute the whole cache)")
+        else:
+            from .cache import stage1_cache
+            cached = stage1_cache(model, params, prepared_dir, config, seed, sampler, device,
+                                  amp_dtype, has_val=val_loader is not None)
+            train_ds = train_loader = cached["train"]
+            val_loader, cache_info = cached["val"], cached["info"]
+            forward = eval_forward = model.head_features
+            print(f"feature cache: {'built' if cache_info['built'] else 'reused'} "
+                  f"({cache_info['views']} views, {cache_info['bytes'] / 2**20:.1f} MiB, {cache_info['seconds']:.1f} s)")
+    if t.get("compile"):
+        forward = torch.compile(forward)
 
     optimizer = make_optimizer(params, model, plan["lr"])
     steps_per_epoch = math.ceil(len(sampler) / t["grad_accum"])
@@ -352,7 +371,7 @@ def train(params: dict, prepared_dir, out_dir, stage: int = 1, mode: str | None 
             for i, (x, y) in enumerate(train_loader, start=sampler.skip):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                    logits = net(x)
+                    logits = forward(x)
                 loss = F.cross_entropy(logits.float(), y)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"non-finite loss ({loss.item()}) at stage {stage}, epoch "
@@ -383,7 +402,7 @@ def train(params: dict, prepared_dir, out_dir, stage: int = 1, mode: str | None 
             record = {"stage": stage, "epoch": epoch + 1, "train_loss": total_loss / max(n_seen, 1),
                       "lr": optimizer.param_groups[0]["lr"]}
             if val_loader is not None:
-                val_loss, labels, probs = run_eval(model, val_loader, device, amp_dtype)
+                val_loss, labels, probs = run_eval(model, val_loader, device, amp_dtype, eval_forward)
                 vm = classification_metrics(labels, probs, len(classes))
                 record.update({"val_loss": val_loss, **{f"val_{k}": v for k, v in vm.items()}})
                 value = _select_value(select, val_loss, vm)
@@ -426,7 +445,7 @@ def train(params: dict, prepared_dir, out_dir, stage: int = 1, mode: str | None 
                "select_metric": select, "best_value": best_value if best_state is not None else None,
                "stopped_early": stopped_early, "param_report": model.param_report(),
                "lr": plan["lr"], "init_from": str(init_from) if init_from else None,
-               "seconds": round(sum(r["seconds"] for r in history), 3)}
+               "seconds": round(sum(r["seconds"] for r in history), 3), "cache": cache_info}
     if init_from and (Path(init_from) / "history.json").is_file():
         history = json.loads((Path(init_from) / "history.json").read_text()) + history
     if rank == 0:
