@@ -86,6 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None,
                    help="subset of: linear full lp-ft cla-stage1 cla-sft")
 
+    p = sub.add_parser("register", help="register a model in the MLflow registry as `challenger`",
+                       description="Log the model (pyfunc) and its evaluation to MLflow and create "
+                                   "a new version of register.model_name with alias `challenger`, "
+                                   "tagged with its run, data hash and test metrics. Registering the "
+                                   "same model again returns the existing version.")
+    _common(p)
+    p.add_argument("--model", default="outputs/stage2", help="model folder")
+    p.add_argument("--eval", default="outputs/eval", help="evaluation folder (metrics.json)")
+    p.add_argument("--out", help="also write the registration as JSON here")
+    p.add_argument("--promote", action="store_true", help="then run `promote`")
+
+    p = sub.add_parser("promote", help="move `champion` to the challenger if it is better",
+                       description="Compare the challenger with the champion on register.metric; "
+                                   "promote only when better by at least register.margin. The first "
+                                   "model becomes champion. The decision is written on the version.")
+    _common(p)
+    p.add_argument("--dry-run", action="store_true", help="show the decision, change nothing")
+    p.add_argument("--version", help="candidate version (default: the challenger)")
+    p.add_argument("--out", help="also write the decision as JSON here")
+
+    p = sub.add_parser("lineage", help="registered version -> run -> git commit, data hash, params")
+    p.add_argument("model_uri", help="models:/<name>@<alias> or models:/<name>/<version>")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = sub.add_parser("demo", help="the whole flow in one process on the demo data",
                        description="demo-data, prepare, stage 1, stage 2, evaluate; prints the metrics.")
     _common(p, track=True)
@@ -195,7 +219,55 @@ def cmd_demo(args):
     print(f"report: {root / 'eval' / 'report.html'}")
 
 
-COMMANDS = {"demo-data": cmd_demo_data, "prepare": cmd_prepare, "train": cmd_train,
+def _write_json(path, obj) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, path)
+
+
+def cmd_register(args):
+    from . import registry, tracking
+    params = _load(args)
+    tracking.check_tracking()
+    reg = registry.register(args.model, args.eval, params)
+    state = "registered" if reg["created"] else "already registered"
+    print(f"{state}: {reg['name']} version {reg['version']} (aliases: {', '.join(reg['aliases'])}; "
+          f"run {reg['run_id']})")
+    result = {"registration": reg}
+    if args.promote:
+        result["promotion"] = _promote(params, False, None)
+    _write_json(args.out, result)
+
+
+def _promote(params, dry_run, version):
+    from . import registry
+    res = registry.promote(params, dry_run=dry_run, version=version)
+    what = "would be" if dry_run else "is now"
+    print(f"promotion of {res['model_name']} v{res['candidate']} ({res['metric']} "
+          f"{res['candidate_value']}): {res['decision']} - {res['reason']}")
+    print(f"champion {what}: v{res['champion_after']}")
+    return res
+
+
+def cmd_promote(args):
+    from . import tracking
+    params = _load(args)
+    tracking.check_tracking()
+    _write_json(args.out, _promote(params, args.dry_run, args.version))
+
+
+def cmd_lineage(args):
+    from . import registry, tracking
+    tracking.check_tracking()
+    info = registry.lineage(args.model_uri)
+    print(json.dumps(info, indent=2, sort_keys=True, default=str) if args.json
+          else registry.format_lineage(info))
+
+
+COMMANDS = {"register": cmd_register, "promote": cmd_promote, "lineage": cmd_lineage,
+            "demo-data": cmd_demo_data, "prepare": cmd_prepare, "train": cmd_train,
             "evaluate": cmd_evaluate, "predict": cmd_predict, "compare": cmd_compare,
             "demo": cmd_demo}
 
