@@ -67,16 +67,18 @@ def curves_png(history: list[dict], path: Path, select_metric: str | None = None
     if not records:
         return None
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
     x = np.arange(1, len(records) + 1)
     stages = [r.get("stage") for r in records]
 
     def series(key):
         return [r.get(key) if isinstance(r.get(key), (int, float)) else float("nan") for r in records]
 
-    val_keys = [k for k in records[0] if k.startswith("val_") and k != "val_loss"]
-    preferred = [f"val_{select_metric}"] if select_metric else []
-    val_keys = sorted(val_keys, key=lambda k: (k not in preferred, k not in ("val_accuracy", "val_macro_f1"), k))
-    val_keys = [k for k in val_keys if _finite(series(k))][:4]
+    # The selection metric and the two headline ones; all of them would overlap
+    # (accuracy and weighted recall are the same number).
+    wanted = [f"val_{select_metric}"] if select_metric and select_metric != "neg_loss" else []
+    wanted += ["val_accuracy", "val_macro_f1"]
+    val_keys = [k for k in dict.fromkeys(wanted) if _finite(series(k))]
 
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
     for ax in (ax_loss, ax_metric):
@@ -88,6 +90,7 @@ def curves_png(history: list[dict], path: Path, select_metric: str | None = None
                 ax.text((x[start] + x[i - 1]) / 2, 1.01, f"stage {st}", transform=ax.get_xaxis_transform(),
                         ha="center", va="bottom", fontsize=9)
                 start = i
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch (across stages)")
         ax.grid(alpha=0.3)
         ax.set_xlim(0.5, len(records) + 0.5)
@@ -97,7 +100,8 @@ def curves_png(history: list[dict], path: Path, select_metric: str | None = None
     ax_loss.set_ylabel("loss")
     ax_loss.set_title("Loss", pad=18)
     for key in val_keys:
-        ax_metric.plot(x, series(key), "-o", label=key.replace("_", " "), markersize=4)
+        label = key.replace("_", " ") + (" (selects best epoch)" if key == f"val_{select_metric}" else "")
+        ax_metric.plot(x, series(key), "-o", label=label, markersize=4)
     ax_metric.set_ylabel("validation metric")
     ax_metric.set_title("Validation metrics", pad=18)
     for ax in (ax_loss, ax_metric):
