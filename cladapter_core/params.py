@@ -177,6 +177,13 @@ def validate_params(p: dict) -> list[str]:
     need(isinstance(t["amp"], bool), "train.amp", "must be true or false", t["amp"])
     need(t["select_metric"] in METRICS, "train.select_metric", f"must be one of {', '.join(METRICS)}", t["select_metric"])
     integer("train.early_stopping", t["early_stopping"], 0)
+    need(isinstance(t["channels_last"], bool), "train.channels_last", "must be true or false", t["channels_last"])
+    need(isinstance(t["compile"], bool), "train.compile", "must be true or false", t["compile"])
+    c = t["cache"]
+    integer("train.cache.views", c["views"], 0, allow_none=True)
+    need(c["dtype"] in ("float16", "float32"), "train.cache.dtype", "must be float16 or float32", c["dtype"])
+    need(c["storage"] in ("memory", "disk"), "train.cache.storage", "must be memory or disk", c["storage"])
+    need(isinstance(c["dir"], str) and c["dir"] != "", "train.cache.dir", "must be a folder path", c["dir"])
     a = t["augment"]
     for k in ("hflip", "vflip"):
         need(isinstance(a[k], bool), f"train.augment.{k}", "must be true or false", a[k])

@@ -1,0 +1,356 @@
+"""Stage-1 feature cache: the frozen backbone's output, computed once per image and view.
+
+In stage 1 (and in `linear` mode) the backbone is frozen: eval mode, no gradient. What it
+gives for one image under one augmentation therefore never changes between epochs. The
+cache stores `model.backbone_output(x)` (tokens in `cla` mode, the pooled feature
+otherwise) for every image and view, and training runs `model.head_features` on it, so
+20 epochs cost one backbone pass per view instead of twenty.
+
+Views (`train.cache.views`):
+- 0: no augmentation; one copy per image through the eval transform (resize, normalise).
+- V > 0: V augmented copies. View v of image i is the train transform seeded by
+  (seed, v, i), exactly as epoch v of the uncached trainer seeds it, and epoch e reads
+  view e mod V. With V >= the number of epochs a cached run sees the same images as an
+  uncached one.
+
+Key: a hash of the backbone (name, options, every weight and buffer), the data (the
+split's files with their labels, sizes and modification times), the transform (size,
+normalisation, every augmentation setting), the views, the seed and the storage dtype,
+plus torch/torchvision versions. Any change gives a new key and a recomputation; the
+adapter and head are not in it, so a search over K reuses one cache.
+
+Storage (`train.cache.storage`):
+- `memory`: a CPU tensor, also kept in a small per-process store so that further
+  training calls in the same process (tune trials, compare runs) reuse it.
+- `disk`: `<train.cache.dir>/<key>/features.npy`, opened memory-mapped; any later process
+  reuses it. Written to a temp dir and renamed, so a killed build leaves no half cache.
+  Nothing is ever evicted: delete the folder to reclaim the space.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .errors import CLAdapterError, ParamsError
+
+__all__ = ["CACHE_DEFAULTS", "FeatureCache", "CachedTrainLoader", "CachedEvalLoader",
+           "cache_settings", "cache_key", "get_features", "stage1_cache", "clear_memory",
+           "weights_digest", "STATS"]
+
+CACHE_DEFAULTS = {"views": None, "dtype": "float16", "storage": "memory", "dir": ".cladapter_cache"}
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+STORAGES = ("memory", "disk")
+KEY_VERSION = 1
+MEMORY_ENTRIES = 4  # per-process store: a train and a val cache of two configurations
+
+# Backbone passes and cache hits of this process (benchmarks and tests read them).
+STATS = {"builds": 0, "hits": 0, "images_encoded": 0}
+_MEMORY: "OrderedDict[str, FeatureCache]" = OrderedDict()
+
+
+class CacheError(CLAdapterError):
+    """The feature cache cannot be used as asked (unfrozen backbone, bad settings)."""
+
+
+def cache_settings(params: dict) -> dict:
+    """`train.cache` with defaults, checked; raises ParamsError naming the field."""
+    c = {**CACHE_DEFAULTS, **((params.get("train") or {}).get("cache") or {})}
+    problems = []
+    v = c["views"]
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        problems.append(f"train.cache.views: must be null (cache off) or an integer >= 0, got {v!r}")
+    if c["dtype"] not in DTYPES:
+        problems.append(f"train.cache.dtype: must be one of {', '.join(DTYPES)}, got {c['dtype']!r}")
+    if c["storage"] not in STORAGES:
+        problems.append(f"train.cache.storage: must be one of {', '.join(STORAGES)}, got {c['storage']!r}")
+    if not isinstance(c["dir"], str) or not c["dir"]:
+        problems.append(f"train.cache.dir: must be a folder path, got {c['dir']!r}")
+    if problems:
+        raise ParamsError("; ".join(problems))
+    return c
+
+
+def clear_memory() -> None:
+    """Drop every cache held by this process."""
+    _MEMORY.clear()
+
+
+# -- the key ---------------------------------------------------------------------------------
+def weights_digest(module: torch.nn.Module) -> str:
+    """Hash of every parameter and buffer (names, dtypes, shapes and bytes)."""
+    h = hashlib.blake2b(digest_size=20)
+    for name, t in module.state_dict().items():
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _data_digest(items) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    for path, label in items:
+        st = os.stat(path)
+        h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _transform_desc(transform) -> dict:
+    """What the transform does, from its own settings (its repr lists every augmentation)."""
+    return {"size": list(getattr(transform, "size", []) or []),
+            "is_3d": getattr(transform, "is_3d", None), "frames": getattr(transform, "frames", None),
+            "channels": getattr(transform, "channels", None),
+            "normalize": repr(getattr(transform, "normalize", None)),
+            "augment": repr(getattr(transform, "augment", None))}
+
+
+def cache_key(model, dataset, views: int, seed: int, dtype: str) -> str:
+    """The cache key of `model`'s backbone output over `dataset` (a ManifestDataset)."""
+    import torchvision
+    parts = {
+        "version": KEY_VERSION, "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "backbone": model.backbone.name, "backbone_kwargs": model.backbone.kwargs,
+        "output": "tokens" if model.adapter is not None else "pooled",
+        "weights": weights_digest(model.backbone), "data": _data_digest(dataset.items),
+        "in_chans": getattr(dataset, "in_chans", None),
+        "transform": _transform_desc(dataset.transform),
+        # Views and seed only change the stored numbers when there is augmentation.
+        "views": views, "seed": seed if views else None, "dtype": dtype,
+    }
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+# -- the cache -----------------------------------------------------------------------------
+class FeatureCache:
+    """Stored backbone outputs: `features` (stored views, images, *feature shape) as a
+    tensor (memory) or a read-only memory-mapped array (disk), and `labels` (images,)."""
+
+    def __init__(self, key: str, features, labels: torch.Tensor, views: int,
+                 path: Path | None = None, built: bool = False, seconds: float = 0.0):
+        self.key, self.features, self.labels, self.views = key, features, labels, views
+        self.path, self.built, self.seconds = path, built, seconds
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.features.nbytes)
+
+    def view_of_epoch(self, epoch: int) -> int:
+        return epoch % self.views if self.views else 0
+
+    def batch(self, indices, view: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 features, labels) of the images `indices` in view `view`."""
+        idx = np.asarray(list(indices), dtype=np.int64)
+        if isinstance(self.features, torch.Tensor):
+            x = self.features[view][torch.from_numpy(idx)]
+        else:  # memmap: fancy indexing reads just these rows into a fresh array
+            x = torch.from_numpy(np.ascontiguousarray(self.features[view][idx]))
+        return x.float(), self.labels[torch.from_numpy(idx)]
+
+
+class CachedTrainLoader:
+    """Batches of cached features in the order an EpochBatchSampler gives; set `epoch`
+    (as the trainer does on its dataset) to pick the view."""
+
+    def __init__(self, cache: FeatureCache, sampler):
+        self.cache, self.sampler, self.epoch = cache, sampler, 0
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __iter__(self):
+        view = self.cache.view_of_epoch(self.epoch)
+        for batch in self.sampler:
+            yield self.cache.batch(batch, view)
+
+
+class CachedEvalLoader:
+    """In-order batches of a cache (view 0), for validation."""
+
+    def __init__(self, cache: FeatureCache, batch_size: int):
+        self.cache, self.batch_size = cache, batch_size
+        self.dataset = range(len(cache))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.cache) / self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.cache), self.batch_size):
+            yield self.cache.batch(range(start, min(start + self.batch_size, len(self.cache))))
+
+
+# -- building --------------------------------------------------------------------------------
+def _encode(model, dataset, views: int, seed: int, dtype: torch.dtype, device, batch_size: int,
+            num_workers: int, amp_dtype, out_array=None) -> torch.Tensor | np.ndarray:
+    """Backbone outputs of every image and view, into `out_array` (memmap) or a new tensor."""
+    from .train import SeededDataset  # the trainer's per-item seeding, so views match epochs
+    n, stored = len(dataset), max(views, 1)
+    seeded = SeededDataset(dataset, seed)
+    out = out_array
+    backbone_was_training = model.backbone.training
+    model.backbone.eval()
+    try:
+        for v in range(stored):
+            seeded.epoch = v
+            loader = DataLoader(seeded, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                pin_memory=torch.device(device).type == "cuda")
+            pos = 0
+            for x, _ in loader:
+                with torch.no_grad(), (torch.autocast(torch.device(device).type, dtype=amp_dtype)
+                                       if amp_dtype else nullcontext()):
+                    f = model.backbone_output(x.to(device, non_blocking=True))
+                f = f.detach().to("cpu", dtype)
+                if out is None:
+                    out = torch.empty((stored, n, *f.shape[1:]), dtype=dtype)
+                if isinstance(out, torch.Tensor):
+                    out[v, pos:pos + len(f)] = f
+                else:
+                    out[v, pos:pos + len(f)] = f.numpy()
+                pos += len(f)
+                STATS["images_encoded"] += len(f)
+    finally:
+        model.backbone.train(backbone_was_training)
+    return out
+
+
+def _feature_shape(model, dataset, device) -> tuple[int, ...]:
+    """Shape of one image's backbone output, from a forward of the first image."""
+    x, _ = dataset[0]
+    with torch.no_grad():
+        was = model.backbone.training
+        model.backbone.eval()
+        try:
+            return tuple(model.backbone_output(x.unsqueeze(0).to(device)).shape[1:])
+        finally:
+            model.backbone.train(was)
+
+
+def _load_disk(folder: Path, key: str):
+    """(features memmap, labels, meta) of a complete cache folder, or None."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        feats = np.load(folder / "features.npy", mmap_mode="r")
+        labels = torch.from_numpy(np.load(folder / "labels.npy"))
+    except (OSError, ValueError):
+        return None
+    if meta.get("key") != key or list(feats.shape) != meta.get("shape"):
+        return None
+    return feats, labels, meta
+
+
+def get_features(model, dataset, *, views: int = 0, seed: int = 0, dtype: str = "float16",
+                 storage: str = "memory", cache_dir: str | Path = ".cladapter_cache",
+                 device=None, batch_size: int = 32, num_workers: int = 0,
+                 amp_dtype=None) -> FeatureCache:
+    """The cache of `model.backbone_output` over `dataset` (a ManifestDataset with the
+    transform to cache: eval transform for views=0, train transform otherwise): found
+    under its key, or computed now."""
+    if any(p.requires_grad for p in model.backbone.parameters()):
+        raise CacheError("the feature cache needs a frozen backbone (stage 1 of cla/lp-ft, or linear mode); "
+                         "call model.set_stage(1) first")
+    if dtype not in DTYPES:
+        raise CacheError(f"cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if storage not in STORAGES:
+        raise CacheError(f"cache storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    if len(dataset) == 0:
+        raise CacheError("nothing to cache: the dataset is empty")
+    device = device or next(model.parameters()).device
+    key = cache_key(model, dataset, views, seed, dtype)
+    labels = torch.as_tensor(list(dataset.targets), dtype=torch.long)
+    encode = dict(views=views, seed=seed, dtype=DTYPES[dtype], device=device, batch_size=batch_size,
+                  num_workers=num_workers, amp_dtype=amp_dtype)
+
+    if storage == "memory":
+        if key in _MEMORY:
+            _MEMORY.move_to_end(key)
+            STATS["hits"] += 1
+            hit = _MEMORY[key]
+            return FeatureCache(key, hit.features, hit.labels, views, built=False)
+        t0 = time.time()
+        feats = _encode(model, dataset, **encode)
+        cache = FeatureCache(key, feats, labels, views, built=True, seconds=time.time() - t0)
+        STATS["builds"] += 1
+        _MEMORY[key] = cache
+        while len(_MEMORY) > MEMORY_ENTRIES:
+            _MEMORY.popitem(last=False)
+        return cache
+
+    folder = Path(cache_dir) / key
+    found = _load_disk(folder, key)
+    if found is not None:
+        STATS["hits"] += 1
+        return FeatureCache(key, found[0], found[1], views, path=folder)
+    t0 = time.time()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=folder.parent))
+    try:
+        shape = (max(views, 1), len(dataset), *_feature_shape(model, dataset, device))
+        arr = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.dtype(dtype), shape=shape)
+        _encode(model, dataset, out_array=arr, **encode)
+        arr.flush()
+        del arr
+        np.save(tmp / "labels.npy", labels.numpy())
+        (tmp / "meta.json").write_text(json.dumps({"key": key, "shape": list(shape), "dtype": dtype,
+                                                   "views": views, "images": len(dataset),
+                                                   "backbone": model.backbone.name}, indent=2) + "\n")
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished the same cache first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    STATS["builds"] += 1
+    found = _load_disk(folder, key)
+    if found is None:
+        raise CacheError(f"feature cache {folder}: written but cannot be read back")
+    return FeatureCache(key, found[0], found[1], views, path=folder, built=True, seconds=time.time() - t0)
+
+
+# -- the trainer's entry point ---------------------------------------------------------------
+def stage1_cache(model, params: dict, prepared_dir, config: dict, seed: int, sampler, device,
+                 amp_dtype=None, has_val: bool = True) -> dict:
+    """Cached train and val loaders for a frozen-backbone stage.
+
+    Returns {"train": CachedTrainLoader (also the trainer's dataset: it has `epoch`),
+    "val": CachedEvalLoader or None, "info": what the summary records}.
+    """
+    from . import data
+    c = cache_settings(params)
+    t = params["train"]
+    views = int(c["views"])
+    in_chans = int(config["input_size"][0])
+    common = dict(seed=seed, dtype=c["dtype"], storage=c["storage"], cache_dir=c["dir"], device=device,
+                  batch_size=int(t["batch_size"]), num_workers=int(t["num_workers"]), amp_dtype=amp_dtype)
+    train_tf = data.build_transform(config, views > 0, t.get("augment"))
+    train_ds = data.ManifestDataset(prepared_dir, "train", train_tf, in_chans=in_chans)
+    t0 = time.time()
+    train_cache = get_features(model, train_ds, views=views, **common)
+    val = None
+    val_cache = None
+    if has_val:
+        val_ds = data.ManifestDataset(prepared_dir, "val", data.build_transform(config, False), in_chans=in_chans)
+        if len(val_ds):
+            val_cache = get_features(model, val_ds, views=0, **common)
+            val = CachedEvalLoader(val_cache, int(t["batch_size"]))
+    caches = [x for x in (train_cache, val_cache) if x is not None]
+    info = {"views": views, "dtype": c["dtype"], "storage": c["storage"],
+            "train_key": train_cache.key, "val_key": val_cache.key if val_cache else None,
+            "built": any(x.built for x in caches), "seconds": round(time.time() - t0, 3),
+            "bytes": sum(x.nbytes for x in caches)}
+    return {"train": CachedTrainLoader(train_cache, sampler), "val": val, "info": info}
