@@ -448,6 +448,8 @@ def train(params: dict, prepared_dir, out_dir, stage: int = 1, mode: str | None 
                "seconds": round(sum(r["seconds"] for r in history), 3), "cache": cache_info}
     if init_from and (Path(init_from) / "history.json").is_file():
         history = json.loads((Path(init_from) / "history.json").read_text()) + history
+    for i, record in enumerate(history, start=1):  # one x-axis across both stages (plots)
+        record["global_epoch"] = i
     if rank == 0:
         save_model(model, out_dir, extra_files={"history.json": history, "train_summary.json": summary})
         shutil.rmtree(ckpt_dir, ignore_errors=True)
