@@ -207,6 +207,27 @@ def test_re_evaluation_replaces_the_directory(data, models, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]
 
 
+def test_class_absent_from_split(data, models, tmp_path):
+    """A test split without one class (tiny datasets): ROC AUC is undefined, so it is left
+    out of metrics.json (JSON has no NaN) and the report says why; the rest still works."""
+    classes = load_classes(data["prepared"])
+    lines = ["path,label,split"]
+    for i, name in enumerate(classes):
+        for j, f in enumerate(sorted((data["src"] / name).glob("*.png"))[:6]):
+            split = "train" if j < 3 or name == classes[2] else "test"
+            lines.append(f'{f},"{name.replace(chr(34), chr(34) * 2)}",{split}')
+    (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
+    prepare(tmp_path / "list.csv", tmp_path / "prepared", _params())
+    assert load_classes(tmp_path / "prepared") == classes
+    metrics = evaluate(models["cla"], tmp_path / "prepared", tmp_path / "ev", _params())
+    assert "roc_auc" not in metrics and metrics["n_samples"] == 9
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == metrics
+    cm = np.array(json.loads((tmp_path / "ev" / "confusion_matrix.json").read_text())["matrix"])
+    assert cm.sum() == 9 and cm[2].sum() == 0
+    html = (tmp_path / "ev" / "report.html").read_text()
+    assert "ROC AUC is undefined here" in html
+
+
 def test_evaluate_errors(data, models, tmp_path):
     with pytest.raises(ParamsError, match="evaluate.split"):
         evaluate(models["cla"], data["prepared"], tmp_path / "a", _params(**{"evaluate.split": "dev"}))
