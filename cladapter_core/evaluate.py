@@ -190,7 +190,7 @@ def evaluate(model_dir, prepared_dir, out_dir, params: dict, *, device: str | No
     n, num_classes = len(y_true), len(classes)
 
     metrics = classification_metrics(y_true, probs, num_classes)
-    eps = 1e-12  # test-split cross-entropy, the same loss the trainer reports
+    eps = 1e-12  # cross-entropy on the evaluated split, the loss the trainer reports
     metrics["loss"] = float(-np.log(np.clip(probs[np.arange(n), y_true], eps, 1.0)).mean())
     metrics = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}  # JSON has no NaN
     metrics["n_samples"] = float(n)
