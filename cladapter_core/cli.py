@@ -110,6 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_uri", help="models:/<name>@<alias> or models:/<name>/<version>")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = sub.add_parser("tune", help="Optuna search over K, stage lengths and learning rates",
+                       description="Search tune.space (params.yaml) for the best validation macro-F1 "
+                                   "after Staged Fine-Tuning: TPE sampler, pruning of hopeless "
+                                   "trials, one study shared by --workers processes (or by workers "
+                                   "on many machines through a PostgreSQL storage) and resumed by "
+                                   "name. Writes <out>/best_params.yaml, which training applies "
+                                   "when tune.use_best is true (docs/tuning.md).")
+    _common(p, track=True)
+    p.add_argument("--prepared", default="outputs/prepared", help="prepared dataset folder")
+    p.add_argument("--out", default="outputs/tune", help="results folder (default: outputs/tune)")
+    p.add_argument("--n-trials", type=int, help="trials to run in all (default: tune.n_trials)")
+    p.add_argument("--timeout", type=float, help="seconds per worker (default: tune.timeout)")
+    p.add_argument("--workers", type=int, help="processes sharing the study (default: tune.workers)")
+    p.add_argument("--study-name", help="study to create or resume (default: tune.study_name)")
+    p.add_argument("--storage", help="Optuna storage URL (default: tune.storage)")
+    p.add_argument("--only-if-used", action="store_true",
+                   help="search only when tune.use_best is true; else write an empty best-params "
+                        "file (dvc.yaml: training depends on the file, not on a search)")
+
     p = sub.add_parser("demo", help="the whole flow in one process on the demo data",
                        description="demo-data, prepare, stage 1, stage 2, evaluate; prints the metrics.")
     _common(p, track=True)
@@ -266,10 +285,38 @@ def cmd_lineage(args):
           else registry.format_lineage(info))
 
 
+def cmd_tune(args):
+    from .params import load_params
+    from .tune import BEST_FILE, tune, write_best_params
+    # The search starts from params.yaml alone: its own earlier result is not applied.
+    params = load_params(args.params, args.overrides, use_best=False)
+    t = params["tune"]
+    for key, value in (("n_trials", args.n_trials), ("timeout", args.timeout), ("workers", args.workers),
+                       ("study_name", args.study_name), ("storage", args.storage)):
+        if value is not None:
+            t[key] = value
+    from .params import validate_params
+    problems = [line for line in validate_params(params) if line.startswith("tune.")]
+    if problems:
+        raise CLAdapterError("bad tuning options:\n  " + "\n  ".join(problems))
+    if args.only_if_used and not t["use_best"]:
+        path = write_best_params(Path(args.out) / BEST_FILE, {},
+                                 "Tuning is off (tune.use_best: false): no tuned values.")
+        print(f"tune.use_best is false: no search; wrote an empty {path}")
+        return
+    track = not args.no_track and os.environ.get("CLADAPTER_TRACKING", "1") != "0"
+    if track:
+        from . import tracking
+        tracking.check_tracking()
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed instead
+    tune(params, args.prepared, args.out, track=track)
+
+
 COMMANDS = {"register": cmd_register, "promote": cmd_promote, "lineage": cmd_lineage,
             "demo-data": cmd_demo_data, "prepare": cmd_prepare, "train": cmd_train,
             "evaluate": cmd_evaluate, "predict": cmd_predict, "compare": cmd_compare,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "tune": cmd_tune}
 
 
 def main(argv=None) -> int:

@@ -66,8 +66,10 @@ def parse_overrides(items: Iterable[str] | dict | None) -> dict:
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides=None,
-                validate: bool = True) -> dict:
-    """Resolved params: defaults, then the YAML file at `path` (if it exists), then overrides."""
+                validate: bool = True, use_best: bool | None = None) -> dict:
+    """Resolved params: defaults, then the YAML file at `path` (if it exists), then the
+    best-params file of `cladapter tune` when ``tune.use_best`` is true (`use_best`: True
+    or False forces it on or off), then overrides."""
     problems: list[str] = []
     params = defaults()
     source = "defaults"
@@ -82,7 +84,12 @@ def load_params(path: str | Path | None = "params.yaml", overrides=None,
         params = _merge(params, from_file, "", problems, strict=True)
     elif path is not None and str(path) != "params.yaml":
         raise ParamsError(f"params file {path}: no such file")
-    params = _merge(params, parse_overrides(overrides), "", problems, strict=True)
+    flags = parse_overrides(overrides)
+    from .tune import best_params_layer
+    best, best_file = best_params_layer(params, flags, use_best)
+    if best_file:  # tuned values: above the params file, below the flags
+        params = _merge(params, best, f"{best_file}: ", problems, strict=True)
+    params = _merge(params, flags, "", problems, strict=True)
     if validate:
         problems += validate_params(params)
     if problems:
@@ -197,6 +204,8 @@ def validate_params(p: dict) -> list[str]:
     need(p["evaluate"]["split"] in ("train", "val", "test"), "evaluate.split", "must be train, val or test", p["evaluate"]["split"])
     need(p["register"]["metric"] in METRICS, "register.metric", f"must be one of {', '.join(METRICS)}", p["register"]["metric"])
     number("register.margin", p["register"]["margin"])
+    from .tune import validate_tune_params
+    validate_tune_params(p, out)
     return out
 
 
