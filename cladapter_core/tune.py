@@ -441,12 +441,12 @@ def study_run(params: dict, study_name: str, storage: str, data_hash: str | None
             source_hash = tracking._source_hash(params)
             pid = tracking.pipeline_id(params, source_hash)
             tags = tracking.run_tags(params, "tune", data_hash or source_hash)
-            tags.update({tracking.PIPELINE_TAG: pid, STUDY_TAG: key, "optuna.study_name": study_name,
+            tags[tracking.PIPELINE_TAG] = pid
+            parent = tracking._pipeline_parent(client, cfg["experiment_id"], pid, params, dict(tags))
+            tags.update({STUDY_TAG: key, "optuna.study_name": study_name, "mlflow.parentRunId": parent,
                          "optuna.storage": redact(normalize_storage(storage))})
             if any(e["param"] == "model.num_centers" for e in params["tune"]["space"]):
                 tags["K"] = "searched"
-            parent = tracking._pipeline_parent(client, cfg["experiment_id"], pid, params, tags)
-            tags["mlflow.parentRunId"] = parent
             mine = client.create_run(cfg["experiment_id"], run_name=f"tune-{study_name}", tags=tags)
             found = open_runs()
             run_id = found[0].info.run_id if found else mine.info.run_id
@@ -693,6 +693,8 @@ def _parent_pipeline(run_id: str) -> str:
 
 def _spawned_worker(kwargs: dict) -> dict:
     """Entry point of a `--workers` process (spawned: a fresh interpreter)."""
+    import optuna
+    optuna.logging.set_verbosity(kwargs.pop("optuna_verbosity"))  # as in the parent
     return tune_worker(**kwargs)
 
 
@@ -737,7 +739,9 @@ def tune(params: dict, prepared_dir, out_dir, *, n_trials: int | None = None, ti
             results.append(tune_worker(n_trials=n_trials, worker_index=0, **common))
         else:
             threads = max(1, (os.cpu_count() or 1) // workers)
-            jobs = [dict(common, n_trials=n, worker_index=i, threads=threads)
+            import optuna
+            jobs = [dict(common, n_trials=n, worker_index=i, threads=threads,
+                         optuna_verbosity=optuna.logging.get_verbosity())
                     for i, n in enumerate(_split(n_trials, workers)) if n > 0]
             ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
             with cf.ProcessPoolExecutor(max_workers=len(jobs), mp_context=ctx) as pool:
