@@ -215,6 +215,9 @@ def _encode(model, dataset, views: int, seed: int, dtype: torch.dtype, device, b
                                        if amp_dtype else nullcontext()):
                     f = model.backbone_output(x.to(device, non_blocking=True))
                 f = f.detach().to("cpu", dtype)
+                if not torch.isfinite(f).all():
+                    raise CacheError(f"the backbone's outputs do not fit train.cache.dtype {dtype} "
+                                     "(non-finite values); use float32")
                 if out is None:
                     out = torch.empty((stored, n, *f.shape[1:]), dtype=dtype)
                 if isinstance(out, torch.Tensor):

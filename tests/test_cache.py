@@ -219,6 +219,12 @@ def test_refuses_an_unfrozen_backbone_and_bad_settings(prepared):
     model = frozen_model(tiny_params()).set_stage(2)
     with pytest.raises(cache.CacheError, match="frozen backbone"):
         cache.get_features(model, train_set(prepared, model))
+    big = frozen_model(tiny_params())
+    with torch.no_grad():
+        big.backbone.model.norm.weight.mul_(1e6)  # tokens far beyond float16's 65504
+    with pytest.raises(cache.CacheError, match="use float32"):
+        cache.get_features(big, train_set(prepared, big), dtype="float16")
+    assert cache.get_features(big, train_set(prepared, big), dtype="float32").built
     with pytest.raises(ParamsError, match="train.cache.views"):
         load_params(None, ["train.cache.views=-1"])
     with pytest.raises(ParamsError, match="train.cache.storage"):
