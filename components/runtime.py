@@ -1,0 +1,544 @@
+"""What the KFP components' bodies call: each function here is one stage as a pipeline
+step runs it, built from the same `cladapter_core` functions the CLI and `dvc repro` call.
+
+- `resolve_params`: the pipeline's parameters -> the resolved, validated params dict.
+- `fetch_source` + `prepare_task`: the dataset (demo, `s3://` prefix, DVC repository,
+  local folder) copied into the Dataset artifact beside its manifest, so the artifact
+  is self-contained (later steps run in other pods).
+- `train_task`: one training stage inside an MLflow stage run; torchrun when it has
+  several GPUs; its checkpoint mirrored under `checkpoint_prefix` so a retried pod
+  (a new node with an empty disk) resumes from it.
+- `tune_task`: the Optuna search (or none), returning the params training uses.
+- `evaluate_task`, `register_task`, `promote_task`.
+
+Nothing here imports kfp: the components translate artifacts to paths and back.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from urllib.parse import urlparse
+
+from cladapter_core.errors import CLAdapterError, DataError, ParamsError
+
+# Pipeline parameter -> params.yaml field. stage2_lr is turned into stage2.lr_factor.
+PARAM_FIELDS = {
+    "seed": "seed",
+    "backbone": "model.backbone",
+    "backbone_kwargs": "model.backbone_kwargs",
+    "pretrained": "model.pretrained",
+    "checkpoint_uri": "model.checkpoint",
+    "num_centers": "model.num_centers",
+    "batch_size": "train.batch_size",
+    "stage1_epochs": "stage1.epochs",
+    "stage1_lr": "train.lr",
+    "stage2_epochs": "stage2.epochs",
+    "model_name": "register.model_name",
+    "promotion_margin": "register.margin",
+}
+DERIVED_FIELDS = {"stage2.lr_factor": "stage2_lr", "data.source": "dataset_uri"}
+PREPARED = "prepared"   # inside the Dataset artifact: prepare's output ...
+SOURCE = "source"       # ... and the data it indexes (manifest paths point here)
+CKPT_FILE = "last.pt"
+SYNC_ENV = "CLADAPTER_CHECKPOINT_SYNC_S"
+
+
+# -- params ------------------------------------------------------------------------------
+def split_overrides(text: str) -> list[str]:
+    """`"a.b=1; c.d=x"` or one `key=value` per line -> ["a.b=1", "c.d=x"]."""
+    items = []
+    for line in (text or "").replace(";", "\n").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            items.append(line)
+    return items
+
+
+def resolve_params(values: dict, params_overrides: str = "") -> dict:
+    """The full params dict of a pipeline run: embedded defaults, then `params_overrides`
+    (`section.key=value` items for anything the pipeline has no parameter for, e.g.
+    `data.shots_per_class=12`), then the pipeline's parameters in `values`.
+
+    Raises ParamsError listing every problem; an override of a field that a pipeline
+    parameter sets is refused (it would be silently overwritten).
+    """
+    from cladapter_core.params import load_params, parse_overrides
+
+    extra = split_overrides(params_overrides)
+    fields = {**{v: k for k, v in PARAM_FIELDS.items()}, **DERIVED_FIELDS}
+    for item in extra:
+        key = item.split("=", 1)[0].strip()
+        if key in fields:
+            raise ParamsError(f"params_overrides: {key} is set by the pipeline parameter "
+                              f"{fields[key]!r}; change that parameter instead")
+    overrides = parse_overrides(extra)
+    given: dict = {}
+    for name, field in PARAM_FIELDS.items():
+        if name in values:
+            value = values[name]
+            if name == "checkpoint_uri" and not value:
+                value = None  # the UI cannot send null: "" means no checkpoint
+            given[field] = value
+    lr1, lr2 = values.get("stage1_lr"), values.get("stage2_lr")
+    if lr2 is not None:
+        if not isinstance(lr1, (int, float)) or not lr1 > 0 or not isinstance(lr2, (int, float)) or not lr2 > 0:
+            raise ParamsError(f"stage1_lr and stage2_lr must be numbers > 0, got {lr1!r} and {lr2!r}")
+        # stage-2 lr = train.lr * stage2.lr_factor; 12 digits keep 1e-4 / 1e-3 == 0.1 exactly
+        given["stage2.lr_factor"] = float(f"{lr2 / lr1:.12g}")
+    if values.get("dataset_uri"):
+        given["data.source"] = str(values["dataset_uri"])
+    if isinstance(given.get("model.backbone_kwargs"), dict):
+        given["model.backbone_kwargs"] = _whole_numbers_as_int(given["model.backbone_kwargs"])
+    for field, value in given.items():
+        node = overrides
+        *parents, last = field.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    # Tuned values come from the pipeline's tune step, never from a file on the pod.
+    return load_params(None, overrides, use_best=False)
+
+
+def _whole_numbers_as_int(value):
+    """KFP carries a dict parameter as a protobuf Struct, whose numbers are all floats:
+    {img_size: 32} arrives as {img_size: 32.0}, which timm's size arithmetic refuses."""
+    if isinstance(value, dict):
+        return {k: _whole_numbers_as_int(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers_as_int(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def data_part(params: dict) -> dict:
+    """What prepare reads (`seed`, `data`): prepare's cache key depends on nothing else."""
+    return {"seed": params["seed"], "data": params["data"]}
+
+
+def params_from_json(text: str) -> dict:
+    """A params JSON passed between steps, validated again (it may have been edited)."""
+    from cladapter_core.params import load_params
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ParamsError(f"params JSON from the previous step is not valid JSON ({e})") from e
+    if not isinstance(given, dict):
+        raise ParamsError("params JSON from the previous step must be a mapping")
+    return load_params(None, given, use_best=False)
+
+
+# -- the dataset ---------------------------------------------------------------------------
+def _is_dvc_repo_url(uri: str) -> bool:
+    return uri.startswith(("git@", "git://", "ssh://", "http://", "https://")) or uri.endswith(".git")
+
+
+def fetch_source(dataset_uri: str, dataset_path: str, dataset_rev: str, dest: Path) -> Path:
+    """Copy the dataset into `dest` and return the folder or CSV to prepare.
+
+    `dataset_uri`: `demo` (the bundled digit scans), `s3://bucket/prefix` (every object
+    under the prefix; `dataset_path` picks a file or folder inside it, e.g. a CSV
+    manifest), a DVC repository (git URL or local repository; `dataset_path` is the path
+    in it, `dataset_rev` a branch, tag or commit), or a local folder.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    uri = (dataset_uri or "").strip()
+    path = (dataset_path or "").strip().strip("/")
+    rev = (dataset_rev or "").strip()
+    if not uri:
+        raise DataError("dataset_uri is empty: give `demo`, an s3:// prefix, a DVC repository or a folder")
+    if uri == "demo":
+        from cladapter_core.data import make_demo_data
+        return make_demo_data(dest)
+    if uri.startswith("s3://"):
+        _download_prefix(uri, dest)
+        return _inside(dest, path, uri)
+    local = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    if _is_dvc_repo_url(uri) or rev or (local.is_dir() and (local / ".dvc").is_dir()):
+        if not path:
+            raise DataError(f"dataset_uri {uri} is a DVC repository: set dataset_path to the "
+                            "data's path in it (e.g. data/images)")
+        return _dvc_get(uri, path, rev, dest)
+    if not local.is_dir():
+        raise DataError(f"dataset_uri {uri}: not `demo`, an s3:// prefix, a DVC repository "
+                        "or an existing folder")
+    shutil.copytree(local, dest, dirs_exist_ok=True, symlinks=False)
+    return _inside(dest, path, uri)
+
+
+def _inside(root: Path, path: str, uri: str) -> Path:
+    target = root / path if path else root
+    if not target.exists():
+        raise DataError(f"dataset_path {path!r}: not found in {uri}")
+    return target
+
+
+def _download_prefix(uri: str, dest: Path) -> int:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from cladapter_core.weights import s3_client
+    parsed = urlparse(uri)
+    bucket, prefix = parsed.netloc, parsed.path.lstrip("/").rstrip("/")
+    if not bucket:
+        raise DataError(f"dataset_uri {uri}: no bucket (expected s3://bucket/prefix)")
+    listing_prefix = f"{prefix}/" if prefix else ""
+    client, n = s3_client(), 0
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=listing_prefix):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(listing_prefix):]
+                if not rel or rel.endswith("/"):
+                    continue  # folder markers
+                target = dest / rel
+                if ".." in Path(rel).parts:
+                    raise DataError(f"{uri}: object key {obj['Key']!r} escapes the prefix")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, obj["Key"], str(target))
+                n += 1
+    except (ClientError, BotoCoreError) as e:
+        raise DataError(f"cannot download {uri}: {e} (check the cladapter-s3 credentials "
+                        "and AWS_ENDPOINT_URL)") from e
+    if n == 0:
+        raise DataError(f"no objects under {uri} (looked for s3://{bucket}/{listing_prefix}*)")
+    return n
+
+
+def _dvc_get(repo: str, path: str, rev: str, dest: Path) -> Path:
+    if shutil.which("git") is None:
+        raise DataError(f"reading {path} from the DVC repository {repo} needs `git`, which "
+                        "is not installed here")
+    out = dest / Path(path).name
+    cmd = [sys.executable, "-m", "dvc", "get", repo, path, "-o", str(out)]
+    if rev:
+        cmd += ["--rev", rev]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DataError(f"dvc get {repo} {path}{' --rev ' + rev if rev else ''} failed: "
+                        f"{(proc.stderr or proc.stdout).strip()[-1500:]}")
+    return out
+
+
+def prepare_task(dataset_uri: str, dataset_path: str, dataset_rev: str, params: dict,
+                 out_dir) -> dict:
+    """Fetch the dataset into `out_dir/source`, prepare it into `out_dir/prepared`
+    (manifest paths relative to it, so the whole folder travels as one artifact)."""
+    from cladapter_core.data import prepare
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = fetch_source(dataset_uri, dataset_path, dataset_rev, out_dir / SOURCE)
+    summary = prepare(source, out_dir / PREPARED, params)
+    if Path(summary.get("root", ".")).is_absolute():
+        raise DataError(f"{out_dir / PREPARED}: manifest root {summary['root']} is absolute; "
+                        "the Dataset artifact would not be self-contained")
+    return summary
+
+
+def prepared_dir(dataset_dir) -> Path:
+    path = Path(dataset_dir) / PREPARED
+    if not (path / "manifest.csv").is_file():
+        raise DataError(f"{dataset_dir}: not a prepared Dataset artifact (no {PREPARED}/manifest.csv)")
+    return path
+
+
+def dataset_hash(dataset_dir) -> str:
+    """The data's identity for run tags and lineage: the manifest lists every file's
+    pixel hash, so its own hash changes exactly when the data or the split does."""
+    from cladapter_core import tracking
+    return tracking.content_hash(prepared_dir(dataset_dir) / "manifest.csv")
+
+
+# -- MLflow ------------------------------------------------------------------------------
+def tracking_enabled() -> bool:
+    return os.environ.get("CLADAPTER_TRACKING", "1") != "0"
+
+
+@contextlib.contextmanager
+def stage_tracking(params: dict, stage: str, pipeline_id: str, data_hash: str | None):
+    """The MLflow stage run of one step, a child of the pipeline run `pipeline_id`
+    (the KFP run id); yields None when tracking is off (CLADAPTER_TRACKING=0)."""
+    if pipeline_id:
+        from cladapter_core.tracking import PIPELINE_ENV
+        os.environ[PIPELINE_ENV] = pipeline_id
+    if not tracking_enabled():
+        yield None
+        return
+    from cladapter_core import tracking
+    tracking.check_tracking()
+    with tracking.stage_run(params, stage, data_hash=data_hash) as run:
+        yield run
+
+
+# -- checkpoints that outlive the pod ------------------------------------------------------
+class CheckpointStore:
+    """The trainer's checkpoint (`<out>.ckpt/last.pt`) mirrored at
+    `<prefix>/<pipeline id>/<stage>/last.pt`, an `s3://` prefix or a folder.
+
+    A retried step is a new pod, maybe on another node, with an empty disk: `restore`
+    fetches the mirrored checkpoint so `train` resumes from it (it resumes only a
+    checkpoint whose params, data and starting weights match). `watch` copies the
+    checkpoint each time the trainer rewrites it (every epoch; at SIGTERM mid-epoch);
+    `clear` removes it once the stage is done. A failed copy is warned about and
+    retried: it never stops training.
+    """
+
+    def __init__(self, prefix: str, pipeline_id: str, stage: str):
+        if not pipeline_id:
+            raise ParamsError("checkpoint_prefix needs the pipeline run id to keep runs apart")
+        self.prefix = prefix.rstrip("/")
+        self.key = f"{pipeline_id}/{stage}/{CKPT_FILE}"
+        self.uri = f"{self.prefix}/{self.key}"
+        self._pushed: tuple | None = None
+        self._lock = threading.Lock()
+        self._warned = False
+
+    @property
+    def is_s3(self) -> bool:
+        return self.prefix.startswith("s3://")
+
+    def _s3(self):
+        from cladapter_core.weights import s3_client
+        parsed = urlparse(self.uri)
+        return s3_client(), parsed.netloc, parsed.path.lstrip("/")
+
+    def _local(self) -> Path:
+        return Path(self.uri[len("file://"):] if self.uri.startswith("file://") else self.uri)
+
+    def restore(self, local: Path) -> bool:
+        """Fetch the mirrored checkpoint to `local`; False when there is none."""
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(local.name + ".restore")
+        if self.is_s3:
+            from botocore.exceptions import ClientError
+            client, bucket, key = self._s3()
+            try:
+                client.download_file(bucket, key, str(tmp))
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise DataError(f"cannot read checkpoint {self.uri}: {e}") from e
+        else:
+            src = self._local()
+            if not src.is_file():
+                return False
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, local)
+        self._pushed = self._stamp(local)
+        return True
+
+    @staticmethod
+    def _stamp(path: Path):
+        st = path.stat()
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def push(self, local: Path) -> bool:
+        """Copy `local` to the store if it changed since the last copy."""
+        with self._lock:
+            try:
+                stamp = self._stamp(local)
+            except FileNotFoundError:
+                return False
+            if stamp == self._pushed:
+                return False
+            try:
+                with open(local, "rb") as fh:  # an open handle survives the trainer's rename
+                    if self.is_s3:
+                        client, bucket, key = self._s3()
+                        client.upload_fileobj(fh, bucket, key)
+                    else:
+                        dst = self._local()
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        tmp = dst.with_name(dst.name + f".tmp-{os.getpid()}")
+                        with open(tmp, "wb") as out:
+                            shutil.copyfileobj(fh, out)
+                        os.replace(tmp, dst)
+            except Exception as e:  # noqa: BLE001 - a failed copy must not stop training
+                if not self._warned:
+                    warnings.warn(f"checkpoint copy to {self.uri} failed ({type(e).__name__}: {e}); "
+                                  "training goes on, a retried step may start over")
+                    self._warned = True
+                return False
+            self._pushed = stamp
+            return True
+
+    def clear(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.is_s3:
+                client, bucket, key = self._s3()
+                client.delete_object(Bucket=bucket, Key=key)
+            else:
+                self._local().unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def watch(self, local: Path, interval: float | None = None):
+        """Push `local` whenever it changes (polled), and once more on the way out."""
+        interval = float(os.environ.get(SYNC_ENV, "15")) if interval is None else interval
+        stop = threading.Event()
+
+        def loop():
+            while not stop.wait(interval):
+                self.push(local)
+
+        thread = threading.Thread(target=loop, name="checkpoint-sync", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+            self.push(local)  # the checkpoint of an interrupted run (SIGTERM, error)
+
+
+# -- training ------------------------------------------------------------------------------
+def _torchrun(params: dict, prepared: Path, out: Path, stage: int, init_from, nproc: int,
+              run_id: str | None) -> dict:
+    """Train with `nproc` processes of this node (DDP, one GPU each) through torchrun."""
+    with tempfile.TemporaryDirectory(prefix="cladapter-ddp-") as tmp:
+        params_file = Path(tmp) / "params.json"
+        params_file.write_text(json.dumps(params))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "components.torchrun_train",
+               "--params-json", str(params_file), "--prepared", str(prepared), "--out", str(out),
+               "--stage", str(stage)]
+        if init_from:
+            cmd += ["--init-from", str(init_from)]
+        if run_id:
+            cmd += ["--run-id", run_id]
+        env = dict(os.environ)
+        from cladapter_core.tracking import tracking_uri
+        env["MLFLOW_TRACKING_URI"] = tracking_uri()  # the ranks log to the same store
+        proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise CLAdapterError(f"torchrun with {nproc} processes failed (exit code {proc.returncode}); "
+                             "its output is above")
+    summary = json.loads((out / "train_summary.json").read_text())
+    return summary
+
+
+def train_task(params: dict, dataset_dir, out_dir, stage: int, init_from=None,
+               pipeline_id: str = "", checkpoint_prefix: str = "", num_gpus: int = 1) -> dict:
+    """One training stage of a pipeline run; returns the trainer's summary.
+
+    `num_gpus` > 1 runs DDP through torchrun (one process per GPU). With
+    `checkpoint_prefix`, the checkpoint is mirrored there (see CheckpointStore).
+    """
+    from cladapter_core import tracking
+    from cladapter_core.train import checkpoint_dir, train
+
+    if stage not in (1, 2):
+        raise ParamsError(f"stage must be 1 or 2, got {stage!r}")
+    prepared = prepared_dir(dataset_dir)
+    out = Path(out_dir)
+    mode = params["train"]["mode"]
+    store = CheckpointStore(checkpoint_prefix, pipeline_id, f"train_stage{stage}") \
+        if checkpoint_prefix else None
+    local_ckpt = checkpoint_dir(out) / CKPT_FILE
+    if store is not None and store.restore(local_ckpt):
+        print(f"checkpoint restored from {store.uri}")
+    watch = store.watch(local_ckpt) if store is not None else contextlib.nullcontext()
+    with stage_tracking(params, f"train_stage{stage}", pipeline_id, dataset_hash(dataset_dir)) as run:
+        with watch:
+            if num_gpus > 1:
+                summary = _torchrun(params, prepared, out, stage, init_from, num_gpus,
+                                    run.info.run_id if run is not None else None)
+            else:
+                callbacks = [tracking.EpochLogger()] if run is not None else []
+                summary = train(params, prepared, out, stage=stage, mode=mode, init_from=init_from,
+                                resume=True, callbacks=callbacks, progress=False)
+        if run is not None:
+            tracking.log_artifacts_dir(out, "model_dir")
+    if store is not None:
+        store.clear()
+    return summary
+
+
+def model_metadata(params: dict, summary: dict) -> dict:
+    """What the KFP UI shows on a Model artifact."""
+    m = params["model"]
+    return {"backbone": m["backbone"], "K": m["num_centers"], "rank": m["rank"],
+            "mode": summary["mode"], "stage": summary["stage"], "best_epoch": summary["best_epoch"],
+            "select_metric": summary["select_metric"], "best_value": summary["best_value"],
+            "framework": "pytorch", "format": "cladapter model directory (model.safetensors, config.json)"}
+
+
+def summary_metrics(summary: dict) -> dict[str, float]:
+    """The trainer's summary as KFP metrics (numbers only)."""
+    out = {f"best_val_{summary['select_metric']}": summary["best_value"],
+           "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
+           "lr": summary["lr"], "seconds": summary["seconds"]}
+    for k, v in (summary.get("param_report") or {}).items():
+        out[f"params_{k}"] = v
+    return {k: float(v) for k, v in out.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+# -- tuning --------------------------------------------------------------------------------
+def tune_task(params: dict, dataset_dir, out_dir, n_trials: int,
+              pipeline_id: str = "") -> tuple[dict, dict | None]:
+    """With `n_trials` > 0, an Optuna search (`tune.tune`) writing best_params.yaml,
+    summary.json, trials.csv and the figures into `out_dir`; returns the params with the
+    best values applied and the summary. With 0, no search: the params unchanged and an
+    empty best_params.yaml. The default SQLite study lives in `out_dir` (kept with the
+    artifact); a PostgreSQL `tune.storage` lets a retried step resume the study."""
+    from cladapter_core import tune
+    from cladapter_core.params import defaults
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if n_trials <= 0:
+        tune.write_best_params(out / tune.BEST_FILE, {}, "Tuning off (tune_trials = 0): no tuned values.")
+        return params, None
+    storage = params["tune"]["storage"]
+    if storage == defaults()["tune"]["storage"]:
+        storage = f"sqlite:///{(out / 'optuna.db').resolve()}"
+    if pipeline_id:
+        from cladapter_core.tracking import PIPELINE_ENV
+        os.environ[PIPELINE_ENV] = pipeline_id
+    track = tracking_enabled()
+    if track:
+        from cladapter_core import tracking
+        tracking.check_tracking()
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # tune prints one line per trial
+    summary = tune.tune(params, prepared_dir(dataset_dir), out, n_trials=n_trials,
+                        storage=storage, track=track)
+    return tune.apply_best(params, out / tune.BEST_FILE), summary
+
+
+# -- evaluation, registry ------------------------------------------------------------------
+def evaluate_task(params: dict, dataset_dir, model_dir, out_dir, pipeline_id: str = "") -> dict:
+    """Evaluate into `out_dir` (metrics.json, confusion_matrix.json, report.html, ...);
+    logs the metrics (`test_<name>`) and the folder to the MLflow stage run."""
+    from cladapter_core import tracking
+    from cladapter_core.evaluate import evaluate
+    prepared = prepared_dir(dataset_dir)
+    with stage_tracking(params, "evaluate", pipeline_id, dataset_hash(dataset_dir)) as run:
+        metrics = evaluate(model_dir, prepared, out_dir, params)
+        if run is not None:
+            import mlflow
+            mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if math.isfinite(v)})
+            tracking.log_artifacts_dir(out_dir, "evaluation")
+    return metrics
+
+
+def register_task(params: dict, dataset_dir, model_dir, eval_dir, pipeline_id: str = "") -> dict:
+    from cladapter_core import registry
+    with stage_tracking(params, "register", pipeline_id, dataset_hash(dataset_dir)) as run:
+        if run is None:
+            raise CLAdapterError("register needs MLflow: unset CLADAPTER_TRACKING=0")
+        return registry.register(model_dir, eval_dir, params)
+
+
+def promote_task(params: dict, version: str) -> dict:
+    from cladapter_core import registry, tracking
+    tracking.check_tracking()
+    return registry.promote(params, version=version)
+

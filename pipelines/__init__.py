@@ -1,0 +1,1 @@
+"""Kubeflow pipelines of the platform: `pipelines.cladapter_pipeline`."""
