@@ -1,0 +1,240 @@
+"""Optuna search on the real demo digits with a tiny backbone: best params written and
+used by training, MLflow study/trial runs, workers sharing a PostgreSQL study, pruning,
+and clear errors."""
+import json
+import os
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from cladapter_core import cli
+from cladapter_core.data import make_demo_data, prepare
+from cladapter_core.errors import ParamsError
+from cladapter_core.params import load_params, parse_overrides
+from cladapter_core.tune import (TuneError, check_space, finish_study, open_storage, open_study,
+                                 tune, tune_worker)
+
+TINY = [
+    "model.backbone=vit_tiny_patch16_224",
+    "model.backbone_kwargs={img_size: 16, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
+    "model.rank=8", "model.num_centers=4", "train.batch_size=16", "train.warmup_epochs=0",
+    "train.lr=0.01", "stage1.epochs=2", "stage2.epochs=1",
+    "tune.startup_trials=2", "tune.pruner_startup_trials=2", "tune.pruner_warmup_steps=1",
+]
+SPACE = ("tune.space=[{param: model.num_centers, choices: [2, 4, 8]}, "
+         "{param: stage1.epochs, low: 1, high: 2}, {param: stage2.lr_factor, choices: [0.1, 0.3]}]")
+PG = "127.0.0.1", 5432
+CLEAN_ENV = ("MLFLOW_TRACKING_URI", "CLADAPTER_PIPELINE_ID", "CLADAPTER_TRACKING",
+             "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+def tiny(*more):
+    return load_params(None, TINY + [SPACE] + list(more))
+
+
+def flags(*more):
+    out = []
+    for item in TINY + [SPACE] + list(more):
+        out += ["-S", item]
+    return out
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune_demo")
+    make_demo_data(root / "digits")
+    # 12 training scans per class keep an epoch to a fraction of a second.
+    params = tiny("data.shots_per_class=12", "data.val_fraction=0.1", "data.test_fraction=0.05")
+    prepare(root / "digits", root / "prepared", params)
+    return root / "prepared"
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """cwd = an empty folder (no params.yaml: the defaults apply), tracking variables unset."""
+    for name in CLEAN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    import mlflow
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh database on the machine's PostgreSQL, dropped afterwards."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = psycopg2.connect(host=PG[0], port=PG[1], user="postgres", dbname="test", connect_timeout=5)
+    except psycopg2.OperationalError as e:
+        pytest.skip(f"PostgreSQL at {PG[0]}:{PG[1]} unavailable: {e}")
+    admin.autocommit = True
+    name = f"cladapter_tune_{uuid.uuid4().hex[:10]}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        # The bare postgresql:// scheme, as a user writes it: tune picks the psycopg2 driver.
+        yield f"postgresql://postgres@{PG[0]}:{PG[1]}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def test_small_study_best_params_are_written_tracked_and_used_by_training(prepared, workdir, monkeypatch, capsys):
+    import mlflow
+    from mlflow import MlflowClient
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    monkeypatch.setattr("tempfile.tempdir", str(workdir / "tmp"))  # where trials train
+    (workdir / "tmp").mkdir()
+
+    # The user's params.yaml: the tiny backbone and a small space.
+    (workdir / "params.yaml").write_text(yaml.safe_dump(parse_overrides(TINY + [SPACE, "tune.pruner=none"])))
+    rc = cli.main(["tune", "--prepared", str(prepared), "--n-trials", "3"])
+    assert rc == 0, capsys.readouterr().err
+    out = workdir / "outputs" / "tune"
+    study = optuna.load_study(study_name="cladapter", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
+    best = yaml.safe_load((out / "best_params.yaml").read_text())
+    assert best == {"model": {"num_centers": study.best_params["model.num_centers"]},
+                    "stage1": {"epochs": study.best_params["stage1.epochs"]},
+                    "stage2": {"lr_factor": study.best_params["stage2.lr_factor"]}}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_value"] == pytest.approx(study.best_value) and summary["complete"] == 3
+    for name in ("optimization_history", "param_importances", "k_vs_f1", "intermediate_values"):
+        assert (out / f"{name}.png").stat().st_size > 1000, name
+    assert list((workdir / "tmp").iterdir()) == []  # trial outputs are deleted
+
+    # MLflow: one study run with the pictures; each trial a run nested under it.
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("cladapter")
+    runs = client.search_runs([exp.experiment_id])
+    study_runs = [r for r in runs if r.data.tags.get("optuna.study_name") == "cladapter"
+                  and r.data.tags.get("cladapter.role") == "stage"]
+    assert len(study_runs) == 1
+    srun = study_runs[0]
+    assert srun.info.status == "FINISHED"
+    assert srun.data.metrics["best_value"] == pytest.approx(study.best_value)
+    arts = {a.path for a in client.list_artifacts(srun.info.run_id, "tune")}
+    assert {"tune/optimization_history.png", "tune/param_importances.png", "tune/k_vs_f1.png",
+            "tune/best_params.yaml"} <= arts
+    trials = [r for r in runs if r.data.tags.get("cladapter.role") == "trial"]
+    assert len(trials) == 3
+    by_number = {int(r.data.tags["optuna.trial"]): r for r in trials}
+    for t in study.trials:
+        r = by_number[t.number]
+        assert r.data.tags["mlflow.parentRunId"] == srun.info.run_id
+        assert r.data.params["model.num_centers"] == str(t.params["model.num_centers"])
+        assert r.data.metrics["objective"] == pytest.approx(t.value)
+        history = client.get_metric_history(r.info.run_id, "val_macro_f1")
+        assert sorted(m.step for m in history) == list(range(1, t.params["stage1.epochs"] + 2))
+    mlflow.set_tracking_uri(None)
+
+    # Training with tune.use_best trains what the study found; a flag still wins over it.
+    rc = cli.main(["train", "--prepared", str(prepared), "--out", "m1", "--no-track",
+                   "-S", "tune.use_best=true"])
+    assert rc == 0
+    assert "tuned parameters from outputs/tune/best_params.yaml" in capsys.readouterr().err
+    config = json.loads((workdir / "m1" / "config.json").read_text())
+    history = json.loads((workdir / "m1" / "history.json").read_text())
+    assert config["num_centers"] == best["model"]["num_centers"]
+    assert len(history) == best["stage1"]["epochs"]
+    p = load_params("params.yaml", ["tune.use_best=true", "model.num_centers=3"])
+    assert p["model"]["num_centers"] == 3 and p["stage1"]["epochs"] == best["stage1"]["epochs"]
+    assert p["stage2"]["lr_factor"] == best["stage2"]["lr_factor"]
+
+
+def test_two_worker_processes_share_one_postgresql_study(prepared, workdir, pg_url):
+    params = tiny("stage1.epochs=1")
+    summary = tune(params, prepared, workdir / "out", n_trials=4, workers=2, study_name="shared",
+                   storage=pg_url, track=False)
+    study = optuna.load_study(study_name="shared", storage=open_storage(pg_url))
+    numbers = [t.number for t in study.trials]
+    assert sorted(numbers) == [0, 1, 2, 3]
+    assert {t.user_attrs["worker"] for t in study.trials} == {0, 1}
+    per_worker = [w["trials"] for w in summary["workers"]]
+    assert sorted(len(w) for w in per_worker) == [2, 2] and sorted(sum(per_worker, [])) == [0, 1, 2, 3]
+    # Another worker (another machine, same URL) resumes the study by name.
+    extra = tune_worker(params, prepared, "shared", pg_url, 1, worker_index=2, track=False)
+    assert extra["trials"] == [4]
+    summary = finish_study(params, workdir / "out", "shared", pg_url, track=False)
+    assert summary["n_trials"] == 5
+    assert yaml.safe_load((workdir / "out" / "best_params.yaml").read_text())["model"]["num_centers"] \
+        == summary["best_params"]["model.num_centers"]
+
+
+def test_median_pruner_stops_trials_that_cannot_win(prepared, workdir):
+    # lr 1e-9 cannot learn: its macro-F1 stays at the untrained model's while lr 0.01 climbs.
+    params = tiny("tune.space=[{param: train.lr, choices: [0.01, 1.0e-9]}]", "stage1.epochs=3",
+                  "stage2.epochs=1", f"tune.storage=sqlite:///{workdir / 'study.db'}")
+    study = open_study(params)
+    for lr in (0.01, 0.01, 1.0e-9, 1.0e-9):
+        study.enqueue_trial({"train.lr": lr})
+    result = tune_worker(params, prepared, n_trials=4, track=False)
+    trials = optuna.load_study(study_name="cladapter", storage=open_storage(params["tune"]["storage"])).trials
+    states = [(t.params["train.lr"], t.state.name) for t in trials]
+    assert states == [(0.01, "COMPLETE"), (0.01, "COMPLETE"), (1e-9, "PRUNED"), (1e-9, "PRUNED")]
+    # pruned at the first step after warm-up (0-based step 1: the second stage-1 epoch)
+    assert [t.user_attrs["epochs"] for t in trials] == [4, 4, 2, 2]
+    assert all(max(t.intermediate_values) == 1 for t in trials[2:])
+    # the completed trials reported at global steps 0..3: stage-2 continues stage 1's count
+    assert sorted(trials[0].intermediate_values) == [0, 1, 2, 3]
+    assert result["pruned"] == 2 and result["epochs"] == 12
+
+
+def test_empty_space_and_bad_storage_give_clear_errors(prepared, workdir, capsys):
+    with pytest.raises(TuneError, match=r"tune.space is empty"):
+        tune(tiny("tune.space=[]"), prepared, workdir / "out", track=False)
+    assert cli.main(["tune", "--prepared", str(prepared), "--no-track", *flags("tune.space=[]")]) == 2
+    assert "tune.space is empty" in capsys.readouterr().err
+
+    with pytest.raises(TuneError, match=r"'not a url' is not a database URL"):
+        open_storage("not a url")
+    with pytest.raises(TuneError, match=r"tune.storage postgresql://postgres@127.0.0.1:1/nowhere: cannot open"):
+        open_storage("postgresql://postgres@127.0.0.1:1/nowhere")
+    with pytest.raises(TuneError, match=r"tune.storage redis://localhost/0: cannot open"):
+        open_storage("redis://localhost/0")
+    # the CLI: params validation names the field; the storage error names the URL
+    assert cli.main(["tune", "--prepared", str(prepared), "--no-track", "--storage", "nonsense", *flags()]) == 2
+    assert "tune.storage: must be a database URL" in capsys.readouterr().err
+    url = "postgresql://someone:secret@127.0.0.1:1/db"
+    assert cli.main(["tune", "--prepared", str(prepared), "--no-track", "--storage", url, *flags()]) == 2
+    err = capsys.readouterr().err
+    assert "tune.storage postgresql://someone:***@127.0.0.1:1/db: cannot open" in err and "secret" not in err
+
+    # values the space can give that the trainer would refuse
+    with pytest.raises(TuneError, match=r"model.rank\): the value 0 is invalid"):
+        check_space(tiny("tune.space=[{param: model.rank, choices: [0, 8]}]"))
+    with pytest.raises(ParamsError, match=r"tune.space\[0\] \(data.val_fraction\): data.val_fraction cannot be searched"):
+        tiny("tune.space=[{param: data.val_fraction, low: 0.1, high: 0.2}]")
+    with pytest.raises(ParamsError, match=r"tune.space\[1\] \(model.nope\): model.nope is not a parameter"):
+        tiny("tune.space=[{param: model.num_centers, choices: [5]}, {param: model.nope, low: 1, high: 2}]")
+
+
+def test_best_params_precedence_and_the_dvc_placeholder(workdir, capsys):
+    (workdir / "params.yaml").write_text("model:\n  num_centers: 30\nstage1:\n  epochs: 5\n")
+    # dvc.yaml's tune stage with tune.use_best false: no search, an empty file
+    assert cli.main(["tune", "--only-if-used", "--no-track", "--prepared", "nowhere"]) == 0
+    best_file = workdir / "outputs" / "tune" / "best_params.yaml"
+    assert yaml.safe_load(best_file.read_text()) == {}
+    assert load_params("params.yaml", ["tune.use_best=true"])["model"]["num_centers"] == 30
+
+    best_file.write_text("model: {num_centers: 20}\nstage1: {epochs: 3}\n")
+    p = load_params("params.yaml")  # use_best false: params.yaml
+    assert (p["model"]["num_centers"], p["stage1"]["epochs"]) == (30, 5)
+    p = load_params("params.yaml", ["tune.use_best=true", "stage1.epochs=7"])
+    assert (p["model"]["num_centers"], p["stage1"]["epochs"]) == (20, 7)  # file over params.yaml, flag over file
+    assert load_params("params.yaml", ["tune.use_best=true"], use_best=False)["model"]["num_centers"] == 30
+
+    best_file.write_text("model: {num_centres: 20}\n")
+    with pytest.raises(ParamsError, match=r"outputs/tune/best_params.yaml: model.num_centres: unknown parameter"):
+        load_params("params.yaml", ["tune.use_best=true"])
+    best_file.unlink()
+    capsys.readouterr()
+    assert load_params("params.yaml", ["tune.use_best=true"])["model"]["num_centers"] == 30
+    assert "does not exist" in capsys.readouterr().err
