@@ -23,8 +23,11 @@ system-deps:
 	      || echo "warning: chromium could not be installed; the browser test will be skipped"; \
 	  else echo "note: install chromium to run the browser test of report.html"; fi; }
 
+# The main job: the DVC pipeline on the demo data (demo data, prepare, both training
+# stages, evaluation, registration and promotion in MLflow), then a summary.
 demo: $(STAMP)
-	$(VENV)/bin/cladapter demo
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+	$(VENV)/bin/cladapter summary
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q

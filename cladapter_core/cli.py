@@ -160,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-p", "--param", dest="arguments", action="append", default=[], metavar="NAME=VALUE",
                    help="pipeline parameter, e.g. -p stage1_epochs=2")
 
+    p = sub.add_parser("summary", help="print the final metrics, registered version and how to browse runs",
+                       description="Read what `dvc repro` produced (outputs/eval/metrics.json, "
+                                   "outputs/registry.json) and print it.")
+    p.add_argument("--out", default="outputs", help="output root (default: outputs)")
+
     p = sub.add_parser("demo", help="the whole flow in one process on the demo data",
                        description="demo-data, prepare, stage 1, stage 2, evaluate; prints the metrics.")
     _common(p, track=True)
@@ -362,7 +367,28 @@ def cmd_pipeline(args):
         print(f"local run finished: outputs in {run_dir}")
 
 
-COMMANDS = {"register": cmd_register, "promote": cmd_promote, "lineage": cmd_lineage,
+def cmd_summary(args):
+    from .errors import CLAdapterError as Err
+    root = Path(args.out)
+    metrics_path, reg_path = root / "eval" / "metrics.json", root / "registry.json"
+    if not metrics_path.is_file():
+        raise Err(f"{metrics_path}: not found; run `dvc repro` (or `make demo`) first")
+    _print_metrics(json.loads(metrics_path.read_text()), f"test metrics ({metrics_path}):")
+    if reg_path.is_file():
+        reg = json.loads(reg_path.read_text())
+        r, pr = reg.get("registration", {}), reg.get("promotion")
+        print(f"registered model: {r.get('name')} version {r.get('version')} "
+              f"(aliases: {', '.join(r.get('aliases') or []) or 'none'})")
+        if pr:
+            print(f"promotion: {pr['decision']} - {pr['reason']}; champion is v{pr['champion_after']}")
+    report = root / "eval" / "report.html"
+    if report.is_file():
+        print(f"report: {report}")
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    print(f"browse the runs: .venv/bin/mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
+
+
+COMMANDS = {"summary": cmd_summary, "register": cmd_register, "promote": cmd_promote, "lineage": cmd_lineage,
             "demo-data": cmd_demo_data, "prepare": cmd_prepare, "train": cmd_train,
             "evaluate": cmd_evaluate, "predict": cmd_predict, "compare": cmd_compare,
             "demo": cmd_demo, "tune": cmd_tune, "pipeline": cmd_pipeline}
