@@ -520,6 +520,26 @@ def log_artifacts_dir(path: str | Path, artifact_path: str | None = None) -> str
         return mlflow.get_artifact_uri(artifact_path)
 
 
+def log_evaluation(eval_dir: str | Path, metrics: dict | None = None, split: str = "test") -> str:
+    """Log an evaluation into the active run: each numeric metric as ``<split>_<name>``
+    (``metrics``, else ``eval_dir/metrics.json``) and the whole folder (report.html,
+    confusion matrix, curves, classification report, predictions, t-SNE) under
+    ``evaluation/``. Returns the artifact URI."""
+    import mlflow
+    eval_dir = Path(eval_dir)
+    _active_run_id(f"log_evaluation({eval_dir})")
+    if metrics is None:
+        path = eval_dir / "metrics.json"
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise TrackingError(f"{path}: cannot read the metrics ({e})") from e
+    values = {f"{split}_{k}": float(v) for k, v in _flat(metrics).items() if _numeric(v)}
+    with _errors("logging the evaluation metrics"):
+        mlflow.log_metrics(values)
+    return log_artifacts_dir(eval_dir, "evaluation")
+
+
 # -- the model as an MLflow pyfunc -----------------------------------------------------------
 # ``CLAdapterPyfunc`` subclasses ``mlflow.pyfunc.PythonModel``; it is built on first use
 # (module ``__getattr__``) so that importing this module does not import mlflow. It is

@@ -62,7 +62,7 @@ def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(15)
+            proc.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
@@ -92,12 +92,16 @@ def clean_mlflow_env(monkeypatch):
 # -- embedded store ----------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def mlflow_sqlite(tmp_path_factory):
-    """A folder with an initialised MLflow SQLite store (creating one takes seconds)."""
+    """A folder with an initialised MLflow SQLite store (creating one takes seconds), and
+    `pristine`: a copy of it as initialised, for tests that need an empty store."""
+    import shutil
     folder = tmp_path_factory.mktemp("mlflow_embedded")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     from mlflow import MlflowClient
     MlflowClient(tracking_uri=uri).search_experiments()
-    return SimpleNamespace(folder=folder, uri=uri)
+    pristine = tmp_path_factory.mktemp("mlflow_pristine") / "mlflow.db"
+    shutil.copy(folder / "mlflow.db", pristine)
+    return SimpleNamespace(folder=folder, uri=uri, pristine=pristine)
 
 
 @pytest.fixture
@@ -209,7 +213,7 @@ def mlflow_server(pg_database, s3_server, s3_iam, tmp_path_factory):
     env.update(MLFLOW_S3_ENDPOINT_URL=s3.endpoint, AWS_ACCESS_KEY_ID=s3.key,
                AWS_SECRET_ACCESS_KEY=s3.secret, AWS_DEFAULT_REGION="us-east-1")
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "2", "--backend-store-uri", pg_database,
+           "--workers", "1", "--backend-store-uri", pg_database,
            "--artifacts-destination", f"s3://{s3.bucket}/mlflow", "--serve-artifacts"]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=folder,
@@ -264,7 +268,7 @@ def tiny_params(model_name: str, **register) -> dict:
     """Resolved params for the tiny models, registering under `model_name`."""
     from cladapter_core.params import load_params
     params = load_params(None)
-    params["model"].update(num_centers=4, rank=8,
+    params["model"].update(backbone="vit_tiny_patch16_224", num_centers=4, rank=8,
                            backbone_kwargs={"img_size": 32, "patch_size": 8, "depth": 1})
     params["register"].update(model_name=model_name, **register)
     return params

@@ -29,13 +29,18 @@ def _client():
 
 
 # -- where runs go and failing fast ------------------------------------------------------
-def test_default_store_is_embedded_sqlite_in_the_working_dir(clean_mlflow_env, tmp_path):
+def test_default_store_is_embedded_sqlite_in_the_working_dir(clean_mlflow_env, tmp_path,
+                                                             mlflow_sqlite):
+    # An initialised store copied in (creating one takes seconds); then nothing set.
+    shutil.copy(mlflow_sqlite.pristine, tmp_path / "mlflow.db")
     clean_mlflow_env.chdir(tmp_path)
     assert tracking.check_tracking() == "sqlite:///mlflow.db"
     cfg = tracking.configure(tiny_params("m"))
     assert cfg["tracking_uri"] == "sqlite:///mlflow.db" and cfg["experiment"] == "cladapter"
-    assert (tmp_path / "mlflow.db").is_file()
     assert Path(cfg["artifact_location"].removeprefix("file://")).parent == tmp_path / "mlruns"
+    from mlflow import MlflowClient  # the experiment is in ./mlflow.db, not elsewhere
+    local = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert local.get_experiment_by_name("cladapter").experiment_id == cfg["experiment_id"]
 
 
 def test_check_tracking_names_an_unreachable_server(clean_mlflow_env):
@@ -170,7 +175,8 @@ def test_stage_run_logs_params_tags_epoch_metrics_and_reports(embedded_mlflow, t
         logger.on_train_end({"best_epoch": 2, "best": {"val_macro_f1": 0.4}})
         (tmp_path / "report.html").write_text("<html></html>")
         (tmp_path / "curves.png").write_bytes(b"\x89PNG fake")
-        tracking.log_artifacts_dir(tmp_path, "evaluation")
+        (tmp_path / "metrics.json").write_text(json.dumps({"macro_f1": 0.5, "roc_auc": None}))
+        tracking.log_evaluation(tmp_path)
     client = _client()
     r = client.get_run(run.info.run_id)
     assert r.info.status == "FINISHED"
@@ -191,7 +197,8 @@ def test_stage_run_logs_params_tags_epoch_metrics_and_reports(embedded_mlflow, t
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"params.json", "param_report.json", "train_summary.json", "evaluation"} <= names
     assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} == \
-        {"evaluation/report.html", "evaluation/curves.png"}
+        {"evaluation/report.html", "evaluation/curves.png", "evaluation/metrics.json"}
+    assert r.data.metrics["test_macro_f1"] == 0.5 and "test_roc_auc" not in r.data.metrics
 
 
 def test_failed_stage_marks_its_run_and_the_parent_failed(embedded_mlflow):
