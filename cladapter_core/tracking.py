@@ -561,6 +561,9 @@ def _pyfunc_class():
         """
 
         batch_size = 64
+        # Input is checked against the logged signature (a float32 tensor), not type
+        # hints: skip MLflow's hint-based wrapper (and its warning about missing hints).
+        _skip_type_hint_validation = True
 
         def load_context(self, context):
             from .model import load_model
@@ -662,8 +665,7 @@ def log_model(model_dir: str | Path, registered_name: str | None = None) -> str:
         raise TrackingError(f"{cfg_path}: unusable model config ({e})") from e
     _active_run_id("log_model")
     example = np.full((1, *config["input_size"]), 0.5, dtype=np.float32)
-    with _errors(f"logging model {model_dir}"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*type hint.*")
+    with _errors(f"logging model {model_dir}"):
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT, python_model=pyfunc_class()(),
             artifacts={"model_dir": str(model_dir)}, signature=signature,
