@@ -85,12 +85,26 @@ class EpochBatchSampler(Sampler):
         for start in range(0, self.n, self.batch_size):
             batch = order[start:start + self.batch_size]
             share = math.ceil(len(batch) / self.world)
-            yield batch[self.rank * share:(self.rank + 1) * share]
+            # A rank with nothing of a last batch smaller than the world must still join
+            # the gradient all-reduce (or DDP hangs): it takes one sample, weighted 0.
+            yield batch[self.rank * share:(self.rank + 1) * share] or batch[:1]
 
     def __iter__(self):
         for i, batch in enumerate(self._batches()):
             if i >= self.skip and batch:
                 yield batch
+
+    def own(self, i: int) -> int:
+        """How many samples of global batch i are this rank's (0 for a padding sample)."""
+        size = min(self.batch_size, self.n - i * self.batch_size)
+        share = math.ceil(size / self.world)
+        return max(0, min(share, size - self.rank * share))
+
+    def loss_scale(self, i: int) -> float:
+        """Factor on this rank's mean loss of batch i such that DDP's gradient average is
+        the gradient of the global batch's mean loss, also when the slices are uneven."""
+        size = min(self.batch_size, self.n - i * self.batch_size)
+        return self.own(i) * self.world / size
 
     def __len__(self):
         return math.ceil(self.n / self.batch_size)
@@ -111,6 +125,8 @@ def _dist_info() -> tuple[int, int, int]:
 def _init_distributed(device: torch.device) -> tuple[int, int]:
     rank, world, _ = _dist_info()
     if world > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL collectives (barrier) use this rank's GPU
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world
 
@@ -377,7 +393,10 @@ def train(params: dict, prepared_dir, out_dir, stage: int = 1, mode: str | None 
                     raise TrainingError(f"non-finite loss ({loss.item()}) at stage {stage}, epoch "
                                         f"{epoch + 1}, batch {i + 1}: lower train.lr or check the data; "
                                         "nothing was saved")
-                scaler.scale(loss / t["grad_accum"]).backward()
+                # DDP averages gradients over ranks: weigh each rank's mean loss by its share
+                # of the global batch (uneven slices, a padding sample) to match one process.
+                loss_for_grad = loss * sampler.loss_scale(i) if world > 1 else loss
+                scaler.scale(loss_for_grad / t["grad_accum"]).backward()
                 last = i + 1 == len(sampler)
                 if (i + 1) % t["grad_accum"] == 0 or last:
                     if t["grad_clip"]:
@@ -388,8 +407,9 @@ def train(params: dict, prepared_dir, out_dir, stage: int = 1, mode: str | None 
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
                     global_step += 1
-                total_loss += loss.item() * len(y)
-                n_seen += len(y)
+                own = sampler.own(i) if world > 1 else len(y)
+                total_loss += loss.item() * own
+                n_seen += own
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 stop_now = max_steps is not None and global_step >= max_steps
@@ -399,6 +419,10 @@ def train(params: dict, prepared_dir, out_dir, stage: int = 1, mode: str | None 
                     raise Preempted(f"stopped at stage {stage}, epoch {epoch + 1}, batch {i + 1}; "
                                     f"checkpoint {ckpt_path}; run again to resume")
             bar.close()
+            if world > 1:  # the epoch's loss over all ranks' samples, as one process reports it
+                sums = torch.tensor([total_loss, float(n_seen)], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(sums)
+                total_loss, n_seen = sums[0].item(), int(sums[1].item())
             record = {"stage": stage, "epoch": epoch + 1, "train_loss": total_loss / max(n_seen, 1),
                       "lr": optimizer.param_groups[0]["lr"]}
             if val_loader is not None:
