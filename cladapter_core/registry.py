@@ -428,7 +428,9 @@ def lineage(model_uri: str) -> dict:
 
 
 def _ms(ms: int | None) -> str | None:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds") if ms else None
+    if not ms:
+        return None
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds")
 
 
 def format_lineage(info: dict) -> str:
@@ -436,8 +438,8 @@ def format_lineage(info: dict) -> str:
     mv, run = info["model"], info["run"]
     lines = [f"{info['model_uri']}  ->  {mv['name']} v{mv['version']}"
              + (f"  [{', '.join(mv['aliases'])}]" if mv["aliases"] else ""),
-             f"  metrics:    " + (", ".join(f"{k}={v:.4f}" for k, v in sorted(mv["metrics"].items()))
-                                  or "-"),
+             "  metrics:    " + (", ".join(f"{k}={v:.4f}" for k, v in sorted(mv["metrics"].items()))
+                                 or "-"),
              f"  source:     {mv['source']}"]
     if run:
         lines.append(f"  run:        {run['run_id']} ({run['name']}, {run['status']})")

@@ -579,7 +579,8 @@ def _pyfunc_class():
             x = np.asarray(model_input, dtype=np.float32)
             shape = tuple(self.config["input_size"])
             if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
-                raise ValueError(f"expected a float32 batch of shape (B, {', '.join(map(str, shape))}), "
+                dims = ", ".join(map(str, shape))
+                raise ValueError(f"expected a float32 batch of shape (B, {dims}), "
                                  f"got {tuple(x.shape)}")
             if x.size and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
                 raise ValueError(f"expected raw images with values in [0, 1], got values in "

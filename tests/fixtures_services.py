@@ -11,7 +11,8 @@
   server of conftest's ``s3_server``).
 - ``tiny_model_dirs``: three small saved CLAdapter models (different weights).
 
-Register with ``pytest_plugins = ["tests.fixtures_services"]`` in tests/conftest.py.
+Register with ``pytest_plugins = ["fixtures_services"]`` in tests/conftest.py (tests/ is on
+sys.path there, as for tiny.py); test files import helpers ``from fixtures_services``.
 """
 from __future__ import annotations
 
@@ -264,7 +265,7 @@ def write_metrics(folder: Path, **metrics) -> Path:
     return folder
 
 
-def tiny_params(model_name: str, **register) -> dict:
+def tracked_params(model_name: str, **register) -> dict:
     """Resolved params for the tiny models, registering under `model_name`."""
     from cladapter_core.params import load_params
     params = load_params(None)

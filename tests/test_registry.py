@@ -12,7 +12,7 @@ import pytest
 
 from cladapter_core import registry, tracking
 from cladapter_core.errors import TrackingError
-from tests.fixtures_services import CLASS_NAMES, s3_client, tiny_params, write_metrics
+from fixtures_services import CLASS_NAMES, s3_client, tracked_params, write_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def _versions(name):
 def test_register_tags_the_version_sets_challenger_and_is_idempotent(
         embedded_mlflow, tiny_model_dirs, tmp_path):
     name = _name("reg")
-    params = tiny_params(name)
+    params = tracked_params(name)
     ev = write_metrics(tmp_path / "eval", accuracy=0.75, macro_f1=0.7, roc_auc=None)
     first = registry.register(tiny_model_dirs[0], ev, params, data_hash="d41d8.dir")
     assert first["created"] and first["version"] == 1 and first["aliases"] == ["challenger"]
@@ -66,12 +66,12 @@ def test_register_refuses_metrics_without_the_promotion_metric(embedded_mlflow, 
     name = _name("nometric")
     ev = write_metrics(tmp_path / "eval", accuracy=0.9)
     with pytest.raises(TrackingError, match=r"metrics.json: no value for 'macro_f1'.*accuracy"):
-        registry.register(tiny_model_dirs[0], ev, tiny_params(name))
+        registry.register(tiny_model_dirs[0], ev, tracked_params(name))
     (ev / "metrics.json").write_text(json.dumps({"macro_f1": "high"}))
     with pytest.raises(TrackingError, match="'macro_f1' must be a number"):
-        registry.register(tiny_model_dirs[0], ev, tiny_params(name))
+        registry.register(tiny_model_dirs[0], ev, tracked_params(name))
     with pytest.raises(TrackingError, match="no such file"):
-        registry.register(tiny_model_dirs[0], tmp_path / "missing", tiny_params(name))
+        registry.register(tiny_model_dirs[0], tmp_path / "missing", tracked_params(name))
     assert _client().search_registered_models(f"name = '{name}'") == []
 
 
@@ -79,7 +79,7 @@ def test_a_half_made_version_left_by_a_killed_process_is_replaced(embedded_mlflo
                                                                   tiny_model_dirs, tmp_path):
     import mlflow
     name = _name("halfmade")
-    params = tiny_params(name)
+    params = tracked_params(name)
     ev = write_metrics(tmp_path / "eval", macro_f1=0.6)
     # What a register killed after creating the version (before its alias) leaves behind.
     with tracking.stage_run(params, "register"):
@@ -99,12 +99,12 @@ def test_a_half_made_version_left_by_a_killed_process_is_replaced(embedded_mlflo
 def test_promotion_compares_on_the_metric_with_margin_and_dry_run(embedded_mlflow,
                                                                  tiny_model_dirs, tmp_path):
     name = _name("promo")
-    params = tiny_params(name, margin=0.05)
+    params = tracked_params(name, margin=0.05)
     reg = lambda i, f1: registry.register(tiny_model_dirs[i], write_metrics(  # noqa: E731
         tmp_path / f"eval{i}", macro_f1=f1, accuracy=0.5), params)
     reg(0, 0.60)
     with pytest.raises(TrackingError, match="no 'challenger'"):
-        registry.promote(tiny_params(_name("empty")))
+        registry.promote(tracked_params(_name("empty")))
     dry = registry.promote(params, dry_run=True)
     assert (dry["decision"], dry["dry_run"], _champion(name)) == ("promoted", True, None)
     first = registry.promote(params)
@@ -135,7 +135,7 @@ def test_promotion_compares_on_the_metric_with_margin_and_dry_run(embedded_mlflo
 def test_a_champion_without_the_metric_is_an_error_and_stays_champion(embedded_mlflow,
                                                                       tiny_model_dirs, tmp_path):
     name = _name("nochamp")
-    params = tiny_params(name)
+    params = tracked_params(name)
     registry.register(tiny_model_dirs[0], write_metrics(tmp_path / "a", macro_f1=0.5), params)
     registry.promote(params)
     _client().delete_model_version_tag(name, "1", "metric.macro_f1")
@@ -153,7 +153,7 @@ def test_a_champion_without_the_metric_is_an_error_and_stays_champion(embedded_m
 def test_a_held_promotion_lock_blocks_and_a_stale_one_is_broken(embedded_mlflow,
                                                                 tiny_model_dirs, tmp_path):
     name = _name("lock")
-    params = tiny_params(name)
+    params = tracked_params(name)
     registry.register(tiny_model_dirs[0], write_metrics(tmp_path / "a", macro_f1=0.5), params)
     with registry.promotion_lock(name):
         with pytest.raises(TrackingError, match="another promotion holds the lock"):
@@ -168,7 +168,7 @@ def test_a_held_promotion_lock_blocks_and_a_stale_one_is_broken(embedded_mlflow,
 # -- lineage ----------------------------------------------------------------------------
 def test_lineage_from_alias_or_version(embedded_mlflow, tiny_model_dirs, tmp_path):
     name = _name("lineage")
-    params = tiny_params(name)
+    params = tracked_params(name)
     with tracking.stage_run(params, "train-stage2", data_hash="feed.dir"):
         pass
     out = registry.register(tiny_model_dirs[0], write_metrics(tmp_path / "e", macro_f1=0.8),
@@ -194,7 +194,7 @@ def test_production_topology_register_promote_serve(remote_mlflow, tiny_model_di
     import mlflow
     assert tracking.check_tracking() == remote_mlflow.uri
     name = _name("prod")
-    params = tiny_params(name)
+    params = tracked_params(name)
     good = registry.register(tiny_model_dirs[0], write_metrics(tmp_path / "a", macro_f1=0.8),
                              params)
     assert registry.promote(params)["decision"] == "promoted"
@@ -232,7 +232,7 @@ def test_wrong_s3_credentials_leave_no_registration(remote_mlflow, tiny_model_di
     mp.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
     name = _name("badcreds")
-    params = tiny_params(name)
+    params = tracked_params(name)
     params["tracking"] = {"experiment": experiment}
     with pytest.raises(TrackingError, match=r"InvalidAccessKeyId|AWS_ACCESS_KEY_ID") as err:
         registry.register(tiny_model_dirs[2], write_metrics(tmp_path / "e", macro_f1=0.9), params)
@@ -244,8 +244,8 @@ def test_wrong_s3_credentials_leave_no_registration(remote_mlflow, tiny_model_di
 PROMOTE_SCRIPT = textwrap.dedent("""
     import json, sys
     from cladapter_core import registry
-    from tests.fixtures_services import tiny_params
-    print(json.dumps(registry.promote(tiny_params(sys.argv[1]), version=int(sys.argv[2]))))
+    from fixtures_services import tracked_params
+    print(json.dumps(registry.promote(tracked_params(sys.argv[1]), version=int(sys.argv[2]))))
 """)
 
 
@@ -253,11 +253,11 @@ def test_two_concurrent_promotions_end_with_the_better_champion(remote_mlflow, t
                                                                 tmp_path):
     import os
     name = _name("race")
-    params = tiny_params(name)
+    params = tracked_params(name)
     for i, f1 in enumerate((0.7, 0.9)):  # no champion yet: each promote alone would win
         registry.register(tiny_model_dirs[i], write_metrics(tmp_path / f"e{i}", macro_f1=f1),
                           params)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
     procs = [subprocess.Popen([sys.executable, "-c", PROMOTE_SCRIPT, name, str(v)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for v in (1, 2)]

@@ -17,7 +17,7 @@ import torch
 from cladapter_core import load_model, tracking
 from cladapter_core.errors import TrackingError
 from cladapter_core.params import flatten
-from tests.fixtures_services import CLASS_NAMES, _free_port, tiny_params
+from fixtures_services import CLASS_NAMES, _free_port, tracked_params
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -35,7 +35,7 @@ def test_default_store_is_embedded_sqlite_in_the_working_dir(clean_mlflow_env, t
     shutil.copy(mlflow_sqlite.pristine, tmp_path / "mlflow.db")
     clean_mlflow_env.chdir(tmp_path)
     assert tracking.check_tracking() == "sqlite:///mlflow.db"
-    cfg = tracking.configure(tiny_params("m"))
+    cfg = tracking.configure(tracked_params("m"))
     assert cfg["tracking_uri"] == "sqlite:///mlflow.db" and cfg["experiment"] == "cladapter"
     assert Path(cfg["artifact_location"].removeprefix("file://")).parent == tmp_path / "mlruns"
     from mlflow import MlflowClient  # the experiment is in ./mlflow.db, not elsewhere
@@ -113,16 +113,16 @@ def test_data_hash_uses_dvc_records_else_a_deterministic_content_hash(tmp_path):
 STAGE_SCRIPT = textwrap.dedent("""
     import json, sys
     from cladapter_core import tracking
-    from tests.fixtures_services import tiny_params
-    with tracking.stage_run(tiny_params(sys.argv[2]), sys.argv[1]) as run:
+    from fixtures_services import tracked_params
+    with tracking.stage_run(tracked_params(sys.argv[2]), sys.argv[1]) as run:
         print(json.dumps({"run": run.info.run_id}))
 """)
 
 
 def _stage_process(stage, name, env):
+    env = {**env, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
     return subprocess.Popen([sys.executable, "-c", STAGE_SCRIPT, stage, name], cwd=Path.cwd(),
-                            env={**env, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_stages_in_separate_processes_share_one_pipeline_parent(embedded_mlflow):
@@ -137,7 +137,8 @@ def test_stages_in_separate_processes_share_one_pipeline_parent(embedded_mlflow)
         runs.append(_client().get_run(json.loads(out.strip().splitlines()[-1])["run"]))
     prepare, train = runs
     pid = prepare.data.tags[tracking.PIPELINE_TAG]
-    assert train.data.tags[tracking.PIPELINE_TAG] == pid == tracking.pipeline_id(tiny_params(name))
+    assert pid == tracking.pipeline_id(tracked_params(name))
+    assert train.data.tags[tracking.PIPELINE_TAG] == pid
     parent = prepare.data.tags["mlflow.parentRunId"]
     assert train.data.tags["mlflow.parentRunId"] == parent
     assert {r.data.tags["stage"] for r in runs} == {"prepare", "train-stage1"}
@@ -149,18 +150,18 @@ def test_stages_in_separate_processes_share_one_pipeline_parent(embedded_mlflow)
     assert [r.info.run_id for r in parents] == [parent]
     assert parents[0].data.params["model.num_centers"] == "4"
     # A later stage of the same pipeline (this process) joins the same parent...
-    with tracking.stage_run(tiny_params(name), "evaluate") as run:
+    with tracking.stage_run(tracked_params(name), "evaluate") as run:
         assert run.data.tags["mlflow.parentRunId"] == parent
     # ...and a KFP run (its run id in CLADAPTER_PIPELINE_ID) gets its own.
     embedded_mlflow.monkeypatch.setenv("CLADAPTER_PIPELINE_ID", "kfp-run-42")
-    with tracking.stage_run(tiny_params(name), "evaluate") as run:
+    with tracking.stage_run(tracked_params(name), "evaluate") as run:
         assert run.data.tags[tracking.PIPELINE_TAG] == "kfp-run-42"
         assert run.data.tags["mlflow.parentRunId"] != parent
 
 
 def test_stage_run_logs_params_tags_epoch_metrics_and_reports(embedded_mlflow, tiny_model_dirs,
                                                               tmp_path):
-    params = tiny_params("m")
+    params = tracked_params("m")
     model = load_model(tiny_model_dirs[0])
     with tracking.stage_run(params, "train-stage1", data_hash="abc123.dir") as run:
         logger = tracking.EpochLogger()
@@ -189,7 +190,8 @@ def test_stage_run_logs_params_tags_epoch_metrics_and_reports(embedded_mlflow, t
     loss = client.get_metric_history(run.info.run_id, "train_loss")
     assert [(m.step, m.value) for m in sorted(loss, key=lambda m: m.step)] == \
         [(0, 1.0), (1, 0.5), (2, 1 / 3)]
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "stage2/train_loss")] == [0.1]
+    stage2 = client.get_metric_history(run.info.run_id, "stage2/train_loss")
+    assert [m.value for m in stage2] == [0.1]
     assert r.data.metrics["val_macro_f1"] == pytest.approx(0.4)
     assert r.data.metrics["params_adapter"] == model.param_report()["adapter"]
     assert r.data.metrics["summary.best.val_macro_f1"] == 0.4
@@ -203,7 +205,7 @@ def test_stage_run_logs_params_tags_epoch_metrics_and_reports(embedded_mlflow, t
 
 def test_failed_stage_marks_its_run_and_the_parent_failed(embedded_mlflow):
     with pytest.raises(RuntimeError, match="boom"):
-        with tracking.stage_run(tiny_params("m"), "evaluate") as run:
+        with tracking.stage_run(tracked_params("m"), "evaluate") as run:
             raise RuntimeError("boom")
     r = _client().get_run(run.info.run_id)
     assert r.info.status == "FAILED"
@@ -215,7 +217,7 @@ def test_failed_stage_marks_its_run_and_the_parent_failed(embedded_mlflow):
 def test_logging_outside_a_run_or_of_missing_files_is_a_clear_error(embedded_mlflow, tmp_path):
     with pytest.raises(TrackingError, match="needs an active MLflow run"):
         tracking.log_artifacts_dir(tmp_path)
-    with tracking.stage_run(tiny_params("m"), "evaluate"):
+    with tracking.stage_run(tracked_params("m"), "evaluate"):
         with pytest.raises(TrackingError, match="does not exist"):
             tracking.log_artifacts_dir(tmp_path / "missing", "x")
         with pytest.raises(TrackingError, match="not a model directory"):
@@ -226,7 +228,7 @@ def test_logging_outside_a_run_or_of_missing_files_is_a_clear_error(embedded_mlf
 def test_logged_model_predicts_labels_and_probabilities(embedded_mlflow, tiny_model_dirs):
     import mlflow
     model_dir = tiny_model_dirs[1]
-    with tracking.stage_run(tiny_params("m"), "register"):
+    with tracking.stage_run(tracked_params("m"), "register"):
         uri = tracking.log_model(model_dir, registered_name="pyfunc-check")
     loaded = mlflow.pyfunc.load_model(uri)
     sig_input = loaded.metadata.get_input_schema().inputs[0]
