@@ -7,7 +7,10 @@ Where runs go
     ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``MLFLOW_S3_ENDPOINT_URL`` apply),
     else the embedded store ``sqlite:///mlflow.db`` in the working directory, with
     artifacts in ``./mlruns``. The experiment is ``params["tracking"]["experiment"]``
-    (default ``cladapter``).
+    (default ``cladapter``). With a server whose artifacts go to S3, MLflow 3 clients
+    download artifacts through presigned S3 URLs, so they must reach the S3 endpoint the
+    server signs for; where they cannot, set ``MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD=false``
+    to stream through the server.
 
 Grouping across processes
     Under ``dvc repro`` every stage is its own process, so the stages cannot share an

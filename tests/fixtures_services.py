@@ -199,13 +199,13 @@ def s3_client(s3):
 @pytest.fixture(scope="session")
 def mlflow_server(pg_database, s3_server, s3_iam, tmp_path_factory):
     """`mlflow server` on loopback: backend store PostgreSQL, artifacts proxied to
-    ``s3://cladapter-mlflow/mlflow`` on the shared moto server (conftest ``s3_server``).
+    ``s3://mlflow-<random>/mlflow`` on the shared moto server (conftest ``s3_server``).
 
     Not on ``s3_iam``: for S3 destinations MLflow 3 clients download artifacts through
     presigned URLs, and moto's IAM check cannot read presigned (query-string) signatures.
     ``s3_iam`` serves the direct-to-S3 credential test."""
-    s3 = SimpleNamespace(endpoint=s3_server, bucket="cladapter-mlflow", key="testing",
-                         secret="testing")
+    s3 = SimpleNamespace(endpoint=s3_server, bucket=f"mlflow-{uuid.uuid4().hex[:8]}",
+                         key="testing", secret="testing")
     s3_client(s3).create_bucket(Bucket=s3.bucket)
     port = _free_port()
     folder = tmp_path_factory.mktemp("mlflow_server")
