@@ -64,3 +64,15 @@ def bucket(s3_env, request):
     name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
     boto3.client("s3").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """The demo digits, prepared with 12 training scans per class (fast epochs)."""
+    from cladapter_core.data import make_demo_data, prepare
+    from tiny import tiny_params
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_data(root / "digits")
+    params = tiny_params("data.shots_per_class=12", "data.val_fraction=0.05", "data.test_fraction=0.05")
+    prepare(root / "digits", root / "prepared", params)
+    return root / "prepared"

@@ -11,31 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cladapter_core.data import make_demo_data, prepare
-from cladapter_core.params import load_params
 from cladapter_core.train import Preempted, TrainingError, train
+from tiny import TINY, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.backbone=vit_tiny_patch16_224",
-    "model.backbone_kwargs={img_size: 16, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
-    "model.rank=8", "model.num_centers=4", "train.batch_size=16",
-    "stage1.epochs=2", "stage2.epochs=1", "train.warmup_epochs=1",
-]
-
-
-def tiny_params(*more):
-    return load_params(None, TINY + list(more))
-
-
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_data(root / "digits")
-    # 12 training scans per class keep each epoch to a fraction of a second.
-    params = tiny_params("data.shots_per_class=12", "data.val_fraction=0.05", "data.test_fraction=0.05")
-    prepare(root / "digits", root / "prepared", params)
-    return root / "prepared"
 
 
 def weights(model_dir):

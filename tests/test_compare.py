@@ -1,0 +1,34 @@
+"""`compare`: every method through the same loop, a table over seeds."""
+import csv
+import json
+import subprocess
+import sys
+
+from tiny import TINY
+
+
+def test_compare_writes_table_over_seeds(prepared, tmp_path):
+    out = tmp_path / "cmp"
+    (tmp_path / "p.yaml").write_text("")
+    flags = [f"--set={o}" for o in TINY + ["stage1.epochs=1", "stage2.epochs=1"]]
+    proc = subprocess.run([sys.executable, "-m", "cladapter_core.cli", "compare", "--params",
+                           str(tmp_path / "p.yaml"), "--prepared", str(prepared), "--out", str(out),
+                           "--seeds", "0", "1", *flags], capture_output=True, text=True, timeout=900,
+                          env={"CLADAPTER_TRACKING": "0", **__import__("os").environ})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = list(csv.DictReader(open(out / "compare.csv")))
+    assert [(r["method"], r["seed"]) for r in rows] == [
+        (m, s) for s in ("0", "1") for m in ("linear", "full", "lp-ft", "cla-stage1", "cla-sft")]
+    summary = json.loads((out / "compare.json").read_text())["summary"]
+    by = {r["method"]: r for r in summary}
+    # the trainable-parameter column follows the methods' freezing
+    assert by["linear"]["trainable_params"] < by["cla-stage1"]["trainable_params"] < by["full"]["trainable_params"]
+    assert by["cla-sft"]["trainable_params"] == by["full"]["trainable_params"] + by["cla-stage1"]["trainable_params"] - by["linear"]["trainable_params"]
+    assert by["full"]["trainable_pct"] == 100.0
+    for r in summary:
+        f1s = [float(x["macro_f1"]) for x in rows if x["method"] == r["method"]]
+        assert abs(r["macro_f1_mean"] - sum(f1s) / 2) < 1e-9
+        assert 0.0 <= r["macro_f1_mean"] <= 1.0 and r["macro_f1_std"] >= 0
+    assert "| cla-sft | 2 |" in proc.stdout and (out / "summary.md").is_file()
+    assert (out / "compare.png").stat().st_size > 1000
+    assert not list(tmp_path.glob(".cmp.tmp-*"))
