@@ -242,7 +242,7 @@ def cmd_evaluate(args):
         metrics = evaluate(args.model, args.prepared, args.out, params)
         if run is not None:
             from . import tracking
-            tracking.log_evaluation(args.out, metrics)
+            tracking.log_evaluation(args.out, metrics, split=params["evaluate"]["split"])
     _print_metrics(metrics, f"{params['evaluate']['split']} metrics ({args.out}/metrics.json):")
 
 

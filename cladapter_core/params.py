@@ -202,6 +202,8 @@ def validate_params(p: dict) -> list[str]:
     integer("stage2.epochs", p["stage2"]["epochs"], 0)
     number("stage2.lr_factor", p["stage2"]["lr_factor"], 0, low_open=True)
     need(p["evaluate"]["split"] in ("train", "val", "test"), "evaluate.split", "must be train, val or test", p["evaluate"]["split"])
+    exp = p["tracking"]["experiment"]
+    need(isinstance(exp, str) and exp.strip() != "", "tracking.experiment", "must be a non-empty name", exp)
     need(p["register"]["metric"] in METRICS, "register.metric", f"must be one of {', '.join(METRICS)}", p["register"]["metric"])
     number("register.margin", p["register"]["margin"])
     from .tune import validate_tune_params

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# MLflow server + PostgreSQL + S3 fixtures (tests/fixtures_services.py)
+pytest_plugins = ["fixtures_services"]
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
