@@ -253,8 +253,10 @@ def best_params_layer(params_so_far: dict, flags: dict, use_best: bool | None) -
     runs before the first search, and the values of params.yaml then stay."""
     if use_best is False:
         return {}, None
-    tune = dict((params_so_far.get("tune") or {}))
-    tune.update((flags or {}).get("tune") or {})
+    tune = dict(params_so_far.get("tune") or {})
+    flagged = (flags or {}).get("tune")
+    if isinstance(flagged, dict):
+        tune.update(flagged)
     if not (use_best or tune.get("use_best") is True):
         return {}, None
     path = Path(str(tune.get("best_params") or "outputs/tune/" + BEST_FILE))
