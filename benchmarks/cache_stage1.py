@@ -77,7 +77,7 @@ def main() -> None:
             f"train.batch_size={args.batch_size}", NO_AUG, "train.warmup_epochs=1",
             f"data.shots_per_class={per_class}", "data.val_fraction=0.02", "data.test_fraction=0.02",
             f"data.resize={args.img_size}", f"train.cache.storage={args.storage}",
-            f"train.cache.dir={work / 'cache'}", "train.cache.dtype=float16"]
+            f"train.cache.dir={work / 'cache'}", "train.cache.dtype=float16", "train.cache.views=null"]
     if args.img_size != 224:
         base += [f"model.backbone_kwargs={{img_size: {args.img_size}}}"]
     params0 = load_params(None, base)
@@ -102,6 +102,8 @@ def main() -> None:
             t0 = time.perf_counter()
             s = train(params, work / "prepared", out, stage=1, mode=mode, progress=False)
             wall = time.perf_counter() - t0
+            if (s.get("cache") is None) != (label == "uncached"):
+                raise SystemExit(f"the {label} run was not {label}: check train.cache in the params")
             hist = json.loads((out / "history.json").read_text())
             epoch_s = [r["seconds"] for r in hist]
             runs[label] = {"wall_s": wall, "epochs_run": len(hist), "epoch_seconds": epoch_s,

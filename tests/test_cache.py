@@ -1,4 +1,5 @@
 """The stage-1 feature cache on the real demo data (digit scans) with a tiny backbone."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ TINY = [
     "model.backbone_kwargs={img_size: 16, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
     "model.rank=8", "model.num_centers=4", "train.batch_size=16",
     "stage1.epochs=2", "stage2.epochs=1", "train.warmup_epochs=1",
+    "train.cache.views=null",  # uncached unless a test turns the cache on
 ]
 NO_AUG = "train.augment={hflip: false, vflip: false, brightness: 0, contrast: 0, shift: 0, scale: 0, rotate: 0}"
 
@@ -45,6 +47,11 @@ def fresh_memory():
 
 def weights(model_dir):
     return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def train_losses(model_dir):
+    """Per-epoch training loss: shows every epoch, where the saved weights are the best epoch's."""
+    return [r["train_loss"] for r in json.loads((Path(model_dir) / "history.json").read_text())]
 
 
 def assert_same_weights(a, b, atol=1e-5, rtol=1e-4):
@@ -83,6 +90,7 @@ def test_no_views_reaches_the_uncached_weights(prepared, tmp_path):
                    prepared, tmp_path / "cached", progress=False)
     assert plain["cache"] is None and cached["cache"]["built"] and cached["cache"]["views"] == 0
     assert_same_weights(weights(tmp_path / "plain"), weights(tmp_path / "cached"))
+    assert train_losses(tmp_path / "cached") == pytest.approx(train_losses(tmp_path / "plain"), rel=1e-5)
     assert cached["best_value"] == pytest.approx(plain["best_value"], abs=1e-6)
 
 
@@ -95,11 +103,14 @@ def test_views_replay_the_trainers_augmentations(prepared, tmp_path):
     train(tiny_params("train.cache.views=2", "train.cache.dtype=float32"), prepared, tmp_path / "v2",
           progress=False)
     assert_same_weights(weights(tmp_path / "plain"), weights(tmp_path / "v2"))
-    # One view: epoch 2 reads view 0 again, so it is not the uncached run.
+    plain_losses = train_losses(tmp_path / "plain")
+    assert train_losses(tmp_path / "v2") == pytest.approx(plain_losses, rel=1e-5)
+    # One view: epoch 2 reads view 0 again, so only epoch 1 is the uncached run's.
     train(tiny_params("train.cache.views=1", "train.cache.dtype=float32"), prepared, tmp_path / "v1",
           progress=False)
-    w, w1 = weights(tmp_path / "plain"), weights(tmp_path / "v1")
-    assert any(not torch.allclose(w[k], w1[k], atol=1e-4) for k in w if k.startswith("adapter."))
+    v1_losses = train_losses(tmp_path / "v1")
+    assert v1_losses[0] == pytest.approx(plain_losses[0], rel=1e-5)
+    assert v1_losses[1] != pytest.approx(plain_losses[1], rel=1e-3)
 
 
 def test_k_search_reuses_one_cache_and_stage2_does_not_use_it(prepared, tmp_path):
