@@ -221,7 +221,8 @@ def _dvc_get(repo: str, path: str, rev: str, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "dvc", "get", repo, path, "-o", str(out)]
     if rev:
         cmd += ["--rev", rev]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})  # a pod does not phone home
     if proc.returncode != 0:
         raise DataError(f"dvc get {repo} {path}{' --rev ' + rev if rev else ''} failed: "
                         f"{(proc.stderr or proc.stdout).strip()[-1500:]}")
@@ -263,19 +264,34 @@ def tracking_enabled() -> bool:
 
 
 @contextlib.contextmanager
+def pipeline_env(pipeline_id: str):
+    """$CLADAPTER_PIPELINE_ID = the KFP run id while the step runs: tracking makes every
+    step's run a child of one parent run per pipeline run."""
+    from cladapter_core.tracking import PIPELINE_ENV
+    before = os.environ.get(PIPELINE_ENV)
+    if pipeline_id:
+        os.environ[PIPELINE_ENV] = pipeline_id
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PIPELINE_ENV, None)
+        else:
+            os.environ[PIPELINE_ENV] = before
+
+
+@contextlib.contextmanager
 def stage_tracking(params: dict, stage: str, pipeline_id: str, data_hash: str | None):
     """The MLflow stage run of one step, a child of the pipeline run `pipeline_id`
     (the KFP run id); yields None when tracking is off (CLADAPTER_TRACKING=0)."""
-    if pipeline_id:
-        from cladapter_core.tracking import PIPELINE_ENV
-        os.environ[PIPELINE_ENV] = pipeline_id
     if not tracking_enabled():
         yield None
         return
     from cladapter_core import tracking
-    tracking.check_tracking()
-    with tracking.stage_run(params, stage, data_hash=data_hash) as run:
-        yield run
+    with pipeline_env(pipeline_id):
+        tracking.check_tracking()
+        with tracking.stage_run(params, stage, data_hash=data_hash) as run:
+            yield run
 
 
 # -- checkpoints that outlive the pod ------------------------------------------------------
@@ -371,12 +387,16 @@ class CheckpointStore:
             return True
 
     def clear(self) -> None:
+        """Remove the mirrored checkpoint (the stage is done)."""
         with contextlib.suppress(Exception):
             if self.is_s3:
                 client, bucket, key = self._s3()
                 client.delete_object(Bucket=bucket, Key=key)
             else:
-                self._local().unlink(missing_ok=True)
+                path = self._local()
+                path.unlink(missing_ok=True)
+                for folder in (path.parent, path.parent.parent):  # <stage>/, <pipeline id>/
+                    folder.rmdir()  # only when empty; stops at the first non-empty one
 
     @contextlib.contextmanager
     def watch(self, local: Path, interval: float | None = None):
@@ -499,33 +519,29 @@ def tune_task(params: dict, dataset_dir, out_dir, n_trials: int,
     storage = params["tune"]["storage"]
     if storage == defaults()["tune"]["storage"]:
         storage = f"sqlite:///{(out / 'optuna.db').resolve()}"
-    if pipeline_id:
-        from cladapter_core.tracking import PIPELINE_ENV
-        os.environ[PIPELINE_ENV] = pipeline_id
     track = tracking_enabled()
-    if track:
-        from cladapter_core import tracking
-        tracking.check_tracking()
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # tune prints one line per trial
-    summary = tune.tune(params, prepared_dir(dataset_dir), out, n_trials=n_trials,
-                        storage=storage, track=track)
+    with pipeline_env(pipeline_id):
+        if track:
+            from cladapter_core import tracking
+            tracking.check_tracking()
+        summary = tune.tune(params, prepared_dir(dataset_dir), out, n_trials=n_trials,
+                            storage=storage, track=track)
     return tune.apply_best(params, out / tune.BEST_FILE), summary
 
 
 # -- evaluation, registry ------------------------------------------------------------------
 def evaluate_task(params: dict, dataset_dir, model_dir, out_dir, pipeline_id: str = "") -> dict:
     """Evaluate into `out_dir` (metrics.json, confusion_matrix.json, report.html, ...);
-    logs the metrics (`test_<name>`) and the folder to the MLflow stage run."""
+    logs the metrics (`<split>_<name>`) and the folder to the MLflow stage run."""
     from cladapter_core import tracking
     from cladapter_core.evaluate import evaluate
     prepared = prepared_dir(dataset_dir)
     with stage_tracking(params, "evaluate", pipeline_id, dataset_hash(dataset_dir)) as run:
         metrics = evaluate(model_dir, prepared, out_dir, params)
         if run is not None:
-            import mlflow
-            mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if math.isfinite(v)})
-            tracking.log_artifacts_dir(out_dir, "evaluation")
+            tracking.log_evaluation(out_dir, metrics, split=params["evaluate"]["split"])
     return metrics
 
 

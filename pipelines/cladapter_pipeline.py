@@ -187,8 +187,8 @@ def parameters() -> dict[str, inspect.Parameter]:
 
 
 def parse_arguments(items) -> dict:
-    """`["num_centers=10", "backbone_kwargs={img_size: 16}"]` -> typed pipeline arguments.
-    Values are read as YAML, except for `str` parameters, which take the text as it is."""
+    """`["num_centers=10", "backbone_kwargs={img_size: 16}"]` -> typed pipeline arguments:
+    numbers as Python reads them, booleans and mappings as YAML, text as it is."""
     known = parameters()
     out: dict = {}
     for item in items or []:
@@ -199,19 +199,22 @@ def parse_arguments(items) -> dict:
             raise CLAdapterError(f"pipeline argument {name!r}: no such parameter; the "
                                  f"pipeline has: {', '.join(known)}")
         kind = known[name].annotation
-        if kind in (str, "str"):
+        if kind is str:
             out[name] = text
             continue
+        if kind in (int, float):  # Python's reading: YAML 1.1 takes 1e-3 for a string
+            try:
+                out[name] = kind(text.strip())
+                continue
+            except ValueError:
+                raise CLAdapterError(f"pipeline argument {name}: expected {kind.__name__}, "
+                                     f"got {text!r}") from None
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as e:
             raise CLAdapterError(f"pipeline argument {name}: {text!r} is not valid YAML ({e})") from e
-        expected = {"int": int, "float": float, "bool": bool, "dict": dict}.get(
-            getattr(kind, "__name__", str(kind)), kind)
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise CLAdapterError(f"pipeline argument {name}: expected {expected.__name__}, got {text!r}")
+        if not isinstance(value, kind):
+            raise CLAdapterError(f"pipeline argument {name}: expected {kind.__name__}, got {text!r}")
         out[name] = value
     return out
 
