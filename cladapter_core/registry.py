@@ -16,7 +16,8 @@ process (the store's unique key on the name; a second create gets
 RESOURCE_ALREADY_EXISTS), deleting it releases. So two ``promote`` commands against the
 same server (or SQLite file) run one after the other, and the second compares against
 the champion the first left: the better model ends as the one champion. A lock older
-than ``STALE_LOCK_S`` (a killed promote) is broken.
+than ``STALE_LOCK_S``, or one whose holder on this machine no longer runs (a killed
+promote), is broken.
 """
 from __future__ import annotations
 
@@ -254,12 +255,35 @@ def _try_lock(client, lock: str, name: str, owner: str):
         raise
 
 
+def _host() -> str:
+    """This machine (and PID namespace: containers may share a host name)."""
+    try:
+        return f"{socket.gethostname()}#{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return socket.gethostname()
+
+
+def _holder_gone(owner: str | None) -> bool:
+    """A lock taken on this machine by a process that no longer exists (a promote killed
+    while holding it) is broken at once instead of after ``STALE_LOCK_S``."""
+    host, _, rest = (owner or "").rpartition(":")[0].rpartition(":")
+    if host != _host() or not rest.isdigit():
+        return False
+    try:
+        os.kill(int(rest), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
 @contextlib.contextmanager
 def promotion_lock(name: str, timeout: float = 120.0, stale_after: float = STALE_LOCK_S):
     """Hold the promotion lock of registered model ``name`` (see the module docstring)."""
     client = _client()
     lock = name + LOCK_SUFFIX
-    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    owner = f"{_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     deadline = time.monotonic() + timeout
     while True:
         with _errors(f"taking the promotion lock {lock!r}"):
@@ -269,7 +293,7 @@ def promotion_lock(name: str, timeout: float = 120.0, stale_after: float = STALE
         if held is False:
             continue  # released meanwhile: try again at once
         age = time.time() - held.creation_timestamp / 1000.0
-        if age > stale_after:  # its holder died: break it
+        if age > stale_after or _holder_gone(held.tags.get(LOCK_TAG)):  # holder died: break it
             with contextlib.suppress(Exception):
                 client.delete_registered_model(lock)
             continue
@@ -362,15 +386,18 @@ def decide(candidate, champion, metric: str, margin: float) -> dict:
 
 
 def _apply(client, name: str, candidate, champion, result: dict) -> None:
+    # The alias moves last: a promote killed before it leaves the old champion serving
+    # and its rerun decides and writes everything again; killed after it, nothing is left
+    # to write (its rerun finds the candidate already champion).
     v = candidate.version
-    if result["decision"] == "promoted":
-        client.set_registered_model_alias(name, CHAMPION, v)
-        if champion is not None:
-            client.set_model_version_tag(name, champion.version, "promotion.replaced_by", str(v))
     for key, value in (("decision", result["decision"]), ("reason", result["reason"]),
                        ("compared_with", str(result["champion_before"] or "none")),
                        ("time", _now())):
         client.set_model_version_tag(name, v, f"promotion.{key}", value)
+    if result["decision"] == "promoted":
+        if champion is not None:
+            client.set_model_version_tag(name, champion.version, "promotion.replaced_by", str(v))
+        client.set_registered_model_alias(name, CHAMPION, v)
 
 
 # -- lineage ---------------------------------------------------------------------------
