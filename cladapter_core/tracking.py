@@ -24,7 +24,8 @@ Grouping across processes
 Failure policy
     Problems a user can fix (unreachable server, bad credentials, missing files) raise
     ``TrackingError`` naming the URI or path. Per-epoch logging from the trainer callback
-    never stops training: a failed write is kept and retried at the next epoch.
+    never stops training: a failed write is kept and retried at the next epoch; values
+    still unsent when training ends fail the stage with a ``TrackingError``.
 """
 from __future__ import annotations
 
@@ -399,13 +400,22 @@ def stage_run(params: dict, stage: str, data_hash: str | None = None):
                                nested=active is not None)
     status = "FAILED"
     try:
-        with run:
+        try:
             with _errors(f"logging the params of stage {stage!r}"):
                 client.log_batch(run.info.run_id, params=[
                     Param(k, _param_value(v)) for k, v in _flat(params).items()])
                 mlflow.log_dict(params, "params.json")
             yield run
             status = "FINISHED"
+        finally:
+            # Not `with run:` - closing the run on a server that went away must neither
+            # hide the stage's own error nor end the stage in a raw traceback.
+            if status == "FINISHED":
+                with _errors(f"ending the MLflow run of stage {stage!r}"):
+                    mlflow.end_run(status)
+            else:
+                with contextlib.suppress(Exception):
+                    mlflow.end_run(status)
     finally:
         if active is None:
             with contextlib.suppress(Exception):  # cosmetic: the parent shows the last status
@@ -435,20 +445,28 @@ class EpochLogger:
     stage than the one training started with is prefixed ``stage<N>/`` so the curves of
     two stages in one run do not overwrite each other. A failed write (server down) is
     warned about, kept, and retried with the next epoch: tracking never stops training.
+    Values still unsent when training ends are tried a few more times (``FINAL_RETRIES``),
+    then ``on_train_end`` raises ``TrackingError``: the stage fails rather than end as a
+    success with a gap in its metrics.
     """
 
     SKIP = ("epoch", "stage")
+    BATCH = 1000                       # MLflow's limit on metrics per log_batch call
+    FINAL_RETRIES = (1.0, 2.0, 4.0)    # seconds before each last try at training's end
 
     def __init__(self, run_id: str | None = None):
         self.run_id = run_id
         self.stage = None
+        self.out_dir = None
         self._pending: list = []
         self._warned = False
+        self._last_error = ""
 
     # the trainer's hooks -----------------------------------------------------------
     def on_train_start(self, info: dict) -> None:
         self.run_id = self.run_id or _active_run_id("EpochLogger")
         self.stage = info.get("stage")
+        self.out_dir = info.get("out_dir")
         report = info.get("param_report") or {}
         metrics = {f"params_{k}": v for k, v in report.items() if _numeric(v)}
         self._log(metrics, step=0)
@@ -475,9 +493,18 @@ class EpochLogger:
         if isinstance(result, dict):
             self._safe(lambda: self._client().log_text(
                 self.run_id, json.dumps(result, indent=2, default=str), "train_summary.json"))
+        for delay in self.FINAL_RETRIES:
+            if not self._pending:
+                break
+            time.sleep(delay)
+            self._log({}, step=0)
         if self._pending:
-            warnings.warn(f"MLflow: {len(self._pending)} metric values could not be logged "
-                          f"to run {self.run_id} on {_redact(tracking_uri())}")
+            steps = sorted({m.step for m in self._pending})
+            raise TrackingError(
+                f"MLflow: {len(self._pending)} metric values (steps {steps}) could not be logged "
+                f"to run {self.run_id} on {_redact(tracking_uri())}, unreachable until training "
+                f"ended ({self._last_error}); the model in {self.out_dir} is complete - run the "
+                "stage again once the server is back to record its metrics")
 
     # internals -----------------------------------------------------------------------
     @staticmethod
@@ -489,16 +516,18 @@ class EpochLogger:
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if self._pending:
-            batch = self._pending
-            if self._safe(lambda: self._client().log_batch(self.run_id, metrics=batch)):
-                self._pending = []
+        while self._pending:  # oldest first, in batches MLflow accepts
+            batch = self._pending[:self.BATCH]
+            if not self._safe(lambda: self._client().log_batch(self.run_id, metrics=batch)):
+                break
+            self._pending = self._pending[len(batch):]
 
     def _safe(self, fn) -> bool:
         try:
             fn()
             return True
         except Exception as e:
+            self._last_error = f"{type(e).__name__}: {_short(e)}"
             if not self._warned:
                 warnings.warn(f"MLflow logging to {_redact(tracking_uri())} failed "
                               f"({type(e).__name__}: {_short(e)}); training goes on")
