@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .errors import CLAdapterError, ParamsError
 
@@ -195,6 +195,29 @@ class CachedEvalLoader:
 
 
 # -- building --------------------------------------------------------------------------------
+class _OneThread(Dataset):
+    """Loads items with one torch thread. In the training process (num_workers=0) torch
+    would spread each small op of the transform over all its threads, and on a busy
+    machine the affine augmentation then runs 10x slower while threads wait for cores
+    (benchmarks/loader.py). Worker processes already use one thread."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return self.dataset[index]
+        torch.set_num_threads(1)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_num_threads(threads)
+
+
 def _encode(model, dataset, views: int, seed: int, dtype: torch.dtype, device, batch_size: int,
             num_workers: int, amp_dtype, out_array=None) -> torch.Tensor | np.ndarray:
     """Backbone outputs of every image and view, into `out_array` (memmap) or a new tensor."""
@@ -207,7 +230,7 @@ def _encode(model, dataset, views: int, seed: int, dtype: torch.dtype, device, b
     try:
         for v in range(stored):
             seeded.epoch = v
-            loader = DataLoader(seeded, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+            loader = DataLoader(_OneThread(seeded), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                 pin_memory=torch.device(device).type == "cuda")
             pos = 0
             for x, _ in loader:
