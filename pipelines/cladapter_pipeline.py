@@ -111,23 +111,29 @@ def build_pipeline(train_gpus: int = 1):
         checkpoint_prefix: str = "",
         params_overrides: str = "",
     ):
-        """Parameters:
-        dataset_uri: `demo`, an s3://bucket/prefix, a DVC repository (git URL) or a folder.
-        dataset_path: path inside the prefix or DVC repository (DVC: required).
-        dataset_rev: DVC revision (branch, tag, commit); empty: the default branch.
-        backbone / backbone_kwargs: timm model name and its create_model arguments.
-        pretrained: timm pretrained weights (needs internet); checkpoint_uri: backbone
-        weights from s3://, file:// or a path instead.
-        num_centers: K. stage1_* / stage2_*: epochs and learning rates of the two stages.
-        model_name / promotion_margin: MLflow registered model and the margin on
-        register.metric a challenger must beat the champion by.
-        min_macro_f1: register and promote only when the test macro-F1 reaches it.
-        tune_trials: > 0: an Optuna search of that many trials over tune.space first,
-        and training uses the best values; 0: no search.
-        checkpoint_prefix: s3:// prefix (or folder) where training checkpoints are
-        mirrored so a retried step resumes; empty: a retry starts the stage over.
-        params_overrides: further params.yaml fields, `section.key=value` separated by
-        `;` or new lines (e.g. `data.shots_per_class=20; train.augment.hflip=true`).
+        """The CLAdapter pipeline (defaults: the embedded params, as in params.yaml).
+
+        Args:
+            dataset_uri: `demo`, an s3://bucket/prefix, a DVC repository (git URL) or a folder.
+            dataset_path: Path inside the S3 prefix or the DVC repository (DVC: required).
+            dataset_rev: DVC revision (branch, tag, commit); empty: the default branch.
+            backbone: timm model name.
+            backbone_kwargs: Arguments of timm.create_model for the backbone.
+            pretrained: Download timm's pretrained weights (needs internet).
+            checkpoint_uri: Backbone weights from s3://, file:// or a path instead; empty: none.
+            num_centers: K, the number of cluster centers of the adapter.
+            stage1_epochs: Epochs of stage 1 (frozen backbone).
+            stage1_lr: Learning rate of stage 1.
+            stage2_epochs: Epochs of stage 2 (everything trained).
+            stage2_lr: Learning rate of stage 2.
+            batch_size: Training batch size.
+            seed: Seed of the splits, the initialisation and the sample order.
+            model_name: MLflow registered model.
+            promotion_margin: How much better on register.metric a new model must be than the champion.
+            min_macro_f1: Register and promote only when the test macro-F1 reaches this.
+            tune_trials: More than 0: an Optuna search of that many trials over tune.space first.
+            checkpoint_prefix: s3:// prefix where training checkpoints are kept so a retried step resumes; empty: a retry starts over.
+            params_overrides: Further params.yaml fields, `section.key=value` separated by `;` or new lines.
         """
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         cfg = stages.resolve_params(
