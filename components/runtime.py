@@ -334,13 +334,18 @@ class CheckpointStore:
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(local.name + ".restore")
         if self.is_s3:
-            from botocore.exceptions import ClientError
+            from botocore.exceptions import BotoCoreError, ClientError
             client, bucket, key = self._s3()
             try:
                 client.download_file(bucket, key, str(tmp))
             except ClientError as e:
+                tmp.unlink(missing_ok=True)
                 if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                     return False
+                raise DataError(f"cannot read checkpoint {self.uri}: {e} (check the cladapter-s3 "
+                                "credentials)") from e
+            except BotoCoreError as e:
+                tmp.unlink(missing_ok=True)
                 raise DataError(f"cannot read checkpoint {self.uri}: {e}") from e
         else:
             src = self._local()
