@@ -21,7 +21,7 @@ TINY = [
     "model.backbone=vit_tiny_patch16_224",
     "model.backbone_kwargs={img_size: 16, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
     "model.rank=8", "model.num_centers=4", "train.batch_size=16", "train.warmup_epochs=0",
-    "train.lr=0.01", "stage1.epochs=2", "stage2.epochs=1",
+    "train.lr=0.01", "stage1.epochs=2", "stage2.epochs=1", "train.cache.views=0",
     "tune.startup_trials=2", "tune.pruner_startup_trials=2", "tune.pruner_warmup_steps=1",
 ]
 SPACE = ("tune.space=[{param: model.num_centers, choices: [2, 4, 8]}, "
@@ -47,7 +47,7 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("tune_demo")
     make_demo_data(root / "digits")
     # 12 training scans per class keep an epoch to a fraction of a second.
-    params = tiny("data.shots_per_class=12", "data.val_fraction=0.1", "data.test_fraction=0.05")
+    params = tiny("data.shots_per_class=12", "data.val_fraction=0.06", "data.test_fraction=0.03")
     prepare(root / "digits", root / "prepared", params)
     return root / "prepared"
 
