@@ -2,9 +2,7 @@
 used by training, MLflow study/trial runs, workers sharing a PostgreSQL study, pruning,
 and clear errors."""
 import json
-import os
 import uuid
-from pathlib import Path
 
 import optuna
 import pytest
@@ -210,7 +208,7 @@ def test_empty_space_and_bad_storage_give_clear_errors(prepared, workdir, capsys
     # values the space can give that the trainer would refuse
     with pytest.raises(TuneError, match=r"model.rank\): the value 0 is invalid"):
         check_space(tiny("tune.space=[{param: model.rank, choices: [0, 8]}]"))
-    with pytest.raises(ParamsError, match=r"tune.space\[0\] \(data.val_fraction\): data.val_fraction cannot be searched"):
+    with pytest.raises(ParamsError, match=r"\(data.val_fraction\): data.val_fraction cannot be searched"):
         tiny("tune.space=[{param: data.val_fraction, low: 0.1, high: 0.2}]")
     with pytest.raises(ParamsError, match=r"tune.space\[1\] \(model.nope\): model.nope is not a parameter"):
         tiny("tune.space=[{param: model.num_centers, choices: [5]}, {param: model.nope, low: 1, high: 2}]")
