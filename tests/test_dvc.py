@@ -1,0 +1,147 @@
+"""DVC, as a user drives it, on a fresh copy of the repository in a temporary directory:
+`dvc repro` runs everything, a second one does nothing, a params change reruns only what
+depends on it, metrics/plots/experiments work, data goes through an S3 remote and back."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Tiny settings so the whole pipeline takes seconds per stage.
+TINY = {
+    "data": {"shots_per_class": 8, "val_fraction": 0.05, "test_fraction": 0.05},
+    "model": {"backbone": "vit_tiny_patch16_224",
+              "backbone_kwargs": {"img_size": 16, "patch_size": 8, "depth": 1, "embed_dim": 32,
+                                  "num_heads": 2},
+              "rank": 8, "num_centers": 4},
+    "train": {"batch_size": 32},
+    "stage1": {"epochs": 1},
+    "stage2": {"epochs": 1},
+}
+
+
+def _deep_update(d, u):
+    for k, v in u.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict) and k != "backbone_kwargs":
+            _deep_update(d[k], v)
+        else:
+            d[k] = v
+    return d
+
+
+def run(cmd, cwd, env, check=True, timeout=600):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    """The tracked files of this working tree, committed into a new git repository."""
+    root = tmp_path_factory.mktemp("dvcrepo") / "repo"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        src = REPO / f
+        if src.is_file():
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / f)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(_deep_update(params, TINY), sort_keys=False))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root.parent / 'mlflow.db'}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
+    env.pop("CLADAPTER_PIPELINE_ID", None)
+    run(["git", "init", "-q", "-b", "main"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "fresh clone"], root, env)
+    return root, env
+
+
+def dvc(args, root, env, **kw):
+    return run([str(BIN / "dvc"), *args], root, env, **kw)
+
+
+def test_repro_runs_everything_then_nothing(clone):
+    root, env = clone
+    out = dvc(["repro"], root, env, timeout=900)
+    for stage in ("demo_data", "prepare", "tune", "train_stage1", "train_stage2", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in out, out[-3000:]
+    metrics = json.loads((root / "outputs/eval/metrics.json").read_text())
+    assert 0.0 <= metrics["macro_f1"] <= 1.0
+    reg = json.loads((root / "outputs/registry.json").read_text())
+    assert reg["registration"]["version"] == "1" or str(reg["registration"]["version"]) == "1"
+    assert reg["promotion"]["champion_after"] in ("1", 1)
+    again = dvc(["repro"], root, env)
+    assert "Running stage" not in again
+    assert "Data and pipelines are up to date" in again
+
+
+def test_params_change_reruns_only_what_depends_on_it(clone):
+    root, env = clone
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["stage2"]["epochs"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = dvc(["status"], root, env)
+    assert "train_stage2" in status and "train_stage1" not in status
+    out = dvc(["repro"], root, env, timeout=900)
+    ran = [s for s in ("demo_data", "prepare", "tune", "train_stage1", "train_stage2", "evaluate",
+                       "register") if f"Running stage '{s}'" in out]
+    assert ran == ["train_stage2", "evaluate", "register"], out[-3000:]
+    hist = json.loads((root / "outputs/stage2/history.json").read_text())
+    assert [r["stage"] for r in hist].count(2) == 2
+    # the retrained model is a new registered version; the same one registered twice is not
+    reg = json.loads((root / "outputs/registry.json").read_text())
+    assert str(reg["registration"]["version"]) == "2"
+
+
+def test_metrics_plots_and_experiments(clone):
+    root, env = clone
+    shown = json.loads(dvc(["metrics", "show", "--json"], root, env))
+    text = json.dumps(shown)
+    assert "macro_f1" in text and "accuracy" in text
+    plots_dir = root.parent / "plots"
+    dvc(["plots", "show", "-o", str(plots_dir)], root, env)
+    html = (plots_dir / "index.html").read_text()
+    assert "training curves" in html or "history.json" in html
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "pipeline outputs"], root, env)
+    out = dvc(["exp", "run", "-S", "stage2.epochs=3", "-n", "longer-stage2"], root, env, timeout=900)
+    assert "Running stage 'train_stage2'" in out and "Running stage 'train_stage1'" not in out
+    exps = dvc(["exp", "show", "--json"], root, env)
+    assert "longer-stage2" in exps
+
+
+def test_data_through_an_s3_remote(clone, s3_env, bucket):
+    root, env = clone
+    env = {**env, **{k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                 "AWS_DEFAULT_REGION")}}
+    env.pop("AWS_ENDPOINT_URL", None)  # DVC takes the endpoint from its remote config
+    # a user's own dataset: a folder added to DVC, pushed, removed, pulled back
+    src = root / "data" / "my_images"
+    shutil.copytree(root / "data" / "demo" / "3", src / "three")
+    shutil.copytree(root / "data" / "demo" / "7", src / "seven")
+    dvc(["add", "data/my_images"], root, env)
+    dvc(["remote", "add", "-d", "team", f"s3://{bucket}/dvc"], root, env)
+    dvc(["remote", "modify", "team", "endpointurl", s3_env], root, env)
+    dvc(["push", "data/my_images.dvc"], root, env)
+    before = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.png"))
+    digest = {p: (src / p).read_bytes() for p in before[:5]}
+    shutil.rmtree(src)
+    shutil.rmtree(root / ".dvc" / "cache")
+    dvc(["pull", "data/my_images.dvc"], root, env)
+    after = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.png"))
+    assert after == before and all((src / p).read_bytes() == b for p, b in digest.items())
+    import boto3
+    keys = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="dvc/")
+    assert keys["KeyCount"] > 0
