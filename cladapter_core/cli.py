@@ -206,7 +206,9 @@ def cmd_prepare(args):
 def _tracked(args, params, stage_name):
     """MLflow run context for a stage, or a no-op when tracking is off."""
     from contextlib import nullcontext
-    if getattr(args, "no_track", False) or os.environ.get("CLADAPTER_TRACKING", "1") == "0":
+    # Under torchrun only rank 0 tracks: one MLflow run per stage, not one per process.
+    if (getattr(args, "no_track", False) or os.environ.get("CLADAPTER_TRACKING", "1") == "0"
+            or os.environ.get("RANK", "0") != "0"):
         return nullcontext(None), []
     from . import tracking
     tracking.check_tracking()
