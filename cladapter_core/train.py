@@ -326,7 +326,12 @@ def train(params: dict, prepared_dir, out_dir, stage: int = 1, mode: str | None 
     start_epoch, skip_batches, best_value, best_state, best_epoch = 0, 0, -math.inf, None, -1
     bad_epochs, global_step = 0, 0
     if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:  # weights only: a checkpoint with pickled code in it is refused, not run
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise TrainingError(f"checkpoint {ckpt_path} refused or unreadable (only weights-only "
+                                f"checkpoints are loaded: {type(e).__name__}); delete it to "
+                                "start this stage over") from e
         if ck.get("fingerprint") == fingerprint:
             model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
@@ -427,6 +432,10 @@ def train(params: dict, prepared_dir, out_dir, stage: int = 1, mode: str | None 
                       "lr": optimizer.param_groups[0]["lr"]}
             if val_loader is not None:
                 val_loss, labels, probs = run_eval(model, val_loader, device, amp_dtype, eval_forward)
+                if not math.isfinite(val_loss):  # the epoch's last steps diverged
+                    raise TrainingError(f"non-finite validation loss ({val_loss}) after stage {stage}, "
+                                        f"epoch {epoch + 1}: the weights diverged; lower train.lr "
+                                        "or set train.grad_clip; the model was not saved")
                 vm = classification_metrics(labels, probs, len(classes))
                 record.update({"val_loss": val_loss, **{f"val_{k}": v for k, v in vm.items()}})
                 value = _select_value(select, val_loss, vm)
