@@ -294,7 +294,9 @@ def cmd_register(args):
           f"run {reg['run_id']})")
     result = {"registration": reg}
     if args.promote:
-        result["promotion"] = _promote(params, False, None)
+        result["promotion"] = prom = _promote(params, False, None)
+        if str(prom["champion_after"]) == str(reg["version"]) and "champion" not in reg["aliases"]:
+            reg["aliases"] = sorted([*reg["aliases"], "champion"])
     _write_json(args.out, result)
 
 
