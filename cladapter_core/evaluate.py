@@ -261,41 +261,6 @@ def _write_predictions(path: Path, paths, y_true, probs, classes) -> None:
 
 
 # -- prediction on new files ---------------------------------------------------------------
-def _expand_inputs(inputs, config: dict) -> list[Path]:
-    """Inputs as the files (or 3D frame folders) to run, in order, each once. Folders are
-    walked as `data.load_inputs` walks them; nothing is decoded here, so a large folder is
-    then loaded batch by batch."""
-    from .data import walk_inputs
-    want_3d = len(config["input_size"]) == 4
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    inputs = list(inputs or [])
-    if not inputs:
-        raise DataError("predict: no inputs given")
-    files: list[Path] = []
-    problems: list[str] = []
-    for raw in inputs:
-        p = Path(raw)
-        if not p.exists():
-            problems.append(f"{p}: does not exist")
-        elif p.is_dir():
-            found = walk_inputs(p, want_3d)
-            if not found:
-                problems.append(f"{p}: holds no supported {'3D volumes/clips' if want_3d else 'images'}")
-            files += found
-        else:
-            files.append(p)
-    if problems:
-        raise DataError("predict: cannot use the inputs:\n" + "\n".join(f"  {x}" for x in problems))
-    seen, unique = set(), []
-    for f in files:
-        key = os.path.normpath(os.path.abspath(f))
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    return unique
-
-
 def predict(model_dir, inputs, out_path, batch_size: int = 32, *, skip_invalid: bool = False,
             device: str | None = None) -> list[dict]:
     """Class probabilities for image files and folders (walked); writes a CSV
@@ -304,12 +269,12 @@ def predict(model_dir, inputs, out_path, batch_size: int = 32, *, skip_invalid: 
     An unreadable file is a DataError naming it; with skip_invalid it is left out
     with a warning instead (an error still if nothing is readable).
     """
-    from .data import load_inputs
+    from .data import list_inputs, load_inputs
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ParamsError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
     model = load_model(model_dir)
     config = model.config_dict()
-    files = _expand_inputs(inputs, config)
+    files = list_inputs(inputs, config)
     dev = _device(device)
     model.eval().to(dev)
     classes = model.class_names
@@ -358,7 +323,7 @@ def predict(model_dir, inputs, out_path, batch_size: int = 32, *, skip_invalid: 
 
 def _load_each(chunk, config, skipped: list[str]):
     """Fallback after a batch failed to load: load file by file, recording failures."""
-    from .data import load_inputs
+    from .data import list_inputs, load_inputs
     xs, used = [], []
     for f in chunk:
         try:

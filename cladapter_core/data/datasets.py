@@ -172,14 +172,15 @@ def walk_inputs(path: Path, want_3d: bool) -> list[Path]:
 _walk_inputs = walk_inputs  # older name, used by evaluate.py
 
 
-def load_inputs(paths, model_config: dict) -> tuple[torch.Tensor, list[Path]]:
-    """Files and folders -> (batch through the eval transform, the input paths in batch order)."""
+def list_inputs(paths, model_config: dict) -> list[Path]:
+    """Files and folders -> the input files (or 3D frame folders), folders walked, in
+    order, each once; every unusable path is named in one DataError."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     want_3d = len(model_config["input_size"]) == 4
     files: list[Path] = []
     problems: list[str] = []
-    for raw in paths:
+    for raw in paths or []:
         p = Path(raw)
         if not p.exists():
             problems.append(f"{p}: does not exist")
@@ -196,6 +197,18 @@ def load_inputs(paths, model_config: dict) -> tuple[torch.Tensor, list[Path]]:
         raise DataError("cannot use the inputs:\n" + format_lines(problems))
     if not files:
         raise DataError("no inputs given")
+    seen, unique = set(), []
+    for f in files:
+        key = os.path.normpath(os.path.abspath(f))
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def load_inputs(paths, model_config: dict) -> tuple[torch.Tensor, list[Path]]:
+    """Files and folders -> (batch through the eval transform, the input paths in batch order)."""
+    files = list_inputs(paths, model_config)
     transform = build_transform(model_config, train=False)
     in_chans = int(model_config["input_size"][0])
     tensors, errors = [], []
