@@ -323,7 +323,7 @@ def predict(model_dir, inputs, out_path, batch_size: int = 32, *, skip_invalid: 
 
 def _load_each(chunk, config, skipped: list[str]):
     """Fallback after a batch failed to load: load file by file, recording failures."""
-    from .data import list_inputs, load_inputs
+    from .data import load_inputs
     xs, used = [], []
     for f in chunk:
         try:

@@ -638,7 +638,6 @@ def tune_worker(params: dict, prepared_dir, study_name: str | None = None, stora
     `finish_study` once all workers are done. Returns what this worker did:
     ``{"worker", "trials", "complete", "pruned", "failed", "epochs"}``.
     """
-    import optuna
 
     from . import tracking
     from .train import TrainingError

@@ -1,6 +1,5 @@
 """Shared fixtures. Services (S3-compatible server, MLflow server) run as real processes
 on loopback; PostgreSQL is the machine's server on 127.0.0.1:5432."""
-import os
 import socket
 import subprocess
 import sys

@@ -5,12 +5,10 @@ Every test writes real image/array files to tmp_path and runs the real code on t
 
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -316,7 +314,7 @@ def test_csv_errors_name_the_problem(tmp_path, case):
 
 def test_few_shot_keeps_val_and_test(tmp_path):
     src = image_folder(tmp_path / "src", per_class=20)
-    full = prepare(src, tmp_path / "full", make_params())
+    prepare(src, tmp_path / "full", make_params())
     few = prepare(src, tmp_path / "few", make_params(shots_per_class=3))
     assert few["counts"]["train"] == {"a": 3, "b": 3, "c": 3}
     assert few["few_shot_dropped"] == 3 * (12 - 3)

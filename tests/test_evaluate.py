@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import warnings
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
