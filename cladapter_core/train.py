@@ -62,9 +62,16 @@ class SeededDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 100_003 + int(index)) % (2**63))
-            return self.dataset[index]
+        # One thread for the per-image transforms: on tiny tensors torch's intra-op threads
+        # cost more than they give, up to 30x on a busy machine (benchmarks/loader.py).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.seed * 1_000_003 + self.epoch * 100_003 + int(index)) % (2**63))
+                return self.dataset[index]
+        finally:
+            torch.set_num_threads(threads)
 
 
 class EpochBatchSampler(Sampler):
