@@ -451,7 +451,6 @@ class EpochLogger:
     """
 
     SKIP = ("epoch", "stage")
-    BATCH = 1000                       # MLflow's limit on metrics per log_batch call
     FINAL_RETRIES = (1.0, 2.0, 4.0)    # seconds before each last try at training's end
 
     def __init__(self, run_id: str | None = None):
@@ -516,11 +515,10 @@ class EpochLogger:
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        while self._pending:  # oldest first, in batches MLflow accepts
-            batch = self._pending[:self.BATCH]
-            if not self._safe(lambda: self._client().log_batch(self.run_id, metrics=batch)):
-                break
-            self._pending = self._pending[len(batch):]
+        if self._pending:  # MlflowClient.log_batch splits it into batches the server takes
+            batch = self._pending
+            if self._safe(lambda: self._client().log_batch(self.run_id, metrics=batch)):
+                self._pending = []
 
     def _safe(self, fn) -> bool:
         try:
