@@ -17,6 +17,7 @@ sys.path there, as for tiny.py); test files import helpers ``from fixtures_servi
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 import signal
 import socket
@@ -130,9 +131,10 @@ def _pg_connect(dbname: str):
     raise RuntimeError("; ".join(errors))
 
 
-@pytest.fixture(scope="session")
-def pg_database():
-    """A fresh PostgreSQL database `cladapter_test_<random>`; yields its URI."""
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str, scheme: str = "postgresql+psycopg2"):
+    """Create a database `<prefix>_<random>` on the machine's PostgreSQL, yield its URI
+    (with `scheme`), drop it afterwards; skip the test if PostgreSQL is unavailable."""
     admin = user = None
     for dbname in ("postgres", "test"):
         try:
@@ -143,16 +145,23 @@ def pg_database():
     if admin is None:
         pytest.skip(f"PostgreSQL at {PG_HOST}:{PG_PORT} unavailable: {reason}")
     admin.autocommit = True
-    name = f"cladapter_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with admin.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
     try:
-        # psycopg2 driver named: MLflow would pick psycopg (3), which is not installed
-        yield f"postgresql+psycopg2://{user}@{PG_HOST}:{PG_PORT}/{name}"
+        yield f"{scheme}://{user}@{PG_HOST}:{PG_PORT}/{name}"
     finally:
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """A fresh PostgreSQL database `cladapter_test_<random>`; yields its URI."""
+    # psycopg2 driver named: MLflow would pick psycopg (3), which is not installed
+    with fresh_pg_database("cladapter_test") as uri:
+        yield uri
 
 
 # -- S3 with authentication --------------------------------------------------------------

@@ -2,7 +2,6 @@
 used by training, MLflow study/trial runs, workers sharing a PostgreSQL study, pruning,
 and clear errors."""
 import json
-import uuid
 
 import optuna
 import pytest
@@ -24,7 +23,6 @@ TINY = [
 ]
 SPACE = ("tune.space=[{param: model.num_centers, choices: [2, 4, 8]}, "
          "{param: stage1.epochs, low: 1, high: 2}, {param: stage2.lr_factor, choices: [0.1, 0.3]}]")
-PG = "127.0.0.1", 5432
 CLEAN_ENV = ("MLFLOW_TRACKING_URI", "CLADAPTER_PIPELINE_ID", "CLADAPTER_TRACKING",
              "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 
@@ -66,22 +64,10 @@ def workdir(tmp_path, monkeypatch):
 @pytest.fixture
 def pg_url():
     """A fresh database on the machine's PostgreSQL, dropped afterwards."""
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(host=PG[0], port=PG[1], user="postgres", dbname="test", connect_timeout=5)
-    except psycopg2.OperationalError as e:
-        pytest.skip(f"PostgreSQL at {PG[0]}:{PG[1]} unavailable: {e}")
-    admin.autocommit = True
-    name = f"cladapter_tune_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        # The bare postgresql:// scheme, as a user writes it: tune picks the psycopg2 driver.
-        yield f"postgresql://postgres@{PG[0]}:{PG[1]}/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    from fixtures_services import fresh_pg_database
+    # The bare postgresql:// scheme, as a user writes it: tune picks the psycopg2 driver.
+    with fresh_pg_database("cladapter_tune", scheme="postgresql") as uri:
+        yield uri
 
 
 def test_small_study_best_params_are_written_tracked_and_used_by_training(prepared, workdir, monkeypatch, capsys):
