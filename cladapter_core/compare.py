@@ -11,11 +11,10 @@ import copy
 import csv
 import math
 import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import ParamsError
-from .model import replace_dir, write_json
+from .outputs import atomic_dir, write_json
 
 METHODS = ("linear", "full", "lp-ft", "cla-stage1", "cla-sft")
 # method -> list of (mode, stage); the last one is the model that is scored
@@ -27,7 +26,8 @@ def _test_metrics(model_dir: Path, prepared_dir: Path, params: dict, split: str)
     from . import data
     from .metrics import classification_metrics
     from .model import load_model
-    from .train import pick_device, run_eval
+    from .distributed import pick_device
+    from .train import run_eval
     device = pick_device()
     model = load_model(model_dir).to(device)
     loader = data.make_loader(prepared_dir, split, model.config_dict(), False, params)
@@ -49,7 +49,6 @@ def compare(params: dict, prepared_dir, out_dir, seeds=(0, 1, 2), methods=None,
     """Train every method for every seed; write compare.csv (one row per method and seed),
     summary.csv / summary.md / compare.json (mean and spread per method) and compare.png
     into out_dir atomically, print the table and return the summary rows."""
-    from .train import train
     methods = list(methods or METHODS)
     unknown = [m for m in methods if m not in PLANS]
     if unknown:
@@ -57,45 +56,46 @@ def compare(params: dict, prepared_dir, out_dir, seeds=(0, 1, 2), methods=None,
     if not seeds:
         raise ParamsError("compare: give at least one seed")
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    rows: list[dict] = []
-    try:
-        for seed in seeds:
-            p = copy.deepcopy(params)
-            p["seed"] = int(seed)
-            trained: dict[tuple[str, int], tuple[Path, dict]] = {}
-            for method in methods:
-                seconds, summary, model_dir = 0.0, None, None
-                for mode, stage in PLANS[method]:
-                    key = (mode, stage)
-                    if key not in trained:  # cla-sft reuses cla-stage1's model of this seed
-                        model_dir = work / f"seed{seed}" / f"{mode}-stage{stage}"
-                        init = trained[(mode, 1)][0] if stage == 2 else None
-                        print(f"[compare] seed {seed}: {method} ({mode}, stage {stage})")
-                        s = train(p, prepared_dir, model_dir, stage=stage, mode=mode, init_from=init,
-                                  resume=False, progress=progress)
-                        trained[key] = (model_dir, s)
-                    model_dir, summary = trained[key]
-                    seconds += summary["seconds"]
-                m = _test_metrics(model_dir, prepared_dir, p, split)
-                rows.append({"method": method, "seed": seed, "macro_f1": m["macro_f1"],
-                             "accuracy": m["accuracy"], "roc_auc": m["roc_auc"],
-                             "trainable_params": summary["param_report"]["trainable"],
-                             "total_params": summary["param_report"]["total"],
-                             "train_seconds": round(seconds, 2)})
+    with atomic_dir(out_dir) as work:
+        rows = [row for seed in seeds
+                for row in _run_seed(params, prepared_dir, work, int(seed), methods, split, progress)]
         table = summarise(rows, methods)
         _write_outputs(work, rows, table, params, split)
-        shutil.rmtree(work / "models", ignore_errors=True)
         for seed in seeds:
             shutil.rmtree(work / f"seed{seed}", ignore_errors=True)
-        replace_dir(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     print(format_table(table, split))
     print(f"written to {out_dir}/ (summary.md, summary.csv, compare.csv, compare.json, compare.png)")
     return table
+
+
+def _run_seed(params: dict, prepared_dir: Path, work: Path, seed: int, methods: list[str],
+              split: str, progress: bool) -> list[dict]:
+    """Train and score every method for one seed; `cla-sft` reuses `cla-stage1`'s model."""
+    from .train import train
+    p = copy.deepcopy(params)
+    p["seed"] = seed
+    trained: dict[tuple[str, int], tuple[Path, dict]] = {}
+    rows = []
+    for method in methods:
+        seconds, summary, model_dir = 0.0, None, None
+        for mode, stage in PLANS[method]:
+            key = (mode, stage)
+            if key not in trained:
+                model_dir = work / f"seed{seed}" / f"{mode}-stage{stage}"
+                init = trained[(mode, 1)][0] if stage == 2 else None
+                print(f"[compare] seed {seed}: {method} ({mode}, stage {stage})")
+                s = train(p, prepared_dir, model_dir, stage=stage, mode=mode, init_from=init,
+                          resume=False, progress=progress)
+                trained[key] = (model_dir, s)
+            model_dir, summary = trained[key]
+            seconds += summary["seconds"]
+        m = _test_metrics(model_dir, prepared_dir, p, split)
+        rows.append({"method": method, "seed": seed, "macro_f1": m["macro_f1"],
+                     "accuracy": m["accuracy"], "roc_auc": m["roc_auc"],
+                     "trainable_params": summary["param_report"]["trainable"],
+                     "total_params": summary["param_report"]["total"],
+                     "train_seconds": round(seconds, 2)})
+    return rows
 
 
 def summarise(rows: list[dict], methods: list[str]) -> list[dict]:

@@ -18,11 +18,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -30,7 +28,8 @@ import numpy as np
 import torch
 
 from .errors import DataError, ParamsError
-from .model import CLAdapterModel, load_model, replace_dir, write_json
+from .model import CLAdapterModel, load_model
+from .outputs import atomic_dir, atomic_write, write_json
 
 TSNE_MAX_POINTS = 2000   # t-SNE is O(n log n) per iteration but slow on 2 CPU cores beyond this
 TSNE_MIN_POINTS = 5
@@ -156,22 +155,37 @@ def _param_report(model: CLAdapterModel) -> dict:
 def evaluate(model_dir, prepared_dir, out_dir, params: dict, *, device: str | None = None) -> dict:
     """Evaluate the model in `model_dir` on `params['evaluate']['split']` of `prepared_dir`;
     write the evaluation directory `out_dir` atomically and return the metrics."""
-    from .data import load_classes, make_loader, read_manifest
-    from .metrics import classification_metrics, confusion, per_class_report
-    from .plots import confusion_matrix_png, curves_png
-    from .report import render_report
+    from .data import load_classes, read_manifest
 
     model_dir, prepared_dir, out_dir = Path(model_dir), Path(prepared_dir), Path(out_dir)
     split, want_tsne, batch_size, select_metric, seed = _eval_params(params)
     model = load_model(model_dir)
     classes = load_classes(prepared_dir)
     _check_classes(model, classes, model_dir, prepared_dir)
-    config = model.config_dict()
     items = read_manifest(prepared_dir, split)
     if not items:
         raise DataError(f"{prepared_dir}: the {split!r} split is empty (see summary.json counts); "
                         "choose another with evaluate.split")
-    loader = make_loader(prepared_dir, split, config, False, params, batch_size=batch_size)
+    y_true, probs, without, with_ = _predict_split(model, prepared_dir, split, params, batch_size,
+                                                  _device(device), want_tsne)
+    if len(y_true) != len(items) or any(int(a) != b for a, b in zip(y_true, (lb for _, lb in items))):
+        raise DataError(f"{prepared_dir}: the loader's labels do not follow manifest.csv's order "
+                        f"for split {split!r}; cannot attribute predictions to files")
+    metrics = _split_metrics(y_true, probs, len(classes))
+    ev = {"model": model, "model_dir": model_dir, "prepared_dir": prepared_dir, "split": split,
+          "classes": classes, "paths": [p for p, _ in items], "y_true": y_true, "probs": probs,
+          "select_metric": select_metric, "seed": seed, "metrics": metrics,
+          "tsne": (without, with_) if want_tsne else None}
+    with atomic_dir(out_dir) as tmp:
+        _write_evaluation(tmp, ev)
+    return metrics
+
+
+def _predict_split(model, prepared_dir: Path, split: str, params: dict, batch_size: int,
+                   dev: torch.device, want_tsne: bool):
+    """Labels in manifest order, probabilities, and (want_tsne) pooled features."""
+    from .data import make_loader
+    loader = make_loader(prepared_dir, split, model.config_dict(), False, params, batch_size=batch_size)
     labels_seen: list[int] = []
 
     def batches():
@@ -179,73 +193,71 @@ def evaluate(model_dir, prepared_dir, out_dir, params: dict, *, device: str | No
             labels_seen.extend(int(v) for v in y)
             yield x
 
-    dev = _device(device)
     probs, without, with_ = _run(model, batches(), dev, keep_features=want_tsne)
     model.cpu()
-    y_true = np.asarray(labels_seen, dtype=np.int64)
-    if len(y_true) != len(items) or any(int(a) != b for a, b in zip(y_true, (lb for _, lb in items))):
-        raise DataError(f"{prepared_dir}: the loader's labels do not follow manifest.csv's order "
-                        f"for split {split!r}; cannot attribute predictions to files")
-    y_pred = probs.argmax(axis=1)
-    n, num_classes = len(y_true), len(classes)
+    return np.asarray(labels_seen, dtype=np.int64), probs, without, with_
 
+
+def _split_metrics(y_true: np.ndarray, probs: np.ndarray, num_classes: int) -> dict:
+    from .metrics import classification_metrics
+    n = len(y_true)
     metrics = classification_metrics(y_true, probs, num_classes)
     eps = 1e-12  # cross-entropy on the evaluated split, the loss the trainer reports
     metrics["loss"] = float(-np.log(np.clip(probs[np.arange(n), y_true], eps, 1.0)).mean())
     metrics = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}  # JSON has no NaN
     metrics["n_samples"] = float(n)
+    return metrics
+
+
+def _write_evaluation(tmp: Path, ev: dict) -> None:
+    """Every file of the evaluation directory, into the (temporary) folder `tmp`."""
+    from .metrics import confusion, per_class_report
+    from .report import render_report
+    model, classes, split = ev["model"], ev["classes"], ev["split"]
+    y_true, probs, metrics = ev["y_true"], ev["probs"], ev["metrics"]
+    y_pred = probs.argmax(axis=1)
     per_class = per_class_report(y_true, y_pred, classes)
-    matrix = confusion(y_true, y_pred, num_classes)
+    matrix = confusion(y_true, y_pred, len(classes))
     params_report = _param_report(model)
-    history = _read_json(model_dir / "history.json")
-    train_summary = _read_json(model_dir / "train_summary.json")
+    train_summary = _read_json(ev["model_dir"] / "train_summary.json")
     notes: list[str] = []
     if "roc_auc" not in metrics:
         notes.append("ROC AUC left out of metrics.json: undefined because some class has no "
                      f"sample in the {split} split.")
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        _chmod_default(tmp, directory=True)
-        write_json(tmp / "metrics.json", metrics)
-        write_json(tmp / "classification_report.json", per_class)
-        write_json(tmp / "confusion_matrix.json", {"labels": classes, "matrix": matrix})
-        write_json(tmp / "param_report.json", params_report)
-        _write_predictions(tmp / "predictions.csv", [p for p, _ in items], y_true, probs, classes)
-        (tmp / "plots").mkdir()
-        with open(tmp / "plots" / "confusion.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["actual", "predicted"])
-            w.writerows((classes[a], classes[b]) for a, b in zip(y_true, y_pred))
-
-        images = {"confusion": confusion_matrix_png(matrix, classes, tmp / "confusion_matrix.png",
-                                                    title=f"Confusion matrix ({split}, n = {n})")}
-        images["curves"] = None
-        if isinstance(history, list) and history:
-            images["curves"] = curves_png(history, tmp / "curves.png", select_metric)
-        else:
-            notes.append(f"No usable history.json in {model_dir}: training curves not drawn.")
-        images["tsne"] = None
-        if want_tsne:
-            images["tsne"] = _make_tsne(model, without, with_, y_true, classes, tmp / "tsne.png", seed, notes)
-        html = render_report(config, metrics, params_report, per_class, images, {
-            "split": split, "model_dir": str(model_dir), "prepared_dir": str(prepared_dir),
-            "notes": notes, "train_summary": train_summary if isinstance(train_summary, dict) else None})
-        (tmp / "report.html").write_text(html, encoding="utf-8")
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return metrics
+    write_json(tmp / "metrics.json", metrics)
+    write_json(tmp / "classification_report.json", per_class)
+    write_json(tmp / "confusion_matrix.json", {"labels": classes, "matrix": matrix})
+    write_json(tmp / "param_report.json", params_report)
+    _write_predictions(tmp / "predictions.csv", ev["paths"], y_true, probs, classes)
+    (tmp / "plots").mkdir()
+    with open(tmp / "plots" / "confusion.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["actual", "predicted"])
+        w.writerows((classes[a], classes[b]) for a, b in zip(y_true, y_pred))
+    images = _evaluation_images(tmp, ev, matrix, notes)
+    html = render_report(model.config_dict(), metrics, params_report, per_class, images, {
+        "split": split, "model_dir": str(ev["model_dir"]), "prepared_dir": str(ev["prepared_dir"]),
+        "notes": notes, "train_summary": train_summary if isinstance(train_summary, dict) else None})
+    (tmp / "report.html").write_text(html, encoding="utf-8")
 
 
-def _chmod_default(path: Path, directory: bool) -> None:
-    """mkdtemp/mkstemp create 0700/0600; give the output the usual umask-based mode so
-    other users (a DVC cache, a shared MLflow artifact store) can read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+def _evaluation_images(tmp: Path, ev: dict, matrix, notes: list[str]) -> dict:
+    from .plots import confusion_matrix_png, curves_png
+    classes, n = ev["classes"], len(ev["y_true"])
+    images = {"confusion": confusion_matrix_png(matrix, classes, tmp / "confusion_matrix.png",
+                                                title=f"Confusion matrix ({ev['split']}, n = {n})")}
+    history = _read_json(ev["model_dir"] / "history.json")
+    images["curves"] = None
+    if isinstance(history, list) and history:
+        images["curves"] = curves_png(history, tmp / "curves.png", ev["select_metric"])
+    else:
+        notes.append(f"No usable history.json in {ev['model_dir']}: training curves not drawn.")
+    images["tsne"] = None
+    if ev["tsne"] is not None:
+        without, with_ = ev["tsne"]
+        images["tsne"] = _make_tsne(ev["model"], without, with_, ev["y_true"], classes,
+                                    tmp / "tsne.png", ev["seed"], notes)
+    return images
 
 
 def _prob_columns(classes: list[str]) -> list[str]:
@@ -304,21 +316,17 @@ def predict(model_dir, inputs, out_path, batch_size: int = 32, *, skip_invalid: 
                         + (f" and {len(files) - 10} more" if len(files) > 10 else "")
                         + ("\n  " + "\n  ".join(skipped) if skipped else ""))
 
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["path", "predicted", *_prob_columns(classes)])
-            w.writeheader()
-            for row in rows:
-                w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
-        _chmod_default(Path(tmp), directory=False)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(out_path, _predictions_csv(rows, classes))
     return rows
+
+
+def _predictions_csv(rows: list[dict], classes: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["path", "predicted", *_prob_columns(classes)], lineterminator="\r\n")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
 
 
 def _load_each(chunk, config, skipped: list[str]):

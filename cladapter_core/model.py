@@ -8,15 +8,13 @@ Modes:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .adapter import CLAdapter
+from .outputs import atomic_dir, write_json
 from .backbones import Backbone
 from .config import AdapterConfig
 from .errors import ModelError
@@ -137,18 +135,12 @@ def save_model(model: CLAdapterModel, out_dir: str | Path, extra_files: dict | N
     object) into out_dir atomically: a temp dir beside it is renamed into place."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
         write_json(tmp / CONFIG_FILE, model.config_dict())
         for name, obj in (extra_files or {}).items():
             write_json(tmp / name, obj)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -174,19 +166,3 @@ def load_model(model_dir: str | Path, map_location: str = "cpu") -> CLAdapterMod
     from .weights import load_into
     load_into(model, state, source=str(w_path))
     return model.eval()
-
-
-def write_json(path: Path, obj) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move a complete temp dir into place; an old out_dir is swapped out, then removed."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -3,7 +3,8 @@
 Modules: `demo` (digits demo tree), `sources` (listing ImageFolder trees / CSV
 manifests), `images` (decoding 2D/3D files), `prepare` (the prepare stage),
 `transforms` (train/eval tensor transforms), `datasets` (manifest reading, Dataset,
-DataLoader, predict inputs), `atomic` (temp dir + rename).
+DataLoader, predict inputs), `seeding` (per-item seeding and
+the epoch batch sampler, shared by the trainer and the feature cache).
 """
 
 from cladapter_core.data.datasets import (

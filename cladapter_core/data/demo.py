@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cladapter_core.data.atomic import atomic_dir
+from cladapter_core.outputs import atomic_dir
 
 
 def _expected_files(targets) -> set[str]:
