@@ -43,7 +43,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .data.seeding import SeededDataset  # the trainer's per-item seeding, so views match epochs
 from .errors import CLAdapterError, ParamsError
+from .outputs import default_mode
 
 __all__ = ["CACHE_DEFAULTS", "FeatureCache", "CachedTrainLoader", "CachedEvalLoader",
            "cache_settings", "cache_key", "get_features", "stage1_cache", "clear_memory",
@@ -221,7 +223,6 @@ class _OneThread(Dataset):
 def _encode(model, dataset, views: int, seed: int, dtype: torch.dtype, device, batch_size: int,
             num_workers: int, amp_dtype, out_array=None) -> torch.Tensor | np.ndarray:
     """Backbone outputs of every image and view, into `out_array` (memmap) or a new tensor."""
-    from .train import SeededDataset  # the trainer's per-item seeding, so views match epochs
     n, stored = len(dataset), max(views, 1)
     seeded = SeededDataset(dataset, seed)
     out = out_array
@@ -324,6 +325,7 @@ def get_features(model, dataset, *, views: int = 0, seed: int = 0, dtype: str = 
     t0 = time.time()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=folder.parent))
+    os.chmod(tmp, default_mode(directory=True))  # a shared cache folder: readable by the group
     try:
         shape = (max(views, 1), len(dataset), *_feature_shape(model, dataset, device))
         arr = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.dtype(dtype), shape=shape)

@@ -19,3 +19,11 @@ class ModelError(CLAdapterError):
 
 class TrackingError(CLAdapterError):
     """The MLflow server or registry cannot do what was asked."""
+
+
+class TrainingError(CLAdapterError):
+    """Training cannot go on (non-finite loss, inconsistent inputs)."""
+
+
+class Preempted(CLAdapterError):
+    """SIGTERM arrived (or a step limit): a checkpoint was saved; run again to resume."""
