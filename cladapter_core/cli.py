@@ -277,11 +277,9 @@ def cmd_demo(args):
 
 
 def _write_json(path, obj) -> None:
+    from .outputs import atomic_write
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{path}.tmp")
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def cmd_register(args):
