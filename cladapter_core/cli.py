@@ -32,12 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     ap.add_argument("--version", action="version", version=f"cladapter {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_demo_data, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_compare,
+                _add_register, _add_promote, _add_lineage, _add_tune, _add_summary, _add_demo):
+        add(sub)
+    _add_plugins(sub)
+    return ap
 
+
+def _add_demo_data(sub) -> None:
     p = sub.add_parser("demo-data", help="write the demo dataset (scikit-learn's handwritten digits as PNGs)",
                        description="Write scikit-learn's bundled handwritten digits (1797 real 8x8 scans, "
                                    "10 classes) as PNG files in an ImageFolder tree.")
     p.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
 
+
+def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="validate a dataset, split it and write a manifest",
                        description="Decode and check every file, split train/val/test (stratified, "
                                    "seeded), detect leaks, write manifest.csv, classes.json, summary.json.")
@@ -46,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/prepared", help="output folder (default: outputs/prepared)")
     p.add_argument("--skip-invalid", action="store_true", help="leave unreadable files out and report them")
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train one stage (Staged Fine-Tuning) or a baseline",
                        description="Stage 1 trains adapter + head on the frozen backbone; stage 2 "
                                    "starts from stage 1 (--init-from) with everything unfrozen at "
@@ -60,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", help="stage-1 model folder (stage 2; default: outputs/stage1)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics, confusion matrix, curves, predictions, report.html",
                        description="Evaluate a model folder on a split of a prepared dataset.")
     _common(p, track=True)
@@ -69,12 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("train", "val", "test"), help="default: evaluate.split")
     p.add_argument("--tsne", action="store_true", help="also draw t-SNE of features with/without the adapter")
 
+
+def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="class and probabilities for image/volume files or folders")
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("inputs", nargs="+", help="files or folders")
     p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
     p.add_argument("--batch-size", type=int, default=32)
 
+
+def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="linear, full, lp-ft, CLAdapter stage 1 and SFT over seeds",
                        description="Train every method on one dataset and backbone over several "
                                    "seeds; print and write a table of macro-F1 and accuracy (mean "
@@ -86,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None,
                    help="subset of: linear full lp-ft cla-stage1 cla-sft")
 
+
+def _add_register(sub) -> None:
     p = sub.add_parser("register", help="register a model in the MLflow registry as `challenger`",
                        description="Log the model (pyfunc) and its evaluation to MLflow and create "
                                    "a new version of register.model_name with alias `challenger`, "
@@ -97,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the registration as JSON here")
     p.add_argument("--promote", action="store_true", help="then run `promote`")
 
+
+def _add_promote(sub) -> None:
     p = sub.add_parser("promote", help="move `champion` to the challenger if it is better",
                        description="Compare the challenger with the champion on register.metric; "
                                    "promote only when better by at least register.margin. The first "
@@ -106,10 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="candidate version (default: the challenger)")
     p.add_argument("--out", help="also write the decision as JSON here")
 
+
+def _add_lineage(sub) -> None:
     p = sub.add_parser("lineage", help="registered version -> run -> git commit, data hash, params")
     p.add_argument("model_uri", help="models:/<name>@<alias> or models:/<name>/<version>")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+
+def _add_tune(sub) -> None:
     p = sub.add_parser("tune", help="Optuna search over K, stage lengths and learning rates",
                        description="Search tune.space (params.yaml) for the best validation macro-F1 "
                                    "after Staged Fine-Tuning: TPE sampler, pruning of hopeless "
@@ -129,47 +154,67 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search only when tune.use_best is true; else write an empty best-params "
                         "file (dvc.yaml: training depends on the file, not on a search)")
 
-    p = sub.add_parser("pipeline", help="Kubeflow pipeline: compile, submit, run-local",
-                       description="The KFP pipeline (pipelines/cladapter_pipeline.py): compile it "
-                                   "to the YAML a user uploads in the KFP UI, submit a run to a KFP "
-                                   "API, or run it on this machine with kfp.local.")
-    act = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    q = act.add_parser("compile", help="write pipelines/cladapter_pipeline.yaml",
-                       description="Compile the pipeline; the image is $CLADAPTER_IMAGE "
-                                   "(default ghcr.io/cladapter/cladapter:0.1.0).")
-    q.add_argument("--out", help="output file (default: pipelines/cladapter_pipeline.yaml)")
-    q.add_argument("--train-gpus", type=int, default=1,
-                   help="GPUs per training step, one node (> 1: DDP through torchrun; default 1)")
-    q = act.add_parser("submit", help="start a run on a KFP API (kfp.Client)")
-    q.add_argument("--host", required=True, help="KFP API, e.g. http://localhost:8080 (port-forward)")
-    q.add_argument("--experiment", default="cladapter", help="KFP experiment (default: cladapter)")
-    q.add_argument("--run-name", help="run name shown in the UI")
-    q.add_argument("-p", "--param", dest="arguments", action="append", default=[], metavar="NAME=VALUE",
-                   help="pipeline parameter, e.g. -p dataset_uri=s3://data/pets -p num_centers=10")
-    q.add_argument("--namespace", help="Kubeflow profile namespace (multi-user installs)")
-    q.add_argument("--service-account", default="cladapter-pipeline-runner",
-                   help="service account of the run's pods (default: cladapter-pipeline-runner)")
-    q.add_argument("--no-cache", action="store_true", help="run every step, even cached ones")
-    q.add_argument("--package", help="a compiled pipeline YAML to submit (default: compile now)")
-    q.add_argument("--train-gpus", type=int, default=1, help="as for compile (ignored with --package)")
-    q = act.add_parser("run-local", help="run the pipeline on this machine with kfp.local",
-                       description="Every step runs as a subprocess in this Python environment "
-                                   "(Kubernetes settings are ignored); the demo data unless "
-                                   "-p dataset_uri=... says otherwise. MLflow: $MLFLOW_TRACKING_URI.")
-    q.add_argument("--out", default="outputs/kfp-local", help="output root (default: outputs/kfp-local)")
-    q.add_argument("-p", "--param", dest="arguments", action="append", default=[], metavar="NAME=VALUE",
-                   help="pipeline parameter, e.g. -p stage1_epochs=2")
 
+def _add_summary(sub) -> None:
     p = sub.add_parser("summary", help="print the final metrics, registered version and how to browse runs",
                        description="Read what `dvc repro` produced (outputs/eval/metrics.json, "
                                    "outputs/registry.json) and print it.")
     p.add_argument("--out", default="outputs", help="output root (default: outputs)")
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole flow in one process on the demo data",
                        description="demo-data, prepare, stage 1, stage 2, evaluate; prints the metrics.")
     _common(p, track=True)
     p.add_argument("--out", default="outputs", help="output root (default: outputs)")
-    return ap
+
+
+# ---------------------------------------------------------------- command plugins
+
+# Subcommands that live outside the core (`cladapter pipeline`, in pipelines/cli.py) are
+# declared as entry points of this group in pyproject.toml:
+#     [project.entry-points."cladapter.commands"]
+#     pipeline = "pipelines.cli:register"
+# The entry point's name is the command; its object is `register(subparsers) -> handler`,
+# which adds the parser of that name and returns the function that runs it.
+PLUGIN_GROUP = "cladapter.commands"
+_HANDLER = "_cladapter_handler"  # the Namespace attribute holding a plugin command's handler
+
+
+def _plugin_entry_points() -> list:
+    from importlib.metadata import entry_points
+    seen, eps = set(), []
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        if ep.name not in seen:  # a distribution found twice on sys.path lists it twice
+            seen.add(ep.name)
+            eps.append(ep)
+    return eps
+
+
+def _add_plugins(sub) -> None:
+    """Add every plugin command; one that fails is left out with a warning, the rest work."""
+    for ep in _plugin_entry_points():
+        before = set(sub.choices)
+        try:
+            handler = ep.load()(sub)
+            if ep.name not in sub.choices or ep.name in before:
+                raise RuntimeError(f"register() did not add a '{ep.name}' command")
+            if not callable(handler):
+                raise RuntimeError(f"register() returned {handler!r}, not the command's handler")
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the CLI
+            _drop_commands(sub, set(sub.choices) - before)
+            print(f"cladapter: warning: command plugin '{ep.name}' ({ep.value}, entry point group "
+                  f"{PLUGIN_GROUP}) failed to load and is left out: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            continue
+        sub.choices[ep.name].set_defaults(**{_HANDLER: handler})
+
+
+def _drop_commands(sub, names) -> None:
+    """Take half-added subcommands of a failed plugin back out of the parser and its help."""
+    for name in names:
+        sub.choices.pop(name, None)
+    sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest not in names]
 
 
 def _load(args):
@@ -351,24 +396,6 @@ def cmd_tune(args):
     tune(params, args.prepared, args.out, track=track)
 
 
-def cmd_pipeline(args):
-    # Imported here: kfp is needed only by this command.
-    from pipelines import cladapter_pipeline as kp
-    if args.action == "compile":
-        out = kp.compile_pipeline(args.out or kp.PIPELINE_FILE, train_gpus=args.train_gpus)
-        print(f"compiled {kp.PIPELINE_NAME} -> {out} (image {kp.stages.IMAGE}); upload it in the KFP UI")
-    elif args.action == "submit":
-        run_id = kp.submit(args.host, kp.parse_arguments(args.arguments), experiment=args.experiment,
-                           run_name=args.run_name, namespace=args.namespace,
-                           service_account=args.service_account,
-                           enable_caching=False if args.no_cache else None, package=args.package,
-                           train_gpus=args.train_gpus)
-        print(f"submitted run {run_id} to {args.host} (experiment {args.experiment})")
-    else:
-        run_dir = kp.run_local(args.out, kp.parse_arguments(args.arguments))
-        print(f"local run finished: outputs in {run_dir}")
-
-
 def cmd_summary(args):
     from .errors import CLAdapterError as Err
     root = Path(args.out)
@@ -393,14 +420,14 @@ def cmd_summary(args):
 COMMANDS = {"summary": cmd_summary, "register": cmd_register, "promote": cmd_promote, "lineage": cmd_lineage,
             "demo-data": cmd_demo_data, "prepare": cmd_prepare, "train": cmd_train,
             "evaluate": cmd_evaluate, "predict": cmd_predict, "compare": cmd_compare,
-            "demo": cmd_demo, "tune": cmd_tune, "pipeline": cmd_pipeline}
+            "demo": cmd_demo, "tune": cmd_tune}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .train import Preempted
     try:
-        COMMANDS[args.command](args)
+        (COMMANDS.get(args.command) or getattr(args, _HANDLER))(args)
     except Preempted as e:
         # 143 = killed by SIGTERM: schedulers (KFP retries, DVC) see an interrupted step.
         print(f"cladapter {args.command}: {e}", file=sys.stderr)

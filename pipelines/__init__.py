@@ -1,1 +1,2 @@
-"""Kubeflow pipelines of the platform: `pipelines.cladapter_pipeline`."""
+"""Kubeflow pipelines of the platform: `pipelines.cladapter_pipeline`; `pipelines.cli`, the
+`cladapter pipeline` subcommand (a `cladapter.commands` entry point)."""
