@@ -118,22 +118,8 @@ def _list_folder(root: Path) -> Listing:
 
 def _list_csv(csv_path: Path) -> Listing:
     root = csv_path.parent
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{csv_path}: cannot read CSV manifest: {exc}") from None
-    if not rows or not any(cell.strip() for cell in rows[0]):
-        raise DataError(f"{csv_path}: CSV manifest is empty; expected a header row with columns path,label")
-    header = [h.strip().lower() for h in rows[0]]
-    missing = [c for c in ("path", "label") if c not in header]
-    if missing:
-        raise DataError(
-            f"{csv_path}: CSV manifest lacks column(s) {', '.join(missing)}; it has: "
-            f"{', '.join(h for h in header if h) or '(none)'}. Needed: path,label "
-            "(optional: split with train/val/test, or fold)"
-        )
-    col = {name: header.index(name) for name in ("path", "label", "split", "fold") if name in header}
+    rows = _read_csv(csv_path)
+    col = _csv_columns(csv_path, rows[0])
     has_split, has_fold = "split" in col, "fold" in col
 
     items: list[Item] = []
@@ -143,49 +129,19 @@ def _list_csv(csv_path: Path) -> Listing:
     for line_no, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue  # blank line
-        cell = lambda name: row[col[name]].strip() if col[name] < len(row) else ""  # noqa: E731
-        path_s, label = cell("path"), cell("label")
-        if not path_s:
-            problems.append(f"line {line_no}: empty path")
+        parsed = _parse_row(row, line_no, col)
+        if isinstance(parsed, str):
+            problems.append(parsed)
             continue
-        if not label:
-            problems.append(f"line {line_no}: empty label for {path_s}")
-            continue
-        split = fold = None
-        if has_split:
-            raw = cell("split")
-            split = SPLIT_ALIASES.get(raw.lower())
-            if split is None:
-                problems.append(f"line {line_no}: split '{raw}' is not one of train, val, test")
-                continue
-        if has_fold and split != "test":
-            raw = cell("fold")
-            if raw.lower() == "test":
-                split = "test"
-            else:
-                try:
-                    fold = int(raw)
-                    if fold < 0:
-                        raise ValueError
-                except ValueError:
-                    problems.append(f"line {line_no}: fold '{raw}' is not a whole number >= 0 (or 'test')")
-                    continue
-        path = Path(path_s)
-        path = path if path.is_absolute() else root / path
-        try:
-            rel = Path(os.path.relpath(path, root)).as_posix()
-        except ValueError:  # another drive (Windows)
-            rel = path.as_posix()
-        item = Item(path=path, rel=rel, label=label, split=split, fold=fold, line=line_no)
-        key = os.path.normpath(os.path.abspath(path))
+        item = _csv_item(root, line_no, *parsed)
+        key = os.path.normpath(os.path.abspath(item.path))
         if key in first_line:
             bad.append((item, f"listed again on line {line_no} (first on line {first_line[key]})"))
             continue
         first_line[key] = line_no
-        if not path.exists():
-            bad.append((item, f"missing file (listed on line {line_no} of {csv_path.name})"))
-        elif kind_of(path) is None:
-            bad.append((item, f"unsupported file type '{path.suffix}' (line {line_no})"))
+        reason = _unusable(item.path, line_no, csv_path)
+        if reason:
+            bad.append((item, reason))
         else:
             items.append(item)
     if problems:
@@ -193,22 +149,97 @@ def _list_csv(csv_path: Path) -> Listing:
     listed = items + [it for it, _ in bad]
     if not listed:
         raise DataError(f"{csv_path}: CSV manifest has a header but no rows")
-
-    # Classes come from the rows that train on them; val/test labels must be among those.
-    if has_split or has_fold:
-        pool = [it for it in listed if it.split != "test" and (it.split in (None, "train") or has_fold)]
-        names = sort_classes(it.label for it in pool)
-        unknown = [it for it in listed if it.label not in set(names)]
-        if unknown:
-            where = "train rows" if not has_fold else "non-test rows"
-            lines = [f"line {it.line}: label '{it.label}' ({it.split or 'fold'} row, {it.rel})" for it in unknown]
-            raise DataError(
-                f"{csv_path}: label(s) not found in any of the {where}, so no model could learn them "
-                f"(known labels: {', '.join(names) or 'none'}):\n" + format_lines(lines)
-            )
-    else:
-        names = sort_classes(it.label for it in listed)
+    names = _csv_class_names(csv_path, listed, has_split, has_fold)
     return Listing(
         kind="csv", root=root, items=items, bad=bad, ignored=[], class_names=names,
         has_split=has_split, has_fold=has_fold,
     )
+
+
+def _read_csv(csv_path: Path) -> list[list[str]]:
+    """All rows of the manifest; the first is a non-empty header."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{csv_path}: cannot read CSV manifest: {exc}") from None
+    if not rows or not any(cell.strip() for cell in rows[0]):
+        raise DataError(f"{csv_path}: CSV manifest is empty; expected a header row with columns path,label")
+    return rows
+
+
+def _csv_columns(csv_path: Path, header_row: list[str]) -> dict[str, int]:
+    """Column name -> index for path, label and (when present) split, fold."""
+    header = [h.strip().lower() for h in header_row]
+    missing = [c for c in ("path", "label") if c not in header]
+    if missing:
+        raise DataError(
+            f"{csv_path}: CSV manifest lacks column(s) {', '.join(missing)}; it has: "
+            f"{', '.join(h for h in header if h) or '(none)'}. Needed: path,label "
+            "(optional: split with train/val/test, or fold)"
+        )
+    return {name: header.index(name) for name in ("path", "label", "split", "fold") if name in header}
+
+
+def _parse_row(row: list[str], line_no: int, col: dict[str, int]):
+    """(path, label, split, fold) of one data row, or the problem with it as a string."""
+    cell = lambda name: row[col[name]].strip() if col[name] < len(row) else ""  # noqa: E731
+    path_s, label = cell("path"), cell("label")
+    if not path_s:
+        return f"line {line_no}: empty path"
+    if not label:
+        return f"line {line_no}: empty label for {path_s}"
+    split = fold = None
+    if "split" in col:
+        raw = cell("split")
+        split = SPLIT_ALIASES.get(raw.lower())
+        if split is None:
+            return f"line {line_no}: split '{raw}' is not one of train, val, test"
+    if "fold" in col and split != "test":
+        raw = cell("fold")
+        if raw.lower() == "test":
+            split = "test"
+        else:
+            try:
+                fold = int(raw)
+                if fold < 0:
+                    raise ValueError
+            except ValueError:
+                return f"line {line_no}: fold '{raw}' is not a whole number >= 0 (or 'test')"
+    return path_s, label, split, fold
+
+
+def _csv_item(root: Path, line_no: int, path_s: str, label: str, split: str | None, fold: int | None) -> Item:
+    path = Path(path_s)
+    path = path if path.is_absolute() else root / path
+    try:
+        rel = Path(os.path.relpath(path, root)).as_posix()
+    except ValueError:  # another drive (Windows)
+        rel = path.as_posix()
+    return Item(path=path, rel=rel, label=label, split=split, fold=fold, line=line_no)
+
+
+def _unusable(path: Path, line_no: int, csv_path: Path) -> str | None:
+    """Why a listed file cannot be used (missing, unsupported type), or None."""
+    if not path.exists():
+        return f"missing file (listed on line {line_no} of {csv_path.name})"
+    if kind_of(path) is None:
+        return f"unsupported file type '{path.suffix}' (line {line_no})"
+    return None
+
+
+def _csv_class_names(csv_path: Path, listed: list[Item], has_split: bool, has_fold: bool) -> list[str]:
+    """Classes come from the rows that train on them; val/test labels must be among those."""
+    if not (has_split or has_fold):
+        return sort_classes(it.label for it in listed)
+    pool = [it for it in listed if it.split != "test" and (it.split in (None, "train") or has_fold)]
+    names = sort_classes(it.label for it in pool)
+    unknown = [it for it in listed if it.label not in set(names)]
+    if unknown:
+        where = "train rows" if not has_fold else "non-test rows"
+        lines = [f"line {it.line}: label '{it.label}' ({it.split or 'fold'} row, {it.rel})" for it in unknown]
+        raise DataError(
+            f"{csv_path}: label(s) not found in any of the {where}, so no model could learn them "
+            f"(known labels: {', '.join(names) or 'none'}):\n" + format_lines(lines)
+        )
+    return names
