@@ -8,7 +8,6 @@ Same source, params and seed give byte-identical files.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import warnings
@@ -18,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cladapter_core.data.atomic import atomic_dir
+from cladapter_core.outputs import atomic_dir, write_json
 from cladapter_core.data.images import DecodeError, decode, pixel_hash, resize_array, write_copy
-from cladapter_core.data.sources import SPLITS, Item, format_lines, list_source
+from cladapter_core.data.sources import SPLITS, Item, Listing, format_lines, list_source
 from cladapter_core.errors import DataError, ParamsError
 
 log = logging.getLogger(__name__)
@@ -265,10 +264,6 @@ def _rel_to(path: Path, start: Path) -> str:
         return path.resolve().as_posix()
 
 
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def prepare(source, out_dir, params: dict) -> dict:
     """Validate, split and index `source` into `out_dir`; return the summary dict.
 
@@ -278,81 +273,23 @@ def prepare(source, out_dir, params: dict) -> dict:
     dp = data_params(params)
     seed = int(params.get("seed", 0))
     source, out_dir = Path(source), Path(out_dir)
-    src_abs, out_abs = source.resolve(), out_dir.resolve()
-    if out_abs == src_abs or src_abs.is_relative_to(out_abs) or (source.is_dir() and out_abs.is_relative_to(src_abs)):
-        # Replacing out_dir would delete the source, or the output would be listed as a class.
-        raise DataError(f"output {out_dir} and data source {source} overlap; write the prepared data elsewhere")
+    _check_no_overlap(source, out_dir)
     listing = list_source(source)
-
-    kinds = {"2d" if it.path.is_file() and it.path.suffix.lower() not in (".npy", ".npz") else "3d": it for it in listing.items}
-    if len(kinds) > 1:
-        raise DataError(
-            f"{source}: mixes 2D images ({kinds['2d'].rel}) and 3D volumes/clips ({kinds['3d'].rel}); "
-            "prepare them as separate datasets"
-        )
-    is_3d = "3d" in kinds
+    is_3d = _check_listing(source, listing)
     class_index = {name: i for i, name in enumerate(listing.class_names)}
-    if len(listing.class_names) < 2:
-        raise DataError(
-            f"{source}: only one class ({', '.join(listing.class_names) or 'none'}) found; "
-            "classification needs at least two"
-        )
 
     items = sorted(listing.items, key=lambda it: it.rel)
     with atomic_dir(out_dir) as tmp:
-        stems = _copy_stems(items, class_index)
-        info = _check_all(items, dp["resize"], tmp, stems)
-        bad = [(it, reason) for it, reason in listing.bad]
-        bad += [(it, inf["error"]) for it, inf in zip(items, info) if "error" in inf]
-        bad.sort(key=lambda b: b[0].rel)
-        if bad and not dp["skip_invalid"]:
-            lines = [f"{it.path}: {reason}" for it, reason in bad]
-            raise DataError(
-                f"{len(bad)} unusable file(s) in {source}:\n" + format_lines(lines)
-                + "\nFix or remove them, or set data.skip_invalid: true to leave them out."
-            )
-        skipped = [{"path": it.rel, "reason": reason} for it, reason in bad]
-        if skipped:
-            warnings.warn(f"prepare: left out {len(skipped)} unusable file(s) of {source} (see summary.json 'skipped')",
-                          stacklevel=2)
-        good = [(it, inf) for it, inf in zip(items, info) if "error" not in inf]
-        items, info = [g[0] for g in good], [g[1] for g in good]
-
-        # Every class must still have something to train on.
-        has_split = listing.has_split and not listing.has_fold
-        trainable = Counter(it.label for it in items if not has_split or it.split == "train")
-        if listing.has_fold:
-            trainable = Counter(it.label for it in items if it.split != "test")
-        lacking = [name for name in listing.class_names if trainable[name] == 0]
-        if lacking:
-            raise DataError(
-                f"{source}: class(es) with no usable training file: {', '.join(lacking)}"
-                + (" (after leaving out unusable files)" if skipped else "")
-            )
-
+        info = _check_all(items, dp["resize"], tmp, _copy_stems(items, class_index))
+        items, info, skipped = _leave_out_unusable(source, listing, items, info, dp["skip_invalid"])
+        _check_trainable(source, listing, items, skipped)
         split, how = assign_splits(items, dp, seed, has_split=listing.has_split, has_fold=listing.has_fold)
         n_dropped = few_shot(items, split, dp["shots_per_class"], seed) if dp["shots_per_class"] else 0
         leaks, duplicates = find_leaks(items, split, info)
         if leaks:
-            msg = (f"prepare: {len(leaks)} image(s) with identical pixels appear in more than one split "
-                   "(data leak; see summary.json 'leaks')")
-            warnings.warn(msg, stacklevel=2)
-            log.warning(msg)
-
-        rows = []
-        for i in sorted(split, key=lambda i: (SPLITS.index(split[i]), items[i].rel)):
-            path = info[i]["copy"] if dp["resize"] else items[i].rel
-            rows.append((path, class_index[items[i].label], split[i], info[i]["sha256"]))
-        with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(["path", "label", "split", "sha256"])
-            writer.writerows(rows)
-        _write_json(tmp / "classes.json", listing.class_names)
-
-        counts = {s: {name: 0 for name in listing.class_names} for s in SPLITS}
-        for i, s in split.items():
-            counts[s][items[i].label] += 1
-        shapes = np.array([inf["shape"] for inf in info]) if info else np.zeros((0, 2), int)
+            _warn_leaks(leaks)
+        _write_manifest(tmp / "manifest.csv", items, info, split, class_index, copied=bool(dp["resize"]))
+        write_json(tmp / "classes.json", listing.class_names)
         summary = {
             "format_version": FORMAT_VERSION,
             "source": str(source),
@@ -363,25 +300,128 @@ def prepare(source, out_dir, params: dict) -> dict:
             "root": "." if dp["resize"] else _rel_to(listing.root, out_dir.parent / out_dir.name),
             "copied": bool(dp["resize"]),
             "is_3d": is_3d,
-            "classes": listing.class_names,
-            "num_classes": len(listing.class_names),
-            "counts": counts,
-            "totals": {s: sum(counts[s].values()) for s in SPLITS},
-            "split": how,
-            "few_shot_dropped": n_dropped,
+            **_split_summary(listing.class_names, items, split, how, n_dropped),
             "leaks": leaks,
             "num_leaks": len(leaks),
             "duplicates_within_split": duplicates,
             "skipped": skipped,
             "ignored": listing.ignored,
-            "dtypes": dict(sorted(Counter(inf["dtype"] for inf in info).items())),
-            # (T,)H,W of the stored pixels before any resize
-            "size_min": shapes.min(axis=0).tolist() if len(shapes) else [],
-            "size_max": shapes.max(axis=0).tolist() if len(shapes) else [],
+            **_pixel_summary(info),
             "seed": seed,
             "params": dp,
         }
-        _write_json(tmp / "summary.json", summary)
+        write_json(tmp / "summary.json", summary)
     log.info("prepared %s -> %s: %s, %d classes, %d leak(s), %d skipped",
              source, out_dir, summary["totals"], len(listing.class_names), len(leaks), len(skipped))
     return summary
+
+
+# The steps of `prepare`, in order. A warning is attributed to prepare's caller
+# (stacklevel=3: the step, prepare, its caller), as it was when prepare raised it itself.
+
+
+def _check_no_overlap(source: Path, out_dir: Path) -> None:
+    src_abs, out_abs = source.resolve(), out_dir.resolve()
+    if out_abs == src_abs or src_abs.is_relative_to(out_abs) or (source.is_dir() and out_abs.is_relative_to(src_abs)):
+        # Replacing out_dir would delete the source, or the output would be listed as a class.
+        raise DataError(f"output {out_dir} and data source {source} overlap; write the prepared data elsewhere")
+
+
+def _check_listing(source: Path, listing: Listing) -> bool:
+    """One kind of data (2D or 3D) and at least two classes; returns is_3d."""
+    kinds = {"2d" if it.path.is_file() and it.path.suffix.lower() not in (".npy", ".npz") else "3d": it for it in listing.items}
+    if len(kinds) > 1:
+        raise DataError(
+            f"{source}: mixes 2D images ({kinds['2d'].rel}) and 3D volumes/clips ({kinds['3d'].rel}); "
+            "prepare them as separate datasets"
+        )
+    if len(listing.class_names) < 2:
+        raise DataError(
+            f"{source}: only one class ({', '.join(listing.class_names) or 'none'}) found; "
+            "classification needs at least two"
+        )
+    return "3d" in kinds
+
+
+def _leave_out_unusable(source: Path, listing: Listing, items: list[Item], info: list[dict],
+                        skip_invalid: bool) -> tuple[list[Item], list[dict], list[dict]]:
+    """Items and their decode info without the unusable files; raise unless skip_invalid.
+
+    Returns (items, info, skipped) where `skipped` lists {path, reason} for summary.json.
+    """
+    bad = [(it, reason) for it, reason in listing.bad]
+    bad += [(it, inf["error"]) for it, inf in zip(items, info) if "error" in inf]
+    bad.sort(key=lambda b: b[0].rel)
+    if bad and not skip_invalid:
+        lines = [f"{it.path}: {reason}" for it, reason in bad]
+        raise DataError(
+            f"{len(bad)} unusable file(s) in {source}:\n" + format_lines(lines)
+            + "\nFix or remove them, or set data.skip_invalid: true to leave them out."
+        )
+    skipped = [{"path": it.rel, "reason": reason} for it, reason in bad]
+    if skipped:
+        warnings.warn(f"prepare: left out {len(skipped)} unusable file(s) of {source} (see summary.json 'skipped')",
+                      stacklevel=3)
+    good = [(it, inf) for it, inf in zip(items, info) if "error" not in inf]
+    return [g[0] for g in good], [g[1] for g in good], skipped
+
+
+def _check_trainable(source: Path, listing: Listing, items: list[Item], skipped: list[dict]) -> None:
+    """Every class must still have something to train on."""
+    has_split = listing.has_split and not listing.has_fold
+    trainable = Counter(it.label for it in items if not has_split or it.split == "train")
+    if listing.has_fold:
+        trainable = Counter(it.label for it in items if it.split != "test")
+    lacking = [name for name in listing.class_names if trainable[name] == 0]
+    if lacking:
+        raise DataError(
+            f"{source}: class(es) with no usable training file: {', '.join(lacking)}"
+            + (" (after leaving out unusable files)" if skipped else "")
+        )
+
+
+def _warn_leaks(leaks: list[dict]) -> None:
+    msg = (f"prepare: {len(leaks)} image(s) with identical pixels appear in more than one split "
+           "(data leak; see summary.json 'leaks')")
+    warnings.warn(msg, stacklevel=3)
+    log.warning(msg)
+
+
+def _write_manifest(path: Path, items: list[Item], info: list[dict], split: dict[int, str],
+                    class_index: dict[str, int], copied: bool) -> None:
+    """manifest.csv: path,label,split,sha256; rows by split (train, val, test), then path."""
+    rows = []
+    for i in sorted(split, key=lambda i: (SPLITS.index(split[i]), items[i].rel)):
+        rel = info[i]["copy"] if copied else items[i].rel
+        rows.append((rel, class_index[items[i].label], split[i], info[i]["sha256"]))
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["path", "label", "split", "sha256"])
+        writer.writerows(rows)
+
+
+def _split_summary(class_names: list[str], items: list[Item], split: dict[int, str], how: dict,
+                   n_dropped: int) -> dict:
+    """The summary's classes and counts per split and class, and how the split was made."""
+    counts = {s: {name: 0 for name in class_names} for s in SPLITS}
+    for i, s in split.items():
+        counts[s][items[i].label] += 1
+    return {
+        "classes": class_names,
+        "num_classes": len(class_names),
+        "counts": counts,
+        "totals": {s: sum(counts[s].values()) for s in SPLITS},
+        "split": how,
+        "few_shot_dropped": n_dropped,
+    }
+
+
+def _pixel_summary(info: list[dict]) -> dict:
+    """The summary's dtypes and sizes of the stored pixels."""
+    shapes = np.array([inf["shape"] for inf in info]) if info else np.zeros((0, 2), int)
+    return {
+        "dtypes": dict(sorted(Counter(inf["dtype"] for inf in info).items())),
+        # (T,)H,W of the stored pixels before any resize
+        "size_min": shapes.min(axis=0).tolist() if len(shapes) else [],
+        "size_max": shapes.max(axis=0).tolist() if len(shapes) else [],
+    }
