@@ -1,42 +1,94 @@
-"""Parameters: embedded defaults <- params.yaml <- `-S section.key=value` flags.
+"""Parameters: embedded defaults <- params.yaml <- best params <- `-S section.key=value` flags.
 
-`load_params` validates the result and reports every problem at once, each with the
-field's dotted name, so a user fixes params.yaml in one go.
+Every parameter is declared once, in `param_models` (pydantic models, one per section:
+type, default, bounds and help of each field). This module layers the sources and
+validates the result: `load_params` reports every problem at once, each with the field's
+dotted name and the file ("params.yaml: 3 problem(s): ..."), so a user fixes params.yaml
+in one go. Unknown keys are refused with their dotted name.
+
+Stages take the resolved params as a plain dict, not as the model: `load_params` returns
+``Params.model_dump()``. That dict is hashed into checkpoint fingerprints and cache keys
+(JSON with sorted keys), flattened into MLflow params, sent as JSON to KFP steps and
+compared by tests; plain values keep all of those stable and need no pydantic on the
+reading side. Numbers stay as written (``15`` is not turned into ``15.0``) for the same
+reason.
+
+Tuned values are a layer of loading: with ``tune.use_best`` true (or ``use_best=True``),
+the best-params file that `cladapter tune` writes applies between params.yaml and the
+flags. Reading it lives here; the tune package writes it and imports this module, never
+the other way round.
 """
 from __future__ import annotations
 
 import copy
-from importlib import resources
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
 from .errors import ParamsError
-
-METRICS = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "weighted_f1",
-           "weighted_precision", "weighted_recall", "roc_auc", "neg_loss")
+from .param_models import METRICS, Params, check  # noqa: F401  (METRICS: re-exported)
 
 
 def defaults() -> dict:
-    text = resources.files("cladapter_core").joinpath("defaults.yaml").read_text()
-    return yaml.safe_load(text)
+    """The embedded defaults: every parameter, as `load_params` returns them."""
+    return Params().model_dump()
 
 
-def _merge(base: dict, new: dict, prefix: str, problems: list[str], strict: bool) -> dict:
+# -- dotted names ------------------------------------------------------------------------------
+def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}, for MLflow params and tables."""
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def set_dotted(params: dict, name: str, value) -> None:
+    """params['a']['b'] = value for name 'a.b' (in place)."""
+    node = params
+    parts = name.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def get_dotted(params: dict, name: str, default=None):
+    """params['a']['b'] for name 'a.b'; `default` when a part is missing."""
+    node: Any = params
+    for part in name.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def nest(values: dict) -> dict:
+    """{'model.num_centers': 20} -> {'model': {'num_centers': 20}}."""
+    out: dict = {}
+    for k, v in values.items():
+        set_dotted(out, k, v)
+    return out
+
+
+# -- layers -----------------------------------------------------------------------------------
+def _merge(base: dict, new: dict, prefix: str, problems: list[str]) -> dict:
+    """`new` set over `base`, section by section; a key `base` lacks is a problem, not set.
+    ``model.backbone_kwargs`` is a free mapping: a layer replaces it whole."""
     out = copy.deepcopy(base)
     for key, value in (new or {}).items():
         name = f"{prefix}{key}"
         if key not in base:
-            if strict:
-                problems.append(f"{name}: unknown parameter")
-                continue
-            out[key] = value
+            problems.append(f"{name}: unknown parameter")
         elif isinstance(base[key], dict) and key != "backbone_kwargs":
             if not isinstance(value, dict):
                 problems.append(f"{name}: must be a mapping, got {value!r}")
                 continue
-            out[key] = _merge(base[key], value, name + ".", problems, strict)
+            out[key] = _merge(base[key], value, name + ".", problems)
         else:
             out[key] = value
     return out
@@ -57,169 +109,66 @@ def parse_overrides(items: Iterable[str] | dict | None) -> dict:
             pairs.append((k.strip(), yaml.safe_load(v) if v.strip() else None))
     nested: dict = {}
     for key, value in pairs:
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        set_dotted(nested, key, value)
     return nested
+
+
+def _read_params_file(path) -> dict | None:
+    """The mapping in the params file at `path`; None when the default params.yaml is absent."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        if str(path) != "params.yaml":
+            raise ParamsError(f"params file {path}: no such file")
+        return None
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    return data
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides=None,
                 validate: bool = True, use_best: bool | None = None) -> dict:
     """Resolved params: defaults, then the YAML file at `path` (if it exists), then the
     best-params file of `cladapter tune` when ``tune.use_best`` is true (`use_best`: True
-    or False forces it on or off), then overrides."""
+    or False forces it on or off), then overrides. Validated (unless `validate` is
+    False): the plain dict of `Params.model_dump()`; ParamsError listing every problem."""
     problems: list[str] = []
-    params = defaults()
-    source = "defaults"
-    if path is not None and Path(path).is_file():
+    params, source = defaults(), "defaults"
+    from_file = _read_params_file(path)
+    if from_file is not None:
         source = str(path)
-        try:
-            from_file = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ParamsError(f"{path}: not valid YAML ({e})") from e
-        if not isinstance(from_file, dict):
-            raise ParamsError(f"{path}: expected a mapping at the top level")
-        params = _merge(params, from_file, "", problems, strict=True)
-    elif path is not None and str(path) != "params.yaml":
-        raise ParamsError(f"params file {path}: no such file")
+        params = _merge(params, from_file, "", problems)
     flags = parse_overrides(overrides)
-    from .tune import best_params_layer
     best, best_file = best_params_layer(params, flags, use_best)
     if best_file:  # tuned values: above the params file, below the flags
-        params = _merge(params, best, f"{best_file}: ", problems, strict=True)
-    params = _merge(params, flags, "", problems, strict=True)
+        params = _merge(params, best, f"{best_file}: ", problems)
+    params = _merge(params, flags, "", problems)
     if validate:
-        problems += validate_params(params)
+        resolved, more = resolve(params)
+        problems += more
+        params = resolved if resolved is not None else params
     if problems:
         raise ParamsError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return params
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+# -- validation -------------------------------------------------------------------------------
+def resolve(params: dict) -> tuple[dict | None, list[str]]:
+    """(the validated params as a plain dict, []) or (None, every problem as a
+    'dotted.name: what is wrong, got value' line)."""
+    known = set(flatten({k: v for k, v in params.items() if k != "tune"})) \
+        if isinstance(params, dict) else set()
+    model, problems = check(params, known)
+    return (model.model_dump() if model is not None else None), problems
 
 
 def validate_params(p: dict) -> list[str]:
-    """Every problem in the params, as 'field: what is wrong' lines."""
-    from .config import INITS
-    from .model import MODES
-    out: list[str] = []
-
-    def need(cond: bool, field: str, what: str, value: Any) -> None:
-        if not cond:
-            out.append(f"{field}: {what}, got {value!r}")
-
-    def integer(field, value, low, allow_none=False):
-        if value is None and allow_none:
-            return
-        need(_is_int(value) and value >= low, field, f"must be an integer >= {low}", value)
-
-    def number(field, value, low=None, high=None, low_open=False):
-        ok = _is_num(value)
-        if ok and low is not None:
-            ok = value > low if low_open else value >= low
-        if ok and high is not None:
-            ok = value < high
-        rng = f"{'>' if low_open else '>='} {low}" if low is not None else ""
-        rng += f" and < {high}" if high is not None else ""
-        need(ok, field, f"must be a number {rng}".rstrip(), value)
-
-    integer("seed", p.get("seed"), 0)
-    d = p["data"]
-    need(isinstance(d["source"], str) and d["source"] != "", "data.source", "must be a path", d["source"])
-    number("data.val_fraction", d["val_fraction"], 0, 1)
-    number("data.test_fraction", d["test_fraction"], 0, 1)
-    if _is_num(d["val_fraction"]) and _is_num(d["test_fraction"]):
-        need(d["val_fraction"] + d["test_fraction"] < 1, "data.val_fraction + data.test_fraction",
-             "must be < 1", d["val_fraction"] + d["test_fraction"])
-    integer("data.shots_per_class", d["shots_per_class"], 1, allow_none=True)
-    integer("data.folds", d["folds"], 0)
-    integer("data.fold", d["fold"], 0)
-    if _is_int(d["folds"]) and _is_int(d["fold"]) and d["folds"] > 1:
-        need(d["fold"] < d["folds"], "data.fold", f"must be < data.folds ({d['folds']})", d["fold"])
-    integer("data.resize", d["resize"], 8, allow_none=True)
-    need(isinstance(d["skip_invalid"], bool), "data.skip_invalid", "must be true or false", d["skip_invalid"])
-
-    m = p["model"]
-    if not isinstance(m["backbone"], str) or not m["backbone"]:
-        out.append(f"model.backbone: must be a timm or torchvision video model name, got {m['backbone']!r}")
-    else:
-        from .backbones import check_backbone_name
-        from .errors import ModelError
-        try:
-            check_backbone_name(m["backbone"])
-        except ModelError as e:
-            out.append(f"model.backbone: {e}")
-    need(isinstance(m["backbone_kwargs"] or {}, dict), "model.backbone_kwargs", "must be a mapping", m["backbone_kwargs"])
-    size = m["input_size"]
-    need(size is None or (_is_int(size) and size > 0) or (isinstance(size, list) and size and all(
-        _is_int(v) and v > 0 for v in size)), "model.input_size", "must be null, H, [H, W] or [T, H, W]", size)
-    need(isinstance(m["pretrained"], bool), "model.pretrained", "must be true or false", m["pretrained"])
-    need(m["checkpoint"] is None or isinstance(m["checkpoint"], str), "model.checkpoint",
-         "must be a path or URI", m["checkpoint"])
-    integer("model.num_centers", m["num_centers"], 1)
-    integer("model.rank", m["rank"], 1)
-    integer("model.depth", m["depth"], 1)
-    number("model.mlp_ratio", m["mlp_ratio"], 0, low_open=True)
-    number("model.temperature", m["temperature"], 0, low_open=True)
-    need(m["init"] in INITS, "model.init", f"must be one of {', '.join(INITS)}", m["init"])
-    number("model.dropout", m["dropout"], 0, 1)
-
-    t = p["train"]
-    need(t["mode"] in MODES, "train.mode", f"must be one of {', '.join(MODES)}", t["mode"])
-    integer("train.batch_size", t["batch_size"], 1)
-    integer("train.num_workers", t["num_workers"], 0)
-    need(t["optimizer"] in ("adam", "adamw", "sgd"), "train.optimizer", "must be adam, adamw or sgd", t["optimizer"])
-    number("train.lr", t["lr"], 0, low_open=True)
-    number("train.weight_decay", t["weight_decay"], 0)
-    integer("train.warmup_epochs", t["warmup_epochs"], 0)
-    integer("train.grad_accum", t["grad_accum"], 1)
-    number("train.grad_clip", t["grad_clip"], 0)
-    need(isinstance(t["amp"], bool), "train.amp", "must be true or false", t["amp"])
-    need(t["select_metric"] in METRICS, "train.select_metric", f"must be one of {', '.join(METRICS)}", t["select_metric"])
-    integer("train.early_stopping", t["early_stopping"], 0)
-    need(isinstance(t["channels_last"], bool), "train.channels_last", "must be true or false", t["channels_last"])
-    need(isinstance(t["compile"], bool), "train.compile", "must be true or false", t["compile"])
-    c = t["cache"]
-    integer("train.cache.views", c["views"], 0, allow_none=True)
-    need(c["dtype"] in ("float16", "float32"), "train.cache.dtype", "must be float16 or float32", c["dtype"])
-    need(c["storage"] in ("memory", "disk"), "train.cache.storage", "must be memory or disk", c["storage"])
-    need(isinstance(c["dir"], str) and c["dir"] != "", "train.cache.dir", "must be a folder path", c["dir"])
-    a = t["augment"]
-    for k in ("hflip", "vflip"):
-        need(isinstance(a[k], bool), f"train.augment.{k}", "must be true or false", a[k])
-    for k in ("brightness", "contrast", "shift", "scale"):
-        number(f"train.augment.{k}", a[k], 0, 1)
-    number("train.augment.rotate", a["rotate"], 0, 180)
-
-    integer("stage1.epochs", p["stage1"]["epochs"], 0)
-    integer("stage2.epochs", p["stage2"]["epochs"], 0)
-    number("stage2.lr_factor", p["stage2"]["lr_factor"], 0, low_open=True)
-    need(p["evaluate"]["split"] in ("train", "val", "test"), "evaluate.split", "must be train, val or test", p["evaluate"]["split"])
-    exp = p["tracking"]["experiment"]
-    need(isinstance(exp, str) and exp.strip() != "", "tracking.experiment", "must be a non-empty name", exp)
-    need(p["register"]["metric"] in METRICS, "register.metric", f"must be one of {', '.join(METRICS)}", p["register"]["metric"])
-    number("register.margin", p["register"]["margin"])
-    from .tune import validate_tune_params
-    validate_tune_params(p, out)
-    return out
-
-
-def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}, for MLflow params and tables."""
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    """Every problem in the params, as 'field: what is wrong' lines (empty: valid)."""
+    return resolve(p)[1]
 
 
 def model_kwargs(params: dict) -> dict:
@@ -231,3 +180,61 @@ def model_kwargs(params: dict) -> dict:
                 mlp_ratio=m["mlp_ratio"], temperature=m["temperature"], init=m["init"],
                 dropout=m["dropout"], backbone_kwargs=m["backbone_kwargs"] or {},
                 input_size=m["input_size"])
+
+
+# -- tuned values -----------------------------------------------------------------------------
+def read_best_params(path) -> dict:
+    """The overrides in a best-params file (nested mapping); ParamsError when unreadable."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ParamsError(f"tune.best_params {path}: cannot read it ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise ParamsError(f"tune.best_params {path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ParamsError(f"tune.best_params {path}: expected a mapping of parameters, "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def best_params_layer(params_so_far: dict, flags: dict, use_best: bool | None) -> tuple[dict, str | None]:
+    """(overrides, file) for `load_params`: the best-params file's contents when tuning
+    results are to be used (`use_best` True, or None and ``tune.use_best`` true after the
+    flags), else ({}, None). A missing file is a warning, not an error: `prepare` runs
+    before the first search, and the values of params.yaml then stay."""
+    if use_best is False:
+        return {}, None
+    tune = dict(params_so_far.get("tune") or {})
+    flagged = (flags or {}).get("tune")
+    if isinstance(flagged, dict):
+        tune.update(flagged)
+    if not (use_best or tune.get("use_best") is True):
+        return {}, None
+    path = Path(str(tune.get("best_params") or defaults()["tune"]["best_params"]))
+    if not path.is_file():
+        print(f"warning: tune.use_best is true but {path} does not exist (run `cladapter tune`): "
+              "using the values of the params file", file=sys.stderr)
+        return {}, None
+    best = read_best_params(path)
+    shown = ", ".join(f"{k}={v}" for k, v in flatten(best).items())
+    print(f"tuned parameters from {path}: {shown or 'none'}", file=sys.stderr)
+    return best, str(path)
+
+
+def apply_best(params: dict, best) -> dict:
+    """`params` with the values of a best-params file (path) or mapping set over it,
+    validated (ParamsError naming the file's field)."""
+    where = str(best) if not isinstance(best, dict) else "best params"
+    values = flatten(best if isinstance(best, dict) else read_best_params(best))
+    known = flatten(params)
+    unknown = [k for k in values if k not in known and not k.startswith("model.backbone_kwargs.")]
+    if unknown:
+        raise ParamsError(f"{where}: unknown parameter(s) {', '.join(unknown)}")
+    p = copy.deepcopy(params)
+    for k, v in values.items():
+        set_dotted(p, k, v)
+    resolved, problems = resolve(p)
+    if problems:
+        raise ParamsError(f"{where}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return resolved
