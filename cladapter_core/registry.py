@@ -35,7 +35,6 @@ from pathlib import Path
 
 from . import tracking
 from .errors import TrackingError
-from .tracking import _errors
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 STATE_TAG = "cladapter.registration"
@@ -165,7 +164,7 @@ def register(model_dir: str | Path, eval_dir: str | Path, params: dict, *,
     tracking.configure(params)
     client = _client()
 
-    with _errors(f"looking up registered model {name!r}"):
+    with tracking.errors(f"looking up registered model {name!r}"):
         same = _versions_with_tag(client, name, "model_hash", model_hash)
         done = [v for v in same if v.tags.get(STATE_TAG) == "complete"]
         if done:
@@ -178,7 +177,7 @@ def register(model_dir: str | Path, eval_dir: str | Path, params: dict, *,
         tracking.stage_run(params, "register", data_hash)
     with run_ctx as run:
         run_id = run.info.run_id
-        with _errors("logging test metrics"):
+        with tracking.errors("logging test metrics"):
             mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
         tracking.log_artifacts_dir(eval_dir, "evaluation")
         model_uri = tracking.log_model(model_dir)
@@ -202,7 +201,7 @@ def _create_version(client, name: str, model_uri: str, tags: dict, description: 
 
     created_model, version, previous = False, None, None
     try:
-        with _errors(f"registering {model_uri} as {name!r}"):
+        with tracking.errors(f"registering {model_uri} as {name!r}"):
             try:
                 client.create_registered_model(name, description="CLAdapter models; aliases "
                                                "`champion` (serve) and `challenger` (newest)")
@@ -286,7 +285,7 @@ def promotion_lock(name: str, timeout: float = 120.0, stale_after: float = STALE
     owner = f"{_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     deadline = time.monotonic() + timeout
     while True:
-        with _errors(f"taking the promotion lock {lock!r}"):
+        with tracking.errors(f"taking the promotion lock {lock!r}"):
             held = _try_lock(client, lock, name, owner)
         if held is None:
             break
@@ -331,7 +330,7 @@ def promote(params: dict, dry_run: bool = False, *, version: int | str | None = 
     client = _client()
     lock = contextlib.nullcontext() if dry_run else promotion_lock(name, lock_timeout)
     with lock:
-        with _errors(f"reading registered model {name!r}"):
+        with tracking.errors(f"reading registered model {name!r}"):
             if version is not None:
                 candidate = client.get_model_version(name, str(version))
             else:
@@ -343,7 +342,7 @@ def promote(params: dict, dry_run: bool = False, *, version: int | str | None = 
         result = decide(candidate, champion, metric, margin)
         result.update(model_name=name, dry_run=dry_run)
         if not dry_run and result["decision"] != "unchanged":
-            with _errors(f"writing the promotion of {name!r} v{candidate.version}"):
+            with tracking.errors(f"writing the promotion of {name!r} v{candidate.version}"):
                 _apply(client, name, candidate, champion, result)
     return result
 
@@ -417,7 +416,7 @@ def lineage(model_uri: str) -> dict:
                             "or models:/<name>/<version>")
     name = m["name"]
     client = _client()
-    with _errors(f"looking up {model_uri}"):
+    with tracking.errors(f"looking up {model_uri}"):
         if m["alias"]:
             mv = _alias(client, name, m["alias"])
             if mv is None:

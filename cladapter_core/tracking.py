@@ -23,9 +23,10 @@ Grouping across processes
 
 Failure policy
     Problems a user can fix (unreachable server, bad credentials, missing files) raise
-    ``TrackingError`` naming the URI or path. Per-epoch logging from the trainer callback
-    never stops training: a failed write is kept and retried at the next epoch; values
-    still unsent when training ends fail the stage with a ``TrackingError``.
+    ``TrackingError`` naming the URI or path (`errors` wraps the MLflow calls). Per-epoch
+    logging from the trainer callback never stops training: a failed write is kept and
+    retried at the next epoch; values still unsent when training ends fail the stage with
+    a ``TrackingError``.
 """
 from __future__ import annotations
 
@@ -77,8 +78,16 @@ def _short(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _errors(what: str, uri: str | None = None) -> Iterator[None]:
-    """Turn MLflow/HTTP/S3 failures into a TrackingError that says what failed and where."""
+def errors(what: str, uri: str | None = None) -> Iterator[None]:
+    """Turn MLflow/HTTP/S3 failures inside the block into a TrackingError that says what
+    failed (`what`, e.g. "registering model x") and where (`uri`, else the tracking URI,
+    without its password), with a hint for S3 credential errors. CLAdapterErrors pass
+    through unchanged. Every MLflow call of the platform that a user can cause to fail
+    runs inside one::
+
+        with tracking.errors(f"looking up registered model {name!r}"):
+            client.get_registered_model(name)
+    """
     try:
         yield
     except CLAdapterError:
@@ -169,7 +178,7 @@ def configure(params: dict | None = None) -> dict:
     name = experiment_name(params)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
-    with _errors(f"selecting MLflow experiment {name!r}", uri):
+    with errors(f"selecting MLflow experiment {name!r}", uri):
         exp = client.get_experiment_by_name(name)
         if exp is None:
             try:
@@ -278,7 +287,10 @@ def data_hash(path: str | Path) -> str:
     return data_hash_and_source(path)[0]
 
 
-def _source_hash(params: dict) -> str | None:
+def data_source_hash(params: dict) -> str | None:
+    """The hash of the params' ``data.source`` (as `data_hash`: DVC's md5 or a content
+    hash), or None when there is none to take: no source, a remote source or one not made
+    yet. Part of `pipeline_id`; tags of runs that have no prepared data of their own."""
     source = (params.get("data") or {}).get("source")
     if not source:
         return None
@@ -303,7 +315,7 @@ def pipeline_id(params: dict, source_hash: str | None = None) -> str:
         return env if _SAFE_ID.match(env) else hashlib.sha256(env.encode()).hexdigest()[:16]
     commit, _ = git_commit()
     if source_hash is None:
-        source_hash = _source_hash(params) or str((params.get("data") or {}).get("source"))
+        source_hash = data_source_hash(params) or str((params.get("data") or {}).get("source"))
     blob = json.dumps({"git": commit, "params": params, "data": source_hash},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -325,9 +337,12 @@ def _param_value(v: Any) -> str:
     return text[:_PARAM_MAX]
 
 
-def _pipeline_parent(client, experiment_id: str, pid: str, params: dict,
-                     tags: dict) -> str:
-    """Run id of the pipeline's parent run; created when it does not exist yet."""
+def pipeline_parent(client, experiment_id: str, pid: str, params: dict, tags: dict) -> str:
+    """Run id of the parent run of pipeline execution `pid` in `experiment_id`: the
+    oldest active run tagged with `pid` and role "pipeline", created (with `tags` less
+    "stage", and the flattened `params`) when there is none. Stages or tuning sessions
+    starting at the same moment may each create one: all then keep the oldest and the
+    others are deleted. `client`: an ``mlflow.MlflowClient``."""
     from mlflow.entities import Param, ViewType
 
     flt = f"tags.`{PIPELINE_TAG}` = '{pid}' and tags.`{ROLE_TAG}` = 'pipeline'"
@@ -381,19 +396,18 @@ def stage_run(params: dict, stage: str, data_hash: str | None = None):
 
     cfg = configure(params)
     client = MlflowClient()
-    source_hash = None
-    if data_hash is None or not os.environ.get(PIPELINE_ENV):
-        source_hash = _source_hash(params)
+    needs_source = data_hash is None or not os.environ.get(PIPELINE_ENV)
+    source_hash = data_source_hash(params) if needs_source else None
     pid = pipeline_id(params, source_hash)
     tags = run_tags(params, stage, data_hash or source_hash)
     tags[PIPELINE_TAG] = pid
     active = mlflow.active_run()
-    with _errors(f"starting the MLflow run of stage {stage!r}"):
+    with errors(f"starting the MLflow run of stage {stage!r}"):
         if active is not None:
             parent_id, experiment_id = active.info.run_id, active.info.experiment_id
         else:
             experiment_id = cfg["experiment_id"]
-            parent_id = _pipeline_parent(client, experiment_id, pid, params, tags)
+            parent_id = pipeline_parent(client, experiment_id, pid, params, tags)
             client.update_run(parent_id, status="RUNNING")
         tags["mlflow.parentRunId"] = parent_id
         run = mlflow.start_run(experiment_id=experiment_id, run_name=str(stage), tags=tags,
@@ -401,7 +415,7 @@ def stage_run(params: dict, stage: str, data_hash: str | None = None):
     status = "FAILED"
     try:
         try:
-            with _errors(f"logging the params of stage {stage!r}"):
+            with errors(f"logging the params of stage {stage!r}"):
                 client.log_batch(run.info.run_id, params=[
                     Param(k, _param_value(v)) for k, v in _flat(params).items()])
                 mlflow.log_dict(params, "params.json")
@@ -411,7 +425,7 @@ def stage_run(params: dict, stage: str, data_hash: str | None = None):
             # Not `with run:` - closing the run on a server that went away must neither
             # hide the stage's own error nor end the stage in a raw traceback.
             if status == "FINISHED":
-                with _errors(f"ending the MLflow run of stage {stage!r}"):
+                with errors(f"ending the MLflow run of stage {stage!r}"):
                     mlflow.end_run(status)
             else:
                 with contextlib.suppress(Exception):
@@ -542,7 +556,7 @@ def log_artifacts_dir(path: str | Path, artifact_path: str | None = None) -> str
     _active_run_id(f"log_artifacts_dir({path})")
     if not path.exists():
         raise TrackingError(f"cannot log artifacts: {path} does not exist")
-    with _errors(f"uploading {path} to the run's artifacts"):
+    with errors(f"uploading {path} to the run's artifacts"):
         if path.is_dir():
             mlflow.log_artifacts(str(path), artifact_path)
         else:
@@ -565,7 +579,7 @@ def log_evaluation(eval_dir: str | Path, metrics: dict | None = None, split: str
         except (OSError, ValueError) as e:
             raise TrackingError(f"{path}: cannot read the metrics ({e})") from e
     values = {f"{split}_{k}": float(v) for k, v in _flat(metrics).items() if _numeric(v)}
-    with _errors("logging the evaluation metrics"):
+    with errors("logging the evaluation metrics"):
         mlflow.log_metrics(values)
     return log_artifacts_dir(eval_dir, "evaluation")
 
@@ -696,7 +710,7 @@ def log_model(model_dir: str | Path, registered_name: str | None = None) -> str:
         raise TrackingError(f"{cfg_path}: unusable model config ({e})") from e
     _active_run_id("log_model")
     example = np.full((1, *config["input_size"]), 0.5, dtype=np.float32)
-    with _errors(f"logging model {model_dir}"):
+    with errors(f"logging model {model_dir}"):
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT, python_model=pyfunc_class()(),
             artifacts={"model_dir": str(model_dir)}, signature=signature,

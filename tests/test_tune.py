@@ -11,8 +11,8 @@ from cladapter_core import cli
 from cladapter_core.data import make_demo_data, prepare
 from cladapter_core.errors import ParamsError
 from cladapter_core.params import load_params, parse_overrides
-from cladapter_core.tune import (TuneError, check_space, finish_study, open_storage, open_study,
-                                 tune, tune_worker)
+from cladapter_core.tune import (TuneError, check_space, finish_study, open_storage, open_study, suggest,
+                                 trial_params, tune, tune_worker)
 
 TINY = [
     "model.backbone=vit_tiny_patch16_224",
@@ -222,3 +222,17 @@ def test_best_params_precedence_and_the_dvc_placeholder(workdir, capsys):
     capsys.readouterr()
     assert load_params("params.yaml", ["tune.use_best=true"])["model"]["num_centers"] == 30
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_space_choices_written_as_text_are_the_numbers_training_reads():
+    # YAML 1.1 reads 1e-4 as text; the params read it as the float wherever a float is expected.
+    params = tiny("tune.space=[{param: train.lr, choices: [1e-4, 1.0e-3]}, {param: model.rank, low: 4, high: 8}]")
+    assert params["tune"]["space"][0]["choices"] == ["1e-4", 1e-3]  # as written
+    space = check_space(params)
+    assert space[0]["choices"] == [1e-4, 1e-3] and all(type(v) is float for v in space[0]["choices"])
+    assert space[1] == {"param": "model.rank", "low": 4, "high": 8}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    values = suggest(study.ask(), space, params)
+    assert type(values["train.lr"]) is float and type(values["model.rank"]) is int
+    p = trial_params(params, values)
+    assert p["train"]["lr"] in (1e-4, 1e-3) and load_params(None, p) == p
