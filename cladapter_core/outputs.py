@@ -52,12 +52,12 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
     if out_dir.exists() or out_dir.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.rmdir(old)
-        os.rename(out_dir, old)
+        os.replace(out_dir, old)
     try:
-        os.rename(tmp, out_dir)
+        os.replace(tmp, out_dir)
     except BaseException:
         if old is not None:
-            os.rename(old, out_dir)  # put the previous output back
+            os.replace(old, out_dir)  # put the previous output back
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -48,14 +48,14 @@ def test_atomic_dir_puts_the_old_output_back_when_the_final_rename_fails(tmp_pat
     out = tmp_path / "prepared"
     out.mkdir()
     (out / "manifest.csv").write_text("v1")
-    real_rename = os.rename
+    real_replace = os.replace
 
-    def rename(src, dst):
+    def replace(src, dst):
         if str(src).startswith(str(tmp_path / ".prepared.tmp-")):
             raise OSError("disk full")  # the new output cannot move into place
-        return real_rename(src, dst)
+        return real_replace(src, dst)
 
-    monkeypatch.setattr(outputs.os, "rename", rename)
+    monkeypatch.setattr(outputs.os, "replace", replace)
     with pytest.raises(OSError, match="disk full"):
         with outputs.atomic_dir(out) as tmp:
             (tmp / "manifest.csv").write_text("v2")

@@ -54,11 +54,11 @@ def test_prepare_killed_anywhere_leaves_old_or_nothing_and_reruns_to_the_same_sp
     # An earlier output in place, killed after it was moved aside, before the new one
     # was renamed in: nothing is at the output path (DVC sees the stage as not done).
     previous = plant_previous(out, reference.dir / "prepared", PREPARED_FILES)
-    must_be_killed(run.prepare.run_killed_at("os:rename", 1, "after", "prepared"), "prepare")
+    must_be_killed(run.prepare.run_killed_at("os:replace", 1, "after", "prepared"), "prepare")
     assert classify(out, PREPARED_FILES, ref, previous) == "absent"
 
     # No earlier output; killed with the new one complete in its temp dir, not yet renamed.
-    must_be_killed(run.prepare.run_killed_at("os:rename", 1, "before", "prepared"), "prepare")
+    must_be_killed(run.prepare.run_killed_at("os:replace", 1, "before", "prepared"), "prepare")
     assert classify(out, PREPARED_FILES, ref) == "absent"
 
     # A seeded random moment, with an earlier output in place.
