@@ -46,10 +46,41 @@ PARAM_FIELDS = {
     "promotion_margin": "register.margin",
 }
 DERIVED_FIELDS = {"stage2.lr_factor": "stage2_lr", "data.source": "dataset_uri"}
+# register.auto_promote: promote only when true (the pipeline's condition around promote).
+AUTO_PROMOTE_FIELD = "register.auto_promote"
 PREPARED = "prepared"   # inside the Dataset artifact: prepare's output ...
 SOURCE = "source"       # ... and the data it indexes (manifest paths point here)
+SOURCE_REF = "source.json"  # ... and where the data came from (uri, path, revision as a SHA)
 CKPT_FILE = "last.pt"
 SYNC_ENV = "CLADAPTER_CHECKPOINT_SYNC_S"
+# Secret keys a deployment may leave empty: the Secrets always hold every key (the oldest
+# supported KFP backend cannot mark a key optional), and an empty value means "not set".
+OPTIONAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ENDPOINT_URL",
+                "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+
+
+def drop_empty_env(names=OPTIONAL_ENV) -> list[str]:
+    """Unset the variables of `names` that are set but empty (boto3 and MLflow would take
+    an empty endpoint or region for a real one); returns those unset."""
+    dropped = [n for n in names if n in os.environ and not os.environ[n].strip()]
+    for n in dropped:
+        del os.environ[n]
+    return dropped
+
+
+def use_scratch() -> str | None:
+    """Temporary files (downloads, torchrun's params) on the step's ephemeral volume,
+    `$CLADAPTER_SCRATCH`, when it is mounted (not under kfp.local)."""
+    folder = os.environ.get("CLADAPTER_SCRATCH", "")
+    if folder and os.path.isdir(folder) and os.access(folder, os.W_OK):
+        tempfile.tempdir = folder
+        return folder
+    return None
+
+
+# Every component body imports this module before anything else runs.
+drop_empty_env()
+use_scratch()
 
 
 # -- params ------------------------------------------------------------------------------
@@ -63,8 +94,35 @@ def split_overrides(text: str) -> list[str]:
     return items
 
 
-def resolve_params(values: dict, params_overrides: str = "") -> dict:
-    """The full params dict of a pipeline run: embedded defaults, then `params_overrides`
+def _has_field(field: str) -> bool:
+    from cladapter_core.params import defaults, get_dotted
+    return get_dotted(defaults(), field, _MISSING) is not _MISSING
+
+
+_MISSING = object()
+
+
+def param_fields() -> dict:
+    """Pipeline parameter -> params field, for the fields this version of the params has
+    (`register.auto_promote` may be absent from older params models)."""
+    fields = dict(PARAM_FIELDS)
+    if _has_field(AUTO_PROMOTE_FIELD):
+        fields["auto_promote"] = AUTO_PROMOTE_FIELD
+    return fields
+
+
+def _merge_into(node: dict, new: dict) -> None:
+    """`new` set over `node` in place, section by section; backbone_kwargs replaced whole."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(node.get(key), dict) and key != "backbone_kwargs":
+            _merge_into(node[key], value)
+        else:
+            node[key] = value
+
+
+def resolve_params(values: dict, params_overrides: str = "", base: dict | None = None) -> dict:
+    """The full params dict of a pipeline run: `base` (the params file the pipeline was
+    compiled from; None: the embedded defaults), then `params_overrides`
     (`section.key=value` items for anything the pipeline has no parameter for, e.g.
     `data.shots_per_class=12`), then the pipeline's parameters in `values`.
 
@@ -74,15 +132,17 @@ def resolve_params(values: dict, params_overrides: str = "") -> dict:
     from cladapter_core.params import load_params, parse_overrides
 
     extra = split_overrides(params_overrides)
-    fields = {**{v: k for k, v in PARAM_FIELDS.items()}, **DERIVED_FIELDS}
+    known = param_fields()
+    fields = {**{v: k for k, v in known.items()}, **DERIVED_FIELDS}
     for item in extra:
         key = item.split("=", 1)[0].strip()
         if key in fields:
             raise ParamsError(f"params_overrides: {key} is set by the pipeline parameter "
                               f"{fields[key]!r}; change that parameter instead")
-    overrides = parse_overrides(extra)
+    layered = json.loads(json.dumps(base)) if base else {}
+    _merge_into(layered, parse_overrides(extra))
     given: dict = {}
-    for name, field in PARAM_FIELDS.items():
+    for name, field in known.items():
         if name in values:
             value = values[name]
             if name == "checkpoint_uri" and not value:
@@ -99,13 +159,13 @@ def resolve_params(values: dict, params_overrides: str = "") -> dict:
     if isinstance(given.get("model.backbone_kwargs"), dict):
         given["model.backbone_kwargs"] = _whole_numbers_as_int(given["model.backbone_kwargs"])
     for field, value in given.items():
-        node = overrides
+        node = layered
         *parents, last = field.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
-    # Tuned values come from the pipeline's tune step, never from a file on the pod.
-    return load_params(None, overrides, use_best=False)
+    # Tuned values come from the pipeline's tune steps, never from a file on the pod.
+    return load_params(None, layered, use_best=False)
 
 
 def _whole_numbers_as_int(value):
@@ -168,7 +228,7 @@ def fetch_source(dataset_uri: str, dataset_path: str, dataset_rev: str, dest: Pa
         if not path:
             raise DataError(f"dataset_uri {uri} is a DVC repository: set dataset_path to the "
                             "data's path in it (e.g. data/images)")
-        return _dvc_get(uri, path, rev, dest)
+        return _dvc_get(uri, path, resolve_rev(uri, rev), dest)
     if not local.is_dir():
         raise DataError(f"dataset_uri {uri}: not `demo`, an s3:// prefix, a DVC repository "
                         "or an existing folder")
@@ -229,14 +289,70 @@ def _dvc_get(repo: str, path: str, rev: str, dest: Path) -> Path:
     return out
 
 
+def resolve_rev(repo: str, rev: str) -> str:
+    """A DVC repository's revision (branch, tag, empty: the default branch) as the commit
+    SHA it points to now, so every later step and the run's tags name the same data."""
+    rev = (rev or "").strip()
+    if len(rev) == 40 and all(c in "0123456789abcdef" for c in rev.lower()):
+        return rev
+    if shutil.which("git") is None:
+        raise DataError(f"resolving revision {rev or 'HEAD'} of {repo} needs `git`, which is not installed here")
+    proc = subprocess.run(["git", "ls-remote", repo, rev or "HEAD"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    lines = [ln.split() for ln in proc.stdout.splitlines() if ln.strip()]
+    if proc.returncode != 0 or not lines:
+        raise DataError(f"revision {rev or 'HEAD'} of the DVC repository {repo}: not found "
+                        f"({(proc.stderr or '').strip()[-500:] or 'no such branch or tag'})")
+    # a tag may be listed twice (`v1` and the commit it points to, `v1^{}`): take the commit
+    peeled = [sha for sha, ref in lines if ref.endswith("^{}")]
+    return peeled[0] if peeled else lines[0][0]
+
+
+def source_ref(dataset_uri: str, dataset_path: str, dataset_rev: str) -> dict:
+    """Where a dataset's files are: kind (demo, s3, dvc, folder), uri, path, and for a
+    DVC repository the revision as a commit SHA."""
+    uri, path = (dataset_uri or "").strip(), (dataset_path or "").strip().strip("/")
+    local = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    if uri == "demo":
+        kind = "demo"
+    elif uri.startswith("s3://"):
+        kind = "s3"
+    elif _is_dvc_repo_url(uri) or dataset_rev.strip() or (local.is_dir() and (local / ".dvc").is_dir()):
+        kind = "dvc"
+    else:
+        kind = "folder"
+    ref = {"kind": kind, "uri": uri, "path": path, "rev": ""}
+    if kind == "dvc":
+        ref["rev"] = resolve_rev(uri, dataset_rev)
+    return ref
+
+
+def read_source_ref(dataset_dir) -> dict | None:
+    path = Path(dataset_dir) / SOURCE_REF
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def dataset_metadata(dataset_dir, summary: dict) -> dict:
+    """What the KFP UI shows on the Dataset artifact."""
+    ref = read_source_ref(dataset_dir) or {}
+    return {"source": ref.get("uri"), "dataset_path": ref.get("path"), "dataset_rev": ref.get("rev"),
+            "num_classes": summary["num_classes"], "classes": summary["classes"], **summary["totals"],
+            "leaks": summary["num_leaks"], "skipped": len(summary["skipped"]),
+            "data_hash": dataset_hash(dataset_dir)}
+
+
 def prepare_task(dataset_uri: str, dataset_path: str, dataset_rev: str, params: dict,
                  out_dir) -> dict:
     """Fetch the dataset into `out_dir/source`, prepare it into `out_dir/prepared`
-    (manifest paths relative to it, so the whole folder travels as one artifact)."""
+    (manifest paths relative to it, so the whole folder travels as one artifact), and
+    record where it came from in `out_dir/source.json` (a DVC revision as its SHA)."""
     from cladapter_core.data import prepare
+    from cladapter_core.outputs import write_json
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    source = fetch_source(dataset_uri, dataset_path, dataset_rev, out_dir / SOURCE)
+    ref = source_ref(dataset_uri, dataset_path, dataset_rev)
+    write_json(out_dir / SOURCE_REF, ref)
+    source = fetch_source(dataset_uri, dataset_path, ref["rev"] or dataset_rev, out_dir / SOURCE)
     summary = prepare(source, out_dir / PREPARED, params)
     if Path(summary.get("root", ".")).is_absolute():
         raise DataError(f"{out_dir / PREPARED}: manifest root {summary['root']} is absolute; "
@@ -281,17 +397,34 @@ def pipeline_env(pipeline_id: str):
 
 
 @contextlib.contextmanager
-def stage_tracking(params: dict, stage: str, pipeline_id: str, data_hash: str | None):
+def stage_tracking(params: dict, stage: str, pipeline_id: str, data_hash: str | None,
+                   pipeline_name: str = "", dataset_dir=None):
     """The MLflow stage run of one step, a child of the pipeline run `pipeline_id`
-    (the KFP run id); yields None when tracking is off (CLADAPTER_TRACKING=0)."""
+    (the KFP run id) and tagged with its lineage (`components.lineage`); the parent run
+    is named after the KFP run (`pipeline_name`). Yields None when tracking is off
+    (CLADAPTER_TRACKING=0)."""
     if not tracking_enabled():
         yield None
         return
     from cladapter_core import tracking
+    from components import lineage
+    source = read_source_ref(dataset_dir) if dataset_dir is not None else None
     with pipeline_env(pipeline_id):
         tracking.check_tracking()
         with tracking.stage_run(params, stage, data_hash=data_hash) as run:
+            tags = lineage.lineage_tags(pipeline_id, pipeline_name, data_hash or "", source)
+            with tracking.errors(f"tagging the MLflow run of stage {stage!r}"):
+                lineage.tag_stage_and_parent(run, tags, pipeline_name)
             yield run
+
+
+def close_pipeline_run(pipeline_id: str, pipeline_name: str, state: str, error: str = "") -> str:
+    """The exit handler's work (`lineage.close_pipeline_run`); nothing when tracking is off."""
+    if not tracking_enabled():
+        return f"pipeline run ended {state} (tracking off)"
+    from components import lineage
+    with pipeline_env(pipeline_id):
+        return lineage.close_pipeline_run(pipeline_id, pipeline_name, state, error)
 
 
 # -- checkpoints that outlive the pod ------------------------------------------------------
@@ -450,7 +583,8 @@ def _torchrun(params: dict, prepared: Path, out: Path, stage: int, init_from, np
 
 
 def train_task(params: dict, dataset_dir, out_dir, stage: int, init_from=None,
-               pipeline_id: str = "", checkpoint_prefix: str = "", num_gpus: int = 1) -> dict:
+               pipeline_id: str = "", checkpoint_prefix: str = "", num_gpus: int = 1,
+               pipeline_name: str = "", data_hash: str = "") -> dict:
     """One training stage of a pipeline run; returns the trainer's summary.
 
     `num_gpus` > 1 runs DDP through torchrun (one process per GPU). With
@@ -470,7 +604,8 @@ def train_task(params: dict, dataset_dir, out_dir, stage: int, init_from=None,
     if store is not None and store.restore(local_ckpt):
         print(f"checkpoint restored from {store.uri}")
     watch = store.watch(local_ckpt) if store is not None else contextlib.nullcontext()
-    with stage_tracking(params, f"train_stage{stage}", pipeline_id, dataset_hash(dataset_dir)) as run:
+    with stage_tracking(params, f"train_stage{stage}", pipeline_id, data_hash or dataset_hash(dataset_dir),
+                        pipeline_name, dataset_dir) as run:
         with watch:
             if num_gpus > 1:
                 summary = _torchrun(params, prepared, out, stage, init_from, num_gpus,
@@ -507,55 +642,79 @@ def summary_metrics(summary: dict) -> dict[str, float]:
 
 
 # -- tuning --------------------------------------------------------------------------------
-def tune_task(params: dict, dataset_dir, out_dir, n_trials: int,
-              pipeline_id: str = "") -> tuple[dict, dict | None]:
-    """With `n_trials` > 0, an Optuna search (`tune.tune`) writing best_params.yaml,
-    summary.json, trials.csv and the figures into `out_dir`; returns the params with the
-    best values applied and the summary. With 0, no search: the params unchanged and an
-    empty best_params.yaml. The default SQLite study lives in `out_dir` (kept with the
-    artifact); a PostgreSQL `tune.storage` lets a retried step resume the study."""
-    from cladapter_core import tune
-    from cladapter_core.params import defaults
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if n_trials <= 0:
-        tune.write_best_params(out / tune.BEST_FILE, {}, "Tuning off (tune_trials = 0): no tuned values.")
-        return params, None
-    storage = params["tune"]["storage"]
-    if storage == defaults()["tune"]["storage"]:
-        storage = f"sqlite:///{(out / 'optuna.db').resolve()}"
-    track = tracking_enabled()
+def tune_plan_task(params: dict, n_trials: int, n_workers: int, pipeline_id: str = "") -> list[int]:
+    """`tuning.tune_plan` in the pipeline run's MLflow context."""
+    from components import tuning
+    with pipeline_env(pipeline_id):
+        return tuning.tune_plan(params, n_trials, n_workers, pipeline_id, tracking_enabled())
+
+
+def tune_worker_task(params: dict, dataset_dir, worker_index: int, n_trials: int, n_workers: int,
+                     pipeline_id: str = "", pipeline_name: str = "", data_hash: str = "") -> dict:
+    """One tuning worker (`tuning.tune_worker`): its share of the trials."""
     import optuna
+
+    from components import tuning
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # tune prints one line per trial
     with pipeline_env(pipeline_id):
-        if track:
+        if tracking_enabled():
             from cladapter_core import tracking
             tracking.check_tracking()
-        summary = tune.tune(params, prepared_dir(dataset_dir), out, n_trials=n_trials,
-                            storage=storage, track=track)
-    return tune.apply_best(params, out / tune.BEST_FILE), summary
+        done = tuning.tune_worker(params, prepared_dir(dataset_dir), worker_index, n_trials,
+                                  n_workers, pipeline_id, tracking_enabled())
+    print(f"worker {worker_index}: trials {done['trials']} ({done['complete']} completed, "
+          f"{done['pruned']} pruned, {done['failed']} failed)")
+    return done
+
+
+def tune_finish_task(params: dict, out_dir, pipeline_id: str = "", pipeline_name: str = "") -> tuple[dict, dict]:
+    """The study's results (`tuning.tune_finish`); returns (tuned params, summary)."""
+    from components import tuning
+    with pipeline_env(pipeline_id):
+        return tuning.tune_finish(params, out_dir, pipeline_id, tracking_enabled())
 
 
 # -- evaluation, registry ------------------------------------------------------------------
-def evaluate_task(params: dict, dataset_dir, model_dir, out_dir, pipeline_id: str = "") -> dict:
+def evaluate_task(params: dict, dataset_dir, model_dir, out_dir, pipeline_id: str = "",
+                  pipeline_name: str = "", data_hash: str = "") -> dict:
     """Evaluate into `out_dir` (metrics.json, confusion_matrix.json, report.html, ...);
     logs the metrics (`<split>_<name>`) and the folder to the MLflow stage run."""
     from cladapter_core import tracking
     from cladapter_core.evaluate import evaluate
     prepared = prepared_dir(dataset_dir)
-    with stage_tracking(params, "evaluate", pipeline_id, dataset_hash(dataset_dir)) as run:
+    with stage_tracking(params, "evaluate", pipeline_id, data_hash or dataset_hash(dataset_dir),
+                        pipeline_name, dataset_dir) as run:
         metrics = evaluate(model_dir, prepared, out_dir, params)
         if run is not None:
             tracking.log_evaluation(out_dir, metrics, split=params["evaluate"]["split"])
     return metrics
 
 
-def register_task(params: dict, dataset_dir, model_dir, eval_dir, pipeline_id: str = "") -> dict:
+def gate_value(params: dict, metrics: dict) -> float:
+    """The value the pipeline's gate compares with `min_metric`: `register.metric` (the
+    metric promotion compares), as evaluate computed it on the test split."""
+    name = params["register"]["metric"]
+    if name not in metrics:
+        raise CLAdapterError(f"evaluation has no {name!r} (register.metric); it has: "
+                             f"{', '.join(sorted(metrics))}")
+    value = float(metrics[name])
+    return value if math.isfinite(value) else -1e30  # NaN: the gate stays shut
+
+
+def register_task(params: dict, model_dir, eval_dir, pipeline_id: str = "",
+                  pipeline_name: str = "", data_hash: str = "") -> dict:
+    """Register the model (`registry.register`); reads no data: `data_hash` is prepare's."""
     from cladapter_core import registry
-    with stage_tracking(params, "register", pipeline_id, dataset_hash(dataset_dir)) as run:
+    from components import lineage
+    with stage_tracking(params, "register", pipeline_id, data_hash or None, pipeline_name) as run:
         if run is None:
             raise CLAdapterError("register needs MLflow: unset CLADAPTER_TRACKING=0")
-        return registry.register(model_dir, eval_dir, params)
+        reg = registry.register(model_dir, eval_dir, params, data_hash=data_hash or None)
+        tags = lineage.lineage_tags(pipeline_id, pipeline_name, data_hash)
+        from cladapter_core import tracking
+        with tracking.errors(f"tagging {reg['name']} version {reg['version']}"):
+            lineage.tag_model_version(reg["name"], reg["version"], tags)
+        return reg
 
 
 def promote_task(params: dict, version: str) -> dict:

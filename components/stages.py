@@ -4,9 +4,11 @@ nothing is pip-installed at run time) and whose body only turns KFP artifacts in
 and calls `components.runtime`, which calls `cladapter_core`.
 
 KFP serialises each function's source, so the bodies import what they use.
+`pipeline_id` / `pipeline_name` are the KFP run's id and name (placeholders the backend
+fills in): the MLflow parent run is found by the id and named after the name.
 """
 
-from typing import NamedTuple
+from typing import List, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
@@ -20,12 +22,13 @@ _IN_IMAGE = dict(base_image=IMAGE, install_kfp_package=False)
 
 @dsl.component(**_IN_IMAGE)
 def resolve_params(
-    dataset_uri: str, seed: int, backbone: str, backbone_kwargs: dict, pretrained: bool,
-    checkpoint_uri: str, num_centers: int, batch_size: int, stage1_epochs: int,
-    stage1_lr: float, stage2_epochs: int, stage2_lr: float, model_name: str,
-    promotion_margin: float, params_overrides: str,
+    base_params: str, dataset_uri: str, seed: int, backbone: str, backbone_kwargs: dict,
+    pretrained: bool, checkpoint_uri: str, num_centers: int, batch_size: int,
+    stage1_epochs: int, stage1_lr: float, stage2_epochs: int, stage2_lr: float,
+    model_name: str, promotion_margin: float, auto_promote: bool, params_overrides: str,
 ) -> NamedTuple("ResolvedParams", [("params", str), ("data_params", str)]):
-    """The run's parameters -> the full, validated params (JSON); every problem at once."""
+    """The params file the pipeline was compiled from (`base_params`), then the run's
+    parameters -> the full, validated params (JSON); every problem at once."""
     import json
 
     from components import runtime
@@ -34,51 +37,80 @@ def resolve_params(
                   checkpoint_uri=checkpoint_uri, num_centers=num_centers,
                   batch_size=batch_size, stage1_epochs=stage1_epochs, stage1_lr=stage1_lr,
                   stage2_epochs=stage2_epochs, stage2_lr=stage2_lr, model_name=model_name,
-                  promotion_margin=promotion_margin)
-    params = runtime.resolve_params(values, params_overrides)
+                  promotion_margin=promotion_margin, auto_promote=auto_promote)
+    params = runtime.resolve_params(values, params_overrides, base=json.loads(base_params))
     print(json.dumps(params, indent=2, sort_keys=True))
     return (json.dumps(params, sort_keys=True), json.dumps(runtime.data_part(params), sort_keys=True))
 
 
 @dsl.component(**_IN_IMAGE)
 def prepare(dataset_uri: str, dataset_path: str, dataset_rev: str, data_params: str,
-            dataset: Output[Dataset]):
-    """Fetch the dataset, validate and split it; the artifact holds data + manifest."""
+            dataset: Output[Dataset]) -> str:
+    """Validate and split the dataset; the artifact holds the manifest, classes, summary
+    and a reference to the files (not a copy). Returns the data hash."""
     from components import runtime
     params = runtime.params_from_json(data_params)
     summary = runtime.prepare_task(dataset_uri, dataset_path, dataset_rev, params, dataset.path)
-    dataset.metadata.update({"source": dataset_uri, "num_classes": summary["num_classes"],
-                             "classes": summary["classes"], **summary["totals"],
-                             "leaks": summary["num_leaks"], "skipped": len(summary["skipped"])})
+    dataset.metadata.update(runtime.dataset_metadata(dataset.path, summary))
+    return runtime.dataset_hash(dataset.path)
 
 
 @dsl.component(**_IN_IMAGE)
-def tune(params: str, dataset: Input[Dataset], n_trials: int, pipeline_id: str,
-         tuning: Output[Artifact], metrics: Output[Metrics]) -> str:
-    """Optuna search over tune.space when n_trials > 0; returns the params to train with
-    (the best trial's values applied), else the params unchanged."""
+def tune_plan(params: str, n_trials: int, n_workers: int, pipeline_id: str) -> List[int]:
+    """Check the search (space, shared study storage) and create the study; returns the
+    workers' indices, over which the pipeline fans out."""
+    from components import runtime
+    return runtime.tune_plan_task(runtime.params_from_json(params), n_trials, n_workers, pipeline_id)
+
+
+@dsl.component(**_IN_IMAGE)
+def tune_worker(params: str, dataset: Input[Dataset], worker_index: int, n_trials: int,
+                n_workers: int, pipeline_id: str, pipeline_name: str, data_hash: str,
+                metrics: Output[Metrics]):
+    """One worker of the search: its share of the trials on the run's shared study."""
+    from components import runtime
+    done = runtime.tune_worker_task(runtime.params_from_json(params), dataset.path, worker_index,
+                                    n_trials, n_workers, pipeline_id, pipeline_name, data_hash)
+    for key in ("complete", "pruned", "failed", "epochs"):
+        metrics.log_metric(key, float(done[key]))
+
+
+@dsl.component(**_IN_IMAGE)
+def tune_finish(params: str, pipeline_id: str, pipeline_name: str, tuning: Output[Artifact],
+                metrics: Output[Metrics]) -> str:
+    """The study's results (best_params.yaml, trials, figures); returns the params to
+    train with: the best trial's values applied."""
     import json
 
     from components import runtime
-    p = runtime.params_from_json(params)
-    tuned, summary = runtime.tune_task(p, dataset.path, tuning.path, n_trials, pipeline_id)
-    if summary is not None:
-        metrics.log_metric("best_val_macro_f1", float(summary["best_value"]))
-        for key in ("n_trials", "complete", "pruned", "failed"):
-            metrics.log_metric(key, float(summary[key]))
-        tuning.metadata.update({"best_params": summary["best_params"], "study": summary["study_name"]})
+    tuned, summary = runtime.tune_finish_task(runtime.params_from_json(params), tuning.path,
+                                              pipeline_id, pipeline_name)
+    metrics.log_metric("best_val_macro_f1", float(summary["best_value"]))
+    for key in ("n_trials", "complete", "pruned", "failed"):
+        metrics.log_metric(key, float(summary[key]))
+    tuning.metadata.update({"best_params": summary["best_params"], "study": summary["study_name"]})
     return json.dumps(tuned, sort_keys=True)
 
 
 @dsl.component(**_IN_IMAGE)
-def train_stage1(params: str, dataset: Input[Dataset], pipeline_id: str,
-                 checkpoint_prefix: str, num_gpus: int, model: Output[Model],
+def untuned(params: str) -> str:
+    """Tuning off: the params, unchanged (the other branch of the tuning condition)."""
+    import json
+
+    from components import runtime
+    return json.dumps(runtime.params_from_json(params), sort_keys=True)
+
+
+@dsl.component(**_IN_IMAGE)
+def train_stage1(params: str, dataset: Input[Dataset], pipeline_id: str, pipeline_name: str,
+                 data_hash: str, checkpoint_prefix: str, num_gpus: int, model: Output[Model],
                  metrics: Output[Metrics]):
     """Stage 1: backbone frozen, adapter + head trained."""
     from components import runtime
     p = runtime.params_from_json(params)
     summary = runtime.train_task(p, dataset.path, model.path, stage=1, pipeline_id=pipeline_id,
-                                 checkpoint_prefix=checkpoint_prefix, num_gpus=num_gpus)
+                                 checkpoint_prefix=checkpoint_prefix, num_gpus=num_gpus,
+                                 pipeline_name=pipeline_name, data_hash=data_hash)
     model.metadata.update(runtime.model_metadata(p, summary))
     for name, value in runtime.summary_metrics(summary).items():
         metrics.log_metric(name, value)
@@ -86,14 +118,14 @@ def train_stage1(params: str, dataset: Input[Dataset], pipeline_id: str,
 
 @dsl.component(**_IN_IMAGE)
 def train_stage2(params: str, dataset: Input[Dataset], stage1_model: Input[Model],
-                 pipeline_id: str, checkpoint_prefix: str, num_gpus: int,
-                 model: Output[Model], metrics: Output[Metrics]):
+                 pipeline_id: str, pipeline_name: str, data_hash: str, checkpoint_prefix: str,
+                 num_gpus: int, model: Output[Model], metrics: Output[Metrics]):
     """Stage 2: from the stage-1 weights, everything trained at lr * stage2.lr_factor."""
     from components import runtime
     p = runtime.params_from_json(params)
     summary = runtime.train_task(p, dataset.path, model.path, stage=2, init_from=stage1_model.path,
                                  pipeline_id=pipeline_id, checkpoint_prefix=checkpoint_prefix,
-                                 num_gpus=num_gpus)
+                                 num_gpus=num_gpus, pipeline_name=pipeline_name, data_hash=data_hash)
     model.metadata.update(runtime.model_metadata(p, summary))
     for name, value in runtime.summary_metrics(summary).items():
         metrics.log_metric(name, value)
@@ -101,34 +133,38 @@ def train_stage2(params: str, dataset: Input[Dataset], stage1_model: Input[Model
 
 @dsl.component(**_IN_IMAGE)
 def evaluate(params: str, dataset: Input[Dataset], model: Input[Model], pipeline_id: str,
-             metrics: Output[Metrics], confusion_matrix: Output[ClassificationMetrics],
-             report: Output[HTML], evaluation: Output[Artifact]) -> float:
+             pipeline_name: str, data_hash: str, metrics: Output[Metrics],
+             confusion_matrix: Output[ClassificationMetrics], report: Output[HTML],
+             evaluation: Output[Artifact]) -> float:
     """Test-split metrics, confusion matrix, report.html; the full folder as `evaluation`.
-    Returns the macro-F1, which the pipeline's gate compares (a single return value:
-    kfp.local resolves a condition on it, not on a NamedTuple field)."""
+    Returns the value of `register.metric`, which the pipeline's gate compares (a single
+    return value: kfp.local resolves a condition on it, not on a NamedTuple field)."""
     import json
     import shutil
     from pathlib import Path
 
     from components import runtime
     p = runtime.params_from_json(params)
-    values = runtime.evaluate_task(p, dataset.path, model.path, evaluation.path, pipeline_id)
+    values = runtime.evaluate_task(p, dataset.path, model.path, evaluation.path, pipeline_id,
+                                   pipeline_name=pipeline_name, data_hash=data_hash)
     for name, value in values.items():
         metrics.log_metric(name, value)
     cm = json.loads((Path(evaluation.path) / "confusion_matrix.json").read_text())
     confusion_matrix.log_confusion_matrix(cm["labels"], cm["matrix"])
     shutil.copyfile(Path(evaluation.path) / "report.html", report.path)
-    return float(values.get("macro_f1", 0.0))
+    return runtime.gate_value(p, values)
 
 
 @dsl.component(**_IN_IMAGE)
-def register(params: str, dataset: Input[Dataset], model: Input[Model],
-             evaluation: Input[Artifact], pipeline_id: str,
+def register(params: str, model: Input[Model], evaluation: Input[Artifact], pipeline_id: str,
+             pipeline_name: str, data_hash: str,
              ) -> NamedTuple("Registration", [("model_name", str), ("version", str)]):
-    """A new version of the registered model, alias `challenger` (idempotent)."""
+    """A new version of the registered model, alias `challenger` (idempotent). Reads no
+    data: the data hash comes from prepare."""
     from components import runtime
     p = runtime.params_from_json(params)
-    reg = runtime.register_task(p, dataset.path, model.path, evaluation.path, pipeline_id)
+    reg = runtime.register_task(p, model.path, evaluation.path, pipeline_id,
+                                pipeline_name=pipeline_name, data_hash=data_hash)
     print(f"{'registered' if reg['created'] else 'already registered'}: {reg['name']} "
           f"version {reg['version']} (run {reg['run_id']})")
     return (str(reg["name"]), str(reg["version"]))
@@ -143,3 +179,12 @@ def promote(params: str, version: str,
     print(f"promotion of {res['model_name']} v{res['candidate']} ({res['metric']} "
           f"{res['candidate_value']}): {res['decision']} - {res['reason']}")
     return (str(res["decision"]), str(res["champion_after"]))
+
+
+@dsl.component(**_IN_IMAGE)
+def close_pipeline_run(pipeline_id: str, pipeline_name: str, status: dsl.PipelineTaskFinalStatus):
+    """Exit handler: runs however the pipeline ended. When a step failed (or its pod was
+    killed), the MLflow parent run and any stage run still RUNNING are closed as FAILED."""
+    from components import runtime
+    print(runtime.close_pipeline_run(pipeline_id, pipeline_name, status.state,
+                                     status.error_message))

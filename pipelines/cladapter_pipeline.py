@@ -1,124 +1,185 @@
-"""The CLAdapter Kubeflow pipeline: params -> prepare -> tune (optional search) ->
-stage-1 training -> stage-2 training -> evaluation -> (gate) register -> promote.
+"""The CLAdapter Kubeflow pipeline: params -> prepare -> [tune_trials > 0: plan -> N
+workers in parallel -> finish] -> stage-1 training -> stage-2 training -> evaluation ->
+[metric >= min_metric] register -> [auto_promote] promote; an exit handler closes the
+MLflow parent run (FAILED when a step died).
 
-- `cladapter_pipeline`: the pipeline; its parameters are what a user sets in the KFP UI
-  (defaults: the embedded params, i.e. params.yaml's values).
+- `build_pipeline(train_gpus, params_file)`: the pipeline; its parameters are what a user
+  sets in the KFP UI, their defaults come from the params file it is compiled from
+  (`pipelines/params/production.yaml` by default; the demo is `pipelines/params/demo.yaml`),
+  and its steps start from the same resolved params.
 - `compile_pipeline()`: writes `pipelines/cladapter_pipeline.yaml`, the file to upload.
 - `submit(host, ...)`: compiles and starts a run through the KFP API (kfp.Client).
 - `run_local(...)`: the same pipeline on this machine with `kfp.local` (each step a
   subprocess in the current Python environment; Kubernetes settings are ignored).
 
-Cluster settings: tuning, training and evaluation request one `nvidia.com/gpu`
-(tolerating the usual GPU-node taint) with CPU and memory; tuning and training retry
-(preempted nodes), training resuming from its checkpoint when `checkpoint_prefix` is set; prepare is cached; MLflow and S3
-credentials come from the Secrets `cladapter-mlflow` and `cladapter-s3`
-(infra/k8s/README.md); register and promote run only when evaluation passes the gate
-`macro_f1 >= min_macro_f1`.
+Backend compatibility: the compiled YAML's Kubernetes settings use only fields that the
+kfp-kubernetes proto `KFP_KUBERNETES_PROTO` knows, the proto the driver of the oldest
+supported KFP backend (`OLDEST_KFP_BACKEND`) parses them with; its driver rejects any
+field it does not know, so every step of a newer-only YAML would fail before it starts.
+tests/test_kfp_backend.py parses the platform spec with that published proto.
+
+Cluster settings: tuning workers, training and evaluation request `nvidia.com/gpu`
+(tolerating the usual GPU-node taint), a memory-backed /dev/shm, and a scratch volume;
+every step has CPU/memory requests and limits and a timeout (`TIMEOUTS`); tuning and
+training retry failures of their main container, training resuming from its checkpoint
+(see pipelines/README.md for what is and is not retried); prepare is cached; MLflow and
+S3 credentials come from the Secrets `cladapter-mlflow` and `cladapter-s3`
+(infra/k8s/README.md).
 """
 
 import inspect
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import List
 
 import yaml
 from kfp import compiler, dsl, kubernetes
 
 from cladapter_core.errors import CLAdapterError
-from cladapter_core.params import defaults
+from cladapter_core.params import load_params
 from components import stages
 
 PIPELINE_NAME = "cladapter-pipeline"
 PIPELINE_FILE = Path(__file__).with_name("cladapter_pipeline.yaml")
+PARAMS_DIR = Path(__file__).with_name("params")
+PRODUCTION_PARAMS = PARAMS_DIR / "production.yaml"   # the compiled defaults (the KFP UI's)
+DEMO_PARAMS = PARAMS_DIR / "demo.yaml"               # run-local's: the digits on a tiny ViT
 GPU = "nvidia.com/gpu"
 RUNNER_SERVICE_ACCOUNT = "cladapter-pipeline-runner"
 DEFAULT_EXPERIMENT = "cladapter"
 
-# Secret -> {key: env var}; required keys must exist in the Secret, optional ones may not
-# (a server without basic auth; AWS S3 itself needs no endpoint).
+# The oldest KFP backend the compiled pipeline runs on (Kubeflow platform 1.10 ships it),
+# and the kfp-kubernetes proto its driver parses each executor's Kubernetes config with.
+# Newer backends accept what this proto accepts (they parse older SDKs' pipelines).
+OLDEST_KFP_BACKEND = "2.5.0"
+KFP_KUBERNETES_PROTO = "1.5.0"
+
+# Secret -> env vars it must hold. Every key is required: kfp-kubernetes <= 2.14 protos have
+# no `optional` on secretAsEnv, so the Secrets hold every key and an empty value means
+# "not set" (components.runtime.drop_empty_env unsets it in the step).
 MLFLOW_SECRET, S3_SECRET = "cladapter-mlflow", "cladapter-s3"
 SECRET_KEYS = {
-    MLFLOW_SECRET: {"required": ["MLFLOW_TRACKING_URI"],
-                    "optional": ["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"]},
-    S3_SECRET: {"required": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
-                "optional": ["AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION"]},
+    MLFLOW_SECRET: ["MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"],
+    S3_SECRET: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
+                "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION"],
 }
+# Keys that must hold a value (the others may be empty).
+REQUIRED_KEYS = {MLFLOW_SECRET: ["MLFLOW_TRACKING_URI"],
+                 S3_SECRET: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]}
 # CPU / memory (request, limit) per step.
 RESOURCES = {
     "params": (("0.5", "1"), ("512Mi", "1Gi")),
     "prepare": (("2", "4"), ("4Gi", "8Gi")),
     "train": (("4", "8"), ("16Gi", "32Gi")),
+    "tune": (("4", "8"), ("16Gi", "32Gi")),
     "evaluate": (("2", "4"), ("8Gi", "16Gi")),
     "registry": (("1", "2"), ("2Gi", "4Gi")),
 }
+# Seconds a step's pod may run (activeDeadlineSeconds) before Kubernetes stops it.
+TIMEOUTS = {"params": 600, "prepare": 4 * 3600, "tune": 24 * 3600, "train": 24 * 3600,
+            "evaluate": 4 * 3600, "registry": 1800}
 TRAIN_RETRIES = 3
 TRAIN_BACKOFF = "60s"
-
-_D = defaults()
+SCRATCH_MOUNT = "/scratch"
+DEFAULT_SCRATCH = "100Gi"
 
 
 def _resources(task, kind: str):
     (cpu_req, cpu_lim), (mem_req, mem_lim) = RESOURCES[kind]
-    return (task.set_cpu_request(cpu_req).set_cpu_limit(cpu_lim)
-            .set_memory_request(mem_req).set_memory_limit(mem_lim))
+    task.set_cpu_request(cpu_req).set_cpu_limit(cpu_lim)
+    task.set_memory_request(mem_req).set_memory_limit(mem_lim)
+    kubernetes.set_timeout(task, TIMEOUTS[kind])
+    return task.set_env_variable("CLADAPTER_IMAGE", stages.IMAGE)
 
 
 def _secrets(task, *names: str):
     for name in names:
-        keys = SECRET_KEYS[name]
-        kubernetes.use_secret_as_env(task, name, {k: k for k in keys["required"]})
-        kubernetes.use_secret_as_env(task, name, {k: k for k in keys["optional"]}, optional=True)
+        kubernetes.use_secret_as_env(task, name, {k: k for k in SECRET_KEYS[name]})
+    # kfp-kubernetes writes `optional: false` (its default) on every entry; the oldest
+    # supported backend's proto has no such field and would refuse the step.
+    for entry in task.platform_config["kubernetes"].get("secretAsEnv", []):
+        if entry.get("optional") is False:
+            del entry["optional"]
     return task
 
 
-def _gpu(task, count: int):
+def _gpu(task, count: int, scratch: str):
     task.set_accelerator_type(GPU).set_accelerator_limit(count)
     kubernetes.add_toleration(task, key=GPU, operator="Exists", effect="NoSchedule")
     # DataLoader workers and NCCL exchange tensors through /dev/shm (64 MiB by default).
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
-    return task
+    return _scratch(task, scratch)
 
 
-def build_pipeline(train_gpus: int = 1):
-    """The pipeline function; `train_gpus` GPUs of one node per training step (> 1: DDP
-    through torchrun). A node shape is a cluster decision, so it is fixed at compile time."""
+def _scratch(task, size: str):
+    """A generic ephemeral volume for the step's local copy of the data (deleted with the pod)."""
+    kubernetes.add_ephemeral_volume(task, volume_name="scratch", mount_path=SCRATCH_MOUNT,
+                                    access_modes=["ReadWriteOnce"], size=size)
+    return task.set_env_variable("CLADAPTER_SCRATCH", SCRATCH_MOUNT)
+
+
+def dataset_default(source) -> str:
+    """The UI default of `dataset_uri` from the params' `data.source`: kept when it means
+    something inside a pod (`demo`, s3://, a git URL), else empty (the user must set it)."""
+    text = str(source or "")
+    if text == "demo" or text.startswith(("s3://", "git@", "git://", "ssh://", "http://", "https://")):
+        return text
+    return ""
+
+
+def load_pipeline_params(params_file=None) -> dict:
+    """The resolved params a pipeline is compiled from (production defaults unless given)."""
+    return load_params(str(params_file or PRODUCTION_PARAMS), use_best=False)
+
+
+def build_pipeline(train_gpus: int = 1, params_file=None, scratch_size: str = DEFAULT_SCRATCH):
+    """The pipeline function: parameter defaults from `params_file`; `train_gpus` GPUs of
+    one node per training step (> 1: DDP through torchrun); `scratch_size` of ephemeral
+    volume on the steps that copy data locally. Node shape and volume size are cluster
+    decisions, fixed at compile time."""
     if not isinstance(train_gpus, int) or train_gpus < 1:
         raise CLAdapterError(f"train_gpus must be an integer >= 1, got {train_gpus!r}")
-    m, t, reg = _D["model"], _D["train"], _D["register"]
+    P = load_pipeline_params(params_file)
+    m, t, reg = P["model"], P["train"], P["register"]
+    base_params = json.dumps(P, sort_keys=True)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=(
         "CLAdapter: adapt a pretrained vision backbone to a small dataset with a Cluster "
         "Attention Adapter and Staged Fine-Tuning; evaluate, register and promote in MLflow."))
     def cladapter_pipeline(
-        dataset_uri: str = "demo",
+        dataset_uri: str = dataset_default(P["data"]["source"]),
         dataset_path: str = "",
         dataset_rev: str = "",
         backbone: str = m["backbone"],
-        backbone_kwargs: dict = m["backbone_kwargs"],
+        backbone_kwargs: dict = m["backbone_kwargs"] or {},
         pretrained: bool = m["pretrained"],
         checkpoint_uri: str = m["checkpoint"] or "",
         num_centers: int = m["num_centers"],
-        stage1_epochs: int = _D["stage1"]["epochs"],
-        stage1_lr: float = t["lr"],
-        stage2_epochs: int = _D["stage2"]["epochs"],
-        stage2_lr: float = float(f"{t['lr'] * _D['stage2']['lr_factor']:.12g}"),
+        stage1_epochs: int = P["stage1"]["epochs"],
+        stage1_lr: float = float(t["lr"]),
+        stage2_epochs: int = P["stage2"]["epochs"],
+        stage2_lr: float = float(f"{t['lr'] * P['stage2']['lr_factor']:.12g}"),
         batch_size: int = t["batch_size"],
-        seed: int = _D["seed"],
+        seed: int = P["seed"],
         model_name: str = reg["model_name"],
         promotion_margin: float = float(reg["margin"]),
-        min_macro_f1: float = 0.0,
+        min_metric: float = 0.0,
+        auto_promote: bool = bool(reg.get("auto_promote", True)),
         tune_trials: int = 0,
+        tune_workers: int = 2,
         checkpoint_prefix: str = "",
         params_overrides: str = "",
     ):
-        """The CLAdapter pipeline (defaults: the embedded params, as in params.yaml).
+        """The CLAdapter pipeline (defaults: the params file it was compiled from).
 
         Args:
-            dataset_uri: `demo`, an s3://bucket/prefix, a DVC repository (git URL) or a folder.
+            dataset_uri: Required: s3://bucket/prefix or a DVC repository (git URL); `demo`: the bundled digits.
             dataset_path: Path inside the S3 prefix or the DVC repository (DVC: required).
-            dataset_rev: DVC revision (branch, tag, commit); empty: the default branch.
+            dataset_rev: DVC revision (branch, tag, commit); empty: the default branch. Recorded as its commit SHA.
             backbone: timm model name.
-            backbone_kwargs: Arguments of timm.create_model for the backbone.
+            backbone_kwargs: Arguments of timm.create_model; keep empty for the backbone's native input size.
             pretrained: Download timm's pretrained weights (needs internet).
             checkpoint_uri: Backbone weights from s3://, file:// or a path instead; empty: none.
             num_centers: K, the number of cluster centers of the adapter.
@@ -130,58 +191,88 @@ def build_pipeline(train_gpus: int = 1):
             seed: Seed of the splits, the initialisation and the sample order.
             model_name: MLflow registered model.
             promotion_margin: How much better on register.metric a new model must be than the champion.
-            min_macro_f1: Register and promote only when the test macro-F1 reaches this.
-            tune_trials: More than 0: an Optuna search of that many trials over tune.space first.
-            checkpoint_prefix: s3:// prefix where training checkpoints are kept so a retried step resumes; empty: a retry starts over.
-            params_overrides: Further params.yaml fields, `section.key=value` separated by `;` or new lines.
+            min_metric: Register (and promote) only when the test value of register.metric reaches this.
+            auto_promote: Move the champion alias when the new version wins; false: register only.
+            tune_trials: More than 0: an Optuna search of that many trials over tune.space first (needs a PostgreSQL tune.storage).
+            tune_workers: Parallel tuning workers (pods, one GPU each) sharing the study.
+            checkpoint_prefix: s3:// prefix for training checkpoints, so a retried step resumes; empty: a retry starts over.
+            params_overrides: Further params fields, `section.key=value` separated by `;` or new lines.
         """
-        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        cfg = stages.resolve_params(
-            dataset_uri=dataset_uri, seed=seed, backbone=backbone, backbone_kwargs=backbone_kwargs,
-            pretrained=pretrained, checkpoint_uri=checkpoint_uri, num_centers=num_centers,
-            batch_size=batch_size, stage1_epochs=stage1_epochs, stage1_lr=stage1_lr,
-            stage2_epochs=stage2_epochs, stage2_lr=stage2_lr, model_name=model_name,
-            promotion_margin=promotion_margin, params_overrides=params_overrides)
-        cfg.set_display_name("params")
-        _resources(cfg, "params")
+        run_id, run_name = dsl.PIPELINE_JOB_ID_PLACEHOLDER, dsl.PIPELINE_JOB_NAME_PLACEHOLDER
+        closer = stages.close_pipeline_run(pipeline_id=run_id, pipeline_name=run_name)
+        closer.set_display_name("close MLflow run").set_caching_options(False)
+        _secrets(_resources(closer, "params"), MLFLOW_SECRET)
+        with dsl.ExitHandler(closer, name="pipeline"):
+            _steps(locals(), base_params, train_gpus, scratch_size, run_id, run_name)
 
-        data = stages.prepare(dataset_uri=dataset_uri, dataset_path=dataset_path,
-                              dataset_rev=dataset_rev, data_params=cfg.outputs["data_params"])
-        data.set_display_name("prepare").set_caching_options(True)
-        _secrets(_resources(data, "prepare"), S3_SECRET)
+    return cladapter_pipeline
 
-        tuned = stages.tune(params=cfg.outputs["params"], dataset=data.outputs["dataset"],
-                            n_trials=tune_trials, pipeline_id=run_id)
-        params = tuned.outputs["Output"]  # the params every later step uses
 
-        s1 = stages.train_stage1(params=params, dataset=data.outputs["dataset"], pipeline_id=run_id,
-                                 checkpoint_prefix=checkpoint_prefix, num_gpus=train_gpus)
-        s2 = stages.train_stage2(params=params, dataset=data.outputs["dataset"],
-                                 stage1_model=s1.outputs["model"], pipeline_id=run_id,
-                                 checkpoint_prefix=checkpoint_prefix, num_gpus=train_gpus)
-        # Tuning trials run one at a time on one GPU; training may take several (DDP).
-        for task, name, gpus in ((tuned, "tune", 1), (s1, "train stage 1", train_gpus),
-                                 (s2, "train stage 2", train_gpus)):
-            task.set_display_name(name).set_caching_options(False)
-            task.set_retry(num_retries=TRAIN_RETRIES, backoff_duration=TRAIN_BACKOFF, backoff_factor=2.0)
-            _secrets(_gpu(_resources(task, "train"), gpus), MLFLOW_SECRET, S3_SECRET)
+def _steps(a: dict, base_params: str, train_gpus: int, scratch: str, run_id, run_name) -> None:
+    """The steps inside the exit handler; `a`: the pipeline's parameters (channels)."""
+    cfg = stages.resolve_params(
+        base_params=base_params, dataset_uri=a["dataset_uri"], seed=a["seed"], backbone=a["backbone"],
+        backbone_kwargs=a["backbone_kwargs"], pretrained=a["pretrained"],
+        checkpoint_uri=a["checkpoint_uri"], num_centers=a["num_centers"], batch_size=a["batch_size"],
+        stage1_epochs=a["stage1_epochs"], stage1_lr=a["stage1_lr"], stage2_epochs=a["stage2_epochs"],
+        stage2_lr=a["stage2_lr"], model_name=a["model_name"], promotion_margin=a["promotion_margin"],
+        auto_promote=a["auto_promote"], params_overrides=a["params_overrides"])
+    _resources(cfg.set_display_name("params"), "params")
 
-        ev = stages.evaluate(params=params, dataset=data.outputs["dataset"],
-                             model=s2.outputs["model"], pipeline_id=run_id)
-        ev.set_display_name("evaluate").set_caching_options(False)
-        _secrets(_gpu(_resources(ev, "evaluate"), 1), MLFLOW_SECRET, S3_SECRET)
+    data = stages.prepare(dataset_uri=a["dataset_uri"], dataset_path=a["dataset_path"],
+                          dataset_rev=a["dataset_rev"], data_params=cfg.outputs["data_params"])
+    data.set_display_name("prepare").set_caching_options(True)
+    _secrets(_scratch(_resources(data, "prepare"), scratch), S3_SECRET)
+    dataset, data_hash = data.outputs["dataset"], data.outputs["Output"]
+    common = dict(pipeline_id=run_id, pipeline_name=run_name, data_hash=data_hash)
 
-        with dsl.If(ev.outputs["Output"] >= min_macro_f1, name="macro_f1 >= min_macro_f1"):
-            reg_task = stages.register(params=params, dataset=data.outputs["dataset"],
-                                       model=s2.outputs["model"],
-                                       evaluation=ev.outputs["evaluation"], pipeline_id=run_id)
-            reg_task.set_display_name("register").set_caching_options(False)
-            _secrets(_resources(reg_task, "registry"), MLFLOW_SECRET, S3_SECRET)
+    params = _tuning(a, cfg.outputs["params"], dataset, common, scratch)
+    s1 = stages.train_stage1(params=params, dataset=dataset, checkpoint_prefix=a["checkpoint_prefix"],
+                             num_gpus=train_gpus, **common)
+    s2 = stages.train_stage2(params=params, dataset=dataset, stage1_model=s1.outputs["model"],
+                             checkpoint_prefix=a["checkpoint_prefix"], num_gpus=train_gpus, **common)
+    for task, name in ((s1, "train stage 1"), (s2, "train stage 2")):
+        task.set_display_name(name).set_caching_options(False)
+        task.set_retry(num_retries=TRAIN_RETRIES, backoff_duration=TRAIN_BACKOFF, backoff_factor=2.0)
+        _secrets(_gpu(_resources(task, "train"), train_gpus, scratch), MLFLOW_SECRET, S3_SECRET)
+
+    ev = stages.evaluate(params=params, dataset=dataset, model=s2.outputs["model"], **common)
+    ev.set_display_name("evaluate").set_caching_options(False)
+    _secrets(_gpu(_resources(ev, "evaluate"), 1, scratch), MLFLOW_SECRET, S3_SECRET)
+
+    with dsl.If(ev.outputs["Output"] >= a["min_metric"], name="metric >= min_metric"):
+        reg_task = stages.register(params=params, model=s2.outputs["model"],
+                                   evaluation=ev.outputs["evaluation"], **common)
+        reg_task.set_display_name("register").set_caching_options(False)
+        _secrets(_resources(reg_task, "registry"), MLFLOW_SECRET, S3_SECRET)
+        with dsl.If(a["auto_promote"] == True, name="auto_promote"):  # noqa: E712 (a KFP condition)
             pro = stages.promote(params=params, version=reg_task.outputs["version"])
             pro.set_display_name("promote").set_caching_options(False)
             _secrets(_resources(pro, "registry"), MLFLOW_SECRET)
 
-    return cladapter_pipeline
+
+def _tuning(a: dict, params, dataset, common: dict, scratch: str):
+    """tune_trials > 0: plan, the workers in parallel, finish; else the params unchanged.
+    Returns the params channel the training steps take (dsl.OneOf of the two branches)."""
+    with dsl.If(a["tune_trials"] > 0, name="tuning"):
+        plan = stages.tune_plan(params=params, n_trials=a["tune_trials"], n_workers=a["tune_workers"],
+                                pipeline_id=common["pipeline_id"])
+        plan.set_display_name("tune plan").set_caching_options(False)
+        _secrets(_resources(plan, "params"), MLFLOW_SECRET)
+        with dsl.ParallelFor(plan.output, name="tune workers") as index:
+            worker = stages.tune_worker(params=params, dataset=dataset, worker_index=index,
+                                        n_trials=a["tune_trials"], n_workers=a["tune_workers"], **common)
+            worker.set_display_name("tune worker").set_caching_options(False)
+            worker.set_retry(num_retries=TRAIN_RETRIES, backoff_duration=TRAIN_BACKOFF, backoff_factor=2.0)
+            _secrets(_gpu(_resources(worker, "tune"), 1, scratch), MLFLOW_SECRET, S3_SECRET)
+        finish = stages.tune_finish(params=params, pipeline_id=common["pipeline_id"],
+                                    pipeline_name=common["pipeline_name"]).after(worker)
+        finish.set_display_name("tune finish").set_caching_options(False)
+        _secrets(_resources(finish, "registry"), MLFLOW_SECRET, S3_SECRET)
+    with dsl.Else(name="no tuning"):
+        same = stages.untuned(params=params)
+        _resources(same.set_display_name("untuned").set_caching_options(False), "params")
+    return dsl.OneOf(finish.outputs["Output"], same.output)
 
 
 cladapter_pipeline = build_pipeline()
@@ -225,11 +316,14 @@ def parse_arguments(items) -> dict:
     return out
 
 
-def compile_pipeline(out=PIPELINE_FILE, train_gpus: int = 1) -> Path:
-    """Compile to `out` (default pipelines/cladapter_pipeline.yaml), written atomically."""
+def compile_pipeline(out=PIPELINE_FILE, train_gpus: int = 1, params_file=None,
+                     scratch_size: str = DEFAULT_SCRATCH) -> Path:
+    """Compile to `out` (default pipelines/cladapter_pipeline.yaml), written atomically;
+    parameter defaults from `params_file` (default pipelines/params/production.yaml)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pipeline = cladapter_pipeline if train_gpus == 1 else build_pipeline(train_gpus)
+    default = train_gpus == 1 and params_file is None and scratch_size == DEFAULT_SCRATCH
+    pipeline = cladapter_pipeline if default else build_pipeline(train_gpus, params_file, scratch_size)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".yaml", dir=out.parent)
     os.close(fd)
     try:
@@ -244,13 +338,17 @@ def compile_pipeline(out=PIPELINE_FILE, train_gpus: int = 1) -> Path:
 
 def submit(host: str, arguments: dict | None = None, experiment: str = DEFAULT_EXPERIMENT,
            run_name: str | None = None, namespace: str | None = None,
-           service_account: str | None = RUNNER_SERVICE_ACCOUNT,
-           enable_caching: bool | None = None, package=None, train_gpus: int = 1) -> str:
+           service_account: str | None = None,
+           enable_caching: bool | None = None, package=None, train_gpus: int = 1,
+           params_file=None) -> str:
     """Start a run on the KFP API at `host`; returns the run id. Compiles the pipeline
-    to a temporary file unless `package` (a compiled YAML) is given."""
+    (defaults from `params_file`) to a temporary file unless `package` (a compiled YAML)
+    is given. `service_account`: None runs as the namespace's KFP default (standalone:
+    `pipeline-runner` in `kubeflow`; multi-user: `default-editor` in the profile), which
+    the install overlays grant the pipeline's Secrets to."""
     import kfp
     with tempfile.TemporaryDirectory(prefix="cladapter-kfp-") as tmp:
-        path = Path(package) if package else compile_pipeline(Path(tmp) / "pipeline.yaml", train_gpus)
+        path = Path(package) if package else compile_pipeline(Path(tmp) / "pipeline.yaml", train_gpus, params_file)
         if not path.is_file():
             raise CLAdapterError(f"pipeline package {path}: no such file")
         try:
@@ -267,9 +365,11 @@ def submit(host: str, arguments: dict | None = None, experiment: str = DEFAULT_E
     return result.run_id
 
 
-def run_local(out_dir="outputs/kfp-local", arguments: dict | None = None) -> Path:
-    """Run the pipeline here with kfp.local (SubprocessRunner in this Python environment)
-    on the demo data unless `arguments` say otherwise; returns the run's output folder
+def run_local(out_dir="outputs/kfp-local", arguments: dict | None = None,
+              params_file=DEMO_PARAMS) -> Path:
+    """Run the pipeline here with kfp.local (SubprocessRunner in this Python environment),
+    its defaults from `params_file` (the demo: the digits on a tiny ViT) and `arguments`
+    over them; returns the run's output folder
     (`<out_dir>/<pipeline name>-<timestamp>/<task>/<output>`). MLflow runs go to
     $MLFLOW_TRACKING_URI (default sqlite:///mlflow.db in the working directory);
     training checkpoints are mirrored under `<out_dir>/checkpoints`.
@@ -278,6 +378,7 @@ def run_local(out_dir="outputs/kfp-local", arguments: dict | None = None) -> Pat
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     args = {"checkpoint_prefix": str(out / "checkpoints"), **(arguments or {})}
+    pipeline = build_pipeline(1, params_file) if params_file else cladapter_pipeline
     unknown = set(args) - set(parameters())
     if unknown:
         raise CLAdapterError(f"unknown pipeline argument(s): {', '.join(sorted(unknown))}")
@@ -285,7 +386,7 @@ def run_local(out_dir="outputs/kfp-local", arguments: dict | None = None) -> Pat
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out),
                raise_on_error=True)
     try:
-        cladapter_pipeline(**args)
+        pipeline(**args)
     except RuntimeError as e:  # kfp.local: "Pipeline ... finished with status FAILURE"
         raise CLAdapterError(f"local pipeline run failed: {e} (the failing step's output is above)") from e
     runs = sorted((p for p in out.iterdir() if p.is_dir() and p.name not in before

@@ -29,8 +29,13 @@ def _add_compile(act) -> None:
                        description="Compile the pipeline; the image is $CLADAPTER_IMAGE "
                                    "(default ghcr.io/cladapter/cladapter:0.1.0).")
     q.add_argument("--out", help="output file (default: pipelines/cladapter_pipeline.yaml)")
+    q.add_argument("--params", metavar="FILE",
+                   help="params file the parameters' defaults (and every other field) come from "
+                        "(default: pipelines/params/production.yaml; the demo: pipelines/params/demo.yaml)")
     q.add_argument("--train-gpus", type=int, default=1,
                    help="GPUs per training step, one node (> 1: DDP through torchrun; default 1)")
+    q.add_argument("--scratch-size", default="100Gi",
+                   help="ephemeral volume of the steps that copy data locally (default 100Gi)")
 
 
 def _add_submit(act) -> None:
@@ -41,8 +46,10 @@ def _add_submit(act) -> None:
     q.add_argument("-p", "--param", dest="arguments", action="append", default=[], metavar="NAME=VALUE",
                    help="pipeline parameter, e.g. -p dataset_uri=s3://data/pets -p num_centers=10")
     q.add_argument("--namespace", help="Kubeflow profile namespace (multi-user installs)")
-    q.add_argument("--service-account", default="cladapter-pipeline-runner",
-                   help="service account of the run's pods (default: cladapter-pipeline-runner)")
+    q.add_argument("--service-account", default=None,
+                   help="service account of the run's pods (default: the namespace's KFP default, "
+                        "pipeline-runner or default-editor, which the install overlays set up)")
+    q.add_argument("--params", metavar="FILE", help="as for compile (ignored with --package)")
     q.add_argument("--no-cache", action="store_true", help="run every step, even cached ones")
     q.add_argument("--package", help="a compiled pipeline YAML to submit (default: compile now)")
     q.add_argument("--train-gpus", type=int, default=1, help="as for compile (ignored with --package)")
@@ -54,6 +61,8 @@ def _add_run_local(act) -> None:
                                    "(Kubernetes settings are ignored); the demo data unless "
                                    "-p dataset_uri=... says otherwise. MLflow: $MLFLOW_TRACKING_URI.")
     q.add_argument("--out", default="outputs/kfp-local", help="output root (default: outputs/kfp-local)")
+    q.add_argument("--params", metavar="FILE", default=None,
+                   help="params file of the defaults (default: pipelines/params/demo.yaml)")
     q.add_argument("-p", "--param", dest="arguments", action="append", default=[], metavar="NAME=VALUE",
                    help="pipeline parameter, e.g. -p stage1_epochs=2")
 
@@ -62,15 +71,19 @@ def cmd_pipeline(args) -> None:
     # Imported here: kfp is needed only by this command.
     from pipelines import cladapter_pipeline as kp
     if args.action == "compile":
-        out = kp.compile_pipeline(args.out or kp.PIPELINE_FILE, train_gpus=args.train_gpus)
-        print(f"compiled {kp.PIPELINE_NAME} -> {out} (image {kp.stages.IMAGE}); upload it in the KFP UI")
+        out = kp.compile_pipeline(args.out or kp.PIPELINE_FILE, train_gpus=args.train_gpus,
+                                  params_file=args.params, scratch_size=args.scratch_size)
+        print(f"compiled {kp.PIPELINE_NAME} -> {out} (image {kp.stages.IMAGE}, defaults from "
+              f"{args.params or kp.PRODUCTION_PARAMS}; KFP backend >= {kp.OLDEST_KFP_BACKEND}); "
+              "upload it in the KFP UI")
     elif args.action == "submit":
         run_id = kp.submit(args.host, kp.parse_arguments(args.arguments), experiment=args.experiment,
                            run_name=args.run_name, namespace=args.namespace,
                            service_account=args.service_account,
                            enable_caching=False if args.no_cache else None, package=args.package,
-                           train_gpus=args.train_gpus)
+                           train_gpus=args.train_gpus, params_file=args.params)
         print(f"submitted run {run_id} to {args.host} (experiment {args.experiment})")
     else:
-        run_dir = kp.run_local(args.out, kp.parse_arguments(args.arguments))
+        run_dir = kp.run_local(args.out, kp.parse_arguments(args.arguments),
+                               params_file=args.params or kp.DEMO_PARAMS)
         print(f"local run finished: outputs in {run_dir}")

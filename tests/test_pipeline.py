@@ -27,9 +27,10 @@ from pipelines import cladapter_pipeline as kp
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DEFAULT_IMAGE = "ghcr.io/cladapter/cladapter:0.1.0"
-STAGE_ORDER = ["resolve-params", "prepare", "tune", "train-stage1", "train-stage2", "evaluate",
+STAGE_ORDER = ["resolve-params", "prepare", "train-stage1", "train-stage2", "evaluate",
                "register", "promote"]
-GPU_EXECUTORS = ["exec-tune", "exec-train-stage1", "exec-train-stage2", "exec-evaluate"]
+TUNE_STEPS = ["tune-plan", "tune-worker", "tune-finish"]
+GPU_EXECUTORS = ["exec-tune-worker", "exec-train-stage1", "exec-train-stage2", "exec-evaluate"]
 TINY_KWARGS = {"img_size": 16, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
 TINY_ARGS = {
     "backbone": "vit_tiny_patch16_224", "backbone_kwargs": TINY_KWARGS, "num_centers": 4,
@@ -76,22 +77,26 @@ def test_committed_yaml_is_a_fresh_compile(compiled):
         "default params changed): run `cladapter pipeline compile` and commit it")
 
 
+def producers_of(tasks, name) -> set:
+    inputs = tasks[name].get("inputs") or {}
+    found = set(tasks[name].get("dependentTasks") or [])
+    for kind in ("artifacts", "parameters"):
+        for spec in (inputs.get(kind) or {}).values():
+            for key in ("taskOutputArtifact", "taskOutputParameter"):
+                if key in spec:
+                    found.add(spec[key]["producerTask"])
+    return found
+
+
+def component_of(spec, dag_tasks, name) -> dict:
+    return spec["components"][dag_tasks[name]["componentRef"]["name"]]
+
+
 def test_stages_are_wired_in_order(compiled):
-    tasks = all_tasks(compiled["spec"])
-    assert set(STAGE_ORDER) <= set(tasks), sorted(tasks)
-    root = compiled["spec"]["root"]["dag"]["tasks"]
+    spec = compiled["spec"]
+    tasks = all_tasks(spec)
+    assert set(STAGE_ORDER + TUNE_STEPS + ["untuned", "close-pipeline-run"]) <= set(tasks), sorted(tasks)
 
-    def producers(name):
-        inputs = tasks[name].get("inputs") or {}
-        found = set(tasks[name].get("dependentTasks") or [])
-        for kind in ("artifacts", "parameters"):
-            for spec in (inputs.get(kind) or {}).values():
-                for key in ("taskOutputArtifact", "taskOutputParameter"):
-                    if key in spec:
-                        found.add(spec[key]["producerTask"])
-        return found
-
-    # Each stage consumes the one before it (data flow, not just ordering).
     def artifact_from(task, name):
         return tasks[task]["inputs"]["artifacts"][name]["taskOutputArtifact"]
 
@@ -99,21 +104,27 @@ def test_stages_are_wired_in_order(compiled):
         return tasks[task]["inputs"]["parameters"][name]["taskOutputParameter"]
 
     assert parameter_from("prepare", "data_params")["producerTask"] == "resolve-params"
-    assert artifact_from("tune", "dataset")["producerTask"] == "prepare"
-    assert parameter_from("tune", "params")["producerTask"] == "resolve-params"
     for stage in ("train-stage1", "train-stage2", "evaluate"):
         assert artifact_from(stage, "dataset")["producerTask"] == "prepare"
-        assert parameter_from(stage, "params")["producerTask"] == "tune"
+    for stage in ("train-stage1", "train-stage2", "evaluate"):
+        assert parameter_from(stage, "data_hash") == {"outputParameterKey": "Output", "producerTask": "prepare"}
+    # register reads no data: it gets the model, the evaluation and prepare's data hash
+    assert set(tasks["register"]["inputs"].get("artifacts", {})) == {"model", "evaluation"}
     assert artifact_from("train-stage2", "stage1_model") == {"outputArtifactKey": "model",
                                                                "producerTask": "train-stage1"}
     assert artifact_from("evaluate", "model") == {"outputArtifactKey": "model", "producerTask": "train-stage2"}
-    # register/promote sit in the gate's sub-DAG, fed from the root through its inputs
-    assert parameter_from("promote", "version") == {"outputParameterKey": "version", "producerTask": "register"}
-    gate = [t for t in root.values() if t.get("triggerPolicy")]
-    assert len(gate) == 1 and {"evaluate", "train-stage2"} <= set(gate[0]["dependentTasks"])
-    # a topological order of the root DAG follows the stages
+    # the exit handler wraps every step; the closing step runs however the run ends
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "close-pipeline-run"}
+    assert root["close-pipeline-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    inner = component_of(spec, root, "exit-handler-1")["dag"]["tasks"]
+    # training takes the params of whichever tuning branch ran (dsl.OneOf)
+    (cond_name,) = [n for n, t in inner.items() if n.startswith("condition-branches")]
+    for stage in ("train-stage1", "train-stage2", "evaluate"):
+        src = inner[stage]["inputs"]["parameters"]["params"]["taskOutputParameter"]
+        assert src["producerTask"] == cond_name
     order, done = [], set()
-    pending = {name: producers(name) & set(root) for name in root}
+    pending = {name: producers_of(inner, name) & set(inner) for name in inner}
     while pending:
         ready = sorted(n for n, deps in pending.items() if deps <= done)
         assert ready, f"cycle among {pending}"
@@ -121,20 +132,42 @@ def test_stages_are_wired_in_order(compiled):
         done |= set(ready)
         for n in ready:
             del pending[n]
-    assert [n for n in order if n in STAGE_ORDER] == STAGE_ORDER[:6]
-    assert root[order[-1]] is gate[0]  # the gate comes last
+    assert [n for n in order if n in STAGE_ORDER] == STAGE_ORDER[:5]
+    assert order.index("prepare") < order.index(cond_name) < order.index("train-stage1")
+    assert inner[order[-1]].get("triggerPolicy", {}).get("condition")  # the gate comes last
+
+
+def test_tuning_runs_parallel_workers_only_when_asked(compiled):
+    spec = compiled["spec"]
+    tasks = all_tasks(spec)
+    conds = {n: t["triggerPolicy"]["condition"] for n, t in tasks.items()
+             if t.get("triggerPolicy", {}).get("condition")}
+    tuning = [c for c in conds.values() if "pipelinechannel--tune_trials" in c and "> 0" in c]
+    assert tuning, conds
+    loops = [t for t in tasks.values() if "parameterIterator" in t]
+    assert len(loops) == 1
+    assert loops[0]["parameterIterator"]["items"]["inputParameter"].endswith("tune-plan-Output")
+    assert [d for d in tasks["tune-finish"]["dependentTasks"] if d.startswith("for-loop")]
+    assert tasks["tune-worker"]["inputs"]["parameters"]["worker_index"]["componentInputParameter"]
 
 
 def test_gate_registers_and_promotes_only_when_evaluation_passes(compiled):
     spec = compiled["spec"]
-    root = spec["root"]["dag"]["tasks"]
-    (gate_name, gate), = [(n, t) for n, t in root.items() if t.get("triggerPolicy")]
-    cond = gate["triggerPolicy"]["condition"]
-    assert "pipelinechannel--evaluate-Output" in cond and ">=" in cond and "pipelinechannel--min_macro_f1" in cond
-    inner = spec["components"][gate["componentRef"]["name"]]["dag"]["tasks"]
-    assert set(inner) == {"register", "promote"}
-    assert not {"register", "promote"} & set(root)
-    assert spec["root"]["inputDefinitions"]["parameters"]["min_macro_f1"]["defaultValue"] == 0.0
+    tasks = all_tasks(spec)
+    conds = {n: t["triggerPolicy"]["condition"] for n, t in tasks.items()
+             if t.get("triggerPolicy", {}).get("condition")}
+    (gate,) = [n for n, c in conds.items() if "pipelinechannel--min_metric" in c]
+    assert "pipelinechannel--evaluate-Output" in conds[gate] and ">=" in conds[gate]
+    inner = component_of(spec, tasks, gate)["dag"]["tasks"]
+    assert "register" in inner
+    (auto,) = [n for n in inner if inner[n].get("triggerPolicy", {}).get("condition")]
+    assert "pipelinechannel--auto_promote" in inner[auto]["triggerPolicy"]["condition"]
+    assert set(component_of(spec, inner, auto)["dag"]["tasks"]) == {"promote"}
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["min_metric"]["defaultValue"] == 0.0 and "min_macro_f1" not in params
+    assert params["auto_promote"]["defaultValue"] is True
+    # evaluate's output is the value of register.metric, not always macro-F1
+    assert runtime.gate_value({"register": {"metric": "accuracy"}}, {"accuracy": 0.7, "macro_f1": 0.2}) == 0.7
 
 
 def test_gpu_cpu_memory_requests(compiled):
@@ -154,46 +187,57 @@ def test_gpu_cpu_memory_requests(compiled):
 
 def test_training_retries_prepare_is_cached(compiled):
     tasks = all_tasks(compiled["spec"])
-    for name in ("train-stage1", "train-stage2", "tune"):
+    for name in ("train-stage1", "train-stage2", "tune-worker"):
         policy = tasks[name]["retryPolicy"]
         assert policy["maxRetryCount"] >= 2 and policy["backoffDuration"], name
         assert not tasks[name]["cachingOptions"].get("enableCache"), name
     assert tasks["prepare"]["cachingOptions"] == {"enableCache": True}
     # steps that log to MLflow or change the registry are never skipped by the cache
-    for name in ("evaluate", "register", "promote"):
+    for name in ("evaluate", "register", "promote", "tune-plan", "tune-finish", "close-pipeline-run"):
         assert not tasks[name]["cachingOptions"].get("enableCache"), name
         assert "retryPolicy" not in tasks[name]
+    # every step has a timeout (the pod's activeDeadlineSeconds)
+    for name in compiled["spec"]["deploymentSpec"]["executors"]:
+        assert int(compiled["platform"][name]["activeDeadlineSeconds"]) > 0, name
 
 
 def test_secrets_come_from_kubernetes(compiled):
     platform = compiled["platform"]
 
-    def secret_keys(executor, optional):
+    def secret_keys(executor):
         out = {}
         for s in platform.get(executor, {}).get("secretAsEnv", []):
-            if bool(s.get("optional")) == optional:
-                out.setdefault(s["secretName"], set()).update(k["secretKey"] for k in s["keyToEnv"])
+            assert "optional" not in s, f"{executor}: `optional` is unknown to the oldest supported backend"
+            out.setdefault(s["secretName"], set()).update(k["secretKey"] for k in s["keyToEnv"])
         return out
 
-    mlflow_req, s3_req = {"MLFLOW_TRACKING_URI"}, {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-    for ex in ("exec-train-stage1", "exec-train-stage2", "exec-tune", "exec-evaluate", "exec-register"):
-        req = secret_keys(ex, optional=False)
-        assert req == {"cladapter-mlflow": mlflow_req, "cladapter-s3": s3_req}, ex
-        opt = secret_keys(ex, optional=True)
-        assert {"AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"} <= opt["cladapter-s3"]
-    assert secret_keys("exec-prepare", False) == {"cladapter-s3": s3_req}
-    assert secret_keys("exec-promote", False) == {"cladapter-mlflow": mlflow_req}
-    assert "exec-resolve-params" not in platform  # no credentials where none are needed
-    # The keys the pipeline requires are in both overlays' Secret templates and documented.
+    mlflow_keys, s3_keys = set(kp.SECRET_KEYS["cladapter-mlflow"]), set(kp.SECRET_KEYS["cladapter-s3"])
+    for ex in ("exec-train-stage1", "exec-train-stage2", "exec-tune-worker", "exec-evaluate",
+               "exec-register", "exec-tune-finish"):
+        assert secret_keys(ex) == {"cladapter-mlflow": mlflow_keys, "cladapter-s3": s3_keys}, ex
+    assert secret_keys("exec-prepare") == {"cladapter-s3": s3_keys}
+    for ex in ("exec-promote", "exec-close-pipeline-run", "exec-tune-plan"):
+        assert secret_keys(ex) == {"cladapter-mlflow": mlflow_keys}, ex
+    assert not platform["exec-resolve-params"].get("secretAsEnv")  # no credentials where none are needed
+    # Every key is in both overlays' Secret templates (a missing key would stop the pod),
+    # the required ones documented.
     readme = (REPO / "infra" / "k8s" / "README.md").read_text()
     for overlay in ("dev", "prod"):
         folder = REPO / "infra" / "k8s" / "overlays" / overlay / "secrets"
-        for secret, template, keys in (("cladapter-mlflow", "mlflow.env.example", mlflow_req),
-                                       ("cladapter-s3", "s3.env.example", s3_req)):
+        for secret, template, keys in (("cladapter-mlflow", "mlflow.env.example", mlflow_keys),
+                                       ("cladapter-s3", "s3.env.example", s3_keys)):
             lines = (folder / template).read_text().splitlines()
             defined = {ln.split("=", 1)[0] for ln in lines if "=" in ln and not ln.startswith("#")}
             assert keys <= defined, f"{overlay}/{template} lacks {keys - defined}"
-            assert f"`{secret}`" in readme and all(f"`{k}`" in readme for k in keys)
+            assert f"`{secret}`" in readme and all(f"`{k}`" in readme for k in kp.REQUIRED_KEYS[secret])
+
+
+def test_empty_optional_secret_values_are_unset(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", " ")
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "http://minio:9000")
+    assert set(runtime.drop_empty_env()) == {"AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"}
+    assert "AWS_ENDPOINT_URL" not in os.environ and os.environ["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
 
 
 def test_every_step_runs_in_the_project_image_without_installing(compiled):
@@ -205,20 +249,52 @@ def test_every_step_runs_in_the_project_image_without_installing(compiled):
         assert "from components import runtime" in text, f"{name} is not a shell over components.runtime"
 
 
-def test_pipeline_parameters_default_to_params(compiled):
-    d = defaults()
+def test_pipeline_parameters_default_to_the_production_params(compiled):
+    """The KFP UI's defaults: a pretrained backbone at its native input size, no dataset."""
+    from cladapter_core.params import load_params
+    d = load_params(str(kp.PRODUCTION_PARAMS), use_best=False)
     params = compiled["spec"]["root"]["inputDefinitions"]["parameters"]
-    expected = {"dataset_uri": "demo", "backbone": d["model"]["backbone"],
+    expected = {"backbone": d["model"]["backbone"], "pretrained": True,
                 "num_centers": d["model"]["num_centers"], "stage1_epochs": d["stage1"]["epochs"],
                 "stage1_lr": d["train"]["lr"], "stage2_epochs": d["stage2"]["epochs"],
                 "batch_size": d["train"]["batch_size"], "model_name": d["register"]["model_name"],
                 "promotion_margin": d["register"]["margin"], "tune_trials": 0}
     for name, value in expected.items():
         assert params[name]["defaultValue"] == value, name
+    assert d["model"]["backbone"] != "test_vit" and d["model"]["pretrained"]
+    assert params["backbone_kwargs"].get("defaultValue", {}) == {}  # the backbone's own input size
+    assert params["dataset_uri"].get("defaultValue", "") == ""      # no folder that means nothing in a pod
     assert params["stage2_lr"]["defaultValue"] == pytest.approx(d["train"]["lr"] * d["stage2"]["lr_factor"])
-    for name in ("dataset_path", "dataset_rev", "checkpoint_uri", "pretrained", "checkpoint_prefix",
-                 "params_overrides", "min_macro_f1", "backbone_kwargs", "seed"):
+    for name in ("dataset_path", "dataset_rev", "checkpoint_uri", "checkpoint_prefix",
+                 "params_overrides", "min_metric", "seed", "auto_promote", "tune_workers"):
         assert name in params
+
+
+def test_a_params_file_change_reaches_the_compiled_yaml_and_the_steps(tmp_path):
+    """`cladapter pipeline compile --params FILE`: the defaults shown in the UI and the
+    params every step starts from (fields without a pipeline parameter too)."""
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({
+        "model": {"backbone": "vit_small_patch16_224", "backbone_kwargs": {}, "num_centers": 7},
+        "train": {"lr": 3e-4, "augment": {"vflip": True}}, "stage1": {"epochs": 4},
+        "data": {"source": "s3://team/cells", "shots_per_class": 9}}))
+    out = tmp_path / "p.yaml"
+    proc = subprocess.run([str(BIN / "cladapter"), "pipeline", "compile", "--params", str(params_file),
+                           "--out", str(out)], capture_output=True, text=True, env=child_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    spec = next(yaml.safe_load_all(out.read_text()))
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["backbone"]["defaultValue"] == "vit_small_patch16_224"
+    assert params["num_centers"]["defaultValue"] == 7 and params["stage1_epochs"]["defaultValue"] == 4
+    assert params["stage1_lr"]["defaultValue"] == pytest.approx(3e-4)
+    assert params["dataset_uri"]["defaultValue"] == "s3://team/cells"
+    base = json.loads(all_tasks(spec)["resolve-params"]["inputs"]["parameters"]["base_params"]
+                      ["runtimeValue"]["constant"])
+    assert base["train"]["augment"]["vflip"] is True and base["data"]["shots_per_class"] == 9
+    # the step resolves the run's values over that file: what the UI did not change stays
+    p = runtime.resolve_params({"num_centers": 5}, "", base=base)
+    assert p["model"]["num_centers"] == 5 and p["model"]["backbone"] == "vit_small_patch16_224"
+    assert p["train"]["augment"]["vflip"] is True and p["data"]["shots_per_class"] == 9
 
 
 def test_image_from_environment_and_gpus_per_training_step(tmp_path):
@@ -242,7 +318,7 @@ def test_image_from_environment_and_gpus_per_training_step(tmp_path):
 
 # ---------------------------------------------------------------------------- parameters
 
-def test_pipeline_arguments_are_typed_and_checked():
+def test_pipeline_arguments_are_typed_and_checked():  # noqa: D103
     args = kp.parse_arguments(["num_centers=10", "stage1_lr=1e-3", "dataset_rev=1234",
                                "backbone_kwargs={img_size: 16}", "pretrained=true", "promotion_margin=1"])
     assert args == {"num_centers": 10, "stage1_lr": 0.001, "dataset_rev": "1234",
@@ -448,18 +524,33 @@ def test_killed_training_step_resumes_from_the_s3_checkpoint(tiny_dataset, bucke
     assert not mirrored(), "the checkpoint should be removed once the stage is done"
 
 
-def test_tune_step_applies_the_best_trial(tiny_dataset, tmp_path, monkeypatch):
+def test_tuning_workers_share_one_postgresql_study(tiny_dataset, tmp_path, monkeypatch):
+    """The tuning steps as the pipeline runs them, the two workers as two processes at once
+    on one PostgreSQL study; the finish step applies the best trial."""
+    from fixtures_services import fresh_pg_database
     monkeypatch.setenv("CLADAPTER_TRACKING", "0")
     values = {k: v for k, v in TINY_ARGS.items() if k != "params_overrides"}
     values["stage2_epochs"] = 0  # trials of stage 1 alone: quicker, the same mechanics
-    params = runtime.resolve_params(
-        values, TINY_ARGS["params_overrides"] + "; tune.startup_trials=2; "
-        "tune.space=[{param: model.num_centers, choices: [2, 3]}, {param: stage1.epochs, low: 1, high: 2}]")
-    same, none = runtime.tune_task(params, tiny_dataset, tmp_path / "off", 0)
-    assert same == params and none is None
-    assert yaml.safe_load((tmp_path / "off" / "best_params.yaml").read_text()) == {}
-    tuned, summary = runtime.tune_task(params, tiny_dataset, tmp_path / "on", 2)
-    assert summary["complete"] + summary["pruned"] == 2 and (tmp_path / "on" / "optuna.db").is_file()
+    with fresh_pg_database("cladapter_kfp_tune") as storage:
+        params = runtime.resolve_params(values, TINY_ARGS["params_overrides"] + f"; tune.storage={storage}; "
+                                        "tune.startup_trials=2; tune.space=[{param: model.num_centers, "
+                                        "choices: [2, 3]}, {param: stage1.epochs, low: 1, high: 2}]")
+        with pytest.raises(ParamsError, match="one study storage they all reach"):
+            runtime.tune_plan_task(runtime.resolve_params(values, TINY_ARGS["params_overrides"]), 3, 2, "run-7")
+        assert runtime.tune_plan_task(params, 3, 2, "run-7") == [0, 1]
+        script = ("import json, sys; from components import runtime; "
+                  "print(json.dumps(runtime.tune_worker_task(json.loads(sys.argv[1]), sys.argv[2], "
+                  "int(sys.argv[3]), 3, 2, 'run-7')))")
+        workers = [subprocess.Popen([sys.executable, "-c", script, json.dumps(params), str(tiny_dataset), str(i)],
+                                    env=child_env(CLADAPTER_TRACKING="0"), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+        outs = [w.communicate(timeout=600)[0] for w in workers]
+        assert [w.returncode for w in workers] == [0, 0], outs
+        done = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+        assert sorted(len(d["trials"]) for d in done) == [1, 2]
+        assert sorted(t for d in done for t in d["trials"]) == [0, 1, 2]  # one study, no trial twice
+        tuned, summary = runtime.tune_finish_task(params, tmp_path / "finish", "run-7")
+    assert summary["n_trials"] == 3 and summary["study_name"] == "cladapter-run-7"
     best = summary["best_params"]
     assert tuned["model"]["num_centers"] == best["model.num_centers"] in (2, 3)
     assert tuned["stage1"]["epochs"] == best["stage1.epochs"]
@@ -477,66 +568,126 @@ def artifact_meta(run_dir: Path, task: str, name: str) -> dict:
     return executor_output(run_dir, task)["artifacts"][name]["artifacts"][0].get("metadata", {})
 
 
-def test_run_local_end_to_end_on_the_demo_data(tmp_path):
-    db = tmp_path / "mlflow.db"
-    uri = f"sqlite:///{db}"
+def run_local(tmp_path, uri, *params, env=None):
     out = tmp_path / "kfp"
     cmd = [str(BIN / "cladapter"), "pipeline", "run-local", "--out", str(out)]
     for name, value in TINY_ARGS.items():
         cmd += ["-p", f"{name}={json.dumps(value) if isinstance(value, dict) else value}"]
-    cmd += ["-p", "model_name=digits-kfp", "-p", "min_macro_f1=0.0"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1200,
-                          env=child_env(MLFLOW_TRACKING_URI=uri))
+    for item in params:
+        cmd += ["-p", item]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1800,
+                          env=child_env(MLFLOW_TRACKING_URI=uri, **(env or {})))
+    return proc, out
+
+
+def mlflow_runs(uri):
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("cladapter")
+    return client, client.search_runs([exp.experiment_id])
+
+
+def test_run_local_end_to_end_with_parallel_tuning(tmp_path):
+    """The whole pipeline with kfp.local: tuning on (2 workers on a PostgreSQL study), both
+    stages, evaluation, the gate, register, promote; artifacts, MLflow runs, lineage."""
+    from fixtures_services import fresh_pg_database
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with fresh_pg_database("cladapter_kfp_run") as storage:
+        proc, out = run_local(
+            tmp_path, uri, "model_name=digits-kfp", "min_metric=0.0", "tune_trials=2", "tune_workers=2",
+            "params_overrides=" + TINY_ARGS["params_overrides"] + f"; tune.storage={storage}; "
+            "tune.startup_trials=1; tune.space=[{param: model.num_centers, choices: [3, 4]}]",
+            env={"CLADAPTER_GIT_COMMIT": "0123456789abcdef0123456789abcdef01234567"})
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     run_dir = Path(log.split("local run finished: outputs in ")[1].split()[0])
     assert run_dir.parent == out and run_dir.name.startswith("cladapter-pipeline-")
-    assert {p.name for p in run_dir.iterdir()} == set(STAGE_ORDER)
+    ran = {p.name for p in run_dir.iterdir()}
+    assert set(STAGE_ORDER) | {"tune-plan", "tune-finish", "close-pipeline-run"} <= ran, ran
+    assert "untuned" not in ran
+    workers = [p for p in ran if p.startswith("for-loop")]  # kfp.local: one folder per iteration
+    assert len(workers) == 2, ran
+    for w in workers:
+        assert [f for f in (run_dir / w).rglob("executor_output.json") if "tune-worker" in str(f)], w
 
     dataset = run_dir / "prepare" / "dataset"
-    assert (dataset / "prepared" / "manifest.csv").is_file() and (dataset / "source" / "9").is_dir()
+    assert (dataset / "prepared" / "manifest.csv").is_file()
     meta = artifact_meta(run_dir, "prepare", "dataset")
     assert meta["num_classes"] == 10 and meta["train"] == 120
+    data_hash = executor_output(run_dir, "prepare")["parameterValues"]["Output"]
+    assert data_hash == runtime.dataset_hash(dataset) == meta["data_hash"]
+    tuned = json.loads(executor_output(run_dir, "tune-finish")["parameterValues"]["Output"])
+    best = artifact_meta(run_dir, "tune-finish", "tuning")["best_params"]
+    assert tuned["model"]["num_centers"] == best["model.num_centers"]
     for stage in (1, 2):
         model = run_dir / f"train-stage{stage}" / "model"
         assert {"model.safetensors", "config.json", "history.json"} <= {p.name for p in model.iterdir()}
-        m = artifact_meta(run_dir, f"train-stage{stage}", "metrics")
-        assert 0.0 <= m["best_val_macro_f1"] <= 1.0 and m["epochs_run"] == {1: 2, 2: 1}[stage]
-    hist = json.loads((run_dir / "train-stage2" / "model" / "history.json").read_text())
-    assert [(r["stage"], r["epoch"]) for r in hist] == [(1, 1), (1, 2), (2, 1)]
+        m = artifact_meta(run_dir, f"train-stage{stage}", "model")
+        assert m["K"] == tuned["model"]["num_centers"]  # training took the tuned params
 
     evaluation = run_dir / "evaluate" / "evaluation"
     metrics = json.loads((evaluation / "metrics.json").read_text())
-    assert artifact_meta(run_dir, "evaluate", "metrics")["macro_f1"] == pytest.approx(metrics["macro_f1"])
     assert executor_output(run_dir, "evaluate")["parameterValues"]["Output"] == pytest.approx(metrics["macro_f1"])
     cm = artifact_meta(run_dir, "evaluate", "confusion_matrix")["confusionMatrix"]
-    assert [a["displayName"] for a in cm["annotationSpecs"]] == [str(i) for i in range(10)]
     assert sum(sum(r["row"]) for r in cm["rows"]) == metrics["n_samples"]
-    assert (run_dir / "evaluate" / "report").read_bytes() == (evaluation / "report.html").read_bytes()
-    assert b"<html" in (evaluation / "report.html").read_bytes()[:500].lower()
     promote = executor_output(run_dir, "promote")["parameterValues"]
     registered = executor_output(run_dir, "register")["parameterValues"]
     assert registered["model_name"] == "digits-kfp" and promote["decision"] == "promoted"
     assert promote["champion"] == registered["version"]
     assert not [p for p in (out / "checkpoints").rglob("*") if p.is_file()], "checkpoints left behind"
 
-    from mlflow import MlflowClient
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("cladapter")
-    runs = client.search_runs([exp.experiment_id])
+    client, runs = mlflow_runs(uri)
     by_name = {r.info.run_name: r for r in runs}
-    assert {"train_stage1", "train_stage2", "evaluate", "register"} <= set(by_name)
     parent = [r for r in runs if r.data.tags.get("cladapter.role") == "pipeline"]
-    assert len(parent) == 1
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     pid = parent[0].data.tags["cladapter.pipeline_id"]
     assert pid and "{{" not in pid
+    assert parent[0].info.run_name == run_dir.name == parent[0].data.tags["kfp.run_name"]  # named after the KFP run
+    assert parent[0].data.tags["kfp.final_state"] == "SUCCEEDED"
+    trials = [r for r in runs if r.data.tags.get("stage") == "tune-trial"]
+    assert len(trials) == 2 and {r.data.tags["cladapter.tune_worker"] for r in trials} == {"0", "1"}
     for name in ("train_stage1", "train_stage2", "evaluate", "register"):
         r = by_name[name]
         assert r.info.status == "FINISHED", name
         assert r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id, name
-        assert r.data.tags["cladapter.pipeline_id"] == pid, name
-    assert len(client.get_metric_history(by_name["train_stage1"].info.run_id, "train_loss")) == 2
+        tags = r.data.tags
+        assert tags["cladapter.pipeline_id"] == pid and tags["kfp.run_id"] == pid, name
+        assert tags["data_hash"] == data_hash, name  # one identity of the data in every step
+        assert tags["git_commit"] == "0123456789abcdef0123456789abcdef01234567", name
+        assert tags["image"] == DEFAULT_IMAGE, name
     assert by_name["evaluate"].data.metrics["test_macro_f1"] == pytest.approx(metrics["macro_f1"])
     version = client.get_model_version_by_alias("digits-kfp", "champion")
     assert str(version.version) == registered["version"] and version.tags["pipeline_id"] == pid
-    assert version.run_id == by_name["register"].info.run_id
+    assert version.tags["data_hash"] == data_hash and version.tags["kfp.run_name"] == run_dir.name
+
+
+def test_run_local_without_tuning_a_killed_step_fails_the_parent_run(tmp_path):
+    """Tuning off: no tune step runs. Evaluation is SIGKILLed inside its MLflow run (a pod
+    killed; evaluation is not retried, so the run fails at once): the exit handler closes
+    the stage run and the parent run FAILED."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import sys\n"
+        "a = sys.argv\n"
+        "if '--function_to_execute' in a and a[a.index('--function_to_execute') + 1] == 'evaluate':\n"
+        "    import killpoint\n"
+        "    killpoint.arm('cladapter_core.evaluate:evaluate', 1, 'before', '')\n")
+    proc, out = run_local(tmp_path, uri, "model_name=digits-killed",
+                          env={"PYTHONPATH": os.pathsep.join([str(hook), str(REPO / "tests" / "faults")])})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "killpoint: SIGKILL" in log, log[-6000:]
+    (run_dir,) = [p for p in out.iterdir() if p.name.startswith("cladapter-pipeline-")]
+    ran = {p.name for p in run_dir.iterdir()}
+    assert not [p for p in ran if p.startswith("tune")], ran  # tuning off: no tune step
+    assert {"resolve-params", "prepare", "untuned", "train-stage2", "close-pipeline-run"} <= ran
+    assert "register" not in ran
+    client, runs = mlflow_runs(uri)
+    parent = [r for r in runs if r.data.tags.get("cladapter.role") == "pipeline"]
+    assert len(parent) == 1 and parent[0].info.status == "FAILED"
+    assert parent[0].data.tags["kfp.final_state"] != "SUCCEEDED"
+    assert parent[0].info.run_name == run_dir.name
+    by_name = {r.info.run_name: r for r in runs}
+    assert by_name["train_stage2"].info.status == "FINISHED"
+    assert by_name["evaluate"].info.status == "FAILED"  # it was RUNNING when its process died

@@ -1,0 +1,78 @@
+"""Parallel tuning in a pipeline run: `tune_plan` (one step), `tune_worker_task` (one step
+per worker, fanned out with dsl.ParallelFor), `tune_finish_task` (one step after them all).
+
+The workers are pods that share one Optuna study, so the study's storage must be reachable
+from all of them: a PostgreSQL `tune.storage`. An absolute SQLite path is accepted too,
+for `kfp.local`, where every step runs on one machine. The study is named after the KFP
+run (`<tune.study_name>-<run id>`), so a run never adds trials to another run's study; a
+retried worker adds its trials to the same study. Nothing here imports kfp.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from cladapter_core.errors import ParamsError
+
+
+def study_name(params: dict, pipeline_id: str) -> str:
+    run = re.sub(r"[^A-Za-z0-9._-]", "-", pipeline_id or "local")[:80]
+    return f"{params['tune']['study_name']}-{run}"
+
+
+def shared_storage(params: dict) -> str:
+    """`tune.storage` when every worker pod can reach it; ParamsError otherwise."""
+    storage = params["tune"]["storage"]
+    if storage.startswith(("postgresql", "mysql")) or storage.startswith("sqlite:////"):
+        return storage
+    raise ParamsError(
+        f"tune.storage {storage!r}: the pipeline's tuning workers are separate pods and need "
+        "one study storage they all reach - set tune.storage to a PostgreSQL URL "
+        "(params_overrides `tune.storage=postgresql+psycopg2://user@host:5432/db`, or the "
+        "params file); an absolute sqlite:////path works only with run-local")
+
+
+def shares(n_trials: int, n_workers: int) -> list[int]:
+    """Trials per worker: `n_trials` split over at most `n_trials` workers."""
+    n_workers = max(1, min(int(n_workers), int(n_trials)))
+    return [n_trials // n_workers + (1 if i < n_trials % n_workers else 0) for i in range(n_workers)]
+
+
+def tune_plan(params: dict, n_trials: int, n_workers: int, pipeline_id: str, track: bool) -> list[int]:
+    """Check the space and the storage, create the study (and its MLflow run, so the
+    workers nest under one); returns the workers' indices."""
+    from cladapter_core import tune
+    if n_trials < 1 or n_workers < 1:
+        raise ParamsError(f"tune_trials and tune_workers must be >= 1, got {n_trials} and {n_workers}")
+    tune.check_space(params)
+    storage, name = shared_storage(params), study_name(params, pipeline_id)
+    tune.open_study(params, name, storage)
+    if track:
+        from cladapter_core import tracking
+        tracking.check_tracking()
+        tune.study_run(params, name, storage)
+    plan = shares(n_trials, n_workers)
+    print(f"study {name!r} on {tune.redact(storage)}: {n_trials} trials over {len(plan)} worker(s) {plan}")
+    return list(range(len(plan)))
+
+
+def tune_worker(params: dict, prepared: Path, worker_index: int, n_trials: int, n_workers: int,
+                pipeline_id: str, track: bool) -> dict:
+    """This worker's share of the trials on the run's study."""
+    from cladapter_core import tune
+    plan = shares(n_trials, n_workers)
+    mine = plan[worker_index] if 0 <= worker_index < len(plan) else 0
+    if mine == 0:
+        return {"worker": worker_index, "trials": [], "complete": 0, "pruned": 0, "failed": 0, "epochs": 0}
+    return tune.tune_worker(params, prepared, study_name(params, pipeline_id), shared_storage(params),
+                            n_trials=mine, worker_index=worker_index, track=track)
+
+
+def tune_finish(params: dict, out_dir, pipeline_id: str, track: bool) -> tuple[dict, dict]:
+    """best_params.yaml, summary.json, trials.csv and the figures into `out_dir`; returns
+    the params with the best trial's values applied, and the summary."""
+    from cladapter_core import tune
+    out = Path(out_dir)
+    summary = tune.finish_study(params, out, study_name(params, pipeline_id), shared_storage(params),
+                                track=track)
+    return tune.apply_best(params, out / tune.BEST_FILE), summary
