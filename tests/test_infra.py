@@ -44,10 +44,12 @@ K8S_VERSION = "1.29.0"
 INSTALL_HINT = "install it with infra/scripts/install-tools.sh"
 PLACEHOLDER = "REPLACE_ME"
 # Secrets the KFP pipeline's pods read by name, and the keys it reads from them.
+# Every key the pipeline maps must be in the Secret (no `optional` on the oldest supported
+# KFP backend: a missing key stops the pod); pipelines/cladapter_pipeline.py SECRET_KEYS.
 PIPELINE_SECRETS = {
-    "cladapter-mlflow": {"MLFLOW_TRACKING_URI"},
+    "cladapter-mlflow": {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
     "cladapter-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
-                     "MLFLOW_S3_ENDPOINT_URL"},
+                     "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION"},
 }
 # A local PostgreSQL (trust auth) for the server test; a throw-away database is made in it.
 POSTGRES_ADMIN_URI = os.environ.get("CLADAPTER_TEST_POSTGRES",
@@ -238,7 +240,7 @@ def template_problems(name: str, text: str) -> list[str]:
         if "=" not in body or " " in body.split("=", 1)[0]:
             continue  # prose, not KEY=VALUE
         key, value = body.split("=", 1)
-        if SENSITIVE_KEY.search(key) and value != PLACEHOLDER:
+        if SENSITIVE_KEY.search(key) and value not in (PLACEHOLDER, ""):  # empty: not set
             problems.append(f"{name}:{number}: {key} must be {PLACEHOLDER}, not a value")
         if "://" in value and urlsplit(value).password not in (None, PLACEHOLDER):
             problems.append(f"{name}:{number}: {key} has a password in its URI")
@@ -331,6 +333,21 @@ def test_dockerfile_builds_a_pinned_non_root_cladapter_image():
     python = re.search(r"uv python install (\d+\.\d+)\.\d+", runs)
     requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
     assert python and python.group(1) == "3.11" and ">=3.11" in requires, (python, requires)
+
+
+def test_image_carries_its_git_commit():
+    """Lineage: the commit arrives as a build argument and becomes the OCI revision label
+    and $CLADAPTER_GIT_COMMIT, which the pipeline steps tag their MLflow runs with."""
+    final = stages(dockerfile_instructions(DOCKERFILE.read_text()))[-1]
+    args = [a for kw, a in final if kw == "ARG"]
+    labels = " ".join(a for kw, a in final if kw == "LABEL")
+    env_text = " ".join(a for kw, a in final if kw == "ENV")
+    assert "GIT_COMMIT=unknown" in args
+    assert 'org.opencontainers.image.revision="${GIT_COMMIT}"' in labels
+    assert "CLADAPTER_GIT_COMMIT=${GIT_COMMIT}" in env_text
+    from components.lineage import GIT_ENV
+    assert GIT_ENV == "CLADAPTER_GIT_COMMIT"
+    assert '--build-arg GIT_COMMIT="$(git rev-parse HEAD)"' in (INFRA / "README.md").read_text()
 
 
 def test_dockerfile_dependency_layer_installs_the_pyproject_pins(tmp_path):
