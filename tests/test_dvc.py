@@ -87,6 +87,31 @@ def test_repro_runs_everything_then_nothing(clone):
     assert "Data and pipelines are up to date" in again
 
 
+def test_code_change_marks_the_stages_that_run_it_changed(clone):
+    """Editing the library makes `dvc status` name the stages that run it; the metrics
+    live outside DVC's cache, for git (`dvc metrics diff` across commits needs no cache)."""
+    root, env = clone
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    assert stages["evaluate"]["metrics"] == [{"metrics/evaluate.json": {"cache": False}}]
+    assert json.loads((root / "metrics/evaluate.json").read_text()) == \
+        json.loads((root / "outputs/eval/metrics.json").read_text())
+    assert run(["git", "check-ignore", "-q", "metrics/evaluate.json"], root, env, check=False) == ""
+    train = root / "cladapter_core" / "train.py"
+    original = train.read_text()
+    try:
+        train.write_text(original + "\n# an edit\n")
+        status = dvc(["status"], root, env)
+        for stage in ("tune", "train_stage1", "train_stage2", "evaluate"):
+            assert f"{stage}:" in status, status
+        assert "prepare:" not in status and "register:" not in status, status
+        assert "cladapter_core" in status
+    finally:
+        train.write_text(original)
+    (root / "cladapter_core" / "__pycache__").mkdir(exist_ok=True)
+    (root / "cladapter_core" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"compiled")
+    assert "Data and pipelines are up to date" in dvc(["status"], root, env)  # .pyc files do not count
+
+
 def test_params_change_reruns_only_what_depends_on_it(clone):
     root, env = clone
     params = yaml.safe_load((root / "params.yaml").read_text())
