@@ -585,118 +585,38 @@ def log_evaluation(eval_dir: str | Path, metrics: dict | None = None, split: str
 
 
 # -- the model as an MLflow pyfunc -----------------------------------------------------------
-# ``CLAdapterPyfunc`` subclasses ``mlflow.pyfunc.PythonModel``; it is built on first use
-# (module ``__getattr__``) so that importing this module does not import mlflow. It is
-# pickled by reference, so loading a logged model needs cladapter_core installed.
-def _pyfunc_class():
-    import mlflow.pyfunc
-
-    class CLAdapterPyfunc(mlflow.pyfunc.PythonModel):
-        """A CLAdapter model directory served as an MLflow pyfunc.
-
-        Input: a float32 numpy array ``(B, C, H, W)`` (``(B, C, T, H, W)`` for 3D models)
-        of RAW images with values in [0, 1], at the model's ``input_size`` - e.g.
-        ``torchvision.transforms.functional.to_tensor(img)`` after resizing. The wrapper
-        normalises with the model's own mean/std (config.json); already-normalised input
-        is refused (values outside [0, 1]).
-
-        Output: a pandas DataFrame, one row per image: ``label`` (class name) and one
-        ``prob_<class name>`` column per class (softmax probabilities, summing to 1).
-        """
-
-        batch_size = 64
-        # Input is checked against the logged signature (a float32 tensor), not type
-        # hints: skip MLflow's hint-based wrapper (and its warning about missing hints).
-        _skip_type_hint_validation = True
-
-        def load_context(self, context):
-            from .model import load_model
-            model_dir = Path(context.artifacts["model_dir"])
-            self.config = json.loads((model_dir / "config.json").read_text())
-            self.model = load_model(model_dir).eval()
-
-        def predict(self, context, model_input, params=None):
-            import numpy as np
-            import pandas as pd
-            import torch
-
-            x = np.asarray(model_input, dtype=np.float32)
-            shape = tuple(self.config["input_size"])
-            if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
-                dims = ", ".join(map(str, shape))
-                raise ValueError(f"expected a float32 batch of shape (B, {dims}), "
-                                 f"got {tuple(x.shape)}")
-            if x.size and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
-                raise ValueError(f"expected raw images with values in [0, 1], got values in "
-                                 f"[{x.min():.3g}, {x.max():.3g}]; do not normalise the input")
-            view = (1, -1) + (1,) * (len(shape) - 1)
-            mean = torch.tensor(self.config["mean"], dtype=torch.float32).view(view)
-            std = torch.tensor(self.config["std"], dtype=torch.float32).view(view)
-            probs = []
-            with torch.no_grad():
-                for i in range(0, len(x), self.batch_size):
-                    xb = (torch.from_numpy(x[i:i + self.batch_size]) - mean) / std
-                    probs.append(torch.softmax(self.model(xb).float(), dim=1).numpy())
-            names = self.config["class_names"]
-            p = np.concatenate(probs) if probs else np.zeros((0, len(names)), np.float32)
-            out = pd.DataFrame({"label": [names[i] for i in p.argmax(axis=1)]})
-            for j, name in enumerate(names):
-                out[f"prob_{name}"] = p[:, j].astype(np.float64)
-            return out
-
-    CLAdapterPyfunc.__module__ = __name__
-    CLAdapterPyfunc.__qualname__ = "CLAdapterPyfunc"
+# The pyfunc itself is `serving.CLAdapterPyfunc` (input, output, errors: serving.py). It is
+# logged as code, not pickled, so loading it needs only its requirements.
+def pyfunc_class():
+    """The ``CLAdapterPyfunc`` class (``serving.CLAdapterPyfunc``)."""
+    from .serving import CLAdapterPyfunc
     return CLAdapterPyfunc
 
 
-def pyfunc_class():
-    """The ``CLAdapterPyfunc`` class (built once)."""
-    if "CLAdapterPyfunc" not in globals():
-        globals()["CLAdapterPyfunc"] = _pyfunc_class()
-    return globals()["CLAdapterPyfunc"]
-
-
-def __getattr__(name):  # `tracking.CLAdapterPyfunc`, also when unpickling a logged model
+def __getattr__(name):  # `tracking.CLAdapterPyfunc`: models pickled before serving.py load
     if name == "CLAdapterPyfunc":
         return pyfunc_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def model_signature(config: dict):
-    """Signature of the pyfunc: float32 tensor (-1, *input_size) -> label + prob_<class>."""
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
-    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *config["input_size"]))])
-    outputs = Schema([ColSpec("string", "label")] +
-                     [ColSpec("double", f"prob_{c}") for c in config["class_names"]])
-    return ModelSignature(inputs=inputs, outputs=outputs)
-
-
-def _requirements() -> list[str]:
-    """Pinned from this environment; no pip inference (it needs a subprocess and is slow).
-    cladapter_core itself must be installed where the model is loaded (the platform image)."""
-    from importlib.metadata import PackageNotFoundError, version
-    reqs = []
-    for pkg in ("mlflow", "torch", "timm", "safetensors", "numpy", "pandas", "pyyaml"):
-        try:
-            reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
-        except PackageNotFoundError:
-            reqs.append(pkg)
-    return reqs
-
-
 def log_model(model_dir: str | Path, registered_name: str | None = None) -> str:
-    """Log a model directory (``save_model`` output) into the active run as an MLflow
-    pyfunc (see ``CLAdapterPyfunc`` for input and output), with signature and input
-    example; returns the model URI (``models:/m-...``). ``registered_name`` also registers
-    it (plain MLflow registration; ``registry.register`` adds tags and aliases).
+    """Log a model directory (``save_model`` output) into the active run as a self-contained
+    MLflow pyfunc; returns the model URI (``models:/m-...``). ``registered_name`` also
+    registers it (plain MLflow registration; ``registry.register`` adds tags and aliases).
 
-    Loading: ``mlflow.pyfunc.load_model(uri).predict(batch)`` with ``batch`` a float32
-    array of raw [0, 1] images ``(B, *input_size)``.
+    Self-contained: MLflow "models from code" (``serving_model.py``) with the cladapter_core
+    package as ``code_paths``, the model directory as the artifact ``model_dir``, pinned
+    ``requirements.txt`` (``serving.requirements()``), an output signature and an input
+    example (one PNG). It loads where only those requirements are installed::
+
+        mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [base64_png, ...]}))
+        mlflow.pyfunc.load_model(uri).predict(float32_batch_of_raw_0_1_images)
+
+    (input forms, output and errors: ``serving.CLAdapterPyfunc``).
     """
     import mlflow
-    import numpy as np
+
+    from . import serving
 
     model_dir = Path(model_dir)
     cfg_path = model_dir / "config.json"
@@ -704,16 +624,15 @@ def log_model(model_dir: str | Path, registered_name: str | None = None) -> str:
         raise TrackingError(f"cannot log model: {model_dir} is not a model directory "
                             "(needs config.json and model.safetensors)")
     try:
-        config = json.loads(cfg_path.read_text())
-        signature = model_signature(config)
+        config = serving.read_config(model_dir)
+        signature, example = serving.signature(config), serving.input_example(config)
     except (ValueError, KeyError, TypeError) as e:
         raise TrackingError(f"{cfg_path}: unusable model config ({e})") from e
     _active_run_id("log_model")
-    example = np.full((1, *config["input_size"]), 0.5, dtype=np.float32)
     with errors(f"logging model {model_dir}"):
         info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT, python_model=pyfunc_class()(),
-            artifacts={"model_dir": str(model_dir)}, signature=signature,
-            input_example=example, pip_requirements=_requirements(),
-            registered_model_name=registered_name)
+            name=MODEL_ARTIFACT, python_model=str(serving.MODEL_CODE),
+            code_paths=[str(serving.PACKAGE_DIR)], artifacts={"model_dir": str(model_dir)},
+            signature=signature, input_example=example,
+            pip_requirements=serving.requirements(), registered_model_name=registered_name)
     return info.model_uri
