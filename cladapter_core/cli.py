@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"cladapter {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_demo_data, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_compare,
-                _add_register, _add_promote, _add_lineage, _add_tune, _add_summary, _add_demo):
+                _add_register, _add_promote, _add_lineage, _add_serve, _add_tune, _add_summary,
+                _add_demo):
         add(sub)
     _add_plugins(sub)
     return ap
@@ -132,6 +133,27 @@ def _add_lineage(sub) -> None:
     p = sub.add_parser("lineage", help="registered version -> run -> git commit, data hash, params")
     p.add_argument("model_uri", help="models:/<name>@<alias> or models:/<name>/<version>")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve the champion over HTTP (`mlflow models serve`)",
+                       description="Resolve models:/<register.model_name>@champion (or --model-uri) "
+                                   "to its version, print which version serves, and run `mlflow "
+                                   "models serve` on that version: POST /invocations with a column "
+                                   "`image` of base64 PNG/JPEG/TIFF/BMP files (or a float32 tensor "
+                                   "as `inputs`); each row gets `label` and `prob_<class>`. "
+                                   "docs/serving.md has the request format.")
+    _common(p)
+    p.add_argument("--model-uri", help="models:/<name>@<alias> or models:/<name>/<version> "
+                                       "(default: models:/<register.model_name>@champion)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=5001, help="default: 5001")
+    p.add_argument("--workers", type=int, default=1, help="server processes (default: 1)")
+    p.add_argument("--env-manager", choices=("local", "uv", "virtualenv", "conda"), default="local",
+                   help="local (default): serve in this environment; uv, virtualenv, conda: MLflow "
+                        "first builds an environment from the model's requirements")
+    p.add_argument("--dry-run", action="store_true", help="print the version and the command only")
 
 
 def _add_tune(sub) -> None:
@@ -368,6 +390,31 @@ def cmd_lineage(args):
           else registry.format_lineage(info))
 
 
+def cmd_serve(args):
+    import shlex
+
+    import mlflow
+
+    from . import registry, serving, tracking
+    params = _load(args)
+    uri = tracking.check_tracking()
+    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # the server resolves the model from the same store
+    # `mlflow models serve` starts `uvicorn` from PATH: this environment's, also unactivated.
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    wanted = args.model_uri or f"models:/{params['register']['model_name']}@champion"
+    mv = registry.lineage(wanted)["model"]
+    cmd = serving.serve_command(mv["model_uri"], args.host, args.port, args.workers,
+                                args.env_manager)
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(mv["metrics"].items()))
+    print(f"{wanted} is {mv['name']} version {mv['version']} (run {mv['run_id']}"
+          f"{'; ' + metrics if metrics else ''})")
+    print(f"serving {mv['model_uri']} on http://{args.host}:{args.port}/invocations")
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    if not args.dry_run:
+        os.execv(cmd[0], cmd)  # the server replaces this process: signals reach it directly
+
+
 def cmd_tune(args):
     from .params import load_params
     from .tune import BEST_FILE, tune, write_best_params
@@ -420,7 +467,7 @@ def cmd_summary(args):
 COMMANDS = {"summary": cmd_summary, "register": cmd_register, "promote": cmd_promote, "lineage": cmd_lineage,
             "demo-data": cmd_demo_data, "prepare": cmd_prepare, "train": cmd_train,
             "evaluate": cmd_evaluate, "predict": cmd_predict, "compare": cmd_compare,
-            "demo": cmd_demo, "tune": cmd_tune}
+            "demo": cmd_demo, "tune": cmd_tune, "serve": cmd_serve}
 
 
 def main(argv=None) -> int:
