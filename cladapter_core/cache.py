@@ -364,7 +364,8 @@ def stage1_cache(model, params: dict, prepared_dir, config: dict, seed: int, sam
     views = int(c["views"])
     in_chans = int(config["input_size"][0])
     common = dict(seed=seed, dtype=c["dtype"], storage=c["storage"], cache_dir=c["dir"], device=device,
-                  batch_size=int(t["batch_size"]), num_workers=int(t["num_workers"]), amp_dtype=amp_dtype)
+                  batch_size=int(t["batch_size"]), amp_dtype=amp_dtype,
+                  num_workers=data.loader_workers(t["num_workers"], torch.device(device).type))
     train_tf = data.build_transform(config, views > 0, t.get("augment"))
     train_ds = data.ManifestDataset(prepared_dir, "train", train_tf, in_chans=in_chans)
     t0 = time.time()

@@ -178,7 +178,9 @@ class Train(Section):
     """`train:` the staged trainer (cladapter_core/train.py)."""
     mode: Text = _f("cla", "cla | linear | full | lp-ft (model.MODES)", must="a training mode")
     batch_size: Int = _f(32, "images per step", ge=1)
-    num_workers: Int = _f(0, "data loader processes", ge=0)
+    num_workers: Union[Literal["auto"], Annotated[Int, Field(ge=0)]] = _f(
+        "auto", "data loader processes; auto: from the cores and the device (data/workers.py)",
+        must='"auto" or an integer >= 0')
     optimizer: Literal["adam", "adamw", "sgd"] = _f("adam", "the optimizer")
     lr: Number = _f(0.002, "stage-1 learning rate (reference: 1e-4 at batch 8, pretrained)", gt=0)
     weight_decay: Number = _f(0.001, "weight decay", ge=0)

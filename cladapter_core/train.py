@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from .checkpoint import CKPT_NAME, checkpoint_dir  # noqa: F401  (public: components use them)
@@ -222,11 +221,10 @@ class Trainer:
             raise TrainingError(f"{self.prepared_dir}: the train split is empty")
         self.sampler = EpochBatchSampler(len(self.train_ds), t["batch_size"], self.seed, True,
                                          self.rank, self.world)
-        # Its own generator: creating the iterator must not draw from the global RNG, whose
-        # state a mid-epoch checkpoint restores.
-        self.train_loader = DataLoader(self.train_ds, batch_sampler=self.sampler, num_workers=t["num_workers"],
-                                       pin_memory=self.device.type == "cuda",
-                                       generator=torch.Generator().manual_seed(self.seed))
+        # Workers (num_workers: auto) that persist across epochs, pinned memory, prefetch;
+        # its own generator, not the global RNG that a mid-epoch checkpoint restores.
+        self.train_loader = data.epoch_loader(self.train_ds, self.sampler, t["num_workers"],
+                                              self.device.type, self.seed)
         self.val_loader = data.make_loader(self.prepared_dir, "val", config, False, self.params)
         if len(self.val_loader.dataset) == 0:
             self.val_loader = None  # no validation split: the last epoch is kept

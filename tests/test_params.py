@@ -24,7 +24,7 @@ SNAPSHOT = {
     "model": {"backbone": "test_vit", "backbone_kwargs": {"img_size": 32}, "input_size": None,
               "pretrained": False, "checkpoint": None, "num_centers": 20, "rank": 32, "depth": 1,
               "mlp_ratio": 4.0, "temperature": 1.0, "init": "paper", "dropout": 0.0},
-    "train": {"mode": "cla", "batch_size": 32, "num_workers": 0, "optimizer": "adam", "lr": 0.002,
+    "train": {"mode": "cla", "batch_size": 32, "num_workers": "auto", "optimizer": "adam", "lr": 0.002,
               "weight_decay": 0.001, "warmup_epochs": 1, "grad_accum": 1, "grad_clip": 1.0, "amp": True,
               "select_metric": "macro_f1", "early_stopping": 0, "channels_last": False, "compile": False,
               "cache": {"views": 4, "dtype": "float16", "storage": "memory", "dir": ".cladapter_cache"},

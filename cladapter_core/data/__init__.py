@@ -4,17 +4,20 @@ Modules: `demo` (digits demo tree), `sources` (listing ImageFolder trees / CSV
 manifests), `images` (decoding 2D/3D files), `prepare` (the prepare stage),
 `transforms` (train/eval tensor transforms), `datasets` (manifest reading, Dataset,
 DataLoader, predict inputs), `seeding` (per-item seeding and
-the epoch batch sampler, shared by the trainer and the feature cache).
+the epoch batch sampler, shared by the trainer and the feature cache), `workers` (cores,
+prepare's processes, `train.num_workers: auto`).
 """
 
 from cladapter_core.data.datasets import (
     ManifestDataset,
     data_root,
+    epoch_loader,
     is_3d,
     load_classes,
     list_inputs,
     load_inputs,
     load_summary,
+    loader_options,
     make_loader,
     read_manifest,
     walk_inputs,
@@ -23,6 +26,7 @@ from cladapter_core.data.demo import make_demo_data
 from cladapter_core.data.images import IMAGE_EXTS, VOLUME_EXTS, decode, load_array, pixel_hash
 from cladapter_core.data.prepare import DATA_DEFAULTS, data_params, prepare
 from cladapter_core.data.transforms import AUGMENT_DEFAULTS, augment_params, build_transform
+from cladapter_core.data.workers import available_cores, loader_workers
 
 __all__ = [
     "AUGMENT_DEFAULTS",
@@ -31,16 +35,20 @@ __all__ = [
     "VOLUME_EXTS",
     "ManifestDataset",
     "augment_params",
+    "available_cores",
     "build_transform",
     "data_params",
     "data_root",
     "decode",
+    "epoch_loader",
     "is_3d",
     "load_array",
     "load_classes",
     "list_inputs",
     "load_inputs",
     "load_summary",
+    "loader_options",
+    "loader_workers",
     "make_demo_data",
     "make_loader",
     "pixel_hash",

@@ -11,9 +11,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cladapter_core.data.images import frame_files, is_hidden, is_image_file, is_volume_file, kind_of, load_array
+from cladapter_core.data.seeding import EpochBatchSampler, EpochTagged
 from cladapter_core.data.sources import SPLITS, format_lines
 from cladapter_core.data.transforms import build_transform
+from cladapter_core.data.workers import loader_workers
 from cladapter_core.errors import DataError
+
+PREFETCH_FACTOR = 4  # batches each worker keeps ready (DataLoader's default is 2)
 
 
 def _need(prepared_dir: Path, name: str) -> Path:
@@ -118,6 +122,26 @@ class ManifestDataset(Dataset):
         return x, label
 
 
+def loader_options(num_workers, device_type: str) -> dict:
+    """DataLoader settings that keep a GPU fed: `train.num_workers` worker processes ("auto":
+    from the cores and the device, data/workers.py), kept alive across epochs, each with
+    PREFETCH_FACTOR batches ready, in pinned memory when the batches go to a GPU."""
+    workers = loader_workers(num_workers, device_type)
+    options = {"num_workers": workers, "pin_memory": device_type == "cuda"}
+    if workers > 0:
+        options.update(persistent_workers=True, prefetch_factor=PREFETCH_FACTOR)
+    return options
+
+
+def epoch_loader(dataset: Dataset, sampler: EpochBatchSampler, num_workers, device_type: str,
+                 seed: int) -> DataLoader:
+    """The trainer's loader: `sampler`'s batches of a SeededDataset, the epoch sent with
+    every index so persistent workers augment as one process does. Its own generator:
+    creating an iterator must not draw from the global RNG, which a checkpoint restores."""
+    return DataLoader(dataset, batch_sampler=EpochTagged(sampler), generator=torch.Generator().manual_seed(seed),
+                      **loader_options(num_workers, device_type))
+
+
 def make_loader(prepared_dir, split: str, model_config: dict, train: bool, params: dict,
                 batch_size: int | None = None) -> DataLoader:
     """A DataLoader over one split; train=True augments and shuffles (seeded from params['seed']).
@@ -135,7 +159,6 @@ def make_loader(prepared_dir, split: str, model_config: dict, train: bool, param
         )
     transform = build_transform(model_config, train, tp.get("augment"))
     dataset = ManifestDataset(prepared_dir, split, transform, in_chans=int(model_config["input_size"][0]))
-    num_workers = int(tp.get("num_workers", 0) or 0)
     generator = None
     if train:
         generator = torch.Generator()
@@ -145,10 +168,8 @@ def make_loader(prepared_dir, split: str, model_config: dict, train: bool, param
         batch_size=int(batch_size or tp.get("batch_size", 32)),
         shuffle=train,
         generator=generator,  # also seeds the workers, so their augmentations repeat
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
         drop_last=False,
+        **loader_options(tp.get("num_workers", 0), "cuda" if torch.cuda.is_available() else "cpu"),
     )
 
 

@@ -20,8 +20,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of item `index`'s augmentation in `epoch`."""
+    return (seed * 1_000_003 + epoch * 100_003 + int(index)) % (2**63)
+
+
 class SeededDataset(Dataset):
-    """Each item's augmentation draws from an RNG seeded by (seed, epoch, index)."""
+    """Each item's augmentation draws from an RNG seeded by (seed, epoch, index).
+
+    An index may come as an `(epoch, index)` pair (`EpochTagged`): persistent DataLoader
+    workers keep their own copy of this dataset, in which `epoch` never moves."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
@@ -30,13 +38,14 @@ class SeededDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
         # One thread for the per-image transforms: on tiny tensors torch's intra-op threads
         # cost more than they give, up to 30x on a busy machine (benchmarks/loader.py).
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self.seed * 1_000_003 + self.epoch * 100_003 + int(index)) % (2**63))
+                torch.manual_seed(item_seed(self.seed, epoch, index))
                 return self.dataset[index]
         finally:
             torch.set_num_threads(threads)
@@ -84,3 +93,19 @@ class EpochBatchSampler(Sampler):
 
     def __len__(self):
         return math.ceil(self.n / self.batch_size)
+
+
+class EpochTagged(Sampler):
+    """An EpochBatchSampler's batches as `(epoch, index)` pairs, for a DataLoader whose
+    worker processes persist across epochs (SeededDataset reads the epoch from the pair)."""
+
+    def __init__(self, sampler: EpochBatchSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        for batch in self.sampler:
+            yield [(epoch, i) for i in batch]
+
+    def __len__(self):
+        return len(self.sampler)

@@ -1,0 +1,178 @@
+"""Scale: prepare's decoding processes and fast decoders, `train.num_workers: auto`, and the
+loader's persistent workers. Real files, real processes, the real trainer."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from cladapter_core.data import images, prepare
+from cladapter_core.data.workers import _cgroup_quota, available_cores, loader_workers, prepare_workers
+from cladapter_core.errors import DataError
+from cladapter_core.params import load_params
+from cladapter_core.train import Preempted, train
+from tiny import tiny_params
+
+
+def tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def image_variants(root: Path) -> dict[str, Path]:
+    """JPEG and PNG files of every kind prepare meets: the fast decoder's and PIL's."""
+    rng = np.random.RandomState(0)
+    rgb = (rng.rand(21, 34, 3) * 255).astype(np.uint8)
+    files = {}
+
+    def save(name, img, **kw):
+        files[name] = root / name
+        img.save(files[name], **kw)
+
+    root.mkdir(parents=True, exist_ok=True)
+    save("rgb.jpg", Image.fromarray(rgb), quality=90)
+    save("progressive.jpg", Image.fromarray(rgb), progressive=True)
+    save("grey.jpg", Image.fromarray(rgb[..., 0]))
+    save("cmyk.jpg", Image.fromarray(rgb).convert("CMYK"))
+    for o in (3, 6, 8):  # EXIF orientation: rotated as PIL's exif_transpose does
+        img = Image.fromarray(rgb)
+        exif = img.getexif()
+        exif[0x0112] = o
+        save(f"orient{o}.jpg", img, exif=exif.tobytes())
+        save(f"orient{o}.png", img, exif=exif.tobytes())
+    save("rgb.png", Image.fromarray(rgb))
+    save("rgba.png", Image.fromarray(np.dstack([rgb, rgb[..., :1]])))
+    save("grey_alpha.png", Image.fromarray(rgb[..., 0]).convert("LA"))
+    save("palette.png", Image.fromarray(rgb).convert("P"))
+    save("palette_transparent.png", Image.fromarray(rgb).convert("P"), transparency=3)
+    save("one_bit.png", Image.fromarray(rgb[..., 0] > 128))
+    save("grey16.png", Image.fromarray((rng.rand(9, 7) * 65535).astype(np.uint16)))
+    save("rgb_transparent.png", Image.fromarray(rgb), transparency=(1, 2, 3))
+    return files
+
+
+FAST = {"rgb.jpg", "progressive.jpg", "grey.jpg", "orient3.jpg", "orient6.jpg", "orient8.jpg",
+        "rgb.png", "rgba.png", "grey_alpha.png", "grey16.png"}
+
+
+def test_fast_decoder_gives_pils_pixels_and_leaves_the_rest_to_pil(tmp_path):
+    for name, path in image_variants(tmp_path).items():
+        pil = images._channels_last_2d(images._decode_pil(path))
+        fast = images._decode_fast(path)
+        assert (fast is not None) == (name in FAST), name
+        if fast is not None:
+            assert fast.dtype == pil.dtype and np.array_equal(fast, pil), name
+        got = images.decode(path)
+        assert got.dtype == pil.dtype and np.array_equal(got, pil), name
+    # corrupt and truncated files: PIL's error, as before
+    good = (tmp_path / "rgb.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    assert images._decode_fast(tmp_path / "truncated.jpg") is None
+    with pytest.raises(images.DecodeError, match="truncated"):
+        images.decode(tmp_path / "truncated.jpg")
+
+
+def test_pixel_hash_is_the_hash_of_the_bytes():
+    arr = np.arange(24, dtype=np.uint16).reshape(2, 4, 3)
+    want = hashlib.sha256(f"{arr.dtype.str}|{arr.shape}|".encode() + arr.tobytes()).hexdigest()
+    assert images.pixel_hash(arr) == want
+    assert images.pixel_hash(arr[:, ::-1]) == images.pixel_hash(np.ascontiguousarray(arr[:, ::-1]))
+
+
+def jpeg_tree(root: Path, n: int, broken: bool = False) -> Path:
+    rng = np.random.RandomState(1)
+    for i in range(n):
+        folder = root / f"c{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.rand(12, 10, 3) * 255).astype(np.uint8)).save(folder / f"{i:04d}.jpg")
+    if broken:
+        (root / "c0" / "empty.jpg").write_bytes(b"")
+        (root / "c1" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 3)
+        (root / "c2" / "truncated.jpg").write_bytes((root / "c2" / "0002.jpg").read_bytes()[:80])
+    return root
+
+
+def test_prepare_outputs_and_errors_do_not_depend_on_the_processes(tmp_path, caplog):
+    src = jpeg_tree(tmp_path / "src", 90)
+    for extra in ([], ["data.resize=8"]):
+        params = load_params(None, extra)
+        digests = set()
+        for workers in (1, 2, 3):
+            out = tmp_path / f"out{len(extra)}-{workers}"
+            with caplog.at_level(logging.INFO, logger="cladapter_core.data.prepare"):
+                prepare(src, out, params, workers=workers)
+            digests.add(tree_digest(out))
+        assert len(digests) == 1, extra
+    assert "files/s, 3 processes" in caplog.text  # what the progress bar ends with, in the log
+
+    jpeg_tree(tmp_path / "src", 0, broken=True)
+    messages = set()
+    for workers in (1, 2):
+        with pytest.raises(DataError) as err:
+            prepare(src, tmp_path / "bad", load_params(None, []), workers=workers)
+        messages.add(str(err.value))
+    assert len(messages) == 1
+    msg = messages.pop()
+    assert "3 unusable file(s)" in msg and "empty file (0 bytes)" in msg and "truncated" in msg
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cores_and_worker_counts(tmp_path):
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    assert _cgroup_quota(tmp_path) == 2.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert _cgroup_quota(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert _cgroup_quota(tmp_path) == 4.0
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert _cgroup_quota(tmp_path) is None
+
+    cores = available_cores()
+    assert 1 <= cores <= len(__import__("os").sched_getaffinity(0))
+    assert loader_workers(3, "cuda") == 3 and loader_workers(0, "cpu") == 0
+    gpu = loader_workers("auto", "cuda", local_world=1)
+    assert gpu == max(1, min(8, cores - 1))
+    assert loader_workers("auto", "cuda", local_world=cores * 2) == 1  # never 0 on a GPU
+    assert loader_workers("auto", "cpu", local_world=1) == (0 if cores < 8 else min(4, cores // 4))
+    assert prepare_workers(100) == 1 and prepare_workers(100, 3) == 3
+    assert 1 <= prepare_workers(100_000) <= min(16, cores)
+
+
+def test_num_workers_is_a_count_or_auto():
+    assert load_params(None, [])["train"]["num_workers"] == "auto"
+    assert load_params(None, ["train.num_workers=3"])["train"]["num_workers"] == 3
+    from cladapter_core.errors import ParamsError
+    for bad in ("-1", "many", "1.5"):
+        with pytest.raises(ParamsError, match=r'train.num_workers: must be "auto" or an integer >= 0'):
+            load_params(None, [f"train.num_workers={bad}"])
+
+
+def test_persistent_workers_train_and_resume_as_one_process(prepared, tmp_path):
+    """Two persistent loader workers, augmentation on, stopped mid-epoch and resumed: the
+    weights of the in-process loader, bit for bit (the epoch travels with each index)."""
+    params = tiny_params("model.dropout=0.1", "train.num_workers=0")
+    train(params, prepared, tmp_path / "ref", stage=1, progress=False)
+    with_workers = tiny_params("model.dropout=0.1", "train.num_workers=2")
+    with pytest.raises(Preempted):
+        train(with_workers, prepared, tmp_path / "run", stage=1, progress=False, max_steps=11)
+    train(with_workers, prepared, tmp_path / "run", stage=1, progress=False)
+    ref, got = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    h_ref = json.loads((tmp_path / "ref" / "history.json").read_text())
+    h_got = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [r["val_loss"] for r in h_ref] == [r["val_loss"] for r in h_got]
+    assert h_ref[0]["train_loss"] == h_got[0]["train_loss"]  # (epoch 2's counts the resumed part only)
