@@ -1,0 +1,325 @@
+"""Stage 2 of a large model on many GPU nodes, as a Kubeflow Trainer TrainJob.
+
+A pipeline step with `train_nodes > 1` calls `launch`: it renders the TrainJob from
+`infra/k8s/training/trainjob-stage2.yaml`, validates it against the Trainer's published API
+models, creates it, waits for it and fetches the trained model into the step's output.
+Single-node training (one GPU, or several through torchrun) stays in `runtime.train_task`.
+
+Every node of the TrainJob runs `python -m components.multinode node --spec-json ...`
+(`node`): it fetches the prepared dataset and the stage-1 model by URI (`s3://` or a
+path), restores the checkpoint mirrored under `checkpoint_prefix` (a retried TrainJob
+resumes), runs `torchrun` with a c10d rendezvous at the address the Trainer's torch
+runtime gives every node (PET_MASTER_ADDR:PET_MASTER_PORT, PET_NNODES,
+PET_NPROC_PER_NODE, PET_NODE_RANK), and the node whose process had global rank 0 (the
+one that saved the model) uploads it to `out_uri`. tests/test_multinode.py runs two such
+nodes on loopback (gloo) and compares them with one process.
+
+    python -m components.multinode render --nodes 4 --gpus-per-node 8 --image IMG ...
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+
+from cladapter_core.errors import CLAdapterError, ParamsError
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = REPO / "infra" / "k8s" / "training" / "trainjob-stage2.yaml"
+GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
+RDZV_PORT = "29400"
+STAGE = "train_stage2"
+_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+# -- the manifest ----------------------------------------------------------------------------
+def job_name(pipeline_id: str) -> str:
+    """A DNS-1035 label (TrainJob names are), unique per pipeline run, at most 63 chars."""
+    tail = re.sub(r"[^a-z0-9-]+", "-", str(pipeline_id).lower()).strip("-") or "run"
+    return f"cladapter-stage2-{tail}"[:63].rstrip("-")
+
+
+def render(spec: dict, *, name: str, namespace: str, image: str, nodes: int, gpus_per_node: int,
+           template: Path = TEMPLATE) -> dict:
+    """The TrainJob for one multi-node stage-2 run: the template with its rendered fields
+    filled in. `spec` is what every node reads (see `node`)."""
+    if nodes < 2:
+        raise ParamsError(f"train_nodes={nodes}: a multi-node TrainJob needs 2 or more nodes")
+    if gpus_per_node < 1:
+        raise ParamsError(f"gpus_per_node={gpus_per_node}: each node needs at least one GPU")
+    doc = copy.deepcopy(yaml.safe_load(Path(template).read_text()))
+    doc["metadata"].update(name=name, namespace=namespace)
+    trainer = doc["spec"]["trainer"]
+    trainer.update(image=image, numNodes=int(nodes), numProcPerNode=int(gpus_per_node))
+    gpus = str(int(gpus_per_node))
+    for part in ("requests", "limits"):
+        trainer["resourcesPerNode"][part]["nvidia.com/gpu"] = gpus
+    trainer["args"] = ["--spec-json", json.dumps(spec, sort_keys=True)]
+    return doc
+
+
+def validate(doc: dict) -> list[str]:
+    """Problems of a TrainJob against the Kubeflow Trainer's published API models (PyPI
+    `kubeflow-trainer-api`, generated from the Trainer's OpenAPI spec, the same Go types as
+    its CRD): every key at every level must be a field of its model (the generated models
+    drop unknown keys silently, the API server would prune or refuse them), and pydantic
+    checks each value's type and the required fields; plus apiVersion/kind and the name
+    rule (DNS-1035 label) the CRD states."""
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+    problems = []
+    if doc.get("apiVersion") != f"{GROUP}/{VERSION}" or doc.get("kind") != KIND:
+        problems.append(f"apiVersion/kind: must be {GROUP}/{VERSION} {KIND}, got "
+                        f"{doc.get('apiVersion')} {doc.get('kind')}")
+    name = (doc.get("metadata") or {}).get("name", "")
+    if not (isinstance(name, str) and len(name) <= 63 and _NAME.fullmatch(name)):
+        problems.append(f"metadata.name: {name!r} is not a DNS-1035 label (a-z, 0-9, '-', <= 63)")
+    problems += _unknown_keys(doc, TrainerV1alpha1TrainJob, "")
+    from pydantic import ValidationError
+    try:
+        TrainerV1alpha1TrainJob.from_dict(doc)
+    except ValidationError as e:  # raised by the innermost model whose value is wrong
+        problems += [f"{e.title}.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+    except (AttributeError, TypeError) as e:  # a list where a mapping belongs, and the like
+        problems.append(f"shape: {e}")
+    return problems
+
+
+def _model_of(annotation):
+    """The pydantic model inside Optional[...] / List[...] / Dict[str, ...], and how it nests."""
+    import typing
+
+    from pydantic import BaseModel
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return _model_of(inner[0]) if len(inner) == 1 else (None, None)
+    if origin in (list, typing.List):
+        model, how = _model_of(args[0])
+        return model, ("list", how)
+    if origin in (dict, typing.Dict):
+        model, how = _model_of(args[1])
+        return model, ("dict", how)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, None
+    return None, None
+
+
+def _unknown_keys(value, model, where: str) -> list[str]:
+    if not isinstance(value, dict):
+        return []
+    if "actual_instance" in model.model_fields:  # oneOf wrappers (Quantity, IntOrString)
+        return []
+    fields = {(f.alias or n): f for n, f in model.model_fields.items()}
+    problems = [f"{where}{key}: not a field of {model.__name__} (known: {', '.join(sorted(fields))})"
+                for key in value if key not in fields]
+    for key, field in fields.items():
+        if key in value:
+            sub, how = _model_of(field.annotation)
+            if sub is not None:
+                problems += _walk(value[key], sub, how, f"{where}{key}")
+    return problems
+
+
+def _walk(value, model, how, where: str) -> list[str]:
+    if how is None:
+        return _unknown_keys(value, model, where + ".")
+    kind, inner = how
+    if kind == "list" and isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _walk(v, model, inner, f"{where}[{i}]")]
+    if kind == "dict" and isinstance(value, dict):
+        return [p for k, v in value.items() for p in _walk(v, model, inner, f"{where}.{k}")]
+    return []
+
+
+# -- the launcher (a pipeline step) -----------------------------------------------------------
+def launch(params: dict, *, dataset_uri: str, init_from_uri: str, out_uri: str, out_dir, nodes: int,
+           gpus_per_node: int, image: str, namespace: str, pipeline_id: str, checkpoint_prefix: str = "",
+           run_id: str | None = None, timeout_s: float = 7 * 24 * 3600, poll_s: float = 30.0,
+           api=None) -> dict:
+    """Run stage 2 as a TrainJob of `nodes` x `gpus_per_node`; the model lands in `out_dir`
+    (downloaded from `out_uri`, where the nodes put it). Returns the trainer's summary.
+
+    `dataset_uri`, `init_from_uri`: the Dataset artifact and the stage-1 Model artifact as
+    the nodes reach them (`s3://...`); `run_id`: the MLflow stage run rank 0 logs epochs to.
+    A TrainJob of the same name (the step retried) is waited for, not created again.
+    `api`: a kubernetes CustomObjectsApi (default: in-cluster config, else kubeconfig)."""
+    spec = {"params": params, "stage": 2, "dataset_uri": dataset_uri, "init_from_uri": init_from_uri,
+            "out_uri": out_uri, "checkpoint_prefix": checkpoint_prefix, "pipeline_id": pipeline_id,
+            "run_id": run_id}
+    name = job_name(pipeline_id)
+    doc = render(spec, name=name, namespace=namespace, image=image, nodes=nodes, gpus_per_node=gpus_per_node)
+    with contextlib.suppress(ImportError):  # kubeflow-trainer-api: a dev dependency
+        problems = validate(doc)
+        if problems:
+            raise CLAdapterError("the rendered TrainJob is not valid:\n" + "\n".join(f"  {p}" for p in problems))
+    api = api or _custom_objects_api()
+    submit(api, doc)
+    wait(api, namespace, name, timeout_s, poll_s)
+    fetch(out_uri, Path(out_dir))
+    return json.loads((Path(out_dir) / "train_summary.json").read_text())
+
+
+def _custom_objects_api():
+    from kubernetes import client, config
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.CustomObjectsApi()
+
+
+def submit(api, doc: dict) -> None:
+    """Create the TrainJob; one that already exists (a retried step) is kept."""
+    from kubernetes.client.exceptions import ApiException
+    meta = doc["metadata"]
+    try:
+        api.create_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, doc)
+        print(f"TrainJob {meta['namespace']}/{meta['name']} created: {doc['spec']['trainer']['numNodes']} nodes")
+    except ApiException as e:
+        if e.status != 409:
+            raise CLAdapterError(f"cannot create TrainJob {meta['name']}: {e.status} {e.reason}: {e.body}") from e
+        print(f"TrainJob {meta['namespace']}/{meta['name']} exists (a retried step): waiting for it")
+
+
+def job_state(obj: dict) -> tuple[str | None, str]:
+    """('Complete' | 'Failed' | None, message) from a TrainJob's status conditions."""
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") in ("Complete", "Failed") and cond.get("status") == "True":
+            return cond["type"], cond.get("message", "")
+    return None, ""
+
+
+def wait(api, namespace: str, name: str, timeout_s: float, poll_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state, message = job_state(api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
+        if state == "Complete":
+            return
+        if state == "Failed":
+            raise CLAdapterError(f"TrainJob {namespace}/{name} failed: {message} "
+                                 f"(kubectl -n {namespace} logs -l jobset.sigs.k8s.io/jobset-name={name})")
+        if time.monotonic() > deadline:
+            raise CLAdapterError(f"TrainJob {namespace}/{name} still running after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+# -- moving folders by URI ---------------------------------------------------------------------
+def fetch(uri: str, dest: Path) -> Path:
+    """A folder at `uri` (`s3://bucket/prefix` or a path) copied to `dest`."""
+    if uri.startswith("s3://"):
+        from components.runtime import _download_prefix
+        dest.mkdir(parents=True, exist_ok=True)
+        _download_prefix(uri, dest)
+    else:
+        shutil.copytree(Path(uri[len("file://"):] if uri.startswith("file://") else uri), dest,
+                        dirs_exist_ok=True)
+    return dest
+
+
+def push(src: Path, uri: str) -> None:
+    """The folder `src` copied to `uri` (`s3://bucket/prefix` or a path)."""
+    if uri.startswith("s3://"):
+        from cladapter_core.weights import s3_client
+        parsed = urlparse(uri)
+        bucket, prefix = parsed.netloc, parsed.path.strip("/")
+        client = s3_client()
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(src).as_posix()}".lstrip("/"))
+    else:
+        shutil.copytree(src, Path(uri[len("file://"):] if uri.startswith("file://") else uri), dirs_exist_ok=True)
+
+
+def _local(uri: str | None, dest: Path) -> Path | None:
+    """A local folder for `uri`: downloaded when it is s3://, used in place otherwise."""
+    if not uri:
+        return None
+    if uri.startswith("s3://"):
+        return fetch(uri, dest)
+    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
+# -- what every node runs ----------------------------------------------------------------------
+def torchrun_argv(env: dict, run_id: str) -> list[str]:
+    """torchrun's flags from the Trainer's torch runtime variables: c10d rendezvous at
+    PET_MASTER_ADDR:PET_MASTER_PORT, hosted by node 0 (`is_host`, so it does not depend on
+    hostnames resolving to the address)."""
+    nnodes, nproc = env.get("PET_NNODES", "1"), env.get("PET_NPROC_PER_NODE", "1")
+    node_rank = env.get("PET_NODE_RANK", "0")
+    endpoint = f"{env.get('PET_MASTER_ADDR', '127.0.0.1')}:{env.get('PET_MASTER_PORT', RDZV_PORT)}"
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
+            f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+            f"--rdzv-id={run_id}", f"--rdzv-conf=is_host={'true' if node_rank == '0' else 'false'}",
+            "--max-restarts=0"]
+
+
+def node(spec: dict, scratch: Path, env: dict | None = None) -> int:
+    """One node of the TrainJob: fetch, torchrun, push (the node that held rank 0)."""
+    from components.runtime import CheckpointStore, prepared_dir
+    env = dict(os.environ if env is None else env)
+    scratch.mkdir(parents=True, exist_ok=True)
+    dataset = _local(spec["dataset_uri"], scratch / "dataset")
+    init_from = _local(spec.get("init_from_uri"), scratch / "init_from")
+    out = scratch / "model"
+    ckpt = out.with_name(out.name + ".ckpt") / "last.pt"
+    store = (CheckpointStore(spec["checkpoint_prefix"], spec["pipeline_id"], STAGE + "_multinode")
+             if spec.get("checkpoint_prefix") else None)
+    if store is not None and store.restore(ckpt):
+        print(f"checkpoint restored from {store.uri}")  # every rank resumes from it
+    params_file = scratch / "params.json"
+    params_file.write_text(json.dumps(spec["params"]))
+    cmd = torchrun_argv(env, spec.get("pipeline_id") or "cladapter") + [
+        "-m", "components.torchrun_train", "--params-json", str(params_file),
+        "--prepared", str(prepared_dir(dataset)), "--out", str(out), "--stage", str(spec["stage"])]
+    if init_from:
+        cmd += ["--init-from", str(init_from)]
+    if spec.get("run_id"):
+        cmd += ["--run-id", spec["run_id"]]
+    with store.watch(ckpt) if store is not None else contextlib.nullcontext():
+        code = subprocess.run(cmd, env=env, cwd=REPO).returncode
+    if code == 0 and (out / "train_summary.json").is_file():  # this node held global rank 0
+        push(out, spec["out_uri"])
+        print(f"model pushed to {spec['out_uri']}")
+    return code
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m components.multinode", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    n = sub.add_parser("node", help="what each node of the TrainJob runs")
+    n.add_argument("--spec-json", required=True, help="the spec the launcher rendered into the TrainJob")
+    n.add_argument("--scratch", default=os.environ.get("CLADAPTER_SCRATCH", "/scratch"))
+    r = sub.add_parser("render", help="print a rendered TrainJob (YAML) and check it")
+    r.add_argument("--nodes", type=int, default=4)
+    r.add_argument("--gpus-per-node", type=int, default=8)
+    r.add_argument("--image", default="cladapter:latest")
+    r.add_argument("--namespace", default="cladapter")
+    r.add_argument("--pipeline-id", default="example")
+    args = ap.parse_args(argv)
+    if args.command == "node":
+        scratch = Path(args.scratch)
+        if not os.access(scratch.parent if not scratch.exists() else scratch, os.W_OK):
+            scratch = Path(tempfile.mkdtemp(prefix="cladapter-node-"))
+        return node(json.loads(args.spec_json), scratch)
+    doc = render({"params": {}, "stage": 2}, name=job_name(args.pipeline_id), namespace=args.namespace,
+                 image=args.image, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
+    print(yaml.safe_dump(doc, sort_keys=False))
+    problems = validate(doc)
+    for p in problems:
+        print(f"# problem: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

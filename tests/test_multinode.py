@@ -1,0 +1,105 @@
+"""Multi-node stage 2 on Kubeflow Trainer: the TrainJob template and its renderings checked
+against the Trainer's published API models (PyPI kubeflow-trainer-api), and the node
+entrypoint run as two "nodes" on loopback (torchrun, c10d rendezvous, gloo) with the data,
+the stage-1 model, the checkpoint and the result moving through a local S3 server: the
+weights of one process within 1e-5 (fixtures and comparison from test_ddp.py)."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from test_ddp import (assert_same_training, child_env, dataset, one_thread, params,  # noqa: F401 - fixtures
+                      stage1_reference)
+
+from cladapter_core.errors import ParamsError
+from cladapter_core.train import train
+from components import multinode, runtime
+from conftest import REPO, free_port
+
+pytest.importorskip("kubeflow_trainer_api")
+
+
+def test_template_and_renderings_are_valid_trainjobs():
+    template = yaml.safe_load(multinode.TEMPLATE.read_text())
+    assert multinode.validate(template) == []
+    doc = multinode.render({"params": {"seed": 0}, "stage": 2}, name=multinode.job_name("Run_42/x"),
+                           namespace="team-a", image="registry.example/cladapter:abc123", nodes=16,
+                           gpus_per_node=4)
+    assert multinode.validate(doc) == []
+    trainer = doc["spec"]["trainer"]
+    assert doc["metadata"] == {**template["metadata"], "name": "cladapter-stage2-run-42-x", "namespace": "team-a"}
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (16, 4)
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "4"
+    assert trainer["command"] == ["python", "-m", "components.multinode", "node"]
+    assert json.loads(trainer["args"][1]) == {"params": {"seed": 0}, "stage": 2}
+    assert len(multinode.job_name("x" * 200)) <= 63
+    with pytest.raises(ParamsError, match="2 or more nodes"):
+        multinode.render({}, name="a", namespace="b", image="c", nodes=1, gpus_per_node=8)
+
+    # what the validation catches: unknown keys at any depth, wrong types, missing fields, names
+    bad = copy.deepcopy(doc)
+    bad["spec"]["trainer"]["numNode"] = 3
+    bad["spec"]["trainer"]["numProcPerNode"] = "4"
+    pod = bad["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    pod["template"]["spec"]["template"]["spec"]["containers"][0]["volumeMount"] = []
+    del bad["spec"]["runtimeRef"]["name"]
+    bad["metadata"]["name"] = "Stage_2"
+    problems = "\n".join(multinode.validate(bad))
+    assert "spec.trainer.numNode: not a field of TrainerV1alpha1Trainer" in problems
+    assert "containers[0].volumeMount: not a field of TrainerV1alpha1ContainerPatch" in problems
+    assert "not a DNS-1035 label" in problems
+    assert "valid integer" in problems or "name" in problems
+
+
+def test_rbac_for_the_pipeline_runner_is_a_valid_manifest():
+    import kubernetes_validate
+    docs = list(yaml.safe_load_all((REPO / "infra/k8s/training/rbac.yaml").read_text()))
+    assert [d["kind"] for d in docs] == ["Role", "RoleBinding"]
+    for d in docs:
+        kubernetes_validate.validate(d, "1.30", strict=True)
+    assert docs[0]["rules"][0]["resources"] == ["trainjobs"]
+
+
+def test_torchrun_flags_follow_the_trainer_runtime_variables():
+    env = {"PET_NNODES": "4", "PET_NPROC_PER_NODE": "8", "PET_NODE_RANK": "2",
+           "PET_MASTER_ADDR": "job-node-0-0.job", "PET_MASTER_PORT": "29400"}
+    argv = multinode.torchrun_argv(env, "run-1")
+    assert argv[1:3] == ["-m", "torch.distributed.run"]
+    assert {"--nnodes=4", "--nproc-per-node=8", "--node-rank=2", "--rdzv-backend=c10d",
+            "--rdzv-endpoint=job-node-0-0.job:29400", "--rdzv-id=run-1", "--rdzv-conf=is_host=false"} <= set(argv)
+    assert "--rdzv-conf=is_host=true" in multinode.torchrun_argv({**env, "PET_NODE_RANK": "0"}, "r")
+
+
+def test_two_nodes_on_loopback_match_one_process(dataset, stage1_reference, tmp_path, bucket, s3_env):  # noqa: F811
+    p = params()
+    with one_thread():
+        train(p, runtime.prepared_dir(dataset), tmp_path / "ref2", stage=2, init_from=stage1_reference,
+              progress=False)
+    multinode.push(dataset, f"s3://{bucket}/run/dataset")
+    multinode.push(stage1_reference, f"s3://{bucket}/run/stage1")
+    spec = {"params": p, "stage": 2, "dataset_uri": f"s3://{bucket}/run/dataset",
+            "init_from_uri": f"s3://{bucket}/run/stage1", "out_uri": f"s3://{bucket}/run/stage2",
+            "checkpoint_prefix": f"s3://{bucket}/ckpt", "pipeline_id": "mn-test"}
+    port = free_port()
+    env = child_env(**{k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                                  "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")},
+                    PET_NNODES="2", PET_NPROC_PER_NODE="1", PET_MASTER_ADDR="127.0.0.1",
+                    PET_MASTER_PORT=str(port), PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-m", "components.multinode", "node", "--spec-json", json.dumps(spec),
+                               "--scratch", str(tmp_path / f"node{rank}")],
+                              env={**env, "PET_NODE_RANK": str(rank)}, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outs = [proc.communicate(timeout=300)[0] for proc in procs]
+    for proc, out in zip(procs, outs):
+        assert proc.returncode == 0, out[-4000:]
+    assert sum("model pushed to" in out for out in outs) == 1  # the node that held rank 0
+    got = multinode.fetch(spec["out_uri"], tmp_path / "fetched")
+    assert_same_training(tmp_path / "ref2", got)
+    summary = json.loads((got / "train_summary.json").read_text())
+    assert summary["stage"] == 2 and summary["epochs_run"] == 1
