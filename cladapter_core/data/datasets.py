@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cladapter_core.data.images import frame_files, is_hidden, is_image_file, is_volume_file, kind_of, load_array
+from cladapter_core.data.images import (frame_files, is_hidden, is_image_file, is_volume_file, kind_of, load_array,
+                                        load_clip)
 from cladapter_core.data.seeding import EpochBatchSampler, EpochTagged
 from cladapter_core.data.sources import SPLITS, format_lines
 from cladapter_core.data.transforms import build_transform
@@ -116,7 +117,9 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.items[index]
-        x = load_array(path, self.in_chans)
+        # A clip: only the frames the model's transform takes are read (load_clip).
+        frames = getattr(self.transform, "frames", None)
+        x = load_clip(path, self.in_chans, frames) if frames else load_array(path, self.in_chans)
         if self.transform is not None:
             x = self.transform(x)
         return x, label

@@ -387,11 +387,63 @@ def load_array(path, in_chans: int = 3) -> torch.Tensor:
         arr = decode(path)
     except DecodeError as exc:
         raise DataError(f"{path}: {exc}") from None
-    arr = match_channels(to_unit_float(arr), in_chans, str(path))
+    return _to_tensor(arr, in_chans, str(path))
+
+
+def _to_tensor(arr: np.ndarray, in_chans: int, name: str) -> torch.Tensor:
+    arr = match_channels(to_unit_float(arr), in_chans, name)
     tensor = torch.from_numpy(np.ascontiguousarray(arr))
     if tensor.ndim == 3:  # H,W,C -> C,H,W
         return tensor.permute(2, 0, 1).contiguous()
     return tensor.permute(3, 0, 1, 2).contiguous()  # T,H,W,C -> C,T,H,W
+
+
+# ---------------------------------------------------------------- clips, lazily (the loader)
+FIXED_SCALE = (np.uint8, np.uint16, np.bool_)  # scaled per value, not by the clip's range
+
+
+def frame_indices(t: int, frames: int) -> list[int]:
+    """The `frames` evenly spaced frames of a clip of `t` (repeats when the clip is short)."""
+    return torch.linspace(0, t - 1, frames).round().long().tolist()
+
+
+def _selected_frames(path: Path, frames: int) -> np.ndarray | None:
+    """(frames, H, W, C) pixels read without the rest of the clip: a .npy file memory-mapped,
+    a frame folder decoding only those frames; None where the whole clip must be read (a
+    dtype scaled by the clip's own range, an .npz archive, a file that is not plain)."""
+    if path.is_dir():
+        files = frame_files(path)
+        if not files:
+            return None
+        picked = [decode_image(files[i]) for i in frame_indices(len(files), frames)]
+        if picked[0].dtype.type not in FIXED_SCALE or any(a.shape != picked[0].shape for a in picked):
+            return None
+        return np.stack(picked)
+    if path.suffix.lower() != ".npy":
+        return None
+    try:
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        clip = _channels_last_3d(mapped)
+    except (OSError, ValueError, DecodeError):
+        return None  # the full read words the error
+    if clip.dtype.type not in FIXED_SCALE or 0 in clip.shape:
+        return None
+    return np.ascontiguousarray(clip[frame_indices(clip.shape[0], frames)])
+
+
+def load_clip(path, in_chans: int = 3, frames: int | None = None) -> torch.Tensor:
+    """`load_array` of a 3D clip with only the `frames` frames a model takes (the evenly
+    spaced ones its transform would pick): (C, frames, H, W), the same numbers as
+    `load_array` followed by that pick, without reading or converting the other frames."""
+    path = Path(path)
+    try:
+        picked = _selected_frames(path, frames) if frames else None
+    except DecodeError:
+        picked = None  # load_array words the error
+    if picked is None:
+        full = load_array(path, in_chans)
+        return full[:, frame_indices(full.shape[1], frames)] if frames and full.ndim == 4 else full
+    return _to_tensor(picked, in_chans, str(path))
 
 
 # ---------------------------------------------------------------- resized copies (prepare)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
+from cladapter_core.data.images import frame_indices
 from cladapter_core.errors import ModelError, ParamsError
 
 AUGMENT_DEFAULTS = {
@@ -91,8 +92,7 @@ class ImageTransform:
                 raise ModelError(f"3D model expects a (C,T,H,W) clip, got shape {tuple(x.shape)}")
             t = x.shape[1]
             if t != self.frames:  # evenly spaced frames (repeats when the clip is short)
-                idx = torch.linspace(0, t - 1, self.frames).round().long()
-                x = x[:, idx]
+                x = x[:, frame_indices(t, self.frames)]
             x = x.permute(1, 0, 2, 3)  # (T,C,H,W): frames share the random parameters
         elif x.ndim != 3:
             raise ModelError(f"2D model expects a (C,H,W) image, got shape {tuple(x.shape)}")
