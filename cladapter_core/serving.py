@@ -109,7 +109,7 @@ class CLAdapterPyfunc(mlflow.pyfunc.PythonModel):
 
         import torch
         from .data.images import load_array
-        from .errors import DataError
+        from .errors import CLAdapterError
         want = VOLUME_FORMATS if self.config.get("is_3d") else IMAGE_FORMATS
         in_chans = int(self.config["input_size"][0])
         batch, problems = [], []
@@ -121,7 +121,7 @@ class CLAdapterPyfunc(mlflow.pyfunc.PythonModel):
                     path = Path(tmp) / f"row{row}{_suffix(data, want)}"
                     path.write_bytes(data)
                     batch.append(self.transform(load_array(path, in_chans)))
-                except (DataError, ValueError) as e:
+                except (CLAdapterError, ValueError) as e:  # unreadable, wrong channels or shape
                     text = str(e)
                     problems.append(f"row {row}: {text.replace(f'{path}: ', '') if path else text}")
                 finally:

@@ -24,6 +24,7 @@ import base64
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -182,7 +183,7 @@ def _write_images(folder: Path) -> dict[str, Path]:
     rgba = np.concatenate([rgb, rng.random((48, 64, 1))], -1)
     Image.fromarray((rgba * 255).astype(np.uint8), "RGBA").save(files["rgba.png"])
     tifffile.imwrite(files["micro16.tif"], (rng.random((40, 40)) * 4095).astype(np.uint16))
-    tifffile.imwrite(files["float.tif"], (rgb * 3.5 - 1).astype(np.float32))
+    tifffile.imwrite(files["float.tif"], (rgb * 3.5 - 1).astype(np.float32), photometric="rgb")
     return files
 
 
@@ -305,14 +306,20 @@ def test_served_champion_answers_png_jpeg_and_tiff_like_cladapter_predict(champi
 
 def test_a_truncated_image_gets_a_clear_400_naming_its_row(champion, served):
     png, jpg = champion.files["rgb.png"].read_bytes(), champion.files["photo.jpg"].read_bytes()
-    r = _post(served.port, _images_request([png, png[: len(png) // 2], jpg, b"hello world"]))
+    npy = io.BytesIO()
+    np.save(npy, np.zeros((4, 8, 8), np.float32))
+    rows = [_b64(png), _b64(png[: len(png) // 2]), _b64(jpg), _b64(b"hello world"),
+            _b64(npy.getvalue()), "not base64!"]
+    r = _post(served.port, {"dataframe_split": {"columns": ["image"], "data": [[x] for x in rows]}})
     assert r.status_code == 400, r.text[:2000]
     err = r.json()
     assert err["error_code"] == "INVALID_PARAMETER_VALUE"
     message = err["message"]
-    assert "2 of 4 images cannot be used" in message and "nothing was predicted" in message
+    assert "4 of 6 images cannot be used" in message and "nothing was predicted" in message
     assert re.search(r"row 1: .*truncated", message), message
-    assert "row 3: not an image this model takes" in message, message
+    assert "row 3: not an image this model takes (PNG, JPEG, TIFF, BMP)" in message, message
+    assert "row 4: a NumPy .npy file, but this model takes" in message, message
+    assert "row 5: not valid base64" in message, message
     assert "row 0" not in message and "row 2" not in message
     assert "cladapter-serve-" not in message  # no server-side temporary paths
     # The whole request was refused; the good rows alone are answered.
