@@ -223,8 +223,8 @@ class Trainer:
                                          self.rank, self.world)
         # Workers (num_workers: auto) that persist across epochs, pinned memory, prefetch;
         # its own generator, not the global RNG that a mid-epoch checkpoint restores.
-        self.train_loader = data.epoch_loader(self.train_ds, self.sampler, t["num_workers"],
-                                              self.device.type, self.seed)
+        self.train_loader = data.epoch_loader(self.train_ds, self.sampler, t["num_workers"], self.device,
+                                              self.seed)
         self.val_loader = data.make_loader(self.prepared_dir, "val", config, False, self.params)
         if len(self.val_loader.dataset) == 0:
             self.val_loader = None  # no validation split: the last epoch is kept

@@ -176,3 +176,55 @@ def test_persistent_workers_train_and_resume_as_one_process(prepared, tmp_path):
     h_got = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [r["val_loss"] for r in h_ref] == [r["val_loss"] for r in h_got]
     assert h_ref[0]["train_loss"] == h_got[0]["train_loss"]  # (epoch 2's counts the resumed part only)
+
+
+def test_device_decoding_gives_the_workers_batches(tmp_path):
+    """The train.gpu_decode path run on the CPU (libjpeg-turbo where a GPU would use
+    nvjpeg): plain JPEGs decoded in the training process in batches, EXIF JPEGs and PNGs in
+    the workers, every item augmented with its own seed: the batches of the usual loader,
+    bit for bit, over two epochs, with and without workers."""
+    from cladapter_core.data import ManifestDataset, build_transform, epoch_loader
+    from cladapter_core.data.device_decode import DeviceDecodeLoader
+    from cladapter_core.data.datasets import loader_options
+    from cladapter_core.data.seeding import EpochBatchSampler, SeededDataset
+    rng = np.random.RandomState(5)
+    for i in range(24):
+        folder = tmp_path / "src" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray((rng.rand(20, 18, 3) * 255).astype(np.uint8))
+        if i % 4 == 0:
+            img.save(folder / f"{i}.png")
+        elif i % 4 == 1:
+            exif = img.getexif()
+            exif[0x0112] = 6
+            img.save(folder / f"{i}.jpg", exif=exif.tobytes())
+        elif i % 4 == 2:
+            img.convert("L").save(folder / f"{i}.jpg")
+        else:
+            img.save(folder / f"{i}.jpg", quality=85)
+    params = load_params(None, ["data.val_fraction=0.1", "data.test_fraction=0.1"])
+    prepare(tmp_path / "src", tmp_path / "prepared", params)
+    config = {"input_size": [3, 16, 16], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    augment = {"hflip": True, "brightness": 0.1, "contrast": 0.1, "shift": 0.1, "scale": 0.1, "rotate": 15}
+
+    def batches(device_path: bool, workers: int):
+        seeded = SeededDataset(ManifestDataset(tmp_path / "prepared", "train", build_transform(config, True, augment)), 7)
+        sampler = EpochBatchSampler(len(seeded), 5, 7)
+        loader = (DeviceDecodeLoader(seeded, sampler, loader_options(workers, "cpu"), "cpu", 7) if device_path
+                  else epoch_loader(seeded, sampler, workers, "cpu", 7))
+        out = []
+        for sampler.epoch in range(2):
+            out += [(x.clone(), y.clone()) for x, y in loader]
+        return out
+
+    want = batches(False, 0)
+    for workers in (0, 2):
+        got = batches(True, workers)
+        assert len(got) == len(want)
+        for (xa, ya), (xb, yb) in zip(want, got):
+            assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    assert not torch.equal(want[0][0], want[len(want) // 2][0])  # epoch 2 augments anew
+    # the switch (CLADAPTER_GPU_DECODE=1) takes this path on a CUDA device only
+    seeded = SeededDataset(ManifestDataset(tmp_path / "prepared", "train", build_transform(config, True, augment)), 7)
+    sampler = EpochBatchSampler(len(seeded), 5, 7)
+    assert isinstance(epoch_loader(seeded, sampler, 0, "cpu", 7, decode_on_device=True), torch.utils.data.DataLoader)

@@ -19,6 +19,7 @@ from cladapter_core.data.workers import loader_workers
 from cladapter_core.errors import DataError
 
 PREFETCH_FACTOR = 4  # batches each worker keeps ready (DataLoader's default is 2)
+GPU_DECODE_ENV = "CLADAPTER_GPU_DECODE"  # "1": JPEGs decoded on the training GPU (nvjpeg)
 
 
 def _need(prepared_dir: Path, name: str) -> Path:
@@ -136,13 +137,23 @@ def loader_options(num_workers, device_type: str) -> dict:
     return options
 
 
-def epoch_loader(dataset: Dataset, sampler: EpochBatchSampler, num_workers, device_type: str,
-                 seed: int) -> DataLoader:
+def epoch_loader(dataset: Dataset, sampler: EpochBatchSampler, num_workers, device, seed: int,
+                 decode_on_device: bool | None = None):
     """The trainer's loader: `sampler`'s batches of a SeededDataset, the epoch sent with
     every index so persistent workers augment as one process does. Its own generator:
-    creating an iterator must not draw from the global RNG, which a checkpoint restores."""
+    creating an iterator must not draw from the global RNG, which a checkpoint restores.
+    `decode_on_device` (default: the environment variable CLADAPTER_GPU_DECODE=1) on a
+    CUDA device: JPEGs decoded by nvjpeg and augmented on the GPU (data/device_decode.py);
+    2D data only."""
+    device = torch.device(device)
+    if decode_on_device is None:
+        decode_on_device = os.environ.get(GPU_DECODE_ENV, "0") == "1"
+    options = loader_options(num_workers, device.type)
+    if decode_on_device and device.type == "cuda" and not getattr(dataset.dataset.transform, "is_3d", True):
+        from cladapter_core.data.device_decode import DeviceDecodeLoader
+        return DeviceDecodeLoader(dataset, sampler, options, device, seed)
     return DataLoader(dataset, batch_sampler=EpochTagged(sampler), generator=torch.Generator().manual_seed(seed),
-                      **loader_options(num_workers, device_type))
+                      **options)
 
 
 def make_loader(prepared_dir, split: str, model_config: dict, train: bool, params: dict,
