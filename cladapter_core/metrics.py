@@ -7,7 +7,12 @@ import numpy as np
 
 
 def classification_metrics(y_true, probs, num_classes: int | None = None) -> dict[str, float]:
-    """Accuracy, macro/weighted precision, recall, F1 and one-vs-rest ROC AUC.
+    """Accuracy, macro/weighted precision, recall, F1, the paper's F1 and one-vs-rest ROC AUC.
+
+    Two F1s, because they differ a lot on small data:
+    - `macro_f1`: the mean over classes of each class's F1 (scikit-learn's macro average).
+    - `f1_macro_pr`: 2PR/(P+R) of macro precision P and macro recall R, the "F1" of the
+      paper's official code (utils/metric.py); compare with the paper's figures on this one.
 
     `probs` is (n, C) class probabilities. ROC AUC is NaN when a class is absent from
     `y_true` (it is undefined there), so a tiny validation split never crashes training.
@@ -23,6 +28,7 @@ def classification_metrics(y_true, probs, num_classes: int | None = None) -> dic
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels,
                                                      average=avg, zero_division=0)
         out.update({f"{avg}_precision": float(p), f"{avg}_recall": float(r), f"{avg}_f1": float(f)})
+    out["f1_macro_pr"] = f1_of_macro_pr(out["macro_precision"], out["macro_recall"])
     out["roc_auc"] = float("nan")
     present = np.unique(y_true)
     if len(present) > 1:
@@ -37,6 +43,11 @@ def classification_metrics(y_true, probs, num_classes: int | None = None) -> dic
             except ValueError:
                 pass
     return out
+
+
+def f1_of_macro_pr(precision: float, recall: float) -> float:
+    """The paper's F1: harmonic mean of macro precision and macro recall (0 when both are 0)."""
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
 
 
 def per_class_report(y_true, y_pred, class_names: list[str]) -> dict:

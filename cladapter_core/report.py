@@ -15,12 +15,14 @@ from string import Template
 
 # Order and labels of the headline metrics.
 METRIC_LABELS = {
-    "accuracy": "Accuracy", "macro_f1": "Macro F1", "macro_precision": "Macro precision",
+    "accuracy": "Accuracy", "macro_f1": "Macro F1 (mean of per-class F1)",
+    "f1_macro_pr": "F1 of macro P and R (the paper's F1: 2PR/(P+R))",
+    "macro_precision": "Macro precision",
     "macro_recall": "Macro recall", "weighted_f1": "Weighted F1",
     "weighted_precision": "Weighted precision", "weighted_recall": "Weighted recall",
     "roc_auc": "ROC AUC (one-vs-rest)", "loss": "Cross-entropy loss", "n_samples": "Samples",
 }
-CARDS = ("accuracy", "macro_f1", "roc_auc", "n_samples")
+CARDS = ("accuracy", "macro_f1", "f1_macro_pr", "roc_auc", "n_samples")
 PARAM_LABELS = {"total": "Total", "backbone": "Backbone", "adapter": "Adapter (CLAdapter)",
                 "head": "Head", "trainable_stage1": "Trainable in stage 1 (backbone frozen)",
                 "trainable_stage2": "Trainable in stage 2 (everything)"}
