@@ -6,6 +6,10 @@ from dataclasses import asdict, dataclass
 from .errors import ModelError
 
 INITS = ("paper", "identity")
+# What a model trains: `cla` (the adapter), the baselines, and which of them keep the
+# backbone frozen in their single stage (model.py documents each).
+MODES = ("cla", "linear", "linear-mean", "full", "lp-ft")
+FROZEN_MODES = ("linear", "linear-mean")
 
 
 @dataclass

@@ -4,6 +4,8 @@ Modes:
 - ``cla``: backbone tokens -> CLAdapter -> mean over tokens -> head.
 - ``linear``, ``full``, ``lp-ft``: head on the backbone's usual pooled feature (class
   token for ViTs, average pool for CNNs); they differ only in what training unfreezes.
+- ``linear-mean``: a linear probe on the mean of the backbone's tokens, the pooling that
+  CLAdapter uses, so comparing it with ``cla`` measures the adapter and not the pooling.
 """
 from __future__ import annotations
 
@@ -16,10 +18,10 @@ from torch import nn
 from .adapter import CLAdapter
 from .outputs import atomic_dir, write_json
 from .backbones import Backbone
-from .config import AdapterConfig
+from .config import FROZEN_MODES, MODES, AdapterConfig  # noqa: F401 (re-exported)
 from .errors import ModelError
 
-MODES = ("cla", "linear", "full", "lp-ft")
+
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
@@ -47,7 +49,7 @@ class CLAdapterModel(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled feature (B, D) that the head sees."""
         if self.adapter is None:
-            return self.backbone.forward_pooled(x)
+            return self.backbone_output(x)
         return self.adapter(self.backbone.forward_tokens(x)).mean(dim=1)
 
     def head_features(self, tokens_or_pooled: torch.Tensor) -> torch.Tensor:
@@ -58,8 +60,13 @@ class CLAdapterModel(nn.Module):
         return self.head(self.adapter(tokens_or_pooled).mean(dim=1))
 
     def backbone_output(self, x: torch.Tensor) -> torch.Tensor:
-        """What `head_features` takes: tokens in `cla` mode, the pooled feature otherwise."""
-        return self.backbone.forward_tokens(x) if self.adapter is not None else self.backbone.forward_pooled(x)
+        """What `head_features` takes: tokens in `cla` mode, the pooled feature otherwise
+        (the mean of the tokens in `linear-mean` mode, the backbone's own pooling else)."""
+        if self.adapter is not None:
+            return self.backbone.forward_tokens(x)
+        if self.mode == "linear-mean":
+            return self.backbone.forward_tokens(x).mean(dim=1)
+        return self.backbone.forward_pooled(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

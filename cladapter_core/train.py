@@ -5,7 +5,9 @@ Modes and stages:
             stage 2: starts from stage 1's model, everything trained at lr * stage2.lr_factor.
 - ``lp-ft`` the same two stages without an adapter (linear probe, then full fine-tuning).
 - ``linear`` one stage, backbone frozen, head on the pooled feature (stage1.epochs).
-- ``full``  one stage, everything trained from the start (stage1.epochs + stage2.epochs).
+- ``linear-mean`` the same on the mean of the backbone's tokens (CLAdapter's pooling).
+- ``full``  one stage, everything trained from the start (stage1.epochs + stage2.epochs),
+            at the backbone's learning rate lr * stage2.lr_factor, like every stage 2.
 
 `train()` is the entry point (CLI, DVC, KFP, tune, compare). It runs a `Trainer`, whose
 steps read like the recipe: build the run (model, data, precision), maybe the stage-1
@@ -44,6 +46,7 @@ from .data.seeding import EpochBatchSampler, SeededDataset, seed_everything
 from .distributed import init_distributed, pick_device
 from .errors import Preempted, TrainingError
 from .metrics import classification_metrics
+from .config import FROZEN_MODES
 from .model import build_model, load_model, save_model
 from .params import model_kwargs
 
@@ -67,9 +70,17 @@ def stage_plan(params: dict, stage: int, mode: str) -> dict:
         if stage == 1:
             return {"epochs": s1, "lr": lr, "freeze": True}
         return {"epochs": s2, "lr": lr * factor, "freeze": False}
-    if mode == "linear":
+    if mode in FROZEN_MODES:
         return {"epochs": s1, "lr": lr, "freeze": True}
-    return {"epochs": s1 + s2, "lr": lr, "freeze": False}  # full
+    # full: everything trains from the start, so the backbone's learning rate, the same as
+    # every stage 2's (a pretrained backbone at the head's lr would be unfair to it).
+    return {"epochs": s1 + s2, "lr": lr * factor, "freeze": False}
+
+
+def warmup_steps(warmup_epochs: int, steps_per_epoch: int, total_steps: int, max_fraction: float) -> int:
+    """Warm-up steps, capped to `max_fraction` of the stage: 2 warm-up epochs must not
+    take all of a 2-epoch stage 2 (it would never decay)."""
+    return min(warmup_epochs * steps_per_epoch, int(max_fraction * total_steps))
 
 
 def lr_lambda(total_steps: int, warmup_steps: int):
@@ -148,12 +159,13 @@ class LoopState:
     skip_batches: int = 0
     global_step: int = 0
     best_value: float = -math.inf
+    best_key: tuple = (False, -math.inf)
     best_state: dict | None = None
     best_epoch: int = -1
     bad_epochs: int = 0
     stopped_early: bool = False
 
-    CHECKPOINTED = ("history", "best_value", "best_epoch", "best_state", "bad_epochs")
+    CHECKPOINTED = ("history", "best_value", "best_key", "best_epoch", "best_state", "bad_epochs")
 
 
 class Trainer:
@@ -253,7 +265,8 @@ class Trainer:
     def _use_cache(self) -> None:
         from .cache import stage1_cache
         cached = stage1_cache(self.model, self.params, self.prepared_dir, self.config, self.seed,
-                              self.sampler, self.device, self.amp_dtype, has_val=self.val_loader is not None)
+                              self.sampler, self.device, self.amp_dtype, has_val=self.val_loader is not None,
+                              epochs=self.plan["epochs"])
         self.train_ds = self.train_loader = cached["train"]
         self.val_loader, info = cached["val"], cached["info"]
         self.forward = self.eval_forward = self.model.head_features
@@ -265,8 +278,9 @@ class Trainer:
         self.optimizer = make_optimizer(self.params, self.model, self.plan["lr"])
         steps_per_epoch = math.ceil(len(self.sampler) / self.t["grad_accum"])
         total_steps = max(1, self.plan["epochs"] * steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(total_steps, self.t["warmup_epochs"] * steps_per_epoch))
+        self.warmup = warmup_steps(self.t["warmup_epochs"], steps_per_epoch, total_steps,
+                                   self.t["warmup_max_fraction"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(total_steps, self.warmup))
 
     # -- checkpoints -------------------------------------------------------------------------
     def restore(self) -> None:
@@ -437,13 +451,25 @@ class Trainer:
         vm = classification_metrics(labels, probs, len(self.classes))
         record.update({"val_loss": val_loss, **{f"val_{k}": v for k, v in vm.items()}})
         metric = self.t["select_metric"]
-        return -val_loss if metric == "neg_loss" else vm[metric]
+        value = -val_loss if metric == "neg_loss" else vm[metric]
+        if not math.isfinite(value):  # e.g. ROC AUC with a class missing from validation
+            record["selected_by"] = "neg_loss"
+            record["select_note"] = f"val_{metric} undefined (NaN): this epoch is ranked by validation loss"
+        return value
 
     def select(self, epoch: int, value: float) -> bool:
-        """Keep the weights of the best epoch so far; True when this one is it."""
+        """Keep the weights of the best epoch so far; True when this one is it.
+
+        Epochs rank by (select metric is defined, metric value or else -val_loss): an
+        undefined (NaN) metric never beats a defined one, and among undefined ones the
+        lower validation loss wins."""
         s = self.state
-        improved = value > s.best_value or s.best_state is None
+        record = s.history[-1]
+        defined = math.isfinite(value)
+        key = (defined, value if defined else -record.get("val_loss", math.inf))
+        improved = s.best_state is None or key > tuple(s.best_key)
         if improved:
+            s.best_key = key
             s.best_value, s.best_epoch, s.bad_epochs = value, epoch + 1, 0
             s.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         else:
@@ -481,7 +507,9 @@ class Trainer:
         s = self.state
         return {"stage": self.stage, "mode": self.mode, "epochs_run": len(s.history), "best_epoch": s.best_epoch,
                 "select_metric": self.t["select_metric"],
-                "best_value": s.best_value if s.best_state is not None else None,
+                "best_value": s.best_value if s.best_state is not None and math.isfinite(s.best_value) else None,
+                "selected_by": self.t["select_metric"] if s.best_key[0] else "neg_loss (select metric undefined)",
+                "warmup_steps": self.warmup,
                 "stopped_early": s.stopped_early, "param_report": self.model.param_report(),
                 "lr": self.plan["lr"], "init_from": str(self.init_from) if self.init_from else None,
                 "seconds": round(sum(r["seconds"] for r in s.history), 3), "cache": self.cache_info}
