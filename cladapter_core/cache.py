@@ -14,10 +14,17 @@ Views (`train.cache.views`):
   uncached one.
 
 Key: a hash of the backbone (name, options, every weight and buffer), the data (the
-split's files with their labels, sizes and modification times), the transform (size,
-normalisation, every augmentation setting), the views, the seed and the storage dtype,
-plus torch/torchvision versions. Any change gives a new key and a recomputation; the
-adapter and head are not in it, so a search over K reuses one cache.
+split's files by the sha256 that prepare recorded in manifest.csv, with their paths and
+labels), the transform (size, normalisation, every augmentation setting), the views, the
+seed, the storage dtype, the device type and the autocast dtype, plus torch/torchvision
+versions. Any change gives a new key and a recomputation; the adapter and head are not in
+it, so a search over K reuses one cache.
+
+Default: off (`views: null`): final training draws fresh augmentation every epoch, as the
+reference does. Turn it on with `views` >= the stage's epochs to see the same images as
+uncached (a warning says when fewer views are reused across epochs). Before building, the
+cache's size is estimated, and a cache that would not fit in memory (or on disk) is a
+clear error instead of a crash.
 
 Storage (`train.cache.storage`):
 - `memory`: a CPU tensor, also kept in a small per-process store so that further
@@ -35,6 +42,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
 from pathlib import Path
@@ -44,17 +52,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data.seeding import SeededDataset  # the trainer's per-item seeding, so views match epochs
-from .errors import CLAdapterError, ParamsError
+from .errors import CLAdapterError
 from .outputs import default_mode
 
-__all__ = ["CACHE_DEFAULTS", "FeatureCache", "CachedTrainLoader", "CachedEvalLoader",
-           "cache_settings", "cache_key", "get_features", "stage1_cache", "clear_memory",
+__all__ = ["FeatureCache", "CachedTrainLoader", "CachedEvalLoader", "cache_key", "check_fits", "get_features", "stage1_cache", "clear_memory",
            "weights_digest", "STATS"]
 
-CACHE_DEFAULTS = {"views": None, "dtype": "float16", "storage": "memory", "dir": ".cladapter_cache"}
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 STORAGES = ("memory", "disk")
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: files by sha256, device and autocast dtype in the key
+MEMORY_SHARE = 0.5  # a memory cache may take at most this share of the available memory
 MEMORY_ENTRIES = 4  # per-process store: a train and a val cache of two configurations
 
 # Backbone passes and cache hits of this process (benchmarks and tests read them).
@@ -64,24 +71,6 @@ _MEMORY: "OrderedDict[str, FeatureCache]" = OrderedDict()
 
 class CacheError(CLAdapterError):
     """The feature cache cannot be used as asked (unfrozen backbone, bad settings)."""
-
-
-def cache_settings(params: dict) -> dict:
-    """`train.cache` with defaults, checked; raises ParamsError naming the field."""
-    c = {**CACHE_DEFAULTS, **((params.get("train") or {}).get("cache") or {})}
-    problems = []
-    v = c["views"]
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-        problems.append(f"train.cache.views: must be null (cache off) or an integer >= 0, got {v!r}")
-    if c["dtype"] not in DTYPES:
-        problems.append(f"train.cache.dtype: must be one of {', '.join(DTYPES)}, got {c['dtype']!r}")
-    if c["storage"] not in STORAGES:
-        problems.append(f"train.cache.storage: must be one of {', '.join(STORAGES)}, got {c['storage']!r}")
-    if not isinstance(c["dir"], str) or not c["dir"]:
-        problems.append(f"train.cache.dir: must be a folder path, got {c['dir']!r}")
-    if problems:
-        raise ParamsError("; ".join(problems))
-    return c
 
 
 def clear_memory() -> None:
@@ -101,11 +90,20 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _data_digest(items) -> str:
+def _data_digest(dataset) -> str:
+    """Files by content: the sha256 that prepare recorded in manifest.csv (with path and
+    label, as order and labels matter); a file the manifest does not list, by size and mtime."""
     h = hashlib.blake2b(digest_size=20)
-    for path, label in items:
-        st = os.stat(path)
-        h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    shas = {}
+    if getattr(dataset, "prepared_dir", None) is not None:
+        from .data.datasets import manifest_sha256
+        shas = manifest_sha256(dataset.prepared_dir)
+    for path, label in dataset.items:
+        if shas.get(Path(path)):
+            h.update(f"{path}|{label}|{shas[Path(path)]}\n".encode())
+        else:
+            st = os.stat(path)
+            h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -114,18 +112,22 @@ def _transform_desc(transform) -> dict:
     return {"size": list(getattr(transform, "size", []) or []),
             "is_3d": getattr(transform, "is_3d", None), "frames": getattr(transform, "frames", None),
             "channels": getattr(transform, "channels", None),
+            "interpolation": getattr(transform, "interpolation", None),
             "normalize": repr(getattr(transform, "normalize", None)),
             "augment": repr(getattr(transform, "augment", None))}
 
 
-def cache_key(model, dataset, views: int, seed: int, dtype: str) -> str:
-    """The cache key of `model`'s backbone output over `dataset` (a ManifestDataset)."""
+def cache_key(model, dataset, views: int, seed: int, dtype: str, device=None, amp_dtype=None) -> str:
+    """The cache key of `model`'s backbone output over `dataset` (a ManifestDataset),
+    computed on `device` under autocast `amp_dtype` (both change the stored numbers)."""
     import torchvision
     parts = {
         "version": KEY_VERSION, "torch": torch.__version__, "torchvision": torchvision.__version__,
         "backbone": model.backbone.name, "backbone_kwargs": model.backbone.kwargs,
         "output": "tokens" if model.adapter is not None else "pooled",
-        "weights": weights_digest(model.backbone), "data": _data_digest(dataset.items),
+        "weights": weights_digest(model.backbone), "data": _data_digest(dataset),
+        "device": torch.device(device).type if device is not None else None,
+        "autocast": str(amp_dtype) if amp_dtype else None,
         "in_chans": getattr(dataset, "in_chans", None),
         "transform": _transform_desc(dataset.transform),
         # Views and seed only change the stored numbers when there is augmentation.
@@ -255,6 +257,38 @@ def _encode(model, dataset, views: int, seed: int, dtype: torch.dtype, device, b
     return out
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable), or None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits(model, dataset, views: int, dtype: str, storage: str, cache_dir, device, seed: int) -> int:
+    """Estimate the cache's size before building it; a CacheError when it would not fit
+    (memory: MEMORY_SHARE of the available memory; disk: the free space under cache_dir)."""
+    shape = _feature_shape(model, SeededDataset(dataset, seed), device)  # own RNG: no side effect
+    need = max(views, 1) * len(dataset) * math.prod(shape) * DTYPES[dtype].itemsize
+    what = (f"{need / 2**30:.2f} GiB ({max(views, 1)} view(s) x {len(dataset)} images x "
+            f"{'x'.join(map(str, shape))} x {dtype})")
+    if storage == "memory":
+        avail = available_memory()
+        if avail is not None and need > MEMORY_SHARE * avail:
+            raise CacheError(f"feature cache of {what} would not fit in memory ({avail / 2**30:.2f} GiB "
+                             "available): set train.cache.storage: disk, fewer train.cache.views, "
+                             "train.cache.dtype: float16, or train.cache.views: null (cache off)")
+    else:
+        free = shutil.disk_usage(Path(cache_dir)).free
+        if need > free:
+            raise CacheError(f"feature cache of {what} would not fit in {cache_dir} "
+                             f"({free / 2**30:.2f} GiB free): set train.cache.dir elsewhere or turn the cache off")
+    return need
+
+
 def _feature_shape(model, dataset, device) -> tuple[int, ...]:
     """Shape of one image's backbone output, from a forward of the first image."""
     x, _ = dataset[0]
@@ -297,7 +331,7 @@ def get_features(model, dataset, *, views: int = 0, seed: int = 0, dtype: str = 
     if len(dataset) == 0:
         raise CacheError("nothing to cache: the dataset is empty")
     device = device or next(model.parameters()).device
-    key = cache_key(model, dataset, views, seed, dtype)
+    key = cache_key(model, dataset, views, seed, dtype, device, amp_dtype)
     labels = torch.as_tensor(list(dataset.targets), dtype=torch.long)
     encode = dict(views=views, seed=seed, dtype=DTYPES[dtype], device=device, batch_size=batch_size,
                   num_workers=num_workers, amp_dtype=amp_dtype)
@@ -308,6 +342,7 @@ def get_features(model, dataset, *, views: int = 0, seed: int = 0, dtype: str = 
             STATS["hits"] += 1
             hit = _MEMORY[key]
             return FeatureCache(key, hit.features, hit.labels, views, built=False)
+        check_fits(model, dataset, views, dtype, storage, cache_dir, device, seed)
         t0 = time.time()
         feats = _encode(model, dataset, **encode)
         cache = FeatureCache(key, feats, labels, views, built=True, seconds=time.time() - t0)
@@ -322,12 +357,13 @@ def get_features(model, dataset, *, views: int = 0, seed: int = 0, dtype: str = 
     if found is not None:
         STATS["hits"] += 1
         return FeatureCache(key, found[0], found[1], views, path=folder)
-    t0 = time.time()
     folder.parent.mkdir(parents=True, exist_ok=True)
+    check_fits(model, dataset, views, dtype, storage, cache_dir, device, seed)
+    t0 = time.time()
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=folder.parent))
     os.chmod(tmp, default_mode(directory=True))  # a shared cache folder: readable by the group
     try:
-        shape = (max(views, 1), len(dataset), *_feature_shape(model, dataset, device))
+        shape = (max(views, 1), len(dataset), *_feature_shape(model, SeededDataset(dataset, seed), device))
         arr = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.dtype(dtype), shape=shape)
         _encode(model, dataset, out_array=arr, **encode)
         arr.flush()
@@ -352,16 +388,22 @@ def get_features(model, dataset, *, views: int = 0, seed: int = 0, dtype: str = 
 
 # -- the trainer's entry point ---------------------------------------------------------------
 def stage1_cache(model, params: dict, prepared_dir, config: dict, seed: int, sampler, device,
-                 amp_dtype=None, has_val: bool = True) -> dict:
-    """Cached train and val loaders for a frozen-backbone stage.
+                 amp_dtype=None, has_val: bool = True, epochs: int | None = None) -> dict:
+    """Cached train and val loaders for a frozen-backbone stage of `epochs` epochs.
 
     Returns {"train": CachedTrainLoader (also the trainer's dataset: it has `epoch`),
-    "val": CachedEvalLoader or None, "info": what the summary records}.
+    "val": CachedEvalLoader or None, "info": what the summary records}. Settings come
+    from `train.cache` of the validated params (their defaults live in params.py alone).
     """
     from . import data
-    c = cache_settings(params)
     t = params["train"]
+    c = t["cache"]
     views = int(c["views"])
+    if epochs and 0 < views < epochs:
+        warnings.warn(f"feature cache: {views} augmented views for {epochs} epochs, so epoch e reuses "
+                      f"view e mod {views}: less augmentation than fresh draws each epoch. Set "
+                      f"train.cache.views >= {epochs} (same images as uncached) or null (cache off).",
+                      stacklevel=2)
     in_chans = int(config["input_size"][0])
     common = dict(seed=seed, dtype=c["dtype"], storage=c["storage"], cache_dir=c["dir"], device=device,
                   batch_size=int(t["batch_size"]), amp_dtype=amp_dtype,

@@ -148,10 +148,11 @@ def test_key_follows_weights_data_and_transforms(prepared, tmp_path):
     ds = train_set(prepared, model)
     n = len(ds)
     first = cache.get_features(model, ds)
-    assert first.built and passes.images == n and first.features.shape[:2] == (1, n)
+    # n images, and one more that probes the feature shape for the size estimate
+    assert first.built and passes.images == n + 1 and first.features.shape[:2] == (1, n)
 
     again = cache.get_features(model, train_set(prepared, model))
-    assert not again.built and again.key == first.key and passes.images == n
+    assert not again.built and again.key == first.key and passes.images == n + 1
     assert torch.equal(again.features, first.features)
 
     # Another K: the adapter is not part of the key, the backbone is the same.
@@ -162,7 +163,7 @@ def test_key_follows_weights_data_and_transforms(prepared, tmp_path):
     with torch.no_grad():
         next(model.backbone.parameters()).view(-1)[0] += 1e-3
     changed = cache.get_features(model, ds)
-    assert changed.built and changed.key != first.key and passes.images == 2 * n
+    assert changed.built and changed.key != first.key and passes.images == 2 * (n + 1)
 
     # The data: one file rewritten with other pixels.
     src, label = ds.items[0]
@@ -241,4 +242,4 @@ def test_refuses_an_unfrozen_backbone_and_bad_settings(prepared):
     with pytest.raises(ParamsError, match="train.cache.storage"):
         load_params(None, ["train.cache.storage=s3"])
     with pytest.raises(ParamsError, match="train.cache.dtype"):
-        cache.cache_settings({"train": {"cache": {"dtype": "bfloat16"}}})
+        load_params(None, ["train.cache.dtype=bfloat16"])

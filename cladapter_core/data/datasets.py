@@ -101,6 +101,17 @@ def read_manifest(prepared_dir, split: str | None = None) -> list[tuple[Path, in
     return rows
 
 
+def manifest_sha256(prepared_dir) -> dict[Path, str]:
+    """{absolute path: sha256} from manifest.csv: the content identity of every file, as
+    prepare computed it (paths as `read_manifest` gives them)."""
+    prepared_dir = Path(prepared_dir)
+    path = _need(prepared_dir, "manifest.csv")
+    root = data_root(prepared_dir).resolve()
+    with open(path, newline="", encoding="utf-8") as fh:
+        return {Path(os.path.normpath(root / row["path"])): row.get("sha256") or ""
+                for row in csv.DictReader(fh)}
+
+
 class ManifestDataset(Dataset):
     """`(tensor, label)` pairs of one split of a prepared directory."""
 

@@ -66,11 +66,19 @@ def _augmentations(aug: dict) -> list:
     return steps
 
 
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC,
+                  "nearest": v2.InterpolationMode.NEAREST}
+
+
 class ImageTransform:
     """Resize (+ augment) + normalise; a module-level class so DataLoader workers can pickle it."""
 
-    def __init__(self, input_size, mean, std, augment: list | None = None):
+    def __init__(self, input_size, mean, std, augment: list | None = None, interpolation: str = "bilinear"):
         self.is_3d = len(input_size) == 4
+        if interpolation not in INTERPOLATIONS:
+            raise ModelError(f"model config: interpolation {interpolation!r} is not one of "
+                             f"{', '.join(INTERPOLATIONS)}")
+        self.interpolation = interpolation
         self.channels = int(input_size[0])
         self.frames = int(input_size[1]) if self.is_3d else None
         self.size = [int(input_size[-2]), int(input_size[-1])]
@@ -97,7 +105,7 @@ class ImageTransform:
         elif x.ndim != 3:
             raise ModelError(f"2D model expects a (C,H,W) image, got shape {tuple(x.shape)}")
         if list(x.shape[-2:]) != self.size:
-            x = v2.functional.resize(x, self.size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+            x = v2.functional.resize(x, self.size, interpolation=INTERPOLATIONS[self.interpolation], antialias=True)
         if self.augment is not None:
             x = self.augment(x)
         x = self.normalize(x)
@@ -114,4 +122,7 @@ def build_transform(model_config: dict, train: bool, augment: dict | None = None
     if "is_3d" in model_config and bool(model_config["is_3d"]) != (len(input_size) == 4):
         raise ModelError(f"model config: is_3d={model_config['is_3d']} does not match input_size {input_size}")
     steps = _augmentations(augment_params(augment)) if train else None
-    return ImageTransform(input_size, model_config["mean"], model_config["std"], steps)
+    # The backbone's pretrained resize (config.json's interpolation: bicubic for most timm
+    # weights), so the model sees images resized as in its pretraining.
+    return ImageTransform(input_size, model_config["mean"], model_config["std"], steps,
+                          model_config.get("interpolation") or "bilinear")
