@@ -30,11 +30,13 @@ from pydantic_core import PydanticCustomError
 
 from .config import INITS
 
-METRICS = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "weighted_f1",
+# macro_f1: the mean of per-class F1; f1_macro_pr: the paper's F1, 2PR/(P+R) of macro
+# precision and macro recall (metrics.py).
+METRICS = ("accuracy", "macro_f1", "f1_macro_pr", "macro_precision", "macro_recall", "weighted_f1",
            "weighted_precision", "weighted_recall", "roc_auc", "neg_loss")
 PRUNERS = ("median", "percentile", "hyperband", "none")
 # Searching these would need another prepared dataset or would change the search itself.
-NOT_SEARCHABLE = ("data.", "tune.", "evaluate.", "register.")
+NOT_SEARCHABLE = ("data.", "tune.", "evaluate.", "register.", "compare.")
 _NUMBER_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
@@ -154,8 +156,9 @@ class Model(Section):
 # -- train -----------------------------------------------------------------------------------
 class Cache(Section):
     """`train.cache:` the stage-1 feature cache of the frozen backbone (cladapter_core/cache.py)."""
-    views: Optional[Int] = _f(4, "null = off; 0 = no augmentation; V = V augmented views "
-                              "(epoch e reads view e mod V)", ge=0)
+    views: Optional[Int] = _f(None, "null = off (fresh augmentation every epoch, the default); 0 = "
+                              "no augmentation; V = V augmented views (epoch e reads view e mod V: "
+                              "V >= the stage's epochs sees the same images as no cache)", ge=0)
     dtype: Literal["float16", "float32"] = _f("float16", "storage precision of the features")
     storage: Literal["memory", "disk"] = _f("memory", "disk: memory-mapped under `dir`, reused "
                                             "across runs")
@@ -176,7 +179,7 @@ class Augment(Section):
 
 class Train(Section):
     """`train:` the staged trainer (cladapter_core/train.py)."""
-    mode: Text = _f("cla", "cla | linear | full | lp-ft (model.MODES)", must="a training mode")
+    mode: Text = _f("cla", "cla | linear | linear-mean | full | lp-ft (config.MODES)", must="a training mode")
     batch_size: Int = _f(32, "images per step", ge=1)
     num_workers: Union[Literal["auto"], Annotated[Int, Field(ge=0)]] = _f(
         "auto", "data loader processes; auto: from the cores and the device (data/workers.py)",
@@ -185,6 +188,8 @@ class Train(Section):
     lr: Number = _f(0.002, "stage-1 learning rate (reference: 1e-4 at batch 8, pretrained)", gt=0)
     weight_decay: Number = _f(0.001, "weight decay", ge=0)
     warmup_epochs: Int = _f(1, "linear warm-up epochs before the cosine decay", ge=0)
+    warmup_max_fraction: Number = _f(0.25, "warm-up takes at most this share of a stage's steps "
+                                     "(2 warm-up epochs must not fill a 2-epoch stage)", gt=0, le=1)
     grad_accum: Int = _f(1, "steps whose gradients are accumulated per update", ge=1)
     grad_clip: Number = _f(1.0, "max gradient norm, 0 = off", ge=0)
     amp: Flag = _f(True, "mixed precision on GPUs (ignored on the CPU)")
@@ -198,7 +203,7 @@ class Train(Section):
     @field_validator("mode")
     @classmethod
     def _known_mode(cls, mode: str) -> str:
-        from .model import MODES
+        from .config import MODES
         if mode not in MODES:
             raise problem(f"must be one of {', '.join(MODES)}, got {mode!r}")
         return mode
@@ -229,8 +234,18 @@ class Tracking(Section):
 class Register(Section):
     """`register:` the MLflow registry and promotion."""
     model_name: Name = _f("cladapter-demo", "registered model name", must="a non-empty name")
-    metric: Literal[METRICS] = _f("macro_f1", "promotion compares this metric")
+    metric: Literal[METRICS] = _f("macro_f1", "promotion compares this metric, on the validation split "
+                                  "(the test split never decides)")
     margin: Number = _f(0.0, "a candidate must beat the champion by more than this")
+    auto_promote: Flag = _f(False, "true: `register` (DVC, KFP) also promotes; false: promotion is "
+                            "a separate, deliberate `cladapter promote`")
+
+
+class Compare(Section):
+    """`compare:` the learning rates of `cladapter compare`, per role (null: from train.lr)."""
+    head_lr: Optional[Number] = _f(None, "frozen-backbone methods and every stage 1 (null: train.lr)", gt=0)
+    backbone_lr: Optional[Number] = _f(None, "full fine-tuning and every stage 2 (null: train.lr * "
+                                       "stage2.lr_factor)", gt=0)
 
 
 # -- tune ------------------------------------------------------------------------------------
@@ -364,6 +379,7 @@ class Params(Section):
     evaluate: Evaluate = _f(Evaluate, Evaluate.__doc__)
     tracking: Tracking = _f(Tracking, Tracking.__doc__)
     register: Register = _f(Register, Register.__doc__)
+    compare: Compare = _f(Compare, Compare.__doc__)
     tune: Tune = _f(Tune, Tune.__doc__)
 
 

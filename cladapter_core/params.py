@@ -130,14 +130,29 @@ def _read_params_file(path) -> dict | None:
     return data
 
 
+PRESETS = ("paper",)
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of a shipped preset (cladapter_core/presets/<name>.yaml)."""
+    from importlib import resources
+    if name not in PRESETS:
+        raise ParamsError(f"preset {name!r}: no such preset; choose from {', '.join(PRESETS)}")
+    return Path(str(resources.files("cladapter_core").joinpath("presets", f"{name}.yaml")))
+
+
 def load_params(path: str | Path | None = "params.yaml", overrides=None,
-                validate: bool = True, use_best: bool | None = None) -> dict:
-    """Resolved params: defaults, then the YAML file at `path` (if it exists), then the
-    best-params file of `cladapter tune` when ``tune.use_best`` is true (`use_best`: True
-    or False forces it on or off), then overrides. Validated (unless `validate` is
-    False): the plain dict of `Params.model_dump()`; ParamsError listing every problem."""
+                validate: bool = True, use_best: bool | None = None, preset: str | None = None) -> dict:
+    """Resolved params: defaults, then a shipped `preset` (e.g. "paper"), then the YAML file
+    at `path` (if it exists), then the best-params file of `cladapter tune` when
+    ``tune.use_best`` is true (`use_best`: True or False forces it on or off), then
+    overrides. Validated (unless `validate` is False): the plain dict of
+    `Params.model_dump()`; ParamsError listing every problem."""
     problems: list[str] = []
     params, source = defaults(), "defaults"
+    if preset:
+        params = _merge(params, _read_params_file(preset_path(preset)), f"preset {preset}: ", problems)
+        source = f"preset {preset}"
     from_file = _read_params_file(path)
     if from_file is not None:
         source = str(path)
