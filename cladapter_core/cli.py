@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import CLAdapterError
+from .config import MODES
 
 EPILOG = """Parameters: every subcommand reads --params (default params.yaml, else the embedded
 defaults) and applies -S overrides, e.g. -S model.num_centers=10 -S stage1.epochs=3.
@@ -17,6 +18,8 @@ MLflow: runs go to $MLFLOW_TRACKING_URI (default sqlite:///mlflow.db); --no-trac
 
 def _common(p: argparse.ArgumentParser, track: bool = False) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--preset", help="a shipped parameter set under the params file, e.g. `paper` "
+                                    "(the paper's recipe: cladapter_core/presets/paper.yaml)")
     p.add_argument("-S", "--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a parameter, e.g. -S stage1.epochs=3")
     if track:
@@ -33,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"cladapter {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_demo_data, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_compare,
-                _add_register, _add_promote, _add_lineage, _add_serve, _add_tune, _add_summary,
-                _add_demo):
+                _add_sweep, _add_register, _add_promote, _add_lineage, _add_serve, _add_tune,
+                _add_summary, _add_demo):
         add(sub)
     _add_plugins(sub)
     return ap
@@ -61,12 +64,13 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train one stage (Staged Fine-Tuning) or a baseline",
                        description="Stage 1 trains adapter + head on the frozen backbone; stage 2 "
                                    "starts from stage 1 (--init-from) with everything unfrozen at "
-                                   "lr * stage2.lr_factor. Baselines: --mode linear | full | lp-ft. "
+                                   "lr * stage2.lr_factor. Baselines: --mode linear | linear-mean | "
+                                   "full | lp-ft. "
                                    "A checkpoint is written each epoch beside --out; an interrupted "
                                    "run (SIGTERM, crash) resumes from it when run again.")
     _common(p, track=True)
     p.add_argument("--stage", type=int, choices=(1, 2), default=1)
-    p.add_argument("--mode", choices=("cla", "linear", "full", "lp-ft"), help="default: train.mode")
+    p.add_argument("--mode", choices=MODES, help="default: train.mode")
     p.add_argument("--prepared", default="outputs/prepared", help="prepared dataset folder")
     p.add_argument("--out", help="model folder (default: outputs/stage<N>)")
     p.add_argument("--init-from", help="stage-1 model folder (stage 2; default: outputs/stage1)")
@@ -93,16 +97,39 @@ def _add_predict(sub) -> None:
 
 
 def _add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="linear, full, lp-ft, CLAdapter stage 1 and SFT over seeds",
+    p = sub.add_parser("compare", help="baselines vs CLAdapter over seeds, on an equal budget",
                        description="Train every method on one dataset and backbone over several "
-                                   "seeds; print and write a table of macro-F1 and accuracy (mean "
-                                   "and spread), trainable parameters and time.")
+                                   "seeds with the same data, augmentation, epochs in all and seeds; "
+                                   "the head's lr (compare.head_lr) for frozen backbones, the "
+                                   "backbone's (compare.backbone_lr) for full fine-tuning and every "
+                                   "stage 2. Print and write a table of macro-F1, the paper's F1 and "
+                                   "accuracy (mean and spread), trainable parameters and wall time "
+                                   "(cache builds included). Tuned values (tune.use_best) reach only "
+                                   "the methods of the mode they were tuned for.")
     _common(p)
     p.add_argument("--prepared", default="outputs/prepared")
     p.add_argument("--out", default="outputs/compare")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=None,
-                   help="subset of: linear full lp-ft cla-stage1 cla-sft")
+                   help="subset of: linear linear-mean full lp-ft cla-stage1 cla-sft")
+    p.add_argument("--split", default="test", choices=("val", "test"), help="split scored (default: test)")
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="sensitivity study: one parameter at several values over seeds",
+                       description="Train one method (default cla-sft) for every value of one "
+                                   "parameter and every seed, everything else fixed; write a table "
+                                   "(mean ± std per value), a plot with error bars, CSV/JSON, and one "
+                                   "MLflow parent run with a child per (value, seed). Rerunning skips "
+                                   "finished cells. Example: cladapter sweep model.num_centers=5,10,20,30,50")
+    _common(p, track=True)
+    p.add_argument("grid", help="section.key=v1,v2,... (values read as YAML)")
+    p.add_argument("--prepared", default="outputs/prepared")
+    p.add_argument("--out", default="outputs/sweep")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--method", default="cla-sft", help="one of: linear linear-mean full lp-ft cla-stage1 cla-sft")
+    p.add_argument("--split", default="val", choices=("val", "test"),
+                   help="split scored (default: val; a study that picks a value must not look at test)")
 
 
 def _add_register(sub) -> None:
@@ -115,7 +142,9 @@ def _add_register(sub) -> None:
     p.add_argument("--model", default="outputs/stage2", help="model folder")
     p.add_argument("--eval", default="outputs/eval", help="evaluation folder (metrics.json)")
     p.add_argument("--out", help="also write the registration as JSON here")
-    p.add_argument("--promote", action="store_true", help="then run `promote`")
+    p.add_argument("--promote", action="store_true",
+                   help="then run `promote` (also done when register.auto_promote is true)")
+    p.add_argument("--prepared", help="the prepared data of --eval (re-evaluates a champion measured on other data)")
 
 
 def _add_promote(sub) -> None:
@@ -125,6 +154,8 @@ def _add_promote(sub) -> None:
                                    "model becomes champion. The decision is written on the version.")
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="show the decision, change nothing")
+    p.add_argument("--prepared", help="the challenger's prepared data: a champion measured on other data "
+                                      "is re-evaluated on it before deciding")
     p.add_argument("--version", help="candidate version (default: the challenger)")
     p.add_argument("--out", help="also write the decision as JSON here")
 
@@ -239,9 +270,9 @@ def _drop_commands(sub, names) -> None:
     sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest not in names]
 
 
-def _load(args):
+def _load(args, use_best=None):
     from .params import load_params
-    return load_params(args.params, args.overrides)
+    return load_params(args.params, args.overrides, use_best=use_best, preset=getattr(args, "preset", None))
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
@@ -323,8 +354,27 @@ def cmd_predict(args):
 
 def cmd_compare(args):
     from .compare import compare
+    from .params import flatten, read_best_params
+    params = _load(args, use_best=False)  # tuned values go only to the method they were tuned for
+    tuned = None
+    if params["tune"]["use_best"] and Path(params["tune"]["best_params"]).is_file():
+        tuned = flatten(read_best_params(params["tune"]["best_params"]))
+        print(f"compare: tuned values from {params['tune']['best_params']} apply to train.mode "
+              f"{params['train']['mode']!r} only: {', '.join(sorted(tuned)) or 'none'}")
+    compare(params, args.prepared, args.out, seeds=args.seeds, methods=args.methods, split=args.split,
+            tuned=tuned, tuned_for=params["train"]["mode"])
+
+
+def cmd_sweep(args):
+    from .sweep import parse_grid, sweep
     params = _load(args)
-    compare(params, args.prepared, args.out, seeds=args.seeds, methods=args.methods)
+    name, values = parse_grid(args.grid)
+    track = not (args.no_track or os.environ.get("CLADAPTER_TRACKING", "1") == "0")
+    if track:
+        from . import tracking
+        tracking.check_tracking()
+    sweep(params, args.prepared, args.out, name, values, seeds=args.seeds, method=args.method,
+          split=args.split, track=track)
 
 
 def cmd_demo(args):
@@ -358,16 +408,16 @@ def cmd_register(args):
     print(f"{state}: {reg['name']} version {reg['version']} (aliases: {', '.join(reg['aliases'])}; "
           f"run {reg['run_id']})")
     result = {"registration": reg}
-    if args.promote:
-        result["promotion"] = prom = _promote(params, False, None)
+    if args.promote or params["register"]["auto_promote"]:
+        result["promotion"] = prom = _promote(params, False, None, args.prepared)
         if str(prom["champion_after"]) == str(reg["version"]) and "champion" not in reg["aliases"]:
             reg["aliases"] = sorted([*reg["aliases"], "champion"])
     _write_json(args.out, result)
 
 
-def _promote(params, dry_run, version):
+def _promote(params, dry_run, version, prepared=None):
     from . import registry
-    res = registry.promote(params, dry_run=dry_run, version=version)
+    res = registry.promote(params, dry_run=dry_run, version=version, prepared_dir=prepared)
     what = "would be" if dry_run else "is now"
     print(f"promotion of {res['model_name']} v{res['candidate']} ({res['metric']} "
           f"{res['candidate_value']}): {res['decision']} - {res['reason']}")
@@ -379,7 +429,7 @@ def cmd_promote(args):
     from . import tracking
     params = _load(args)
     tracking.check_tracking()
-    _write_json(args.out, _promote(params, args.dry_run, args.version))
+    _write_json(args.out, _promote(params, args.dry_run, args.version, args.prepared))
 
 
 def cmd_lineage(args):
@@ -467,7 +517,7 @@ def cmd_summary(args):
 COMMANDS = {"summary": cmd_summary, "register": cmd_register, "promote": cmd_promote, "lineage": cmd_lineage,
             "demo-data": cmd_demo_data, "prepare": cmd_prepare, "train": cmd_train,
             "evaluate": cmd_evaluate, "predict": cmd_predict, "compare": cmd_compare,
-            "demo": cmd_demo, "tune": cmd_tune, "serve": cmd_serve}
+            "demo": cmd_demo, "tune": cmd_tune, "serve": cmd_serve, "sweep": cmd_sweep}
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,7 @@ def test_compare_writes_table_over_seeds(prepared, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = list(csv.DictReader(open(out / "compare.csv")))
     assert [(r["method"], r["seed"]) for r in rows] == [
-        (m, s) for s in ("0", "1") for m in ("linear", "full", "lp-ft", "cla-stage1", "cla-sft")]
+        (m, s) for s in ("0", "1") for m in ("linear", "linear-mean", "full", "lp-ft", "cla-stage1", "cla-sft")]
     summary = json.loads((out / "compare.json").read_text())["summary"]
     by = {r["method"]: r for r in summary}
     # the trainable-parameter column follows the methods' freezing
@@ -32,3 +32,9 @@ def test_compare_writes_table_over_seeds(prepared, tmp_path):
     assert "| cla-sft | 2 |" in proc.stdout and (out / "summary.md").is_file()
     assert (out / "compare.png").stat().st_size > 1000
     assert not list(tmp_path.glob(".cmp.tmp-*"))
+    # the equal budget, stated in the output: 2 epochs for every method, the two lrs
+    report = json.loads((out / "compare.json").read_text())
+    assert report["budget"]["epochs"] == 2 and all(int(r["epochs"]) == 2 for r in rows)
+    assert report["budget"]["backbone_lr"] == report["budget"]["head_lr"] * 0.1
+    assert "Equal budget: 2 epochs per method" in proc.stdout
+    assert all(0.0 <= float(r["f1_macro_pr"]) <= 1.0 for r in rows)
