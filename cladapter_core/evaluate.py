@@ -176,9 +176,42 @@ def evaluate(model_dir, prepared_dir, out_dir, params: dict, *, device: str | No
           "classes": classes, "paths": [p for p, _ in items], "y_true": y_true, "probs": probs,
           "select_metric": select_metric, "seed": seed, "metrics": metrics,
           "tsne": (without, with_) if want_tsne else None}
+    decision = decision_metrics(model, prepared_dir, params, _device(device), split, metrics)
     with atomic_dir(out_dir) as tmp:
         _write_evaluation(tmp, ev)
+        write_json(tmp / DECISION_FILE, decision)
     return metrics
+
+
+DECISION_FILE = "decision_metrics.json"
+
+
+def data_identity(prepared_dir) -> str:
+    """The evaluation data's identity: sha256 of manifest.csv (files by content, labels,
+    split); two evaluations compare only when it and the split are equal."""
+    import hashlib
+    return hashlib.sha256((Path(prepared_dir) / "manifest.csv").read_bytes()).hexdigest()
+
+
+DECISION_SPLIT = "val"
+
+
+def decision_metrics(model, prepared_dir: Path, params: dict, dev: torch.device,
+                     evaluated_split: str | None = None, evaluated: dict | None = None,
+                     split: str = DECISION_SPLIT) -> dict:
+    """Metrics on the validation split, which promotion decides on: the test split is for
+    reporting, never for choosing a model."""
+    from .data import read_manifest
+    if split == evaluated_split and evaluated is not None:
+        metrics = evaluated
+    else:
+        if not read_manifest(prepared_dir, split):
+            raise DataError(f"{prepared_dir}: the {split!r} split is empty; promotion decides on it: "
+                            "prepare the data with data.val_fraction > 0")
+        y, probs, _, _ = _predict_split(model, prepared_dir, split, params,
+                                        int(params["train"]["batch_size"]), dev, False)
+        metrics = _split_metrics(y, probs, model.num_classes)
+    return {"split": split, "data_hash": data_identity(prepared_dir), "metrics": metrics}
 
 
 def _predict_split(model, prepared_dir: Path, split: str, params: dict, batch_size: int,

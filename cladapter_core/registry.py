@@ -5,10 +5,19 @@ Aliases (not the deprecated stages): ``challenger`` is the newest registration,
 
 Version tags written by ``register``: ``run_id``, ``data_hash``, ``model_hash`` (content
 hash of the model directory: what makes re-registration idempotent), ``git_commit``,
-``pipeline_id``, ``metric.<name>`` for every test metric, and
-``cladapter.registration`` = ``pending`` while being made, ``complete`` when done.
-``promote`` adds ``promotion.decision``, ``promotion.reason``, ``promotion.compared_with``
-and ``promotion.time`` to the candidate, and ``promotion.replaced_by`` to the old champion.
+``pipeline_id``, ``metric.<name>`` for every metric on the decision split
+(``register.split``, validation by default; ``metric_split`` names it and
+``eval_data_hash`` identifies its data), ``test_metric.<name>`` for the reported split
+(information only: promotion never reads it), and ``cladapter.registration`` =
+``pending`` while being made, ``complete`` when done.
+
+``promote`` decides on the decision split only, and compares two versions only when both
+were measured on the same data (``eval_data_hash``) and split; otherwise it re-evaluates
+the champion on the challenger's data first (the prepared folder must be at hand), or
+refuses. It writes the decision with its evidence on the candidate (``promotion.decision``,
+``.reason``, ``.compared_with``, ``.metric``, ``.split``, ``.data_hash``,
+``.candidate_value``, ``.champion_value``, ``.champion_reevaluated``, ``.time``) and
+``promotion.replaced_by`` on the old champion.
 
 Concurrent promotions are serialised by a lock built on the one write-once value MLflow
 has: a run parameter. Logging a parameter key a second time with another value is refused
@@ -48,6 +57,7 @@ from .errors import TrackingError
 CHALLENGER, CHAMPION = "challenger", "champion"
 STATE_TAG = "cladapter.registration"
 METRIC_TAG = "metric."
+TEST_METRIC_TAG = "test_metric."
 LOCK_EXPERIMENT = "cladapter-promotion-locks"
 LOCK_FOR_TAG = "cladapter.lock_for"       # on a lock run: the registered model it guards
 LOCK_SUFFIX = ".promotion-lock"           # the registered model older versions used as a lock
@@ -83,6 +93,25 @@ def read_metrics(eval_dir: str | Path) -> dict[str, float]:
             raise TrackingError(f"{path}: metric {k!r} must be a number, got {v!r}")
         out[str(k)] = float(v)
     return out
+
+
+def read_decision(eval_dir: str | Path, metric: str) -> dict:
+    """``eval_dir/decision_metrics.json`` (written by ``evaluate``): the split promotion
+    decides on, its data identity and metrics, which must hold ``metric``."""
+    path = Path(eval_dir) / "decision_metrics.json"
+    if not path.is_file():
+        raise TrackingError(f"{path}: no such file: run `cladapter evaluate` again (it writes the "
+                            "metrics on register.split that promotion decides on)")
+    try:
+        data = json.loads(path.read_text())
+        split, data_hash, metrics = data["split"], data["data_hash"], data["metrics"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise TrackingError(f"{path}: not a decision-metrics file ({e})") from e
+    value = metrics.get(metric)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        raise TrackingError(f"{path}: no value for {metric!r} (register.metric) on the {split} split, "
+                            f"which promotion compares; has: {', '.join(sorted(metrics)) or 'nothing'}")
+    return {"split": split, "data_hash": data_hash, "metrics": {k: float(v) for k, v in metrics.items()}}
 
 
 def _metric_of(version, metric: str) -> float | None:
@@ -163,10 +192,7 @@ def register(model_dir: str | Path, eval_dir: str | Path, params: dict, *,
     reg = params["register"]
     name, metric = reg["model_name"], reg["metric"]
     metrics = read_metrics(eval_dir)
-    if metric not in metrics or math.isnan(metrics[metric]):
-        raise TrackingError(f"{eval_dir / 'metrics.json'}: no value for {metric!r} "
-                            f"(register.metric), which promotion compares; has: "
-                            f"{', '.join(sorted(metrics)) or 'nothing'}")
+    decision = read_decision(eval_dir, metric)
     for f in ("config.json", "model.safetensors"):
         if not (model_dir / f).is_file():
             raise TrackingError(f"model directory {model_dir}: missing {f}")
@@ -187,8 +213,9 @@ def register(model_dir: str | Path, eval_dir: str | Path, params: dict, *,
         tracking.stage_run(params, "register", data_hash)
     with run_ctx as run:
         run_id = run.info.run_id
-        with tracking.errors("logging test metrics"):
+        with tracking.errors("logging evaluation metrics"):
             mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+            mlflow.log_metrics({f"{decision['split']}_{k}": v for k, v in decision["metrics"].items()})
         tracking.log_artifacts_dir(eval_dir, "evaluation")
         model_uri = tracking.log_model(model_dir)
         run_tags = client.get_run(run_id).data.tags
@@ -196,11 +223,12 @@ def register(model_dir: str | Path, eval_dir: str | Path, params: dict, *,
                 "data_hash": data_hash or run_tags.get("data_hash", "unknown"),
                 "git_commit": run_tags.get("git_commit", "unknown"),
                 "pipeline_id": run_tags.get(tracking.PIPELINE_TAG, "unknown"),
-                "metric_split": str((params.get("evaluate") or {}).get("split", "test")),
+                "metric_split": decision["split"], "eval_data_hash": decision["data_hash"],
                 STATE_TAG: "pending",
-                **{METRIC_TAG + k: repr(v) for k, v in metrics.items()}}
-        description = (f"{run_tags.get('backbone')} K={run_tags.get('K')} "
-                       f"mode={run_tags.get('mode')}; {metric}={metrics[metric]:.4f}")
+                **{METRIC_TAG + k: repr(v) for k, v in decision["metrics"].items()},
+                **{TEST_METRIC_TAG + k: repr(v) for k, v in metrics.items()}}
+        description = (f"{run_tags.get('backbone')} K={run_tags.get('K')} mode={run_tags.get('mode')}; "
+                       f"{decision['split']} {metric}={decision['metrics'][metric]:.4f}")
         return _create_version(client, name, model_uri, tags, description)
 
 
@@ -369,19 +397,25 @@ def promotion_lock(name: str, timeout: float = 120.0, stale_after: float = STALE
 
 
 def promote(params: dict, dry_run: bool = False, *, version: int | str | None = None,
-            lock_timeout: float = 120.0) -> dict:
+            lock_timeout: float = 120.0, prepared_dir: str | Path | None = None) -> dict:
     """Make the candidate (``version``, default the ``challenger``) the ``champion`` when its
-    test metric ``params["register"]["metric"]`` beats the champion's by at least
-    ``params["register"]["margin"]`` (and by more than 0); the first model becomes champion.
+    metric ``params["register"]["metric"]`` on the decision split beats the champion's by
+    at least ``params["register"]["margin"]`` (and by more than 0); the first model becomes
+    champion.
 
-    The decision and its reason are written on the candidate as tags. ``dry_run=True``
-    decides and returns the same answer but writes nothing and takes no lock. A champion
-    without the metric raises ``TrackingError`` and stays champion. Concurrent promotions
-    are serialised (``promotion_lock``).
+    Both values must come from the same evaluation data and split. When the champion was
+    measured on other data (another data version, another split, or test metrics of an
+    older registration), it is re-evaluated on the candidate's data, the prepared folder
+    ``prepared_dir`` (whose manifest must be the candidate's), before deciding; without
+    ``prepared_dir`` that is a TrackingError and nothing changes.
 
-    Returns ``{"model_name", "metric", "margin", "candidate", "candidate_value",
-    "champion_before", "champion_value", "champion_after", "decision"
-    ("promoted" | "rejected" | "unchanged"), "reason", "dry_run"}``.
+    The decision and its evidence are written on the candidate as tags. ``dry_run=True``
+    decides and returns the same answer but writes nothing and takes no lock. Concurrent
+    promotions are serialised (``promotion_lock``).
+
+    Returns ``{"model_name", "metric", "margin", "split", "data_hash", "candidate",
+    "candidate_value", "champion_before", "champion_value", "champion_reevaluated",
+    "champion_after", "decision" ("promoted" | "rejected" | "unchanged"), "reason", "dry_run"}``.
     """
     reg = params["register"]
     name, metric, margin = reg["model_name"], reg["metric"], float(reg["margin"])
@@ -390,15 +424,12 @@ def promote(params: dict, dry_run: bool = False, *, version: int | str | None = 
     lock = contextlib.nullcontext() if dry_run else promotion_lock(name, lock_timeout)
     with lock:
         with tracking.errors(f"reading registered model {name!r}"):
-            if version is not None:
-                candidate = client.get_model_version(name, str(version))
-            else:
-                candidate = _alias(client, name, CHALLENGER)
-                if candidate is None:
-                    raise TrackingError(f"registered model {name!r} has no {CHALLENGER!r} version: "
-                                        "run `register` first")
+            candidate = _candidate(client, name, version)
             champion = _alias(client, name, CHAMPION)
-        result = decide(candidate, champion, metric, margin)
+        champion_value = None
+        if champion is not None and champion.version != candidate.version and not same_evaluation(candidate, champion):
+            champion_value = reevaluate(champion, candidate, metric, params, prepared_dir)
+        result = decide(candidate, champion, metric, margin, champion_value=champion_value)
         result.update(model_name=name, dry_run=dry_run)
         if not dry_run and result["decision"] != "unchanged":
             with tracking.errors(f"writing the promotion of {name!r} v{candidate.version}"):
@@ -406,40 +437,108 @@ def promote(params: dict, dry_run: bool = False, *, version: int | str | None = 
     return result
 
 
-def decide(candidate, champion, metric: str, margin: float) -> dict:
-    """The promotion decision for two model versions (no side effects)."""
+def _candidate(client, name: str, version):
+    if version is not None:
+        return client.get_model_version(name, str(version))
+    candidate = _alias(client, name, CHALLENGER)
+    if candidate is None:
+        raise TrackingError(f"registered model {name!r} has no {CHALLENGER!r} version: run `register` first")
+    return candidate
+
+
+def _evaluation_of(version) -> tuple[str | None, str | None]:
+    return version.tags.get("metric_split"), version.tags.get("eval_data_hash")
+
+
+def same_evaluation(a, b) -> bool:
+    """Were both versions' decision metrics measured on the same data and split?"""
+    split, data = _evaluation_of(a)
+    return split is not None and data is not None and split != "test" and (split, data) == _evaluation_of(b)
+
+
+def reevaluate(champion, candidate, metric: str, params: dict, prepared_dir) -> float:
+    """The champion's `metric` on the candidate's evaluation data (its split of `prepared_dir`)."""
+    import tempfile
+
+    import mlflow
+
+    from .evaluate import data_identity, decision_metrics
+    from .model import load_model
+    split, data_hash = _evaluation_of(candidate)
+    where = (f"champion v{champion.version} was measured on split {_evaluation_of(champion)[0]!r} of data "
+             f"{str(_evaluation_of(champion)[1])[:12]}, the challenger v{candidate.version} on split "
+             f"{split!r} of data {str(data_hash)[:12]}")
+    if prepared_dir is None:
+        raise TrackingError(f"{where}: the two cannot be compared. Pass the challenger's prepared data "
+                            "(`cladapter promote --prepared DIR`) to re-evaluate the champion on it first; "
+                            f"v{champion.version} stays champion")
+    found = data_identity(prepared_dir) if (Path(prepared_dir) / "manifest.csv").is_file() else "no manifest.csv"
+    if found != data_hash:
+        raise TrackingError(f"{prepared_dir}: not the data the challenger v{candidate.version} was evaluated "
+                            f"on (manifest hash {found[:16]} != {str(data_hash)[:16]})")
+    with tempfile.TemporaryDirectory() as tmp, tracking.errors(f"downloading champion v{champion.version}"):
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{champion.name}/{champion.version}", dst_path=tmp))
+        model_dir = next(p.parent for p in local.rglob("model.safetensors") if (p.parent / "config.json").is_file())
+        model = load_model(model_dir)
+        found = decision_metrics(model, Path(prepared_dir), params, torch_device(), split=split)
+    value = found["metrics"].get(metric)
+    if value is None or math.isnan(value):
+        raise TrackingError(f"champion v{champion.version}: {metric} undefined on the {split} split of "
+                            f"{prepared_dir}; cannot compare")
+    print(f"promote: {where}; champion re-evaluated on the challenger's data: {metric}={value:.4f}")
+    return float(value)
+
+
+def torch_device():
+    from .distributed import pick_device
+    return pick_device()
+
+
+def decide(candidate, champion, metric: str, margin: float, champion_value: float | None = None) -> dict:
+    """The promotion decision for two model versions (no side effects). `champion_value`:
+    the champion re-evaluated on the candidate's data (else its own tag is used, which
+    must come from the same data and split)."""
     if candidate.tags.get(STATE_TAG, "complete") != "complete":
         raise TrackingError(f"{candidate.name!r} v{candidate.version} is a half-made registration "
                             "(cladapter.registration=pending): run `register` again")
+    split, data_hash = _evaluation_of(candidate)
     cand_v = _metric_of(candidate, metric)
-    if cand_v is None:
-        raise TrackingError(f"{candidate.name!r} v{candidate.version} has no test metric "
-                            f"{metric!r} (tag {METRIC_TAG}{metric}); cannot promote it")
-    out = {"metric": metric, "margin": margin, "candidate": int(candidate.version),
-           "candidate_value": cand_v, "champion_before": None, "champion_value": None}
+    if cand_v is None or split in (None, "test"):
+        raise TrackingError(f"{candidate.name!r} v{candidate.version} has no {metric!r} on a decision "
+                            f"split (tag {METRIC_TAG}{metric}, metric_split {split!r}; test metrics never "
+                            "decide): register it again with this version of cladapter")
+    out = {"metric": metric, "margin": margin, "split": split, "data_hash": data_hash,
+           "candidate": int(candidate.version), "candidate_value": cand_v, "champion_before": None,
+           "champion_value": None, "champion_reevaluated": champion_value is not None}
     if champion is None:
         return {**out, "champion_after": out["candidate"], "decision": "promoted",
-                "reason": f"first model: no champion yet ({metric}={cand_v:.4f})"}
+                "reason": f"first model: no champion yet ({split} {metric}={cand_v:.4f})"}
     out["champion_before"] = int(champion.version)
     if champion.version == candidate.version:
         return {**out, "champion_value": cand_v, "champion_after": out["candidate"],
                 "decision": "unchanged", "reason": f"v{candidate.version} is already the champion"}
-    champ_v = _metric_of(champion, metric)
+    return _compare_with_champion(out, champion, metric, margin, champion_value)
+
+
+def _compare_with_champion(out: dict, champion, metric: str, margin: float, champion_value) -> dict:
+    champ_v = champion_value if champion_value is not None else _metric_of(champion, metric)
     if champ_v is None:
         raise TrackingError(
-            f"champion {champion.name!r} v{champion.version} has no test metric {metric!r} "
-            f"(tag {METRIC_TAG}{metric}), so v{candidate.version} cannot be compared with it; "
+            f"champion {champion.name!r} v{champion.version} has no metric {metric!r} "
+            f"(tag {METRIC_TAG}{metric}), so v{out['candidate']} cannot be compared with it; "
             f"v{champion.version} stays champion. Tag it with its metric, or move the alias "
             "by hand if it should go")
     out["champion_value"] = champ_v
-    diff = cand_v - champ_v
+    cand_v, diff = out["candidate_value"], out["candidate_value"] - champ_v
+    on = f"{out['split']} {metric}" + (" (champion re-evaluated on the same data)" if champion_value is not None else "")
     if diff > 0 and diff >= margin:
         return {**out, "champion_after": out["candidate"], "decision": "promoted",
-                "reason": f"{metric} {cand_v:.4f} vs champion v{champion.version} "
+                "reason": f"{on} {cand_v:.4f} vs champion v{champion.version} "
                           f"{champ_v:.4f}: {diff:+.4f} >= margin {margin:g}"}
     why = "not better" if diff <= 0 else f"below margin {margin:g}"
     return {**out, "champion_after": out["champion_before"], "decision": "rejected",
-            "reason": f"{metric} {cand_v:.4f} vs champion v{champion.version} "
+            "reason": f"{on} {cand_v:.4f} vs champion v{champion.version} "
                       f"{champ_v:.4f}: {diff:+.4f}, {why}"}
 
 
@@ -448,9 +547,13 @@ def _apply(client, name: str, candidate, champion, result: dict) -> None:
     # and its rerun decides and writes everything again; killed after it, nothing is left
     # to write (its rerun finds the candidate already champion).
     v = candidate.version
-    for key, value in (("decision", result["decision"]), ("reason", result["reason"]),
-                       ("compared_with", str(result["champion_before"] or "none")),
-                       ("time", _now())):
+    evidence = {"decision": result["decision"], "reason": result["reason"],
+                "compared_with": str(result["champion_before"] or "none"), "metric": result["metric"],
+                "split": result["split"], "data_hash": str(result["data_hash"]),
+                "candidate_value": repr(result["candidate_value"]),
+                "champion_value": repr(result["champion_value"]),
+                "champion_reevaluated": str(result["champion_reevaluated"]).lower(), "time": _now()}
+    for key, value in evidence.items():
         client.set_model_version_tag(name, v, f"promotion.{key}", value)
     if result["decision"] == "promoted":
         if champion is not None:

@@ -690,14 +690,12 @@ def evaluate_task(params: dict, dataset_dir, model_dir, out_dir, pipeline_id: st
     return metrics
 
 
-def gate_value(params: dict, metrics: dict) -> float:
-    """The value the pipeline's gate compares with `min_metric`: `register.metric` (the
-    metric promotion compares), as evaluate computed it on the test split."""
-    name = params["register"]["metric"]
-    if name not in metrics:
-        raise CLAdapterError(f"evaluation has no {name!r} (register.metric); it has: "
-                             f"{', '.join(sorted(metrics))}")
-    value = float(metrics[name])
+def gate_value(params: dict, eval_dir) -> float:
+    """The value the pipeline's gate compares with `min_metric`: `register.metric` on the
+    validation split (`decision_metrics.json`), the one promotion compares: the test split
+    never decides what is registered or promoted."""
+    from cladapter_core.registry import read_decision
+    value = read_decision(eval_dir, params["register"]["metric"])["metrics"][params["register"]["metric"]]
     return value if math.isfinite(value) else -1e30  # NaN: the gate stays shut
 
 
@@ -717,8 +715,11 @@ def register_task(params: dict, model_dir, eval_dir, pipeline_id: str = "",
         return reg
 
 
-def promote_task(params: dict, version: str) -> dict:
+def promote_task(params: dict, version: str, dataset_dir=None) -> dict:
+    """Promote `version`; with the dataset, a champion measured on other data is
+    re-evaluated on this run's validation split before the decision."""
     from cladapter_core import registry, tracking
     tracking.check_tracking()
-    return registry.promote(params, version=version)
+    prepared = prepared_dir(dataset_dir) if dataset_dir else None
+    return registry.promote(params, version=version, prepared_dir=prepared)
 

@@ -137,7 +137,7 @@ def evaluate(params: str, dataset: Input[Dataset], model: Input[Model], pipeline
              confusion_matrix: Output[ClassificationMetrics], report: Output[HTML],
              evaluation: Output[Artifact]) -> float:
     """Test-split metrics, confusion matrix, report.html; the full folder as `evaluation`.
-    Returns the value of `register.metric`, which the pipeline's gate compares (a single
+    Returns the validation value of `register.metric`, which the pipeline's gate compares (a single
     return value: kfp.local resolves a condition on it, not on a NamedTuple field)."""
     import json
     import shutil
@@ -152,7 +152,7 @@ def evaluate(params: str, dataset: Input[Dataset], model: Input[Model], pipeline
     cm = json.loads((Path(evaluation.path) / "confusion_matrix.json").read_text())
     confusion_matrix.log_confusion_matrix(cm["labels"], cm["matrix"])
     shutil.copyfile(Path(evaluation.path) / "report.html", report.path)
-    return runtime.gate_value(p, values)
+    return runtime.gate_value(p, evaluation.path)
 
 
 @dsl.component(**_IN_IMAGE)
@@ -171,11 +171,12 @@ def register(params: str, model: Input[Model], evaluation: Input[Artifact], pipe
 
 
 @dsl.component(**_IN_IMAGE)
-def promote(params: str, version: str,
+def promote(params: str, version: str, dataset: Input[Dataset],
             ) -> NamedTuple("Promotion", [("decision", str), ("champion", str)]):
-    """`champion` moves to this version when it beats the champion by the margin."""
+    """`champion` moves to this version when it beats the champion by the margin on the
+    validation split (a champion measured on other data is re-evaluated on `dataset`)."""
     from components import runtime
-    res = runtime.promote_task(runtime.params_from_json(params), version)
+    res = runtime.promote_task(runtime.params_from_json(params), version, dataset.path)
     print(f"promotion of {res['model_name']} v{res['candidate']} ({res['metric']} "
           f"{res['candidate_value']}): {res['decision']} - {res['reason']}")
     return (str(res["decision"]), str(res["champion_after"]))

@@ -191,7 +191,7 @@ def build_pipeline(train_gpus: int = 1, params_file=None, scratch_size: str = DE
             seed: Seed of the splits, the initialisation and the sample order.
             model_name: MLflow registered model.
             promotion_margin: How much better on register.metric a new model must be than the champion.
-            min_metric: Register (and promote) only when the test value of register.metric reaches this.
+            min_metric: Register (and promote) only when the validation value of register.metric reaches this.
             auto_promote: Move the champion alias when the new version wins; false: register only.
             tune_trials: More than 0: an Optuna search of that many trials over tune.space first (needs a PostgreSQL tune.storage).
             tune_workers: Parallel tuning workers (pods, one GPU each) sharing the study.
@@ -246,7 +246,7 @@ def _steps(a: dict, base_params: str, train_gpus: int, scratch: str, run_id, run
         reg_task.set_display_name("register").set_caching_options(False)
         _secrets(_resources(reg_task, "registry"), MLFLOW_SECRET, S3_SECRET)
         with dsl.If(a["auto_promote"] == True, name="auto_promote"):  # noqa: E712 (a KFP condition)
-            pro = stages.promote(params=params, version=reg_task.outputs["version"])
+            pro = stages.promote(params=params, version=reg_task.outputs["version"], dataset=dataset)
             pro.set_display_name("promote").set_caching_options(False)
             _secrets(_resources(pro, "registry"), MLFLOW_SECRET)
 

@@ -265,11 +265,17 @@ def tiny_model_dirs(tmp_path_factory):
     return dirs
 
 
-def write_metrics(folder: Path, **metrics) -> Path:
-    """An evaluation folder with metrics.json (and a small report) as `evaluate` writes."""
+def write_metrics(folder: Path, *, decision_split: str = "val", data_hash: str = "data-v1",
+                  **metrics) -> Path:
+    """An evaluation folder as `evaluate` writes it: metrics.json (the reported split),
+    decision_metrics.json (the same numbers, as if measured on `decision_split` of the data
+    `data_hash`) and a small report."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "decision_metrics.json").write_text(json.dumps({
+        "split": decision_split, "data_hash": data_hash,
+        "metrics": {k: v for k, v in metrics.items() if v is not None}}))
     (folder / "report.html").write_text("<html><body>report</body></html>\n")
     return folder
 

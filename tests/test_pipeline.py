@@ -166,8 +166,17 @@ def test_gate_registers_and_promotes_only_when_evaluation_passes(compiled):
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["min_metric"]["defaultValue"] == 0.0 and "min_macro_f1" not in params
     assert params["auto_promote"]["defaultValue"] is True
-    # evaluate's output is the value of register.metric, not always macro-F1
-    assert runtime.gate_value({"register": {"metric": "accuracy"}}, {"accuracy": 0.7, "macro_f1": 0.2}) == 0.7
+
+
+
+def test_the_gate_reads_register_metric_on_validation_never_test(tmp_path):
+    # evaluate's output is register.metric on the validation split (decision_metrics.json),
+    # not always macro-F1, and never the test split's value (metrics.json)
+    (tmp_path / "metrics.json").write_text(json.dumps({"accuracy": 0.99, "macro_f1": 0.99}))
+    (tmp_path / "decision_metrics.json").write_text(json.dumps(
+        {"split": "val", "data_hash": "d", "metrics": {"accuracy": 0.7, "macro_f1": 0.2}}))
+    assert runtime.gate_value({"register": {"metric": "accuracy"}}, tmp_path) == 0.7
+    assert runtime.gate_value({"register": {"metric": "macro_f1"}}, tmp_path) == 0.2
 
 
 def test_gpu_cpu_memory_requests(compiled):
@@ -627,7 +636,10 @@ def test_run_local_end_to_end_with_parallel_tuning(tmp_path):
 
     evaluation = run_dir / "evaluate" / "evaluation"
     metrics = json.loads((evaluation / "metrics.json").read_text())
-    assert executor_output(run_dir, "evaluate")["parameterValues"]["Output"] == pytest.approx(metrics["macro_f1"])
+    decision = json.loads((evaluation / "decision_metrics.json").read_text())
+    assert decision["split"] == "val"  # the gate reads validation, never the test metrics
+    assert executor_output(run_dir, "evaluate")["parameterValues"]["Output"] == \
+        pytest.approx(decision["metrics"]["macro_f1"])
     cm = artifact_meta(run_dir, "evaluate", "confusion_matrix")["confusionMatrix"]
     assert sum(sum(r["row"]) for r in cm["rows"]) == metrics["n_samples"]
     promote = executor_output(run_dir, "promote")["parameterValues"]

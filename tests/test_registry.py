@@ -140,7 +140,7 @@ def test_a_champion_without_the_metric_is_an_error_and_stays_champion(embedded_m
     registry.promote(params)
     _client().delete_model_version_tag(name, "1", "metric.macro_f1")
     registry.register(tiny_model_dirs[1], write_metrics(tmp_path / "b", macro_f1=0.9), params)
-    with pytest.raises(TrackingError, match=r"champion .* v1 has no test metric 'macro_f1'.*"
+    with pytest.raises(TrackingError, match=r"champion .* v1 has no metric 'macro_f1'.*"
                                             r"v1 stays champion"):
         registry.promote(params)
     assert _champion(name) == 1
