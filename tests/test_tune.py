@@ -166,8 +166,8 @@ def test_median_pruner_stops_trials_that_cannot_win(prepared, workdir):
     # pruned at the first step after warm-up (0-based step 1: the second stage-1 epoch)
     assert [t.user_attrs["epochs"] for t in trials] == [4, 4, 2, 2]
     assert all(max(t.intermediate_values) == 1 for t in trials[2:])
-    # the completed trials reported at global steps 0..3: stage-2 continues stage 1's count
-    assert sorted(trials[0].intermediate_values) == [0, 1, 2, 3]
+    # the completed trials reported their 3 stage-1 epochs only: stage 2 never reaches the pruner
+    assert sorted(trials[0].intermediate_values) == [0, 1, 2]
     assert result["pruned"] == 2 and result["epochs"] == 12
 
 
@@ -236,3 +236,22 @@ def test_space_choices_written_as_text_are_the_numbers_training_reads():
     assert type(values["train.lr"]) is float and type(values["model.rank"]) is int
     p = trial_params(params, values)
     assert p["train"]["lr"] in (1e-4, 1e-3) and load_params(None, p) == p
+
+
+def test_the_pruner_never_compares_a_stage_1_step_with_a_stage_2_step():
+    # Two trials whose stage 1 lasts 2 and 4 epochs: step k is always the (k+1)-th stage-1 epoch.
+    from cladapter_core.tune.trial import PruningCallback
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+    for s1 in (2, 4):
+        trial = study.ask()
+        counter = {"epochs": 0}  # one per trial, shared by its stages (as run_trial does)
+        stage1 = PruningCallback(trial, 0, counter=counter)
+        stage2 = PruningCallback(trial, s1, counter=counter, prune=False)
+        for e in range(1, s1 + 1):
+            stage1.on_epoch_end({"stage": 1, "epoch": e, "val_macro_f1": 0.1 * e})
+        for e in range(1, 3):
+            stage2.on_epoch_end({"stage": 2, "epoch": e, "val_macro_f1": 0.9})
+        study.tell(trial, 0.9)
+    for t, s1 in zip(study.trials, (2, 4)):
+        assert t.intermediate_values == {k: pytest.approx(0.1 * (k + 1)) for k in range(s1)}
+        assert t.user_attrs["epochs"] == s1 + 2  # stage-2 epochs still count (and are logged)

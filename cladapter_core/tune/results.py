@@ -99,7 +99,10 @@ def plot_k_vs_f1(study, params: dict, path: Path) -> Path:
         pass
     ax.set_xlabel("K (model.num_centers)")
     ax.set_ylabel("validation macro-F1")
-    ax.set_title(f"study {study.study_name}: K against macro-F1")
+    # Trials vary lr and stage lengths with K, from one seed: this is where the search went,
+    # not how sensitive the method is to K (that is `cladapter sweep model.num_centers=...`).
+    ax.set_title(f"study {study.study_name}: K of each trial (other parameters vary too;\n"
+                 "for sensitivity to K run `cladapter sweep`)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     _save_figure(fig, path)

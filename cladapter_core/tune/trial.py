@@ -3,9 +3,11 @@
 A trial is one Staged Fine-Tuning run: stage 1 then stage 2 (`train.train`) in a
 temporary folder with the values the sampler suggests for the parameters of
 ``tune.space``. Its objective is the validation macro-F1 of the model stage 2 keeps
-(the best epoch by ``train.select_metric``). Every epoch reports its validation
-macro-F1 at a global step (stage-1 epochs, then stage-2 epochs continuing the count,
-0-based), so the pruner stops trials that cannot win. Trial outputs are deleted.
+(the best epoch by ``train.select_metric``). The pruner compares like with like: it
+sees the stage-1 epochs only, each at its stage-1 epoch index (0-based), so step 5 is
+the sixth stage-1 epoch in every trial, whatever the searched stage lengths; stage-2
+epochs are logged to MLflow but never reported to the pruner (``full`` mode has one
+stage: all its epochs are reported). Trial outputs are deleted.
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ OBJECTIVE = "val_macro_f1"
 
 
 class PruningCallback:
-    """Trainer callback: reports each epoch's validation macro-F1 to the trial at a global
-    step and raises optuna.TrialPruned when the pruner says so (the exception leaves
+    """Trainer callback: logs each epoch (MLflow step = epochs of the trial so far) and,
+    with `prune`, reports its validation macro-F1 to the trial at the stage's own epoch
+    index and raises optuna.TrialPruned when the pruner says so (the exception leaves
     `train.train`, which ends the trial)."""
 
-    def __init__(self, trial, offset: int, logger: TrialRun | None = None, counter: dict | None = None):
-        self.trial, self.offset, self.logger = trial, offset, logger
+    def __init__(self, trial, offset: int, logger: TrialRun | None = None, counter: dict | None = None,
+                 prune: bool = True):
+        self.trial, self.offset, self.logger, self.prune = trial, offset, logger, prune
         self.counter = counter if counter is not None else {"epochs": 0}
 
     def on_epoch_end(self, record: dict) -> None:
@@ -41,9 +45,11 @@ class PruningCallback:
         if value is None:
             raise TuneError("the validation split is empty: tuning needs validation macro-F1 "
                             "(prepare the data with data.val_fraction > 0)")
-        self.trial.report(float(value), step)
+        if not self.prune:
+            return
+        self.trial.report(float(value), int(record["epoch"]) - 1)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {step} ({OBJECTIVE} {value:.4f})")
+            raise optuna.TrialPruned(f"pruned at stage-1 epoch {record['epoch']} ({OBJECTIVE} {value:.4f})")
 
 
 def _selected_value(model_dir: Path, stage: int, best_epoch: int) -> float | None:
@@ -66,7 +72,7 @@ def _train_stages(trial, p: dict, prepared_dir, tmp: Path, logger: TrialRun, cou
     if mode in STAGED_MODES and p["stage2"]["epochs"] > 0:
         last = train(p, prepared_dir, tmp / "stage2", stage=2, mode=mode, init_from=tmp / "stage1",
                      resume=False, progress=False,
-                     callbacks=[PruningCallback(trial, s1_epochs, logger, counter)])
+                     callbacks=[PruningCallback(trial, s1_epochs, logger, counter, prune=False)])
         last_dir = tmp / "stage2"
     value = _selected_value(last_dir, last["stage"], last["best_epoch"])
     if value is None:
