@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import difflib
 from functools import lru_cache
 
@@ -65,6 +67,7 @@ class Backbone(nn.Module):
             self._build_video(name, pretrained, kwargs)
         else:
             self._build_timm(name, pretrained, kwargs)
+            self._check_native_size(bool(pretrained or checkpoint), explicit=input_size is not None)
         if input_size is not None:
             self._set_input_size(input_size)
         if checkpoint:
@@ -83,6 +86,7 @@ class Backbone(nn.Module):
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0) or 0)
         cfg = timm.data.resolve_model_data_config(self.model)
         input_size = list(cfg["input_size"])
+        self.native_input_size = list(input_size)  # what the pretrained weights expect
         # timm keeps the pretrained cfg's 224 when img_size/in_chans are overridden.
         img = kwargs.get("img_size")
         if img is not None:
@@ -96,6 +100,25 @@ class Backbone(nn.Module):
             m, s = self.data_config["mean"], self.data_config["std"]
             self.data_config["mean"] = [sum(m) / len(m)] * input_size[0]
             self.data_config["std"] = [sum(s) / len(s)] * input_size[0]
+
+    def _check_native_size(self, pretrained_weights: bool, explicit: bool) -> None:
+        """`img_size` in backbone_kwargs that differs from the size the weights were trained
+        at: refused with pretrained weights (kwargs carry over when only model.backbone is
+        changed, the demo's 32 px onto a 224 px ViT), unless model.input_size states it on
+        purpose; said out loud for randomly initialised backbones."""
+        img = self.kwargs.get("img_size")
+        native = list(self.native_input_size[1:])
+        got = self.data_config["input_size"][1:]
+        if img is None or got == native:
+            return
+        what = (f"{self.name} would take {got[0]}x{got[1]} images (model.backbone_kwargs.img_size="
+                f"{img}), its pretrained configuration is {native[0]}x{native[1]}")
+        if pretrained_weights and not explicit:
+            raise ModelError(f"{what}: pretrained weights at another size lose accuracy. Remove img_size "
+                             "from model.backbone_kwargs (they carry over when only model.backbone "
+                             f"changes), or set model.input_size: {got[0]} to choose this size on purpose")
+        if not explicit:
+            warnings.warn(what, stacklevel=3)
 
     def _build_video(self, name, pretrained, kwargs):
         from torchvision.models import video

@@ -113,6 +113,7 @@ def _transform_desc(transform) -> dict:
             "is_3d": getattr(transform, "is_3d", None), "frames": getattr(transform, "frames", None),
             "channels": getattr(transform, "channels", None),
             "interpolation": getattr(transform, "interpolation", None),
+            "intensity": getattr(transform, "intensity", None),
             "normalize": repr(getattr(transform, "normalize", None)),
             "augment": repr(getattr(transform, "augment", None))}
 

@@ -44,6 +44,10 @@ class CLAdapterModel(nn.Module):
         if len(self.class_names) != num_classes:
             raise ModelError(f"{len(self.class_names)} class names for {num_classes} classes")
         self.stage = 2
+        # The training data's intensity range (lo, hi) that the decoder maps to [0, 1], from
+        # prepare's summary; None: 8-bit-style fixed scaling. Saved in config.json so that
+        # predict and serving scale new images as training did.
+        self.intensity: list | None = None
 
     # -- forward -----------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +110,7 @@ class CLAdapterModel(nn.Module):
                 "mode": self.mode, **cfg, "num_classes": self.num_classes,
                 "class_names": self.class_names, "input_size": dc["input_size"],
                 "mean": dc["mean"], "std": dc["std"], "interpolation": dc["interpolation"],
-                "is_3d": self.backbone.is_3d}
+                "intensity": self.intensity, "is_3d": self.backbone.is_3d}
 
 
 def build_model(backbone: str, num_classes: int, mode: str = "cla", num_centers: int = 20,
@@ -172,4 +176,5 @@ def load_model(model_dir: str | Path, map_location: str = "cpu") -> CLAdapterMod
     state = load_file(str(w_path), device=map_location)
     from .weights import load_into
     load_into(model, state, source=str(w_path))
+    model.intensity = cfg.get("intensity")
     return model.eval()

@@ -98,6 +98,10 @@ class Data(Section):
     skip_invalid: Flag = _f(False, "true: leave unreadable files out and report them")
     resize: Optional[Int] = _f(None, "resize once at prepare time (small datasets), e.g. 64; "
                                "null: keep the size", ge=8)
+    intensity: Literal["auto", "percentiles", "type"] = _f(
+        "auto", "how pixel values reach [0, 1]: auto = integers by their real bit depth (12-bit "
+        "data in 16-bit files / 4095), floats by the dataset's range; percentiles = the dataset's "
+        "0.5th-99.5th; type = the file type's maximum (data/intensity.py)")
 
     @field_validator("test_fraction")
     @classmethod

@@ -120,7 +120,7 @@ class CLAdapterPyfunc(mlflow.pyfunc.PythonModel):
                     data = _bytes(cell)
                     path = Path(tmp) / f"row{row}{_suffix(data, want)}"
                     path.write_bytes(data)
-                    batch.append(self.transform(load_array(path, in_chans)))
+                    batch.append(self.transform(load_array(path, in_chans, self.transform.intensity)))
                 except (CLAdapterError, ValueError) as e:  # unreadable, wrong channels or shape
                     text = str(e)
                     problems.append(f"row {row}: {text.replace(f'{path}: ', '') if path else text}")

@@ -128,15 +128,17 @@ def _autocast(device: torch.device, amp_dtype):
 # -- the entry point -------------------------------------------------------------------------
 def train(params: dict, prepared_dir, out_dir, stage: int = 1, mode: str | None = None,
           init_from=None, resume: bool = True, callbacks=(), progress: bool = True,
-          max_steps: int | None = None) -> dict:
+          max_steps: int | None = None, device: str | None = None) -> dict:
     """Train one stage and write the model directory `out_dir` (model.safetensors,
     config.json, history.json, train_summary.json) atomically; return the summary.
 
     stage 2 of a staged mode needs `init_from`, the stage-1 model directory.
     `max_steps` stops after that many optimizer steps as if killed (tests, fault drills).
+    `device`: auto (default: ``$CLADAPTER_DEVICE``, else auto), cpu, cuda or cuda:N
+    (`distributed.pick_device`: a GPU torch cannot use stops training unless cpu is asked).
     """
     trainer = Trainer(params, prepared_dir, out_dir, stage=stage, mode=mode, init_from=init_from,
-                      callbacks=callbacks, progress=progress, max_steps=max_steps)
+                      callbacks=callbacks, progress=progress, max_steps=max_steps, device=device)
     return trainer.run(resume=resume)
 
 
@@ -172,8 +174,10 @@ class Trainer:
     """One call of `train`: a stage of one mode on one prepared dataset."""
 
     def __init__(self, params: dict, prepared_dir, out_dir, *, stage: int = 1, mode: str | None = None,
-                 init_from=None, callbacks=(), progress: bool = True, max_steps: int | None = None):
+                 init_from=None, callbacks=(), progress: bool = True, max_steps: int | None = None,
+                 device: str | None = None):
         self.params, self.t = params, params["train"]
+        self.requested_device = device
         self.prepared_dir, self.out_dir = Path(prepared_dir), Path(out_dir)
         self.stage, self.mode = stage, mode or params["train"]["mode"]
         self.init_from, self.callbacks = init_from, list(callbacks)
@@ -188,7 +192,7 @@ class Trainer:
     def run(self, resume: bool = True) -> dict:
         """The recipe."""
         seed_everything(self.seed)
-        self.device = pick_device()
+        self.device = pick_device(self.requested_device)
         self.rank, self.world = init_distributed(self.device)
         self.build_model()
         self.build_data()
@@ -217,6 +221,8 @@ class Trainer:
         else:
             model = build_model(num_classes=len(self.classes), class_names=self.classes,
                                 **{**model_kwargs(self.params), "mode": self.mode})
+        if not self.init_from:  # stage 2 keeps what stage 1 recorded
+            model.intensity = data.intensity_range(self.prepared_dir)
         model.set_stage(1 if self.plan["freeze"] else 2)
         model.to(self.device)
         if self.t.get("channels_last"):
@@ -333,6 +339,7 @@ class Trainer:
 
     def start(self) -> None:
         self.info = {"params": self.params, "stage": self.stage, "mode": self.mode, "out_dir": str(self.out_dir),
+                     "prepared_dir": str(self.prepared_dir),
                      "param_report": self.model.param_report(), "epochs": self.plan["epochs"],
                      "lr": self.plan["lr"], "device": str(self.device), "world_size": self.world}
         self._callbacks("on_train_start", self.info)

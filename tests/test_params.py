@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 SNAPSHOT = {
     "seed": 0,
     "data": {"source": "data/demo", "val_fraction": 0.15, "test_fraction": 0.15, "shots_per_class": None,
-             "folds": 0, "fold": 0, "skip_invalid": False, "resize": None},
+             "folds": 0, "fold": 0, "skip_invalid": False, "resize": None, "intensity": "auto"},
     "model": {"backbone": "test_vit", "backbone_kwargs": {"img_size": 32}, "input_size": None,
               "pretrained": False, "checkpoint": None, "num_centers": 20, "rank": 32, "depth": 1,
               "mlp_ratio": 4.0, "temperature": 1.0, "init": "paper", "dropout": 0.0},

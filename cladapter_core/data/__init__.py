@@ -23,6 +23,7 @@ from cladapter_core.data.datasets import (
     walk_inputs,
 )
 from cladapter_core.data.demo import make_demo_data
+from cladapter_core.data.intensity import intensity_range
 from cladapter_core.data.images import IMAGE_EXTS, VOLUME_EXTS, decode, load_array, pixel_hash
 from cladapter_core.data.prepare import DATA_DEFAULTS, data_params, prepare
 from cladapter_core.data.transforms import AUGMENT_DEFAULTS, augment_params, build_transform
@@ -41,6 +42,7 @@ __all__ = [
     "data_root",
     "decode",
     "epoch_loader",
+    "intensity_range",
     "is_3d",
     "load_array",
     "load_classes",

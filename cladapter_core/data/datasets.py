@@ -131,7 +131,9 @@ class ManifestDataset(Dataset):
         path, label = self.items[index]
         # A clip: only the frames the model's transform takes are read (load_clip).
         frames = getattr(self.transform, "frames", None)
-        x = load_clip(path, self.in_chans, frames) if frames else load_array(path, self.in_chans)
+        intensity = getattr(self.transform, "intensity", None)  # the dataset's real range
+        x = (load_clip(path, self.in_chans, frames, intensity) if frames
+             else load_array(path, self.in_chans, intensity))
         if self.transform is not None:
             x = self.transform(x)
         return x, label
@@ -260,7 +262,7 @@ def load_inputs(paths, model_config: dict) -> tuple[torch.Tensor, list[Path]]:
     tensors, errors = [], []
     for f in files:
         try:
-            tensors.append(transform(load_array(f, in_chans)))
+            tensors.append(transform(load_array(f, in_chans, transform.intensity)))
         except DataError as exc:
             errors.append(str(exc))
     if errors:

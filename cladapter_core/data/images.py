@@ -343,13 +343,19 @@ def pixel_hash(arr: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def to_unit_float(arr: np.ndarray) -> np.ndarray:
+def to_unit_float(arr: np.ndarray, intensity: list | tuple | None = None) -> np.ndarray:
     """Scale pixels to float32 in [0, 1].
 
-    uint8 / 255 and uint16 / 65535 (fixed, so brightness keeps its meaning across files);
-    bool as 0/1; other dtypes (float, int16, uint32 ...) are kept when already within
-    [0, 1] and otherwise min-max scaled per file.
+    `intensity` = (lo, hi) in the file's own units: the dataset's real range, found by
+    prepare (12-bit data in 16-bit files: (0, 4095); floats: their range), mapped to [0, 1]
+    and clipped. Without it: uint8 / 255 and uint16 / 65535 (fixed, so brightness keeps its
+    meaning across files); bool as 0/1; other dtypes (float, int16, uint32 ...) are kept
+    when already within [0, 1] and otherwise min-max scaled per file.
     """
+    if intensity is not None and arr.dtype != np.bool_:
+        lo, hi = float(intensity[0]), float(intensity[1])
+        out = (arr.astype(np.float32) - np.float32(lo)) / np.float32(max(hi - lo, 1e-12))
+        return np.clip(out, 0.0, 1.0, out=out)
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0
     if arr.dtype == np.uint16:
@@ -380,18 +386,19 @@ def match_channels(arr: np.ndarray, in_chans: int, name: str = "") -> np.ndarray
     raise DataError(f"{name or 'input'}: has {c} channels, the model takes {in_chans}")
 
 
-def load_array(path, in_chans: int = 3) -> torch.Tensor:
-    """Decode one file to a float tensor in [0, 1]: 2D -> (C, H, W), 3D -> (C, T, H, W)."""
+def load_array(path, in_chans: int = 3, intensity=None) -> torch.Tensor:
+    """Decode one file to a float tensor in [0, 1]: 2D -> (C, H, W), 3D -> (C, T, H, W);
+    `intensity`: the dataset's (lo, hi), see `to_unit_float`."""
     path = Path(path)
     try:
         arr = decode(path)
     except DecodeError as exc:
         raise DataError(f"{path}: {exc}") from None
-    return _to_tensor(arr, in_chans, str(path))
+    return _to_tensor(arr, in_chans, str(path), intensity)
 
 
-def _to_tensor(arr: np.ndarray, in_chans: int, name: str) -> torch.Tensor:
-    arr = match_channels(to_unit_float(arr), in_chans, name)
+def _to_tensor(arr: np.ndarray, in_chans: int, name: str, intensity=None) -> torch.Tensor:
+    arr = match_channels(to_unit_float(arr, intensity), in_chans, name)
     tensor = torch.from_numpy(np.ascontiguousarray(arr))
     if tensor.ndim == 3:  # H,W,C -> C,H,W
         return tensor.permute(2, 0, 1).contiguous()
@@ -431,7 +438,7 @@ def _selected_frames(path: Path, frames: int) -> np.ndarray | None:
     return np.ascontiguousarray(clip[frame_indices(clip.shape[0], frames)])
 
 
-def load_clip(path, in_chans: int = 3, frames: int | None = None) -> torch.Tensor:
+def load_clip(path, in_chans: int = 3, frames: int | None = None, intensity=None) -> torch.Tensor:
     """`load_array` of a 3D clip with only the `frames` frames a model takes (the evenly
     spaced ones its transform would pick): (C, frames, H, W), the same numbers as
     `load_array` followed by that pick, without reading or converting the other frames."""
@@ -441,9 +448,9 @@ def load_clip(path, in_chans: int = 3, frames: int | None = None) -> torch.Tenso
     except DecodeError:
         picked = None  # load_array words the error
     if picked is None:
-        full = load_array(path, in_chans)
+        full = load_array(path, in_chans, intensity)
         return full[:, frame_indices(full.shape[1], frames)] if frames and full.ndim == 4 else full
-    return _to_tensor(picked, in_chans, str(path))
+    return _to_tensor(picked, in_chans, str(path), intensity)
 
 
 # ---------------------------------------------------------------- resized copies (prepare)

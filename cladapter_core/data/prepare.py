@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cladapter_core.outputs import atomic_dir, write_json
+from cladapter_core.data import intensity
 from cladapter_core.data.images import DecodeError, decode, pixel_hash, resize_array, write_copy
 from cladapter_core.data.sources import SPLITS, Item, Listing, format_lines, list_source
 from cladapter_core.data.workers import prepare_workers
@@ -37,6 +38,7 @@ DATA_DEFAULTS = {
     "fold": 0,
     "skip_invalid": False,
     "resize": None,
+    "intensity": "auto",
 }
 FORMAT_VERSION = 1
 
@@ -71,6 +73,8 @@ def data_params(params: dict) -> dict:
         problems.append(f"data.fold: {dp['fold']} is out of range for data.folds={dp['folds']} (0..{dp['folds'] - 1})")
     if not isinstance(dp["skip_invalid"], bool):
         problems.append(f"data.skip_invalid: {dp['skip_invalid']!r} is not true or false")
+    if dp["intensity"] not in intensity.MODES:
+        problems.append(f"data.intensity: {dp['intensity']!r} is not one of {', '.join(intensity.MODES)}")
     if dp["resize"] is not None and not (_is_int(dp["resize"]) and dp["resize"] >= 2):
         problems.append(f"data.resize: {dp['resize']!r} is not null or a whole number >= 2")
     seed = params.get("seed", 0)
@@ -109,7 +113,8 @@ def _check_one(task: tuple[str, int | None, str | None]) -> dict:
         return {"error": str(exc)}
     except OSError as exc:
         return {"error": f"cannot read: {exc}"}
-    info = {"sha256": pixel_hash(arr), "dtype": str(arr.dtype), "shape": list(arr.shape[:-1])}
+    info = {"sha256": pixel_hash(arr), "dtype": str(arr.dtype), "shape": list(arr.shape[:-1]),
+            **intensity.file_stats(arr)}
     if resize:
         copy = write_copy(resize_array(arr, resize), Path(copy_stem))
         info["copy"] = copy.name
@@ -373,10 +378,12 @@ def prepare(source, out_dir, params: dict, workers: int | None = None) -> dict:
             "skipped": skipped,
             "ignored": listing.ignored,
             **_pixel_summary(info),
+            "intensity": intensity.summarise(info, dp["intensity"]),
             "seed": seed,
             "params": dp,
         }
         write_json(tmp / "summary.json", summary)
+        intensity.warn_if_small(summary["intensity"])
     log.info("prepared %s -> %s: %s, %d classes, %d leak(s), %d skipped",
              source, out_dir, summary["totals"], len(listing.class_names), len(leaks), len(skipped))
     return summary

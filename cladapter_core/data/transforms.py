@@ -73,8 +73,12 @@ INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.Inter
 class ImageTransform:
     """Resize (+ augment) + normalise; a module-level class so DataLoader workers can pickle it."""
 
-    def __init__(self, input_size, mean, std, augment: list | None = None, interpolation: str = "bilinear"):
+    def __init__(self, input_size, mean, std, augment: list | None = None, interpolation: str = "bilinear",
+                 intensity=None):
         self.is_3d = len(input_size) == 4
+        # (lo, hi) the decoder maps to [0, 1] (config.json's `intensity`, found by prepare);
+        # the loaders read it from here so that training, evaluation and serving agree.
+        self.intensity = list(intensity) if intensity is not None else None
         if interpolation not in INTERPOLATIONS:
             raise ModelError(f"model config: interpolation {interpolation!r} is not one of "
                              f"{', '.join(INTERPOLATIONS)}")
@@ -125,4 +129,4 @@ def build_transform(model_config: dict, train: bool, augment: dict | None = None
     # The backbone's pretrained resize (config.json's interpolation: bicubic for most timm
     # weights), so the model sees images resized as in its pretraining.
     return ImageTransform(input_size, model_config["mean"], model_config["std"], steps,
-                          model_config.get("interpolation") or "bilinear")
+                          model_config.get("interpolation") or "bilinear", model_config.get("intensity"))
