@@ -35,12 +35,29 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     ap.add_argument("--version", action="version", version=f"cladapter {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_demo_data, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_compare,
+    for add in (_add_init, _add_demo_data, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_compare,
                 _add_sweep, _add_register, _add_promote, _add_lineage, _add_serve, _add_tune,
                 _add_summary, _add_demo):
         add(sub)
     _add_plugins(sub)
     return ap
+
+
+def _add_init(sub) -> None:
+    p = sub.add_parser("init", help="look at your dataset and write a commented params.yaml for it",
+                       description="Inspect a dataset (classes, counts, image sizes, channels, bit depth, "
+                                   "value range) and write a params.yaml from the paper's recipe: a "
+                                   "pretrained backbone at its native input size, flips, names from the "
+                                   "dataset, data.resize for large images, intensity handling for 12/14-bit "
+                                   "and float data, warnings for tiny classes. `dvc repro` runs on it as is.")
+    p.add_argument("--source", required=True, help="ImageFolder tree (one folder per class) or CSV manifest")
+    p.add_argument("--out", default="params.yaml", help="params file to write (default: params.yaml)")
+    p.add_argument("--backbone", help="timm name (default: the paper's vit_base_patch16_clip_224.laion2b)")
+    p.add_argument("--checkpoint", help="backbone weights file or s3:// URI (offline; else timm downloads)")
+    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (a dry run)")
+    p.add_argument("--stage-epochs", type=int, nargs=2, metavar=("STAGE1", "STAGE2"),
+                   help="epochs of stage 1 and stage 2 (default: the preset's 30 and 10)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
 
 
 def _add_demo_data(sub) -> None:
@@ -282,6 +299,18 @@ def _print_metrics(metrics: dict, title: str) -> None:
             print(f"  {k:<16} {metrics[k]:.4f}")
 
 
+def cmd_init(args):
+    from .init_params import init
+    found = init(args.source, args.out, backbone=args.backbone, pretrained=not args.no_pretrained,
+                 checkpoint=args.checkpoint, stage_epochs=args.stage_epochs, force=args.force)
+    print(f"{args.out}: {len(found['classes'])} classes, {sum(found['counts'].values())} files "
+          f"(sampled {found['sampled']}), sizes {found['size_min']} to {found['size_max']}, "
+          f"intensity range {found['intensity'].get('range') or 'of the file type'}")
+    for w in found["warnings"]:
+        print(f"  warning: {w}")
+    print(f"next: dvc repro   (or: cladapter prepare --params {args.out})")
+
+
 def cmd_demo_data(args):
     from .data import make_demo_data
     out = make_demo_data(args.out)
@@ -514,7 +543,7 @@ def cmd_summary(args):
     print(f"browse the runs: .venv/bin/mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
 
 
-COMMANDS = {"summary": cmd_summary, "register": cmd_register, "promote": cmd_promote, "lineage": cmd_lineage,
+COMMANDS = {"init": cmd_init, "summary": cmd_summary, "register": cmd_register, "promote": cmd_promote, "lineage": cmd_lineage,
             "demo-data": cmd_demo_data, "prepare": cmd_prepare, "train": cmd_train,
             "evaluate": cmd_evaluate, "predict": cmd_predict, "compare": cmd_compare,
             "demo": cmd_demo, "tune": cmd_tune, "serve": cmd_serve, "sweep": cmd_sweep}

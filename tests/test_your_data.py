@@ -70,3 +70,74 @@ def test_a_leftover_input_size_is_refused_with_pretrained_weights(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert build_model("vit_tiny_patch16_224", 3, checkpoint=str(ckpt)).config_dict()["input_size"] == [3, 224, 224]
+
+
+# -- the whole story, as a scientist runs it ---------------------------------------------------
+def test_from_a_folder_of_12_bit_tiffs_to_a_served_champion(tmp_path_factory):
+    """init -> dvc repro -> promote -> predict from models:/...@champion, on 3 classes of
+    12-bit microscope-like TIFFs; their intensities reach the model over [0, 1]."""
+    import csv
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo, binp = Path(__file__).resolve().parents[1], Path(sys.executable).parent
+    root = tmp_path_factory.mktemp("story") / "repo"
+    for f in filter(None, subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True,
+                                         check=True).stdout.decode().split("\0")):
+        if (repo / f).is_file():
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / f, root / f)
+    env = {**os.environ, "PATH": f"{binp}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root.parent / 'mlflow.db'}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e.org", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@e.org"}
+    env.pop("CLADAPTER_PIPELINE_ID", None)
+
+    def run(*cmd):
+        proc = subprocess.run(list(cmd), cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{' '.join(cmd)}:\n{(proc.stdout + proc.stderr)[-5000:]}"
+        return proc.stdout + proc.stderr
+
+    run("git", "init", "-q", "-b", "main")
+    rng = np.random.default_rng(1)
+    for c, level in (("healthy", 600), ("inflamed", 2000), ("necrotic", 3600)):  # 12-bit signal
+        (root / "data" / "cells" / c).mkdir(parents=True)
+        for i in range(12):
+            img = np.clip(rng.normal(level, 300, (24, 24)), 0, 4095).astype(np.uint16)
+            tifffile.imwrite(root / "data" / "cells" / c / f"{i:02d}.tif", img)
+    out = run("cladapter", "init", "--source", "data/cells", "--backbone", "test_vit", "--no-pretrained",
+              "--stage-epochs", "2", "1", "--force")
+    assert "12-bit" in out and "3 classes" in out
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "my data")
+    run("dvc", "repro")
+    run("cladapter", "promote", "--prepared", "outputs/prepared")
+    summary = json.loads((root / "outputs" / "prepared" / "summary.json").read_text())
+    assert summary["intensity"]["bits"] == 12 and summary["intensity"]["range"] == [0.0, 4095.0]
+
+    files = sorted(str(p.relative_to(root)) for p in (root / "data" / "cells").rglob("*.tif"))[:6]
+    run("cladapter", "predict", "--model", "models:/cells-cladapter@champion", *files, "--out", "reg.csv")
+    run("cladapter", "predict", "--model", "outputs/stage2", *files, "--out", "dir.csv")
+    reg, local = (list(csv.DictReader(open(root / n))) for n in ("reg.csv", "dir.csv"))
+    assert [r["predicted"] for r in reg] == [r["predicted"] for r in local]
+    for a, b in zip(reg, local):
+        for k in a:
+            if k.startswith("prob_"):
+                assert abs(float(a[k]) - float(b[k])) < 1e-5
+
+    # the model got the images over [0, 1] of their real 12-bit range, not 6 % of 16 bits
+    from cladapter_core import load_model
+    model = load_model(root / "outputs" / "stage2")
+    cfg = model.config_dict()
+    assert cfg["intensity"] == [0.0, 4095.0]
+    ds = ManifestDataset(root / "outputs" / "prepared", "train", build_transform(cfg, False), in_chans=3)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    unit = x * torch.tensor(cfg["std"]).view(1, 3, 1, 1) + torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+    per_class = {ds.classes[label]: unit[[i for i, t in enumerate(ds.targets) if t == label]].mean().item()
+                 for label in set(ds.targets)}
+    assert per_class["healthy"] == pytest.approx(600 / 4095, abs=0.03)
+    assert per_class["necrotic"] == pytest.approx(3600 / 4095, abs=0.03)
