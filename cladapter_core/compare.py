@@ -69,8 +69,8 @@ def method_params(params: dict, method: str, seed: int, tuned: dict | None = Non
     if len(PLANS[method]) == 1 and mode != "full":  # one frozen stage: all the epochs
         p["stage1"]["epochs"], p["stage2"]["epochs"] = b["epochs"], 0
     cache = p["train"]["cache"]
-    if cache.get("views") is not None:  # same images as fresh augmentation every epoch
-        cache["views"] = max(int(cache["views"]), b["epochs"]) if cache["views"] else 0
+    if cache.get("views") is not None:  # views >= the frozen stage's epochs: same images as fresh draws
+        cache["views"] = max(int(cache["views"]), p["stage1"]["epochs"]) if cache["views"] else 0
         cache["storage"] = "memory"
     return p
 
