@@ -26,6 +26,16 @@ def _common(p: argparse.ArgumentParser, track: bool = False) -> None:
         p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
 
 
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N; also $CLADAPTER_DEVICE. auto "
+                                    "stops when a GPU is present that torch cannot use (e.g. a driver "
+                                    "too old): fix it, or run on the CPU with --device cpu")
+
+
+MODEL_HELP = ("model folder, or a registered version: models:/<name>@<alias> (e.g. @champion) or "
+              "models:/<name>/<version>, downloaded from $MLFLOW_TRACKING_URI's store")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="cladapter",
@@ -92,25 +102,28 @@ def _add_train(sub) -> None:
     p.add_argument("--out", help="model folder (default: outputs/stage<N>)")
     p.add_argument("--init-from", help="stage-1 model folder (stage 2; default: outputs/stage1)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    _device_arg(p)
 
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics, confusion matrix, curves, predictions, report.html",
                        description="Evaluate a model folder on a split of a prepared dataset.")
     _common(p, track=True)
-    p.add_argument("--model", default="outputs/stage2", help="model folder (default: outputs/stage2)")
+    p.add_argument("--model", default="outputs/stage2", help=MODEL_HELP + " (default: outputs/stage2)")
     p.add_argument("--prepared", default="outputs/prepared")
     p.add_argument("--out", default="outputs/eval", help="output folder (default: outputs/eval)")
     p.add_argument("--split", choices=("train", "val", "test"), help="default: evaluate.split")
     p.add_argument("--tsne", action="store_true", help="also draw t-SNE of features with/without the adapter")
+    _device_arg(p)
 
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="class and probabilities for image/volume files or folders")
-    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("inputs", nargs="+", help="files or folders")
     p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
     p.add_argument("--batch-size", type=int, default=32)
+    _device_arg(p)
 
 
 def _add_compare(sub) -> None:
@@ -130,6 +143,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--methods", nargs="+", default=None,
                    help="subset of: linear linear-mean full lp-ft cla-stage1 cla-sft")
     p.add_argument("--split", default="test", choices=("val", "test"), help="split scored (default: test)")
+    _device_arg(p)
 
 
 def _add_sweep(sub) -> None:
@@ -147,6 +161,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--method", default="cla-sft", help="one of: linear linear-mean full lp-ft cla-stage1 cla-sft")
     p.add_argument("--split", default="val", choices=("val", "test"),
                    help="split scored (default: val; a study that picks a value must not look at test)")
+    _device_arg(p)
 
 
 def _add_register(sub) -> None:
@@ -193,7 +208,8 @@ def _add_serve(sub) -> None:
                                    "docs/serving.md has the request format.")
     _common(p)
     p.add_argument("--model-uri", help="models:/<name>@<alias> or models:/<name>/<version> "
-                                       "(default: models:/<register.model_name>@champion)")
+                                       "(default: models:/<register.model_name>@champion), or a "
+                                       "model folder (served without the registry)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=5001, help="default: 5001")
@@ -223,6 +239,7 @@ def _add_tune(sub) -> None:
     p.add_argument("--only-if-used", action="store_true",
                    help="search only when tune.use_best is true; else write an empty best-params "
                         "file (dvc.yaml: training depends on the file, not on a search)")
+    _device_arg(p)
 
 
 def _add_summary(sub) -> None:
@@ -237,6 +254,7 @@ def _add_demo(sub) -> None:
                        description="demo-data, prepare, stage 1, stage 2, evaluate; prints the metrics.")
     _common(p, track=True)
     p.add_argument("--out", default="outputs", help="output root (default: outputs)")
+    _device_arg(p)
 
 
 # ---------------------------------------------------------------- command plugins
@@ -330,8 +348,33 @@ def cmd_prepare(args):
             print(f"  {key}: {len(summary[key])} (see {args.out}/summary.json)")
 
 
-def _tracked(args, params, stage_name):
-    """MLflow run context for a stage, or a no-op when tracking is off."""
+def _use_device(args) -> str | None:
+    """--device, checked before any work (a GPU torch cannot use stops here, saying so) and
+    handed on through $CLADAPTER_DEVICE to what this command spawns (tuning workers)."""
+    from .distributed import DEVICE_ENV, pick_device, requested_device
+    if getattr(args, "device", None):
+        os.environ[DEVICE_ENV] = requested_device(args.device)
+    pick_device(getattr(args, "device", None))
+    return getattr(args, "device", None)
+
+
+def _model_folder(model: str):
+    """The model folder of --model: a folder as given; a models:/ URI downloaded from the
+    store, which must exist (`tracking.check_tracking(existing=True)`)."""
+    from . import registry, tracking
+    if not registry.is_model_uri(model):
+        return model
+    import mlflow
+    mlflow.set_tracking_uri(tracking.check_tracking(existing=True))
+    folder, mv = registry.resolve_model(model)
+    print(f"{model} is {mv['name']} version {mv['version']} (run {mv['run_id']}): {folder}")
+    return folder
+
+
+def _tracked(args, params, stage_name, name=None):
+    """MLflow run context for a stage, or a no-op when tracking is off. Its `data_hash`
+    tag is that of the stage's prepared folder (`--prepared`), as in the KFP steps; `name`:
+    the run's name (default `tracking.run_name`)."""
     from contextlib import nullcontext
     # Under torchrun only rank 0 tracks: one MLflow run per stage, not one per process.
     if (getattr(args, "no_track", False) or os.environ.get("CLADAPTER_TRACKING", "1") == "0"
@@ -339,7 +382,8 @@ def _tracked(args, params, stage_name):
         return nullcontext(None), []
     from . import tracking
     tracking.check_tracking()
-    return tracking.stage_run(params, stage_name), [tracking.EpochLogger()]
+    return (tracking.stage_run(params, stage_name, prepared=getattr(args, "prepared", None), name=name),
+            [tracking.EpochLogger()])
 
 
 def cmd_train(args):
@@ -348,10 +392,13 @@ def cmd_train(args):
     mode = args.mode or params["train"]["mode"]
     out = args.out or f"outputs/stage{args.stage}"
     init_from = args.init_from or ("outputs/stage1" if args.stage == 2 else None)
-    ctx, callbacks = _tracked(args, params, f"train_stage{args.stage}")
+    device = _use_device(args)
+    from .tracking import run_name
+    stage = f"train_stage{args.stage}"
+    ctx, callbacks = _tracked(args, params, stage, run_name(params, stage, mode=mode))
     with ctx as run:
         summary = train(params, args.prepared, out, stage=args.stage, mode=mode, init_from=init_from,
-                        resume=not args.no_resume, callbacks=callbacks)
+                        resume=not args.no_resume, callbacks=callbacks, device=device)
         if run is not None:
             from . import tracking
             tracking.log_artifacts_dir(out, "model_dir")
@@ -366,18 +413,27 @@ def cmd_evaluate(args):
         params["evaluate"]["split"] = args.split
     if args.tsne:
         params["evaluate"]["tsne"] = True
-    ctx, _ = _tracked(args, params, "evaluate")
+    device = _use_device(args)
+    model = _model_folder(args.model)
+    from . import tracking
+    ctx, _ = _tracked(args, params, "evaluate", tracking.run_name(params, "evaluate", model_dir=model))
     with ctx as run:
-        metrics = evaluate(args.model, args.prepared, args.out, params)
+        if run is not None and model != args.model:  # a registered version: say which
+            import mlflow
+            with tracking.errors("tagging the evaluate run with its model"):
+                mlflow.set_tag("cladapter.model_uri", args.model)
+        metrics = evaluate(model, args.prepared, args.out, params, device=device)
         if run is not None:
-            from . import tracking
-            tracking.log_evaluation(args.out, metrics, split=params["evaluate"]["split"])
+            tracking.log_evaluation(args.out, metrics, split=params["evaluate"]["split"],
+                                    prepared=args.prepared, params=params)
     _print_metrics(metrics, f"{params['evaluate']['split']} metrics ({args.out}/metrics.json):")
 
 
 def cmd_predict(args):
     from .evaluate import predict
-    rows = predict(args.model, args.inputs, args.out, batch_size=args.batch_size)
+    device = _use_device(args)
+    rows = predict(_model_folder(args.model), args.inputs, args.out, batch_size=args.batch_size,
+                   device=device)
     print(f"{len(rows)} predictions -> {args.out}")
 
 
@@ -385,6 +441,7 @@ def cmd_compare(args):
     from .compare import compare
     from .params import flatten, read_best_params
     params = _load(args, use_best=False)  # tuned values go only to the method they were tuned for
+    _use_device(args)
     tuned = None
     if params["tune"]["use_best"] and Path(params["tune"]["best_params"]).is_file():
         tuned = flatten(read_best_params(params["tune"]["best_params"]))
@@ -398,6 +455,7 @@ def cmd_sweep(args):
     from .sweep import parse_grid, sweep
     params = _load(args)
     name, values = parse_grid(args.grid)
+    _use_device(args)
     track = not (args.no_track or os.environ.get("CLADAPTER_TRACKING", "1") == "0")
     if track:
         from . import tracking
@@ -411,6 +469,7 @@ def cmd_demo(args):
     from .evaluate import evaluate
     from .train import train
     params = _load(args)
+    _use_device(args)
     root = Path(args.out)
     make_demo_data(params["data"]["source"])
     prepare(params["data"]["source"], root / "prepared", params)
@@ -432,7 +491,8 @@ def cmd_register(args):
     from . import registry, tracking
     params = _load(args)
     tracking.check_tracking()
-    reg = registry.register(args.model, args.eval, params)
+    data_hash = tracking.prepared_data_hash(args.prepared) if args.prepared else None
+    reg = registry.register(args.model, args.eval, params, data_hash=data_hash)
     state = "registered" if reg["created"] else "already registered"
     print(f"{state}: {reg['name']} version {reg['version']} (aliases: {', '.join(reg['aliases'])}; "
           f"run {reg['run_id']})")
@@ -457,13 +517,15 @@ def _promote(params, dry_run, version, prepared=None):
 def cmd_promote(args):
     from . import tracking
     params = _load(args)
-    tracking.check_tracking()
+    tracking.check_tracking(existing=True)  # reads the registry: never create an empty store
     _write_json(args.out, _promote(params, args.dry_run, args.version, args.prepared))
 
 
 def cmd_lineage(args):
+    import mlflow
+
     from . import registry, tracking
-    tracking.check_tracking()
+    mlflow.set_tracking_uri(tracking.check_tracking(existing=True))
     info = registry.lineage(args.model_uri)
     print(json.dumps(info, indent=2, sort_keys=True, default=str) if args.json
           else registry.format_lineage(info))
@@ -476,22 +538,44 @@ def cmd_serve(args):
 
     from . import registry, serving, tracking
     params = _load(args)
-    uri = tracking.check_tracking()
-    mlflow.set_tracking_uri(uri)
-    os.environ["MLFLOW_TRACKING_URI"] = uri  # the server resolves the model from the same store
     # `mlflow models serve` starts `uvicorn` from PATH: this environment's, also unactivated.
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     wanted = args.model_uri or f"models:/{params['register']['model_name']}@champion"
-    mv = registry.lineage(wanted)["model"]
-    cmd = serving.serve_command(mv["model_uri"], args.host, args.port, args.workers,
-                                args.env_manager)
-    metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(mv["metrics"].items()))
-    print(f"{wanted} is {mv['name']} version {mv['version']} (run {mv['run_id']}"
-          f"{'; ' + metrics if metrics else ''})")
-    print(f"serving {mv['model_uri']} on http://{args.host}:{args.port}/invocations")
+    if registry.is_model_uri(wanted):
+        uri = tracking.check_tracking(existing=True)  # reads the registry: never create a store
+        mlflow.set_tracking_uri(uri)
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # the server resolves the model from the same store
+        mv = registry.model_version(wanted)
+        served = f"models:/{mv.name}/{mv.version}"
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(registry._describe(mv)["metrics"].items()))
+        print(f"{wanted} is {mv.name} version {mv.version} (run {mv.run_id}"
+              f"{'; ' + metrics if metrics else ''})")
+    else:
+        served = str(_pyfunc_of_folder(wanted))
+        print(f"{wanted} is a model folder, served as the MLflow model {served} (not registered)")
+    cmd = serving.serve_command(served, args.host, args.port, args.workers, args.env_manager)
+    print(f"serving {served} on http://{args.host}:{args.port}/invocations")
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     if not args.dry_run:
         os.execv(cmd[0], cmd)  # the server replaces this process: signals reach it directly
+
+
+def _pyfunc_of_folder(folder) -> Path:
+    """The self-contained MLflow model of a model folder (as `register` logs it), saved once
+    under the model cache, keyed by the folder's content."""
+    from . import registry, tracking
+    from .errors import CLAdapterError as Err
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise Err(f"--model-uri {folder}: neither models:/<name>@<alias>, models:/<name>/<version> "
+                  "nor a model folder (config.json + model.safetensors)")
+    path = registry.model_cache_dir() / f"folder-{tracking.content_hash(folder)[:16]}"
+    if not (path / "MLmodel").is_file():
+        import shutil
+        shutil.rmtree(path, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tracking.save_pyfunc(folder, path)
+    return path
 
 
 def cmd_tune(args):
@@ -508,6 +592,7 @@ def cmd_tune(args):
     problems = [line for line in validate_params(params) if line.startswith("tune.")]
     if problems:
         raise CLAdapterError("bad tuning options:\n  " + "\n  ".join(problems))
+    _use_device(args)
     if args.only_if_used and not t["use_best"]:
         path = write_best_params(Path(args.out) / BEST_FILE, {},
                                  "Tuning is off (tune.use_best: false): no tuned values.")

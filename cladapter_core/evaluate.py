@@ -37,9 +37,10 @@ TSNE_EXACT_MAX = 500
 
 
 def _device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """auto (default: ``$CLADAPTER_DEVICE``, else auto), cpu, cuda or cuda:N, as training
+    (`distributed.pick_device`)."""
+    from .distributed import pick_device
+    return pick_device(device)
 
 
 def _progress(iterable, desc: str, total: int | None = None):
@@ -159,6 +160,7 @@ def evaluate(model_dir, prepared_dir, out_dir, params: dict, *, device: str | No
 
     model_dir, prepared_dir, out_dir = Path(model_dir), Path(prepared_dir), Path(out_dir)
     split, want_tsne, batch_size, select_metric, seed = _eval_params(params)
+    dev = _device(device)
     model = load_model(model_dir)
     classes = load_classes(prepared_dir)
     _check_classes(model, classes, model_dir, prepared_dir)
@@ -167,7 +169,7 @@ def evaluate(model_dir, prepared_dir, out_dir, params: dict, *, device: str | No
         raise DataError(f"{prepared_dir}: the {split!r} split is empty (see summary.json counts); "
                         "choose another with evaluate.split")
     y_true, probs, without, with_ = _predict_split(model, prepared_dir, split, params, batch_size,
-                                                  _device(device), want_tsne)
+                                                  dev, want_tsne)
     if len(y_true) != len(items) or any(int(a) != b for a, b in zip(y_true, (lb for _, lb in items))):
         raise DataError(f"{prepared_dir}: the loader's labels do not follow manifest.csv's order "
                         f"for split {split!r}; cannot attribute predictions to files")
@@ -176,7 +178,7 @@ def evaluate(model_dir, prepared_dir, out_dir, params: dict, *, device: str | No
           "classes": classes, "paths": [p for p, _ in items], "y_true": y_true, "probs": probs,
           "select_metric": select_metric, "seed": seed, "metrics": metrics,
           "tsne": (without, with_) if want_tsne else None}
-    decision = decision_metrics(model, prepared_dir, params, _device(device), split, metrics)
+    decision = decision_metrics(model, prepared_dir, params, dev, split, metrics)
     with atomic_dir(out_dir) as tmp:
         _write_evaluation(tmp, ev)
         write_json(tmp / DECISION_FILE, decision)
@@ -317,10 +319,10 @@ def predict(model_dir, inputs, out_path, batch_size: int = 32, *, skip_invalid: 
     from .data import list_inputs, load_inputs
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ParamsError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
+    dev = _device(device)
     model = load_model(model_dir)
     config = model.config_dict()
     files = list_inputs(inputs, config)
-    dev = _device(device)
     model.eval().to(dev)
     classes = model.class_names
     rows: list[dict] = []

@@ -232,7 +232,8 @@ class Evaluate(Section):
 
 class Tracking(Section):
     """`tracking:` MLflow (the server from MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
-    experiment: Name = _f("cladapter", "MLflow experiment", must="a non-empty name")
+    experiment: Optional[Name] = _f(None, "MLflow experiment; null: one per dataset, cladapter-<name of "
+                                    "data.source's folder>", must="null or a non-empty name")
 
 
 class Register(Section):

@@ -40,12 +40,15 @@ database (``sqlite:///mlflow.db``, the default) or a server for concurrent promo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import random
 import re
+import shutil
 import socket
+import tempfile
 import time
 import uuid
 from datetime import datetime, timezone
@@ -458,10 +461,6 @@ def same_evaluation(a, b) -> bool:
 
 def reevaluate(champion, candidate, metric: str, params: dict, prepared_dir) -> float:
     """The champion's `metric` on the candidate's evaluation data (its split of `prepared_dir`)."""
-    import tempfile
-
-    import mlflow
-
     from .evaluate import data_identity, decision_metrics
     from .model import load_model
     split, data_hash = _evaluation_of(candidate)
@@ -476,10 +475,8 @@ def reevaluate(champion, candidate, metric: str, params: dict, prepared_dir) -> 
     if found != data_hash:
         raise TrackingError(f"{prepared_dir}: not the data the challenger v{candidate.version} was evaluated "
                             f"on (manifest hash {found[:16]} != {str(data_hash)[:16]})")
-    with tempfile.TemporaryDirectory() as tmp, tracking.errors(f"downloading champion v{champion.version}"):
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{champion.name}/{champion.version}", dst_path=tmp))
-        model_dir = next(p.parent for p in local.rglob("model.safetensors") if (p.parent / "config.json").is_file())
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, _ = resolve_model(f"models:/{champion.name}/{champion.version}", cache_dir=tmp)
         model = load_model(model_dir)
         found = decision_metrics(model, Path(prepared_dir), params, torch_device(), split=split)
     value = found["metrics"].get(metric)
@@ -563,6 +560,111 @@ def _apply(client, name: str, candidate, champion, result: dict) -> None:
 
 # -- lineage ---------------------------------------------------------------------------
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+MODEL_CACHE_ENV = "CLADAPTER_MODEL_CACHE"
+
+
+def is_model_uri(text) -> bool:
+    """Does `text` name a registered model (``models:/...``) rather than a folder?"""
+    return str(text).startswith("models:/")
+
+
+def model_version(model_uri: str, client=None):
+    """The registered version behind ``models:/<name>@<alias>`` or ``models:/<name>/<version>``
+    in the configured store; a TrackingError naming the store when the model, alias or
+    version is not there (and which models or aliases are)."""
+    from mlflow.exceptions import MlflowException
+    m = _URI.match(model_uri or "")
+    if not m:
+        raise TrackingError(f"model URI {model_uri!r}: expected models:/<name>@<alias> "
+                            "or models:/<name>/<version>")
+    name, client = m["name"], client or _client()
+    store = tracking._redact(tracking.tracking_uri())
+    with tracking.errors(f"looking up {model_uri}"):
+        try:
+            model = client.get_registered_model(name)
+        except MlflowException as e:
+            if _code(e) not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                raise
+            names = sorted(r.name for r in client.search_registered_models(max_results=50))
+            raise TrackingError(f"{model_uri}: no registered model {name!r} in the store {store} "
+                                f"(registered there: {', '.join(names) or 'none'})") from None
+        if m["alias"]:
+            mv = _alias(client, name, m["alias"])
+            if mv is None:
+                aliases = ", ".join(f"{a} (v{v})" for a, v in sorted((model.aliases or {}).items()))
+                raise TrackingError(f"{model_uri}: registered model {name!r} in the store {store} has "
+                                    f"no alias {m['alias']!r} (its aliases: {aliases or 'none'})")
+            return mv
+        try:
+            return client.get_model_version(name, m["version"])
+        except MlflowException as e:
+            if _code(e) not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+                raise
+            raise TrackingError(f"{model_uri}: registered model {name!r} in the store {store} has no "
+                                f"version {m['version']}") from None
+
+
+def model_cache_dir() -> Path:
+    """Where registered models are downloaded: ``$CLADAPTER_MODEL_CACHE``, else
+    ``$XDG_CACHE_HOME/cladapter/models`` (``~/.cache/cladapter/models``)."""
+    if os.environ.get(MODEL_CACHE_ENV):
+        return Path(os.environ[MODEL_CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cladapter" / "models"
+
+
+def resolve_model(model: str | Path, cache_dir: str | Path | None = None) -> tuple[Path, dict | None]:
+    """A model folder for `model`, and the registered version it came from (None for a folder).
+
+    A folder is returned as given. ``models:/<name>@<alias>`` or ``models:/<name>/<version>``
+    is looked up in the configured store (``tracking.tracking_uri()``; call
+    ``tracking.check_tracking(existing=True)`` first so a missing store is not created), and
+    the version's model folder (the pyfunc artifact ``model_dir``, ``serving.model_dir_in``)
+    is downloaded once into `cache_dir` (default ``model_cache_dir()``), keyed by store,
+    name, version and source, and checked against the version's ``model_hash`` tag.
+    """
+    import mlflow
+
+    if not is_model_uri(model):
+        return Path(model), None
+    mv = model_version(str(model))
+    info = _describe(mv)
+    store = tracking.tracking_uri()
+    key = hashlib.sha256("\0".join([tracking._redact(store), mv.name, str(mv.version), str(mv.source),
+                                     str(mv.creation_timestamp)]).encode()).hexdigest()[:16]
+    folder = Path(cache_dir or model_cache_dir()) / f"{_safe_name(mv.name)}-v{mv.version}-{key}"
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)  # a copy left half-made
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".download-") as tmp:
+            with tracking.errors(f"downloading {model} ({mv.name} v{mv.version})"):
+                local = Path(mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=tmp))
+            _place(local, folder, mv)
+    return folder, info
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:80] or "model"
+
+
+def _place(local: Path, folder: Path, mv) -> None:
+    """Move the model folder of the downloaded MLflow model `local` to `folder`, once its
+    content matches the version's ``model_hash`` tag."""
+    from . import serving
+    try:
+        found = serving.model_dir_in(local)
+    except ValueError as e:
+        raise TrackingError(f"models:/{mv.name}/{mv.version}: {e}") from None
+    want = mv.tags.get("model_hash")
+    if want and tracking.content_hash(found) != want:
+        raise TrackingError(f"models:/{mv.name}/{mv.version}: the downloaded model folder does not "
+                            f"match the version's model_hash tag {want} (a changed or partial artifact)")
+    try:
+        os.replace(found, folder)       # atomic: a reader never sees half a folder
+    except OSError as e:
+        if not (folder / "model.safetensors").is_file():  # not another process's copy: a real error
+            raise TrackingError(f"cannot place the model folder in {folder}: {e}") from e
 
 
 def lineage(model_uri: str) -> dict:
@@ -572,20 +674,9 @@ def lineage(model_uri: str) -> dict:
     Uses the tracking URI as configured (``tracking.configure``)."""
     from mlflow.entities import ViewType
 
-    m = _URI.match(model_uri or "")
-    if not m:
-        raise TrackingError(f"model URI {model_uri!r}: expected models:/<name>@<alias> "
-                            "or models:/<name>/<version>")
-    name = m["name"]
     client = _client()
+    mv = model_version(model_uri, client)
     with tracking.errors(f"looking up {model_uri}"):
-        if m["alias"]:
-            mv = _alias(client, name, m["alias"])
-            if mv is None:
-                raise TrackingError(f"{model_uri}: registered model {name!r} has no alias "
-                                    f"{m['alias']!r}")
-        else:
-            mv = client.get_model_version(name, m["version"])
         out = {"model_uri": model_uri, "model": _describe(mv), "run": None,
                "git_commit": mv.tags.get("git_commit"), "data_hash": mv.tags.get("data_hash"),
                "model_hash": mv.tags.get("model_hash"), "params": {}, "pipeline": None}

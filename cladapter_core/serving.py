@@ -48,6 +48,7 @@ from mlflow.exceptions import MlflowException
 
 PACKAGE_DIR = Path(__file__).resolve().parent        # carried as the model's code_paths
 MODEL_CODE = PACKAGE_DIR / "serving_model.py"         # the models-from-code entry
+MODEL_DIR_ARTIFACT = "model_dir"                      # the pyfunc artifact holding the model folder
 IMAGE_COLUMN = "image"
 # What an encoded input is, by its first bytes -> the file suffix `load_array` decodes it by.
 MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"II*\x00", ".tif"),
@@ -88,7 +89,7 @@ class CLAdapterPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from .data.transforms import build_transform
         from .model import load_model
-        self.model = load_model(Path(context.artifacts["model_dir"])).eval()
+        self.model = load_model(Path(context.artifacts[MODEL_DIR_ARTIFACT])).eval()
         self.config = self.model.config_dict()
         self.transform = build_transform(self.config, train=False)
 
@@ -255,6 +256,24 @@ def input_example(config: dict):
 
 def read_config(model_dir: str | Path) -> dict:
     return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def model_dir_in(local_model: str | Path) -> Path:
+    """The model folder (``config.json`` + ``model.safetensors``) inside a downloaded MLflow
+    model: the pyfunc artifact ``model_dir`` as its ``MLmodel`` file records it."""
+    import yaml
+    local_model = Path(local_model)
+    mlmodel = local_model / "MLmodel"
+    try:
+        meta = yaml.safe_load(mlmodel.read_text()) or {}
+        rel = meta["flavors"]["python_function"]["artifacts"][MODEL_DIR_ARTIFACT]["path"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise ValueError(f"{local_model}: not a CLAdapter MLflow model (no artifact "
+                         f"{MODEL_DIR_ARTIFACT!r} in {mlmodel.name}: {type(e).__name__}: {e})") from None
+    folder = local_model / rel
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise ValueError(f"{folder}: the model's folder lacks config.json or model.safetensors")
+    return folder
 
 
 def serve_command(model_uri: str, host: str = "127.0.0.1", port: int = 5001, workers: int = 1,

@@ -6,8 +6,13 @@ Where runs go
     artifacts may be proxied by the server or live on S3, for which the usual
     ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``MLFLOW_S3_ENDPOINT_URL`` apply),
     else the embedded store ``sqlite:///mlflow.db`` in the working directory, with
-    artifacts in ``./mlruns``. The experiment is ``params["tracking"]["experiment"]``
-    (default ``cladapter``). With a server whose artifacts go to S3, MLflow 3 clients
+    artifacts in ``./mlruns``. The experiment is ``params["tracking"]["experiment"]``, by
+    default (null) one per dataset: ``cladapter-<name of data.source's folder>``; it is
+    tagged as model training (``mlflow.experimentKind``), so the MLflow 3 UI opens it in
+    the model-training view. Commands that only read (``lineage``, ``promote``, a
+    ``models:/`` URI given to ``predict``/``evaluate``/``serve``) refuse a store that does
+    not exist instead of creating an empty one (``check_tracking(existing=True)``).
+    With a server whose artifacts go to S3, MLflow 3 clients
     download artifacts through presigned S3 URLs, so they must reach the S3 endpoint the
     server signs for; where they cannot, set ``MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD=false``
     to stream through the server.
@@ -20,6 +25,16 @@ Grouping across processes
     params and the data's hash, which is the same for every stage of one ``dvc repro``.
     The first stage creates the parent. Two stages starting at the same moment may both
     create one; both then keep the oldest and the other is deleted.
+
+What a run is called and what data it used
+    Stage runs are named for what ran (``run_name``: stage, mode, backbone, K, dataset,
+    e.g. ``stage1 vit_small_patch16_224 K=20 demo``); the ``stage`` tag keeps the stage's
+    id (``train_stage1``). Training and evaluation runs log their data as MLflow dataset
+    inputs (``log_data_inputs``): one per split used (context ``train``/``val``/``test``),
+    named ``<dataset>/<split>``, digest = the prepared data's hash
+    (``prepared_data_hash``), source = where the data lives
+    (``data.source``, or the dataset URI of a pipeline run), so the UI's Dataset column
+    shows them.
 
 Failure policy
     Problems a user can fix (unreachable server, bad credentials, missing files) raise
@@ -47,7 +62,9 @@ import yaml
 from .errors import CLAdapterError, TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-DEFAULT_EXPERIMENT = "cladapter"
+DEFAULT_EXPERIMENT = "cladapter"   # the prefix of the per-dataset experiment names
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"   # what the MLflow 3 UI reads to pick its view
+EXPERIMENT_KIND = "custom_model_development"    # model training (not "genai_development")
 PIPELINE_ENV = "CLADAPTER_PIPELINE_ID"
 PIPELINE_TAG = "cladapter.pipeline_id"
 ROLE_TAG = "cladapter.role"          # "pipeline" on parent runs, "stage" on stage runs
@@ -62,8 +79,57 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def dataset_name(params: dict | None) -> str:
+    """The dataset's name: the last folder of ``data.source`` (the folder a CSV manifest or
+    a ``.dvc`` file sits in for a file), in the characters experiment and run names take;
+    ``dataset`` when there is none. ``data/cells`` -> ``cells``, ``s3://lab/sets/cells/``
+    -> ``cells``, ``data/cells/labels.csv`` -> ``cells``."""
+    from urllib.parse import urlparse
+    source = str(((params or {}).get("data") or {}).get("source") or "")
+    parsed = urlparse(source)
+    path = parsed.path if parsed.scheme and len(parsed.scheme) > 1 else source  # not C:\
+    parts = [p for p in re.split(r"[/\\]+", path) if p not in ("", ".", "..")]
+    if parts and "." in parts[-1] and len(parts) > 1 and Path(parts[-1]).suffix.lower() in (
+            ".csv", ".tsv", ".txt", ".json", ".dvc", ".parquet"):
+        parts = parts[:-1]
+    if not parts and parsed.netloc:
+        parts = [parsed.netloc]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", parts[-1]).strip("-.") if parts else ""
+    return name or "dataset"
+
+
 def experiment_name(params: dict | None) -> str:
-    return ((params or {}).get("tracking") or {}).get("experiment") or DEFAULT_EXPERIMENT
+    """``tracking.experiment`` when set, else ``cladapter-<dataset_name>``: one experiment
+    per dataset, so runs on different data are not compared in one table by accident."""
+    explicit = ((params or {}).get("tracking") or {}).get("experiment")
+    return explicit or f"{DEFAULT_EXPERIMENT}-{dataset_name(params)}"
+
+
+_STAGE_LABELS = {"train_stage1": "stage1", "train_stage2": "stage2"}
+
+
+def run_name(params: dict, stage: str, *, mode: str | None = None, model_dir=None) -> str:
+    """The name a stage run shows in the UI: what ran. ``stage1 vit_small_patch16_224 K=20
+    cells``; a baseline names its mode instead of K (``stage1 linear vit_small_patch16_224
+    cells``). `mode` overrides ``train.mode``; `model_dir` (a saved model: evaluating one)
+    gives the backbone, K and mode of the model rather than of the params."""
+    m, t = params.get("model") or {}, params.get("train") or {}
+    mode = mode or t.get("mode") or "cla"
+    if model_dir is not None and (Path(model_dir) / "config.json").is_file():
+        try:
+            cfg = json.loads((Path(model_dir) / "config.json").read_text())
+            m, mode = {"backbone": cfg.get("backbone"), "num_centers": cfg.get("num_centers")}, \
+                cfg.get("mode") or mode
+        except (OSError, ValueError):
+            pass
+    words = [_STAGE_LABELS.get(str(stage), str(stage))]
+    if mode != "cla":
+        words.append(str(mode))
+    words.append(str(m.get("backbone") or "?"))
+    if mode == "cla" and m.get("num_centers") is not None:
+        words.append(f"K={m['num_centers']}")
+    words.append(dataset_name(params))
+    return " ".join(words)
 
 
 def _redact(uri: str) -> str:
@@ -104,16 +170,56 @@ def errors(what: str, uri: str | None = None) -> Iterator[None]:
                             f"{type(e).__name__}: {_short(e)}{hint}") from e
 
 
-def check_tracking(uri: str | None = None, timeout: float = CHECK_TIMEOUT_S) -> str:
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder a local store lives in: the database of ``sqlite:///<path>``, the
+    folder of a ``file:`` URI or plain path (``./mlruns``); None for servers and databases."""
+    from urllib.parse import unquote, urlparse
+    if uri.startswith("sqlite:///"):
+        return Path(unquote(uri[len("sqlite:///"):].split("?")[0]) or "mlflow.db")
+    if uri.startswith("file:"):
+        return Path(unquote(urlparse(uri).path))
+    if "://" not in uri and not uri.startswith(("databricks", "uc:")):
+        return Path(uri)
+    return None
+
+
+def check_store_exists(uri: str | None = None) -> str:
+    """For commands that only read runs and registered models: refuse a local store that
+    does not exist (MLflow would create an empty one and then report "no such model"),
+    naming the store and where it was looked for. Returns the URI."""
+    uri = uri or tracking_uri()
+    where = local_store_path(uri)
+    if where is not None and not (where.is_file() if uri.startswith("sqlite:") else where.is_dir()):
+        kind = "database file" if uri.startswith("sqlite:") else "folder"
+        set_by = ("$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI")
+                  else "the default store, $MLFLOW_TRACKING_URI unset")
+        raise TrackingError(
+            f"no MLflow store at {_redact(uri)} ({set_by}): the {kind} {where.resolve()} does not "
+            "exist, and this command only reads runs and registered models, so it does not "
+            "create an empty store. Run it in the folder that holds the store (where `dvc repro` "
+            "or `cladapter register` ran), or point MLFLOW_TRACKING_URI at it (sqlite:///<path>/"
+            "mlflow.db, or the server, e.g. http://mlflow:5000)")
+    return uri
+
+
+def check_tracking(uri: str | None = None, timeout: float = CHECK_TIMEOUT_S, *,
+                   existing: bool = False) -> str:
     """Fail fast, before any training, when the tracking store cannot be used.
 
     For an ``http(s)://`` server: one direct GET of the experiments API with a short
     timeout and no retries (MLflow's own client retries for minutes). For the embedded
-    ``sqlite:///`` store: the database's folder must exist and be writable. Returns the
-    URI checked; raises ``TrackingError`` naming it otherwise.
+    ``sqlite:///`` store: the database's folder must exist and be writable. ``existing``
+    (commands that only read): a local store must already exist (`check_store_exists`),
+    and so must ``$MLFLOW_REGISTRY_URI``'s when set. Returns the URI checked; raises
+    ``TrackingError`` naming it otherwise.
     """
     uri = uri or tracking_uri()
     shown = _redact(uri)
+    if existing:
+        check_store_exists(uri)
+        registry = os.environ.get("MLFLOW_REGISTRY_URI")
+        if registry and registry != uri:
+            check_store_exists(registry)
     if uri.startswith(("http://", "https://")):
         import requests
         url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search"
@@ -182,7 +288,7 @@ def configure(params: dict | None = None) -> dict:
         exp = client.get_experiment_by_name(name)
         if exp is None:
             try:
-                client.create_experiment(name)
+                client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except MlflowException as e:  # another process created it just now
                 if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
                     raise
@@ -190,24 +296,31 @@ def configure(params: dict | None = None) -> dict:
         if exp.lifecycle_stage != "active":
             raise TrackingError(f"MLflow experiment {name!r} is deleted on {_redact(uri)}: restore "
                                 "it (`mlflow experiments restore`) or set tracking.experiment")
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made before, or by someone else: mark it
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         mlflow.set_experiment(experiment_id=exp.experiment_id)
     return {"tracking_uri": uri, "experiment": name, "experiment_id": exp.experiment_id,
             "artifact_location": exp.artifact_location}
 
 
 # -- identity: git, data, pipeline -------------------------------------------------------
+GIT_COMMIT_ENV = "CLADAPTER_GIT_COMMIT"  # set in the image (build arg GIT_COMMIT), which has no .git
+
+
 def git_commit(cwd: str | Path | None = None) -> tuple[str | None, bool]:
-    """(commit hash, dirty) of the repository at cwd; (None, False) outside git."""
+    """(commit hash, dirty) of the repository at cwd; outside git, the commit the image
+    was built from (``$CLADAPTER_GIT_COMMIT``, not dirty), else (None, False)."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
                               text=True, timeout=10)
-        if head.returncode != 0:
-            return None, False
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=cwd, capture_output=True, text=True, timeout=30)
-        return head.stdout.strip(), bool(dirty.stdout.strip())
+        if head.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   cwd=cwd, capture_output=True, text=True, timeout=30)
+            return head.stdout.strip(), bool(dirty.stdout.strip())
     except (OSError, subprocess.SubprocessError):
-        return None, False
+        pass
+    built = os.environ.get(GIT_COMMIT_ENV, "").strip()
+    return (built, False) if built and built != "unknown" else (None, False)
 
 
 def _dvc_out_md5(outs, rel: str) -> str | None:
@@ -267,6 +380,17 @@ def _file_md5(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def prepared_data_hash(prepared_dir: str | Path) -> str:
+    """The data's one identity, under `dvc repro`, the `cladapter` command, tuning and
+    Kubeflow alike: the hash of a prepared folder's ``manifest.csv``, which lists every
+    file's pixel hash, label and split (so it changes exactly when the data or the split
+    does, wherever the files lie)."""
+    manifest = Path(prepared_dir) / "manifest.csv"
+    if not manifest.is_file():
+        raise TrackingError(f"{prepared_dir}: no manifest.csv (not a prepared folder); cannot hash the data")
+    return content_hash(manifest)
 
 
 def data_hash_and_source(path: str | Path) -> tuple[str, str]:
@@ -357,7 +481,8 @@ def pipeline_parent(client, experiment_id: str, pid: str, params: dict, tags: di
         return found[0].info.run_id
     parent_tags = {k: v for k, v in tags.items() if k not in ("stage",)}
     parent_tags.update({PIPELINE_TAG: pid, ROLE_TAG: "pipeline"})
-    mine = client.create_run(experiment_id, run_name=f"pipeline-{pid[:12]}", tags=parent_tags)
+    mine = client.create_run(experiment_id, run_name=f"pipeline {dataset_name(params)} {pid[:12]}",
+                             tags=parent_tags)
     client.log_batch(mine.info.run_id, params=[Param(k, _param_value(v))
                                                for k, v in _flat(params).items()])
     # Another stage may have created a parent at the same moment: all keep the oldest.
@@ -374,19 +499,23 @@ def _flat(params: dict) -> dict:
 
 
 @contextlib.contextmanager
-def stage_run(params: dict, stage: str, data_hash: str | None = None):
+def stage_run(params: dict, stage: str, data_hash: str | None = None, prepared=None, *,
+              name: str | None = None):
     """Run one pipeline stage inside an MLflow run; yields the active ``mlflow.ActiveRun``.
+    The run is named `name`, else ``run_name(params, stage)`` (what ran); its ``stage`` tag
+    is `stage`.
 
     The run is a child of the pipeline's parent run (see ``pipeline_id``), or of the
     active run when one is open in this process (e.g. tuning trials under the tune
     stage). It gets the flattened params, ``params.json`` and the tags of ``run_tags``
-    (``data_hash``: the given one, else the hash of ``data.source``). It ends FINISHED, or
+    (``data_hash``: the given one, else ``prepared_data_hash(prepared)`` when the stage's
+    prepared folder is given, else the hash of ``data.source``). It ends FINISHED, or
     FAILED when the body raises; the parent's status follows its latest stage.
 
     Example::
 
         tracking.check_tracking()
-        with tracking.stage_run(params, "train-stage1", data_hash=tracking.data_hash(prepared)):
+        with tracking.stage_run(params, "train-stage1", prepared=prepared):
             train.train(params, prepared, out, stage=1, callbacks=[tracking.EpochLogger()])
             tracking.log_artifacts_dir(out, "model_dir")
     """
@@ -396,6 +525,8 @@ def stage_run(params: dict, stage: str, data_hash: str | None = None):
 
     cfg = configure(params)
     client = MlflowClient()
+    if data_hash is None and prepared is not None and (Path(prepared) / "manifest.csv").is_file():
+        data_hash = prepared_data_hash(prepared)
     needs_source = data_hash is None or not os.environ.get(PIPELINE_ENV)
     source_hash = data_source_hash(params) if needs_source else None
     pid = pipeline_id(params, source_hash)
@@ -410,7 +541,7 @@ def stage_run(params: dict, stage: str, data_hash: str | None = None):
             parent_id = pipeline_parent(client, experiment_id, pid, params, tags)
             client.update_run(parent_id, status="RUNNING")
         tags["mlflow.parentRunId"] = parent_id
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=str(stage), tags=tags,
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=name or run_name(params, stage), tags=tags,
                                nested=active is not None)
     status = "FAILED"
     try:
@@ -443,6 +574,73 @@ def _active_run_id(what: str) -> str:
         raise TrackingError(f"{what} needs an active MLflow run: call it inside "
                             "`with tracking.stage_run(params, stage):`")
     return run.info.run_id
+
+
+# -- the data a run used, as MLflow dataset inputs ------------------------------------------
+SPLITS = ("train", "val", "test")
+SOURCE_TAG = "dataset_uri"   # a pipeline run's dataset location (components.lineage sets it)
+
+
+def data_inputs(params: dict, prepared_dir: str | Path, splits=SPLITS, source: str | None = None) -> list:
+    """The MLflow dataset inputs (``mlflow.entities.DatasetInput``) of the prepared data in
+    `prepared_dir`, one per split in `splits` (context = the split): name
+    ``<dataset_name>/<split>``, digest ``prepared_data_hash(prepared_dir)`` (the data's
+    identity, the run's ``data_hash`` tag: files by content, labels and split), source `source` or
+    ``data.source`` (resolved as MLflow does: ``s3://...`` an S3 source, a path a local
+    one), profile: the split's number of files and the number of classes. One dataset per
+    split (an empty split is left out): MLflow links a dataset to a run once, with the
+    context of its first logging."""
+    import warnings as _warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    prepared_dir = Path(prepared_dir)
+    manifest = prepared_dir / "manifest.csv"
+    digest = prepared_data_hash(prepared_dir)
+    where = str(source or (params.get("data") or {}).get("source") or prepared_dir)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for local paths
+        origin = resolve_dataset_source(where)
+    counts, classes = _split_counts(manifest)
+    splits = [split for split in splits if counts.get(split)]  # e.g. no validation split
+    return [DatasetInput(Dataset(name=f"{dataset_name(params)}/{split}", digest=digest,
+                                 source_type=origin._get_source_type(), source=origin.to_json(),
+                                 profile=json.dumps({"num_files": counts.get(split, 0),
+                                                     "num_classes": classes})),
+                         tags=[InputTag("mlflow.data.context", split)])
+            for split in splits]
+
+
+def _split_counts(manifest: Path) -> tuple[dict[str, int], int]:
+    import csv
+    counts: dict[str, int] = {}
+    labels = set()
+    with open(manifest, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            counts[row.get("split", "")] = counts.get(row.get("split", ""), 0) + 1
+            labels.add(row.get("label"))
+    return counts, len(labels)
+
+
+def log_data_inputs(params: dict, prepared_dir: str | Path, splits=SPLITS, *, run_id: str | None = None,
+                    source: str | None = None) -> list:
+    """Log `data_inputs` into run `run_id` (default: the active run). The source is
+    `source`, else the run's ``dataset_uri`` tag (a pipeline run's dataset location), else
+    ``data.source``. Returns the inputs logged."""
+    client = _client()
+    run_id = run_id or _active_run_id("log_data_inputs")
+    with errors(f"logging the data of {prepared_dir} as the run's dataset inputs"):
+        if source is None:
+            source = client.get_run(run_id).data.tags.get(SOURCE_TAG)
+        inputs = data_inputs(params, prepared_dir, splits, source)
+        client.log_inputs(run_id, datasets=inputs)
+    return inputs
+
+
+def _client():
+    from mlflow import MlflowClient
+    return MlflowClient()
 
 
 # -- what stages log -----------------------------------------------------------------------
@@ -480,6 +678,9 @@ class EpochLogger:
         self.run_id = self.run_id or _active_run_id("EpochLogger")
         self.stage = info.get("stage")
         self.out_dir = info.get("out_dir")
+        if info.get("prepared_dir") and info.get("params") is not None:  # the data it trains on
+            self._safe(lambda: log_data_inputs(info["params"], info["prepared_dir"], ("train", "val"),
+                                               run_id=self.run_id))
         report = info.get("param_report") or {}
         metrics = {f"params_{k}": v for k, v in report.items() if _numeric(v)}
         self._log(metrics, step=0)
@@ -564,14 +765,19 @@ def log_artifacts_dir(path: str | Path, artifact_path: str | None = None) -> str
         return mlflow.get_artifact_uri(artifact_path)
 
 
-def log_evaluation(eval_dir: str | Path, metrics: dict | None = None, split: str = "test") -> str:
+def log_evaluation(eval_dir: str | Path, metrics: dict | None = None, split: str = "test", *,
+                   prepared: str | Path | None = None, params: dict | None = None) -> str:
     """Log an evaluation into the active run: each numeric metric as ``<split>_<name>``
     (``metrics``, else ``eval_dir/metrics.json``) and the whole folder (report.html,
     confusion matrix, curves, classification report, predictions, t-SNE) under
-    ``evaluation/``. Returns the artifact URI."""
+    ``evaluation/``; with ``prepared`` (and ``params``), the data evaluated on as dataset
+    inputs: `split` and the validation split promotion decides on (`log_data_inputs`).
+    Returns the artifact URI."""
     import mlflow
     eval_dir = Path(eval_dir)
-    _active_run_id(f"log_evaluation({eval_dir})")
+    run_id = _active_run_id(f"log_evaluation({eval_dir})")
+    if prepared is not None:
+        log_data_inputs(params or {}, prepared, tuple(dict.fromkeys((split, "val"))), run_id=run_id)
     if metrics is None:
         path = eval_dir / "metrics.json"
         try:
@@ -616,6 +822,27 @@ def log_model(model_dir: str | Path, registered_name: str | None = None) -> str:
     """
     import mlflow
 
+    kwargs = _pyfunc_kwargs(model_dir)
+    _active_run_id("log_model")
+    with errors(f"logging model {model_dir}"):
+        info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, registered_model_name=registered_name,
+                                       **kwargs)
+    return info.model_uri
+
+
+def save_pyfunc(model_dir: str | Path, path: str | Path) -> Path:
+    """The same self-contained MLflow pyfunc as ``log_model``, saved to the new folder
+    `path` instead of a run (``mlflow models serve -m <path>`` serves a model folder that
+    was never registered). Returns `path`."""
+    import mlflow
+
+    kwargs = _pyfunc_kwargs(model_dir)
+    with errors(f"saving model {model_dir} as an MLflow model in {path}"):
+        mlflow.pyfunc.save_model(path=str(path), **kwargs)
+    return Path(path)
+
+
+def _pyfunc_kwargs(model_dir: str | Path) -> dict:
     from . import serving
 
     model_dir = Path(model_dir)
@@ -628,11 +855,6 @@ def log_model(model_dir: str | Path, registered_name: str | None = None) -> str:
         signature, example = serving.signature(config), serving.input_example(config)
     except (ValueError, KeyError, TypeError) as e:
         raise TrackingError(f"{cfg_path}: unusable model config ({e})") from e
-    _active_run_id("log_model")
-    with errors(f"logging model {model_dir}"):
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT, python_model=str(serving.MODEL_CODE),
-            code_paths=[str(serving.PACKAGE_DIR)], artifacts={"model_dir": str(model_dir)},
-            signature=signature, input_example=example,
-            pip_requirements=serving.requirements(), registered_model_name=registered_name)
-    return info.model_uri
+    return dict(python_model=str(serving.MODEL_CODE), code_paths=[str(serving.PACKAGE_DIR)],
+                artifacts={serving.MODEL_DIR_ARTIFACT: str(model_dir)}, signature=signature,
+                input_example=example, pip_requirements=serving.requirements())

@@ -128,9 +128,11 @@ def test_training_step_with_two_devices_runs_torchrun_and_logs_once(dataset, sta
 
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("cladapter")
+    from cladapter_core.tracking import experiment_name, run_name
+    exp = client.get_experiment_by_name(experiment_name(p))  # the dataset's experiment
     runs = client.search_runs([exp.experiment_id], "tags.`cladapter.pipeline_id` = 'ddp-run-1'")
-    steps = [r for r in runs if r.info.run_name == "train_stage2"]
+    steps = [r for r in runs if r.data.tags.get("stage") == "train_stage2"]
+    assert [r.info.run_name for r in steps] == [run_name(p, "train_stage2")]
     assert len(steps) == 1 and steps[0].info.status == "FINISHED"
     history = client.get_metric_history(steps[0].info.run_id, "train_loss")
     assert [m.step for m in history] == [1]  # one value per epoch: rank 0 alone logs

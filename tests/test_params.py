@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 # checkpoint fingerprints, so its keys, order, values and types must not move unnoticed
 # (15 is an int, 4.0 a float). Taken when the parameters became pydantic models; changed
 # since on purpose only by "Honest experiments" (warm-up cap, cache off by default,
-# auto_promote, compare's learning rates).
+# auto_promote, compare's learning rates) and "Your own data" (data.intensity;
+# tracking.experiment null: one experiment per dataset).
 SNAPSHOT = {
     "seed": 0,
     "data": {"source": "data/demo", "val_fraction": 0.15, "test_fraction": 0.15, "shots_per_class": None,
@@ -35,7 +36,7 @@ SNAPSHOT = {
     "stage1": {"epochs": 8},
     "stage2": {"epochs": 3, "lr_factor": 0.1},
     "evaluate": {"split": "test", "tsne": False},
-    "tracking": {"experiment": "cladapter"},
+    "tracking": {"experiment": None},
     "register": {"model_name": "cladapter-demo", "metric": "macro_f1", "margin": 0.0, "auto_promote": False},
     "compare": {"head_lr": None, "backbone_lr": None},
     "tune": {"study_name": "cladapter", "storage": "sqlite:///outputs/tune/optuna.db", "n_trials": 20,
@@ -170,7 +171,7 @@ tune:
         "train.mode: must be one of cla, linear, linear-mean, full, lp-ft, got 'adapters'",
         "train.cache.views: must be null or an integer >= 0, got -1",
         "train.cache.storage: must be one of memory, disk, got 's3'",
-        "tracking.experiment: must be a non-empty name, got '  '",
+        "tracking.experiment: must be null or a non-empty name, got '  '",
         "tune.pruner_percentile: must be a number > 0 and < 100, got 100",
         "tune.space[0] (model.nope): model.nope is not a parameter",
         "tune.space[1] (model.rank).choices: has duplicates: [8, 8]",

@@ -590,10 +590,18 @@ def run_local(tmp_path, uri, *params, env=None):
 
 
 def mlflow_runs(uri):
+    """The runs of the pipeline: those of the dataset's experiment (one per dataset, named
+    cladapter-<dataset>; the promotion locks live apart)."""
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("cladapter")
+    (exp,) = [e for e in client.search_experiments() if e.name.startswith("cladapter-")
+              and e.name != "cladapter-promotion-locks"]
     return client, client.search_runs([exp.experiment_id])
+
+
+def by_stage(runs) -> dict:
+    """Stage runs by their stage tag (their names say what ran: stage, backbone, K, data)."""
+    return {r.data.tags["stage"]: r for r in runs if r.data.tags.get("cladapter.role") == "stage"}
 
 
 def test_run_local_end_to_end_with_parallel_tuning(tmp_path):
@@ -649,7 +657,7 @@ def test_run_local_end_to_end_with_parallel_tuning(tmp_path):
     assert not [p for p in (out / "checkpoints").rglob("*") if p.is_file()], "checkpoints left behind"
 
     client, runs = mlflow_runs(uri)
-    by_name = {r.info.run_name: r for r in runs}
+    by_name = by_stage(runs)
     parent = [r for r in runs if r.data.tags.get("cladapter.role") == "pipeline"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     pid = parent[0].data.tags["cladapter.pipeline_id"]
@@ -700,6 +708,6 @@ def test_run_local_without_tuning_a_killed_step_fails_the_parent_run(tmp_path):
     assert len(parent) == 1 and parent[0].info.status == "FAILED"
     assert parent[0].data.tags["kfp.final_state"] != "SUCCEEDED"
     assert parent[0].info.run_name == run_dir.name
-    by_name = {r.info.run_name: r for r in runs}
+    by_name = by_stage(runs)
     assert by_name["train_stage2"].info.status == "FINISHED"
     assert by_name["evaluate"].info.status == "FAILED"  # it was RUNNING when its process died

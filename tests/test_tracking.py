@@ -36,11 +36,14 @@ def test_default_store_is_embedded_sqlite_in_the_working_dir(clean_mlflow_env, t
     clean_mlflow_env.chdir(tmp_path)
     assert tracking.check_tracking() == "sqlite:///mlflow.db"
     cfg = tracking.configure(tracked_params("m"))
-    assert cfg["tracking_uri"] == "sqlite:///mlflow.db" and cfg["experiment"] == "cladapter"
+    # One experiment per dataset by default: data.source data/demo -> cladapter-demo.
+    assert cfg["tracking_uri"] == "sqlite:///mlflow.db" and cfg["experiment"] == "cladapter-demo"
     assert Path(cfg["artifact_location"].removeprefix("file://")).parent == tmp_path / "mlruns"
     from mlflow import MlflowClient  # the experiment is in ./mlflow.db, not elsewhere
     local = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert local.get_experiment_by_name("cladapter").experiment_id == cfg["experiment_id"]
+    exp = local.get_experiment_by_name("cladapter-demo")
+    assert exp.experiment_id == cfg["experiment_id"]
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"  # model training
 
 
 def test_check_tracking_names_an_unreachable_server(clean_mlflow_env):

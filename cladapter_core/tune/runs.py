@@ -161,16 +161,21 @@ class TrialRun:
         from mlflow import MlflowClient
         return MlflowClient()
 
-    def start(self, trial, params: dict, values: dict) -> None:
+    def start(self, trial, params: dict, values: dict, prepared_dir=None) -> None:
+        """The trial's run: its values, params, and the data it trains on (`prepared_dir`,
+        as dataset inputs train and val)."""
         def go():
             client = self._client()
             exp = client.get_run(self.parent).info.experiment_id
             tags = {**self.base_tags, "mlflow.parentRunId": self.parent, "cladapter.role": "trial",
                     "optuna.trial": str(trial.number), "K": str(params["model"]["num_centers"])}
-            run = client.create_run(exp, run_name=f"trial-{trial.number}", tags=tags)
+            name = f"trial-{trial.number} " + tracking.run_name(params, "tune")[len("tune "):]
+            run = client.create_run(exp, run_name=name, tags=tags)
             self.run_id = run.info.run_id
             _log_params(client, self.run_id, params)
             client.log_dict(self.run_id, values, "trial_params.json")
+            if prepared_dir is not None:
+                tracking.log_data_inputs(params, prepared_dir, ("train", "val"), run_id=self.run_id)
         self._safe(go)
 
     def log(self, metrics: dict, step: int) -> None:

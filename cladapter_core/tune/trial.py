@@ -89,7 +89,7 @@ def run_trial(trial, params: dict, prepared_dir, space: list[dict], logger: Tria
     p = trial_params(params, values)
     counter = {"epochs": 0}
     logger = logger or TrialRun(None, {})
-    logger.start(trial, p, values)
+    logger.start(trial, p, values, prepared_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f"cladapter-trial{trial.number}-", dir=work_dir))
     state, value = "FAIL", None
     try:
