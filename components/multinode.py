@@ -144,20 +144,25 @@ def _walk(value, model, how, where: str) -> list[str]:
 
 
 # -- the launcher (a pipeline step) -----------------------------------------------------------
-def launch(params: dict, *, dataset_uri: str, init_from_uri: str, out_uri: str, out_dir, nodes: int,
-           gpus_per_node: int, image: str, namespace: str, pipeline_id: str, checkpoint_prefix: str = "",
+def launch(params: dict, *, dataset, init_from, out_dir, nodes: int, gpus_per_node: int, image: str,
+           namespace: str, pipeline_id: str, stage_prefix: str, checkpoint_prefix: str = "",
            run_id: str | None = None, timeout_s: float = 7 * 24 * 3600, poll_s: float = 30.0,
            api=None) -> dict:
-    """Run stage 2 as a TrainJob of `nodes` x `gpus_per_node`; the model lands in `out_dir`
-    (downloaded from `out_uri`, where the nodes put it). Returns the trainer's summary.
+    """Run stage 2 as a TrainJob of `nodes` x `gpus_per_node`; the model lands in `out_dir`.
+    Returns the trainer's summary, as `runtime.train_task` does.
 
-    `dataset_uri`, `init_from_uri`: the Dataset artifact and the stage-1 Model artifact as
-    the nodes reach them (`s3://...`); `run_id`: the MLflow stage run rank 0 logs epochs to.
-    A TrainJob of the same name (the step retried) is waited for, not created again.
-    `api`: a kubernetes CustomObjectsApi (default: in-cluster config, else kubeconfig)."""
-    spec = {"params": params, "stage": 2, "dataset_uri": dataset_uri, "init_from_uri": init_from_uri,
-            "out_uri": out_uri, "checkpoint_prefix": checkpoint_prefix, "pipeline_id": pipeline_id,
-            "run_id": run_id}
+    `dataset`, `init_from`: the Dataset artifact and the stage-1 Model artifact, as `s3://`
+    URIs the nodes can read, `file://` paths on a volume every node mounts, or local
+    folders (the step's input paths), which are uploaded under `stage_prefix` first. `stage_prefix`: an `s3://` prefix the nodes read
+    and write (the `cladapter-s3` Secret's credentials); the model comes back through
+    `<stage_prefix>/<pipeline_id>/train_stage2/model`. `run_id`: the MLflow stage run that
+    rank 0 logs epochs to. A TrainJob of the same name (the step retried) is waited for,
+    not created again. `api`: a kubernetes CustomObjectsApi (default: in-cluster config,
+    else kubeconfig)."""
+    base = f"{stage_prefix.rstrip('/')}/{pipeline_id}/{STAGE}"
+    spec = {"params": params, "stage": 2, "dataset_uri": _shared(dataset, f"{base}/dataset"),
+            "init_from_uri": _shared(init_from, f"{base}/init_from"), "out_uri": f"{base}/model",
+            "checkpoint_prefix": checkpoint_prefix, "pipeline_id": pipeline_id, "run_id": run_id}
     name = job_name(pipeline_id)
     doc = render(spec, name=name, namespace=namespace, image=image, nodes=nodes, gpus_per_node=gpus_per_node)
     with contextlib.suppress(ImportError):  # kubeflow-trainer-api: a dev dependency
@@ -167,8 +172,18 @@ def launch(params: dict, *, dataset_uri: str, init_from_uri: str, out_uri: str, 
     api = api or _custom_objects_api()
     submit(api, doc)
     wait(api, namespace, name, timeout_s, poll_s)
-    fetch(out_uri, Path(out_dir))
+    fetch(spec["out_uri"], Path(out_dir))
     return json.loads((Path(out_dir) / "train_summary.json").read_text())
+
+
+def _shared(where, uri: str) -> str:
+    """A URI every node can read: `where` itself when it is `s3://` or `file://` (a path
+    on a volume every node mounts), else the local folder uploaded to `uri`."""
+    where = str(where)
+    if where.startswith(("s3://", "file://")):
+        return where
+    push(Path(where), uri)
+    return uri
 
 
 def _custom_objects_api():

@@ -16,7 +16,7 @@ import yaml
 from test_ddp import (assert_same_training, child_env, dataset, one_thread, params,  # noqa: F401 - fixtures
                       stage1_reference)
 
-from cladapter_core.errors import ParamsError
+from cladapter_core.errors import CLAdapterError, ParamsError
 from cladapter_core.train import train
 from components import multinode, runtime
 from conftest import REPO, free_port
@@ -75,31 +75,73 @@ def test_torchrun_flags_follow_the_trainer_runtime_variables():
     assert "--rdzv-conf=is_host=true" in multinode.torchrun_argv({**env, "PET_NODE_RANK": "0"}, "r")
 
 
+class LocalTrainer:
+    """A stand-in for the Kubernetes API and the Kubeflow Trainer controller, on this machine:
+    `create` starts the TrainJob's nodes as local processes, each with the container's
+    command, args and plain env from the TrainJob and the PET_* variables the Trainer's torch
+    runtime sets (rendezvous on loopback); `get` reports the Complete/Failed condition."""
+
+    def __init__(self, tmp, env):
+        self.tmp, self.env, self.jobs = tmp, env, {}
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        assert (group, version, plural) == ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+        assert multinode.validate(body) == []
+        name = body["metadata"]["name"]
+        if name in self.jobs:
+            from kubernetes.client.exceptions import ApiException
+            raise ApiException(status=409, reason="AlreadyExists")
+        trainer = body["spec"]["trainer"]
+        env = {**self.env, **{e["name"]: e["value"] for e in trainer["env"] if "value" in e},
+               "PET_NNODES": str(trainer["numNodes"]), "PET_NPROC_PER_NODE": str(trainer["numProcPerNode"]),
+               "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(free_port())}
+        cmd = [sys.executable if c == "python" else c for c in trainer["command"]] + trainer["args"]
+        self.jobs[name] = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                            env={**env, "PET_NODE_RANK": str(rank),
+                                                 "CLADAPTER_SCRATCH": str(self.tmp / f"{name}-node{rank}")})
+                           for rank in range(trainer["numNodes"])]
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        procs = self.jobs[name]
+        if any(p.poll() is None for p in procs):
+            return {"status": {"conditions": [{"type": "Created", "status": "True"}]}}
+        self.logs = [p.stdout.read() for p in procs]
+        ok = all(p.returncode == 0 for p in procs)
+        return {"status": {"conditions": [{"type": "Complete" if ok else "Failed", "status": "True",
+                                           "message": "" if ok else "a node failed"}]}}
+
+
 def test_two_nodes_on_loopback_match_one_process(dataset, stage1_reference, tmp_path, bucket, s3_env):  # noqa: F811
+    """launch() -> the TrainJob's two nodes (torchrun --nnodes=2, c10d rendezvous on
+    127.0.0.1, gloo), the stage-1 model, the checkpoint and the result through a local S3
+    server -> the model in the step's output: the weights of one process within 1e-5."""
     p = params()
     with one_thread():
         train(p, runtime.prepared_dir(dataset), tmp_path / "ref2", stage=2, init_from=stage1_reference,
               progress=False)
-    multinode.push(dataset, f"s3://{bucket}/run/dataset")
-    multinode.push(stage1_reference, f"s3://{bucket}/run/stage1")
-    spec = {"params": p, "stage": 2, "dataset_uri": f"s3://{bucket}/run/dataset",
-            "init_from_uri": f"s3://{bucket}/run/stage1", "out_uri": f"s3://{bucket}/run/stage2",
-            "checkpoint_prefix": f"s3://{bucket}/ckpt", "pipeline_id": "mn-test"}
-    port = free_port()
     env = child_env(**{k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                                                   "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")},
-                    PET_NNODES="2", PET_NPROC_PER_NODE="1", PET_MASTER_ADDR="127.0.0.1",
-                    PET_MASTER_PORT=str(port), PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, "-m", "components.multinode", "node", "--spec-json", json.dumps(spec),
-                               "--scratch", str(tmp_path / f"node{rank}")],
-                              env={**env, "PET_NODE_RANK": str(rank)}, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in (0, 1)]
-    outs = [proc.communicate(timeout=300)[0] for proc in procs]
-    for proc, out in zip(procs, outs):
-        assert proc.returncode == 0, out[-4000:]
-    assert sum("model pushed to" in out for out in outs) == 1  # the node that held rank 0
-    got = multinode.fetch(spec["out_uri"], tmp_path / "fetched")
-    assert_same_training(tmp_path / "ref2", got)
-    summary = json.loads((got / "train_summary.json").read_text())
+                    PYTHONPATH=str(REPO))
+    env["OMP_NUM_THREADS"] = "1"  # the TrainJob's own value (4) is for GPU nodes
+    api = LocalTrainer(tmp_path, env)
+    # the dataset on a "shared volume" (file://), the stage-1 model uploaded by the launcher
+    kwargs = dict(dataset=f"file://{dataset}", init_from=stage1_reference, nodes=2, gpus_per_node=1, image="cladapter:test",
+                  namespace="cladapter", pipeline_id="mn-test", stage_prefix=f"s3://{bucket}/stages",
+                  checkpoint_prefix=f"s3://{bucket}/ckpt", poll_s=0.5, api=api)
+    summary = multinode.launch(p, out_dir=tmp_path / "model", **kwargs)
+    assert sum("model pushed to" in log for log in api.logs) == 1, api.logs  # the node that held rank 0
     assert summary["stage"] == 2 and summary["epochs_run"] == 1
+    assert_same_training(tmp_path / "ref2", tmp_path / "model")
+
+    # a retried step finds its TrainJob and waits for it instead of starting another
+    again = multinode.launch(p, out_dir=tmp_path / "model-again", **kwargs)
+    assert again == summary and len(api.jobs) == 1
+
+
+def test_a_failed_trainjob_fails_the_step():
+    class Failed:
+        def get_namespaced_custom_object(self, *args):
+            return {"status": {"conditions": [{"type": "Failed", "status": "True", "message": "node 1 OOM"}]}}
+    with pytest.raises(CLAdapterError, match="node 1 OOM"):
+        multinode.wait(Failed(), "ns", "job", timeout_s=5, poll_s=0.01)
+    assert multinode.job_state({}) == (None, "")
