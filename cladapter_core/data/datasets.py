@@ -129,13 +129,22 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.items[index]
-        # A clip: only the frames the model's transform takes are read (load_clip).
-        frames = getattr(self.transform, "frames", None)
-        intensity = getattr(self.transform, "intensity", None)  # the dataset's real range
-        x = (load_clip(path, self.in_chans, frames, intensity) if frames
-             else load_array(path, self.in_chans, intensity))
-        if self.transform is not None:
-            x = self.transform(x)
+        # One torch thread for one item's small ops: with more, each op waits for threads
+        # the cores cannot give on a busy machine, 5 to 10x slower (benchmarks/loader.py).
+        threads = torch.get_num_threads()
+        if threads > 1:
+            torch.set_num_threads(1)
+        try:
+            # A clip: only the frames the model's transform takes are read (load_clip).
+            frames = getattr(self.transform, "frames", None)
+            intensity = getattr(self.transform, "intensity", None)  # the dataset's real range
+            x = (load_clip(path, self.in_chans, frames, intensity) if frames
+                 else load_array(path, self.in_chans, intensity))
+            if self.transform is not None:
+                x = self.transform(x)
+        finally:
+            if threads > 1:
+                torch.set_num_threads(threads)
         return x, label
 
 
