@@ -11,9 +11,11 @@ from pathlib import Path
 from .errors import CLAdapterError
 from .config import MODES
 
-EPILOG = """Parameters: every subcommand reads --params (default params.yaml, else the embedded
-defaults) and applies -S overrides, e.g. -S model.num_centers=10 -S stage1.epochs=3.
-MLflow: runs go to $MLFLOW_TRACKING_URI (default sqlite:///mlflow.db); --no-track disables."""
+EPILOG = """Parameters: the subcommands that train, evaluate or register read --params (default
+params.yaml, else the embedded defaults; --preset paper under it) and apply -S overrides, e.g.
+-S model.num_centers=10 -S stage1.epochs=3; `cladapter COMMAND --help` lists each one's flags.
+MLflow: runs go to $MLFLOW_TRACKING_URI (default sqlite:///mlflow.db); train, evaluate, tune,
+sweep and demo take --no-track. Start with your own data: cladapter init --source DIR."""
 
 
 def _common(p: argparse.ArgumentParser, track: bool = False) -> None:
