@@ -547,10 +547,10 @@ def cmd_serve(args):
         uri = tracking.check_tracking(existing=True)  # reads the registry: never create a store
         mlflow.set_tracking_uri(uri)
         os.environ["MLFLOW_TRACKING_URI"] = uri  # the server resolves the model from the same store
-        mv = registry.model_version(wanted)
-        served = f"models:/{mv.name}/{mv.version}"
-        metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(registry._describe(mv)["metrics"].items()))
-        print(f"{wanted} is {mv.name} version {mv.version} (run {mv.run_id}"
+        mv = registry.lineage(wanted)["model"]
+        served = mv["model_uri"]
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(mv["metrics"].items()))
+        print(f"{wanted} is {mv['name']} version {mv['version']} (run {mv['run_id']}"
               f"{'; ' + metrics if metrics else ''})")
     else:
         served = str(_pyfunc_of_folder(wanted))

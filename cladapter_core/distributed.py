@@ -143,8 +143,8 @@ def pick_device(requested: str | None = None, *, dev_dir: str | Path = "/dev",
                               + (f" (found: {'; '.join(evidence)})" if evidence else
                                  " (no NVIDIA device nodes, no nvidia-smi)"))
         index = int(want.split(":")[1]) if ":" in want else dist_info()[2]
-        count = torch.cuda.device_count() if cuda is None else index + 1
-        if index >= count:
+        if cuda is None and index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
             raise DeviceError(f"--device {want}: this machine has {count} GPU(s) (cuda:0 .. cuda:{count - 1})")
         return torch.device("cuda", index)
     if ok:

@@ -89,8 +89,7 @@ def dataset_name(params: dict | None) -> str:
     parsed = urlparse(source)
     path = parsed.path if parsed.scheme and len(parsed.scheme) > 1 else source  # not C:\
     parts = [p for p in re.split(r"[/\\]+", path) if p not in ("", ".", "..")]
-    if parts and "." in parts[-1] and len(parts) > 1 and Path(parts[-1]).suffix.lower() in (
-            ".csv", ".tsv", ".txt", ".json", ".dvc", ".parquet"):
+    if len(parts) > 1 and Path(parts[-1]).suffix.lower() in (".csv", ".tsv", ".txt", ".json", ".dvc"):
         parts = parts[:-1]
     if not parts and parsed.netloc:
         parts = [parsed.netloc]
