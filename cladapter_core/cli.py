@@ -77,6 +77,7 @@ def _add_demo_data(sub) -> None:
                        description="Write scikit-learn's bundled handwritten digits (1797 real 8x8 scans, "
                                    "10 classes) as PNG files in an ImageFolder tree.")
     p.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
+    p.add_argument("--per-class", type=int, help="only the first N scans of each digit (a small stand-in dataset)")
 
 
 def _add_prepare(sub) -> None:
@@ -333,7 +334,7 @@ def cmd_init(args):
 
 def cmd_demo_data(args):
     from .data import make_demo_data
-    out = make_demo_data(args.out)
+    out = make_demo_data(args.out, per_class=args.per_class)
     print(f"demo dataset in {out}")
 
 
