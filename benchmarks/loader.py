@@ -14,6 +14,11 @@ the cache (frozen backbone forward + adapter) and full fine-tuning. Loader image
 the model's says whether the loader can keep up (> 1). On a GPU machine the model runs
 on the GPU while workers decode on the CPU; on the CPU both share the same cores.
 
+Also measured, interleaved: decoding one file with PIL against the decoder the loader uses
+(libjpeg-turbo / libpng through torchvision.io, data/images.py), on the JPEG photos and
+on the PNG copies prepare writes. The loader runs with `train.num_workers: auto` too (what
+it resolves to on this machine), its workers persistent across epochs.
+
     python benchmarks/loader.py [--images 200 --src-size 1024 --workers 2 --backbone vit_small_patch16_224]
 """
 from __future__ import annotations
@@ -28,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cladapter_core.data import make_loader, prepare
+from cladapter_core.data import loader_workers, make_loader, prepare
 from cladapter_core.model import build_model
 from cladapter_core.params import load_params, model_kwargs
 
@@ -55,11 +60,27 @@ def make_photos(out: Path, n: int, size: int, seed: int = 0) -> Path:
     return out
 
 
+def decoders(files: list[Path], repeats: int = 3) -> dict:
+    """ms per file: PIL (what the loader used before) vs the loader's decoder, interleaved."""
+    from cladapter_core.data import images
+
+    def pil():
+        for f in files:
+            images._channels_last_2d(images._decode_pil(f))
+
+    def ours():
+        for f in files:
+            images.decode_image(f)
+    times = C.time_interleaved({"PIL": pil, "torchvision.io": ours}, 1, repeats, torch.device("cpu"))
+    ms = {k: C.median(v) / len(files) * 1e3 for k, v in times.items()}
+    return {"ms_per_file": ms, "speedup": ms["PIL"] / ms["torchvision.io"]}
+
+
 def loader_ips(prepared: Path, config: dict, params: dict, workers: int, threads: int | None = None) -> float:
     """Images/s of one training epoch after a warm-up epoch. `threads` limits torch's
     intra-op threads in this process while loading (workers always use one)."""
     params = {**params, "train": {**params["train"], "num_workers": workers}}
-    loader = make_loader(prepared, "train", config, True, params)
+    loader = make_loader(prepared, "train", config, True, params)  # workers persist (data.loader_options)
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:
@@ -108,9 +129,10 @@ def main() -> None:
     config = model.config_dict()
     rows, results = [], {"loader": [], "model": []}
     for label, (pdir, prm) in prepared.items():
-        for workers, threads in ((0, None), (0, 1), (args.workers, None)):
+        for workers, threads in ((0, None), (0, 1), (args.workers, None), ("auto", None)):
             ips = loader_ips(pdir, config, prm, workers, threads)
-            how = f"{workers} workers" + (f", {threads} torch thread" if threads else "")
+            how = (f"num_workers auto ({loader_workers('auto', device.type)} here)" if workers == "auto"
+                   else f"{workers} workers") + (f", {threads} torch thread" if threads else "")
             rows.append(["loader", f"{label}, {how}", f"{ips:.1f}"])
             results["loader"].append({"data": label, "workers": workers, "torch_threads": threads or
                                       torch.get_num_threads(), "images_per_s": ips, "prepare_s": prep_s[label]})
@@ -147,6 +169,13 @@ def main() -> None:
           f"model: batch {args.model_batch}, forward + backward + Adam")
     print(C.fmt_table(["side", "configuration", "images/s", "loader / fastest model"], rows))
     print("# prepare time: " + ", ".join(f"{k}: {v:.1f} s" for k, v in prep_s.items()))
+    jpegs = sorted((work / "photos").rglob("*.jpg"))[:50]
+    pngs = sorted((work / "prepared-1").rglob("*.png"))[:50]
+    results["decoders"] = {"jpeg": decoders(jpegs), "png": decoders(pngs)}
+    print(C.fmt_table(["files", "PIL ms/file", "torchvision.io ms/file", "speed-up"], [
+        [f"{len(fs)} {kind.upper()} ({'photos' if kind == 'jpeg' else 'prepared copies'})",
+         f"{d['ms_per_file']['PIL']:.2f}", f"{d['ms_per_file']['torchvision.io']:.2f}", f"{d['speedup']:.2f}x"]
+        for kind, fs, d in (("jpeg", jpegs, results["decoders"]["jpeg"]), ("png", pngs, results["decoders"]["png"]))]))
     C.write_json("loader", {"command": C.command_line(), "device": info, "args": vars(args),
                             "results": results}, args.json)
     if not args.workdir:
