@@ -102,7 +102,7 @@ def render(found: dict, p: dict) -> str:
             "# Starting point: the paper's recipe (cladapter_core/presets/paper.yaml). Every field is",
             "# documented in cladapter_core/param_models.py; run `dvc repro` to train, evaluate and register.",
             *[f"# WARNING: {w}" for w in warnings_for(found)], ""]
-    order = ["data", "model", "train", "stage1", "stage2", "tracking", "register"]
+    order = ["seed", "data", "model", "train", "stage1", "stage2", "evaluate", "tracking", "register"]
     p = {k: p[k] for k in order if k in p} | {k: v for k, v in p.items() if k not in order}
     body = yaml.safe_dump(p, sort_keys=False, default_flow_style=False)
     return "\n".join(head) + "\n" + _commented(body)
@@ -143,13 +143,13 @@ def init(source, out="params.yaml", *, backbone: str | None = None, pretrained: 
     if out.exists() and not force:
         raise ParamsError(f"{out} exists: pass --force to replace it (or --out another file)")
     found = inspect(source)
-    text = render(found, params_for(found, backbone, pretrained, checkpoint, stage_epochs))
+    partial = params_for(found, backbone, pretrained, checkpoint, stage_epochs)
     check = out.with_name(f".{out.name}.check.yaml")
-    try:  # the file must load as it is written
-        atomic_write(check, text)
-        load_params(check)
+    try:  # every field, resolved and checked: DVC reads each section the stages name
+        atomic_write(check, yaml.safe_dump(partial, sort_keys=False))
+        full = load_params(check, use_best=False)
     finally:
         check.unlink(missing_ok=True)
-    atomic_write(out, text)
+    atomic_write(out, render(found, full))
     found["warnings"] = warnings_for(found)
     return found
