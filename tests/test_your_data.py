@@ -116,6 +116,11 @@ def test_from_a_folder_of_12_bit_tiffs_to_a_served_champion(tmp_path_factory):
     run("git", "commit", "-qm", "my data")
     run("dvc", "repro")
     run("cladapter", "promote", "--prepared", "outputs/prepared")
+    shown = subprocess.run(["dvc", "plots", "show", "--json"], cwd=root, env=env, capture_output=True,
+                           text=True, check=True)
+    plots = json.loads(shown.stdout)
+    assert not [e for e in plots.get("errors", []) if e["name"] == "confusion matrix"]
+    assert plots["data"]["confusion matrix"][0]["type"] == "vega"  # drawn from plots/confusion.csv
     summary = json.loads((root / "outputs" / "prepared" / "summary.json").read_text())
     assert summary["intensity"]["bits"] == 12 and summary["intensity"]["range"] == [0.0, 4095.0]
 
