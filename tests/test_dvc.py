@@ -87,6 +87,33 @@ def test_repro_runs_everything_then_nothing(clone):
     assert "Data and pipelines are up to date" in again
 
 
+def test_dvc_and_kfp_paths_tag_the_same_data_hash(clone, tmp_path):
+    """One identity of the data: every stage run of `dvc repro` (and the registered
+    version) is tagged with the hash of the prepared manifest, the same value the KFP
+    pipeline's prepare step gives the same data (runtime.dataset_hash), not DVC's md5 of
+    the data folder."""
+    from mlflow import MlflowClient
+
+    from cladapter_core import tracking
+    from cladapter_core.params import load_params
+    from components import runtime
+    root, env = clone
+    dvc(["repro"], root, env, timeout=900)  # nothing to do after the first test
+    expected = tracking.prepared_data_hash(root / "outputs" / "prepared")
+    params = load_params(str(root / "params.yaml"), use_best=False)
+    runtime.prepare_task(str(root / "data" / "demo"), "", "", params, tmp_path / "kfp-dataset")
+    assert runtime.dataset_hash(tmp_path / "kfp-dataset") == expected
+    assert expected != tracking.data_hash(root / "data" / "demo")  # not DVC's md5 of the folder
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+    stages = {r.data.tags.get("stage"): r.data.tags["data_hash"] for r in runs
+              if r.data.tags.get("cladapter.role") == "stage"}
+    assert {"train_stage1", "train_stage2", "evaluate", "register"} <= set(stages), stages
+    assert set(stages.values()) == {expected}, stages
+    version = client.get_model_version(params["register"]["model_name"], "1")
+    assert version.tags["data_hash"] == expected
+
+
 def test_code_change_marks_the_stages_that_run_it_changed(clone):
     """Editing the library makes `dvc status` name the stages that run it; the metrics
     live outside DVC's cache, for git (`dvc metrics diff` across commits needs no cache)."""
@@ -107,6 +134,15 @@ def test_code_change_marks_the_stages_that_run_it_changed(clone):
         assert "cladapter_core" in status
     finally:
         train.write_text(original)
+    for code in ("serving.py", "serving_model.py"):  # the logged model's code: register reruns
+        path = root / "cladapter_core" / code
+        original = path.read_text()
+        try:
+            path.write_text(original + "\n# an edit\n")
+            status = dvc(["status"], root, env)
+            assert "register:" in status and f"cladapter_core/{code}" in status, status
+        finally:
+            path.write_text(original)
     (root / "cladapter_core" / "__pycache__").mkdir(exist_ok=True)
     (root / "cladapter_core" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"compiled")
     assert "Data and pipelines are up to date" in dvc(["status"], root, env)  # .pyc files do not count

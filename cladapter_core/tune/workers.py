@@ -31,7 +31,7 @@ def _trial_logging(params: dict, prepared_dir: Path, name: str, storage: str, wo
     from .. import tracking
     if not tracking_on(track):
         return None, {}
-    data_hash = tracking.content_hash(prepared_dir / "manifest.csv")
+    data_hash = tracking.prepared_data_hash(prepared_dir)
     parent = study_run_id or study_run(params, name, storage, data_hash)
     tags = tracking.run_tags(params, "tune-trial", data_hash)
     tags.update({tracking.PIPELINE_TAG: pipeline_of(parent), "optuna.study_name": name,
@@ -133,7 +133,7 @@ def tune(params: dict, prepared_dir, out_dir, *, n_trials: int | None = None, ti
     run_id = None
     if tracking_on(track):
         from .. import tracking
-        run_id = study_run(params, name, storage, tracking.content_hash(Path(prepared_dir) / "manifest.csv"))
+        run_id = study_run(params, name, storage, tracking.prepared_data_hash(prepared_dir))
     print(f"tuning study {name!r} on {redact(storage)}: {n_trials} trials, {workers} worker(s), "
           f"pruner {t['pruner']}")
     common = dict(params=params, prepared_dir=str(prepared_dir), study_name=name, storage=storage,
