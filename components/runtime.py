@@ -3,11 +3,13 @@ step runs it, built from the same `cladapter_core` functions the CLI and `dvc re
 
 - `resolve_params`: the pipeline's parameters -> the resolved, validated params dict.
 - `fetch_source` + `prepare_task`: the dataset (demo, `s3://` prefix, DVC repository,
-  local folder) copied into the Dataset artifact beside its manifest, so the artifact
-  is self-contained (later steps run in other pods).
+  local folder) prepared by reference: the Dataset artifact holds the manifest, classes,
+  summary and where the files are (`components.dataref`), not the files.
+- `local_data`: the files of the splits a step reads, fetched onto its scratch volume.
 - `train_task`: one training stage inside an MLflow stage run; torchrun when it has
-  several GPUs; its checkpoint mirrored under `checkpoint_prefix` so a retried pod
-  (a new node with an empty disk) resumes from it.
+  several GPUs; its checkpoint mirrored under the run-scoped `<checkpoint root>/<KFP run
+  id>/<stage>/` (`checkpoint_root`) so a retried pod (a new node with an empty disk)
+  resumes from it.
 - `tune_task`: the Optuna search (or none), returning the params training uses.
 - `evaluate_task`, `register_task`, `promote_task`.
 
@@ -15,6 +17,7 @@ Nothing here imports kfp: the components translate artifacts to paths and back.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
@@ -29,6 +32,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from cladapter_core.errors import CLAdapterError, DataError, ParamsError
+from components import dataref
 
 # Pipeline parameter -> params.yaml field. stage2_lr is turned into stage2.lr_factor.
 PARAM_FIELDS = {
@@ -48,15 +52,16 @@ PARAM_FIELDS = {
 DERIVED_FIELDS = {"stage2.lr_factor": "stage2_lr", "data.source": "dataset_uri"}
 # register.auto_promote: promote only when true (the pipeline's condition around promote).
 AUTO_PROMOTE_FIELD = "register.auto_promote"
-PREPARED = "prepared"   # inside the Dataset artifact: prepare's output ...
-SOURCE = "source"       # ... and the data it indexes (manifest paths point here)
-SOURCE_REF = "source.json"  # ... and where the data came from (uri, path, revision as a SHA)
+# The Dataset artifact's layout (components/dataref.py): prepare's output, where the
+# files are (uri, path, revision as a SHA), and where a step puts the files it fetches.
+PREPARED, SOURCE, SOURCE_REF = dataref.PREPARED, dataref.SOURCE, dataref.SOURCE_REF
 CKPT_FILE = "last.pt"
 SYNC_ENV = "CLADAPTER_CHECKPOINT_SYNC_S"
 # Secret keys a deployment may leave empty: the Secrets always hold every key (the oldest
 # supported KFP backend cannot mark a key optional), and an empty value means "not set".
 OPTIONAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ENDPOINT_URL",
-                "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+                "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "CLADAPTER_TUNE_STORAGE",
+                "CLADAPTER_CHECKPOINT_ROOT")
 
 
 def drop_empty_env(names=OPTIONAL_ENV) -> list[str]:
@@ -210,6 +215,14 @@ def fetch_source(dataset_uri: str, dataset_path: str, dataset_rev: str, dest: Pa
     manifest), a DVC repository (git URL or local repository; `dataset_path` is the path
     in it, `dataset_rev` a branch, tag or commit), or a local folder.
     """
+    return _fetch(dataset_uri, dataset_path, dataset_rev, dest)[1]
+
+
+def _fetch(dataset_uri: str, dataset_path: str, dataset_rev: str, dest: Path,
+           copy_folder: bool = True) -> tuple[Path, Path, dict]:
+    """`fetch_source`, returning (base, what to prepare, S3 ETags): `base` is the folder
+    the source's files are named under in the artifact (the S3 prefix's or the DVC
+    repository's root, or the local folder itself when `copy_folder` is false)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     uri = (dataset_uri or "").strip()
@@ -219,21 +232,23 @@ def fetch_source(dataset_uri: str, dataset_path: str, dataset_rev: str, dest: Pa
         raise DataError("dataset_uri is empty: give `demo`, an s3:// prefix, a DVC repository or a folder")
     if uri == "demo":
         from cladapter_core.data import make_demo_data
-        return make_demo_data(dest)
+        return dest, make_demo_data(dest), {}
     if uri.startswith("s3://"):
-        _download_prefix(uri, dest)
-        return _inside(dest, path, uri)
+        etags = _download_prefix(uri, dest)
+        return dest, _inside(dest, path, uri), etags
     local = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
     if _is_dvc_repo_url(uri) or rev or (local.is_dir() and (local / ".dvc").is_dir()):
         if not path:
             raise DataError(f"dataset_uri {uri} is a DVC repository: set dataset_path to the "
                             "data's path in it (e.g. data/images)")
-        return _dvc_get(uri, path, resolve_rev(uri, rev), dest)
+        return dest, _dvc_get(uri, path, resolve_rev(uri, rev), dest), {}
     if not local.is_dir():
         raise DataError(f"dataset_uri {uri}: not `demo`, an s3:// prefix, a DVC repository "
                         "or an existing folder")
+    if not copy_folder:
+        return local, _inside(local, path, uri), {}
     shutil.copytree(local, dest, dirs_exist_ok=True, symlinks=False)
-    return _inside(dest, path, uri)
+    return dest, _inside(dest, path, uri), {}
 
 
 def _inside(root: Path, path: str, uri: str) -> Path:
@@ -243,7 +258,8 @@ def _inside(root: Path, path: str, uri: str) -> Path:
     return target
 
 
-def _download_prefix(uri: str, dest: Path) -> int:
+def _download_prefix(uri: str, dest: Path) -> dict[str, str]:
+    """Every object under the prefix into `dest`; returns {path under the prefix: ETag}."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     from cladapter_core.weights import s3_client
@@ -252,7 +268,7 @@ def _download_prefix(uri: str, dest: Path) -> int:
     if not bucket:
         raise DataError(f"dataset_uri {uri}: no bucket (expected s3://bucket/prefix)")
     listing_prefix = f"{prefix}/" if prefix else ""
-    client, n = s3_client(), 0
+    client, etags = s3_client(), {}
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=listing_prefix):
             for obj in page.get("Contents", []):
@@ -264,20 +280,21 @@ def _download_prefix(uri: str, dest: Path) -> int:
                     raise DataError(f"{uri}: object key {obj['Key']!r} escapes the prefix")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 client.download_file(bucket, obj["Key"], str(target))
-                n += 1
+                etags[rel] = obj.get("ETag", "")
     except (ClientError, BotoCoreError) as e:
         raise DataError(f"cannot download {uri}: {e} (check the cladapter-s3 credentials "
                         "and AWS_ENDPOINT_URL)") from e
-    if n == 0:
+    if not etags:
         raise DataError(f"no objects under {uri} (looked for s3://{bucket}/{listing_prefix}*)")
-    return n
+    return etags
 
 
 def _dvc_get(repo: str, path: str, rev: str, dest: Path) -> Path:
     if shutil.which("git") is None:
         raise DataError(f"reading {path} from the DVC repository {repo} needs `git`, which "
                         "is not installed here")
-    out = dest / Path(path).name
+    out = dest / path  # under the repository's own layout: files.csv names them as DVC does
+    out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "dvc", "get", repo, path, "-o", str(out)]
     if rev:
         cmd += ["--rev", rev]
@@ -328,8 +345,7 @@ def source_ref(dataset_uri: str, dataset_path: str, dataset_rev: str) -> dict:
 
 
 def read_source_ref(dataset_dir) -> dict | None:
-    path = Path(dataset_dir) / SOURCE_REF
-    return json.loads(path.read_text()) if path.is_file() else None
+    return dataref.read_ref(dataset_dir)
 
 
 def dataset_metadata(dataset_dir, summary: dict) -> dict:
@@ -338,40 +354,75 @@ def dataset_metadata(dataset_dir, summary: dict) -> dict:
     return {"source": ref.get("uri"), "dataset_path": ref.get("path"), "dataset_rev": ref.get("rev"),
             "num_classes": summary["num_classes"], "classes": summary["classes"], **summary["totals"],
             "leaks": summary["num_leaks"], "skipped": len(summary["skipped"]),
-            "data_hash": dataset_hash(dataset_dir)}
+            "files": ref.get("files"), "bytes": ref.get("bytes"), "data_hash": dataset_hash(dataset_dir)}
 
 
 def prepare_task(dataset_uri: str, dataset_path: str, dataset_rev: str, params: dict,
                  out_dir) -> dict:
-    """Fetch the dataset into `out_dir/source`, prepare it into `out_dir/prepared`
-    (manifest paths relative to it, so the whole folder travels as one artifact), and
-    record where it came from in `out_dir/source.json` (a DVC revision as its SHA)."""
+    """Prepare the dataset into the Dataset artifact `out_dir` by reference
+    (`components.dataref`): the files are fetched onto this step's scratch volume (a
+    local folder is read where it is), prepared there, and only the manifest, classes,
+    summary, the list of files and where they are (`source.json`: URI, path, a DVC
+    revision as its SHA) go into the artifact."""
     from cladapter_core.data import prepare
-    from cladapter_core.outputs import write_json
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ref = source_ref(dataset_uri, dataset_path, dataset_rev)
-    write_json(out_dir / SOURCE_REF, ref)
-    source = fetch_source(dataset_uri, dataset_path, ref["rev"] or dataset_rev, out_dir / SOURCE)
-    summary = prepare(source, out_dir / PREPARED, params)
-    if Path(summary.get("root", ".")).is_absolute():
-        raise DataError(f"{out_dir / PREPARED}: manifest root {summary['root']} is absolute; "
-                        "the Dataset artifact would not be self-contained")
+    with tempfile.TemporaryDirectory(prefix="cladapter-prepare-") as tmp:
+        work = Path(tmp)
+        base, source, etags = _fetch(dataset_uri, dataset_path, ref["rev"] or dataset_rev, work / SOURCE,
+                                     copy_folder=False)
+        summary = prepare(source, work / PREPARED, params)
+        ref = dataref.write(work / PREPARED, base, out_dir, ref, etags)
+    print(f"prepared by reference: {ref.get('files')} files ({ref.get('bytes')} bytes) stay at "
+          f"{ref['uri']}{'/' + ref['path'] if ref.get('path') else ''}; the artifact holds the manifest")
     return summary
 
 
-def prepared_dir(dataset_dir) -> Path:
+def artifact_prepared(dataset_dir) -> Path:
+    """The artifact's own prepared folder (manifest, classes, summary; maybe no files)."""
     path = Path(dataset_dir) / PREPARED
     if not (path / "manifest.csv").is_file():
         raise DataError(f"{dataset_dir}: not a prepared Dataset artifact (no {PREPARED}/manifest.csv)")
     return path
 
 
+@contextlib.contextmanager
+def local_data(dataset_dir, splits=None):
+    """A prepared folder with the files of `splits` (None: all) fetched onto this step's
+    scratch volume (`dataref.fetch`), removed on the way out."""
+    artifact_prepared(dataset_dir)
+    if not dataref.by_reference(dataset_dir):
+        yield Path(dataset_dir) / PREPARED
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="cladapter-data-"))
+    try:
+        prepared, got = dataref.fetch(dataset_dir, splits, tmp)
+        print(f"data: {got['files']} files, {got['bytes']} bytes of split(s) "
+              f"{', '.join(splits) if splits else 'all'} ({got['how']})")
+        yield prepared
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepared_dir(dataset_dir) -> Path:
+    """A prepared folder with every split's files at hand: the artifact's own when it
+    carries them, else fetched once (all splits) into a temporary folder removed when
+    this process exits. Steps that read some splits use `local_data` instead."""
+    path = artifact_prepared(dataset_dir)
+    if not dataref.by_reference(dataset_dir):
+        return path
+    stack = contextlib.ExitStack()
+    atexit.register(stack.close)
+    return stack.enter_context(local_data(dataset_dir))
+
+
 def dataset_hash(dataset_dir) -> str:
-    """The data's identity for run tags and lineage: the manifest lists every file's
-    pixel hash, so its own hash changes exactly when the data or the split does."""
+    """The data's identity for run tags and lineage (`tracking.prepared_data_hash`, as
+    under `dvc repro`): the manifest lists every file's pixel hash, so its own hash
+    changes exactly when the data or the split does. Needs no file."""
     from cladapter_core import tracking
-    return tracking.content_hash(prepared_dir(dataset_dir) / "manifest.csv")
+    return tracking.prepared_data_hash(artifact_prepared(dataset_dir))
 
 
 # -- MLflow ------------------------------------------------------------------------------
@@ -428,6 +479,25 @@ def close_pipeline_run(pipeline_id: str, pipeline_name: str, state: str, error: 
 
 
 # -- checkpoints that outlive the pod ------------------------------------------------------
+CHECKPOINT_ROOT_ENV = "CLADAPTER_CHECKPOINT_ROOT"  # the install's default (ConfigMap cladapter-pipeline)
+NO_CHECKPOINT = ("none", "off", "false")
+
+
+def checkpoint_root(checkpoint_prefix: str = "") -> str | None:
+    """Where a training step mirrors its checkpoint: `checkpoint_prefix` when given
+    (`none`: nowhere), else the install's `$CLADAPTER_CHECKPOINT_ROOT` (every install
+    overlay sets it, e.g. `s3://mlflow/checkpoints`); the step adds `<KFP run id>/<stage>/`
+    to it, so it is run-scoped. None: no mirror, a retried step starts its stage over."""
+    given = (checkpoint_prefix or "").strip()
+    if given.lower() in NO_CHECKPOINT:
+        return None
+    root = given or os.environ.get(CHECKPOINT_ROOT_ENV, "").strip()
+    if not root:
+        print(f"no checkpoint_prefix and no ${CHECKPOINT_ROOT_ENV}: the checkpoint stays on this pod; "
+              "a retried step starts its stage over")
+    return root or None
+
+
 class CheckpointStore:
     """The trainer's checkpoint (`<out>.ckpt/last.pt`) mirrored at
     `<prefix>/<pipeline id>/<stage>/last.pt`, an `s3://` prefix or a folder.
@@ -557,6 +627,7 @@ class CheckpointStore:
 
 
 # -- training ------------------------------------------------------------------------------
+TRAIN_SPLITS = ("train", "val")  # what training and tuning read; evaluation: its split and val
 def _torchrun(params: dict, prepared: Path, out: Path, stage: int, init_from, nproc: int,
               run_id: str | None) -> dict:
     """Train with `nproc` processes of this node (DDP, one GPU each) through torchrun."""
@@ -595,17 +666,16 @@ def train_task(params: dict, dataset_dir, out_dir, stage: int, init_from=None,
 
     if stage not in (1, 2):
         raise ParamsError(f"stage must be 1 or 2, got {stage!r}")
-    prepared = prepared_dir(dataset_dir)
     out = Path(out_dir)
     mode = params["train"]["mode"]
-    store = CheckpointStore(checkpoint_prefix, pipeline_id, f"train_stage{stage}") \
-        if checkpoint_prefix else None
+    root = checkpoint_root(checkpoint_prefix)
+    store = CheckpointStore(root, pipeline_id, f"train_stage{stage}") if root else None
     local_ckpt = checkpoint_dir(out) / CKPT_FILE
     if store is not None and store.restore(local_ckpt):
         print(f"checkpoint restored from {store.uri}")
     watch = store.watch(local_ckpt) if store is not None else contextlib.nullcontext()
     with stage_tracking(params, f"train_stage{stage}", pipeline_id, data_hash or dataset_hash(dataset_dir),
-                        pipeline_name, dataset_dir) as run:
+                        pipeline_name, dataset_dir) as run, local_data(dataset_dir, TRAIN_SPLITS) as prepared:
         with watch:
             if num_gpus > 1:
                 summary = _torchrun(params, prepared, out, stage, init_from, num_gpus,
@@ -660,8 +730,9 @@ def tune_worker_task(params: dict, dataset_dir, worker_index: int, n_trials: int
         if tracking_enabled():
             from cladapter_core import tracking
             tracking.check_tracking()
-        done = tuning.tune_worker(params, prepared_dir(dataset_dir), worker_index, n_trials,
-                                  n_workers, pipeline_id, tracking_enabled())
+        with local_data(dataset_dir, TRAIN_SPLITS) as prepared:
+            done = tuning.tune_worker(params, prepared, worker_index, n_trials,
+                                      n_workers, pipeline_id, tracking_enabled())
     print(f"worker {worker_index}: trials {done['trials']} ({done['complete']} completed, "
           f"{done['pruned']} pruned, {done['failed']} failed)")
     return done
@@ -681,9 +752,10 @@ def evaluate_task(params: dict, dataset_dir, model_dir, out_dir, pipeline_id: st
     logs the metrics (`<split>_<name>`) and the folder to the MLflow stage run."""
     from cladapter_core import tracking
     from cladapter_core.evaluate import evaluate
-    prepared = prepared_dir(dataset_dir)
+    from cladapter_core.evaluate import DECISION_SPLIT
+    splits = sorted({params["evaluate"]["split"], DECISION_SPLIT})
     with stage_tracking(params, "evaluate", pipeline_id, data_hash or dataset_hash(dataset_dir),
-                        pipeline_name, dataset_dir) as run:
+                        pipeline_name, dataset_dir) as run, local_data(dataset_dir, splits) as prepared:
         metrics = evaluate(model_dir, prepared, out_dir, params)
         if run is not None:
             tracking.log_evaluation(out_dir, metrics, split=params["evaluate"]["split"])
@@ -717,9 +789,35 @@ def register_task(params: dict, model_dir, eval_dir, pipeline_id: str = "",
 
 def promote_task(params: dict, version: str, dataset_dir=None) -> dict:
     """Promote `version`; with the dataset, a champion measured on other data is
-    re-evaluated on this run's validation split before the decision."""
+    re-evaluated on this run's validation split before the decision. Files are fetched
+    only then: a champion measured on the same data needs none."""
     from cladapter_core import registry, tracking
     tracking.check_tracking()
-    prepared = prepared_dir(dataset_dir) if dataset_dir else None
-    return registry.promote(params, version=version, prepared_dir=prepared)
+    if not dataset_dir:
+        return registry.promote(params, version=version)
+    split = _reevaluation_split(params, version)
+    if split is None:
+        return registry.promote(params, version=version, prepared_dir=artifact_prepared(dataset_dir))
+    with local_data(dataset_dir, [split]) as prepared:
+        return registry.promote(params, version=version, prepared_dir=prepared)
+
+
+def _reevaluation_split(params: dict, version: str) -> str | None:
+    """The split promotion will re-evaluate the champion on, or None when the champion
+    and `version` were measured on the same data and split (or there is no champion)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from cladapter_core import registry, tracking
+    tracking.configure(params)
+    client, name = MlflowClient(), params["register"]["model_name"]
+    with tracking.errors(f"reading registered model {name!r}"):
+        candidate = client.get_model_version(name, str(version))
+        try:
+            champion = client.get_model_version_by_alias(name, registry.CHAMPION)
+        except MlflowException:
+            return None
+    if str(champion.version) == str(candidate.version) or registry.same_evaluation(candidate, champion):
+        return None
+    return candidate.tags.get("metric_split") or "val"
 

@@ -2,17 +2,22 @@
 per worker, fanned out with dsl.ParallelFor), `tune_finish_task` (one step after them all).
 
 The workers are pods that share one Optuna study, so the study's storage must be reachable
-from all of them: a PostgreSQL `tune.storage`. An absolute SQLite path is accepted too,
+from all of them: a PostgreSQL URL, from the Secret `cladapter-tune` (`$CLADAPTER_TUNE_STORAGE`,
+so its password is never a run parameter) or `tune.storage` without a password. An absolute SQLite path is accepted too,
 for `kfp.local`, where every step runs on one machine. The study is named after the KFP
 run (`<tune.study_name>-<run id>`), so a run never adds trials to another run's study; a
 retried worker adds its trials to the same study. Nothing here imports kfp.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cladapter_core.errors import ParamsError
+
+STORAGE_ENV = "CLADAPTER_TUNE_STORAGE"  # from the Secret cladapter-tune on the tuning steps
 
 
 def study_name(params: dict, pipeline_id: str) -> str:
@@ -21,15 +26,28 @@ def study_name(params: dict, pipeline_id: str) -> str:
 
 
 def shared_storage(params: dict) -> str:
-    """`tune.storage` when every worker pod can reach it; ParamsError otherwise."""
-    storage = params["tune"]["storage"]
+    """The study storage: `$CLADAPTER_TUNE_STORAGE` (the Secret `cladapter-tune`, which
+    keeps the database password out of the run's parameters), else `tune.storage`; it
+    must be one every worker pod reaches. ParamsError otherwise."""
+    storage = os.environ.get(STORAGE_ENV, "").strip() or params["tune"]["storage"]
     if storage.startswith(("postgresql", "mysql")) or storage.startswith("sqlite:////"):
         return storage
     raise ParamsError(
         f"tune.storage {storage!r}: the pipeline's tuning workers are separate pods and need "
-        "one study storage they all reach - set tune.storage to a PostgreSQL URL "
-        "(params_overrides `tune.storage=postgresql+psycopg2://user@host:5432/db`, or the "
-        "params file); an absolute sqlite:////path works only with run-local")
+        "one study storage they all reach - put a PostgreSQL URL "
+        "(postgresql+psycopg2://user:password@host:5432/db) in the Secret cladapter-tune, key "
+        f"{STORAGE_ENV} (infra/k8s/README.md); an absolute sqlite:////path works only with run-local")
+
+
+def check_no_password(params: dict) -> None:
+    """A database password never travels as a run parameter (the KFP UI and MLflow show
+    them): `tune.storage` with one is refused, pointing at the Secret."""
+    from cladapter_core.tune import redact
+    storage = str(params["tune"]["storage"])
+    if "://" in storage and urlsplit(storage).password:
+        raise ParamsError(f"tune.storage {redact(storage)}: holds a password, which every run's "
+                          "parameters would show; put the URL in the Secret cladapter-tune, key "
+                          f"{STORAGE_ENV}, and leave tune.storage alone")
 
 
 def shares(n_trials: int, n_workers: int) -> list[int]:
@@ -44,6 +62,7 @@ def tune_plan(params: dict, n_trials: int, n_workers: int, pipeline_id: str, tra
     from cladapter_core import tune
     if n_trials < 1 or n_workers < 1:
         raise ParamsError(f"tune_trials and tune_workers must be >= 1, got {n_trials} and {n_workers}")
+    check_no_password(params)
     tune.check_space(params)
     storage, name = shared_storage(params), study_name(params, pipeline_id)
     tune.open_study(params, name, storage)

@@ -19,12 +19,15 @@ field it does not know, so every step of a newer-only YAML would fail before it 
 tests/test_kfp_backend.py parses the platform spec with that published proto.
 
 Cluster settings: tuning workers, training and evaluation request `nvidia.com/gpu`
-(tolerating the usual GPU-node taint), a memory-backed /dev/shm, and a scratch volume;
-every step has CPU/memory requests and limits and a timeout (`TIMEOUTS`); tuning and
-training retry failures of their main container, training resuming from its checkpoint
-(see pipelines/README.md for what is and is not retried); prepare is cached; MLflow and
-S3 credentials come from the Secrets `cladapter-mlflow` and `cladapter-s3`
-(infra/k8s/README.md).
+(tolerating the usual GPU-node taint), a memory-backed /dev/shm, and a scratch volume
+onto which they fetch the files of the splits they read (the Dataset artifact holds only
+the manifest and points to the files); every step has CPU/memory requests and limits and
+a timeout (`TIMEOUTS`); tuning and training retry failures of their main container,
+training resuming from its checkpoint mirrored under the install's checkpoint root (see
+pipelines/README.md for what is and is not retried); prepare is cached; MLflow, S3 and
+study-storage credentials come from the Secrets `cladapter-mlflow`, `cladapter-s3` and
+`cladapter-tune`, the checkpoint root from the ConfigMap `cladapter-pipeline`
+(infra/k8s/README.md); pods carry the labels the install's NetworkPolicies select.
 """
 
 import inspect
@@ -65,9 +68,22 @@ SECRET_KEYS = {
     S3_SECRET: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
                 "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION"],
 }
+# The tuning steps' study storage (a PostgreSQL URL with its password): a Secret, never a
+# run parameter. Needed only when a run tunes (tune_trials > 0).
+TUNE_SECRET = "cladapter-tune"
+SECRET_KEYS[TUNE_SECRET] = ["CLADAPTER_TUNE_STORAGE"]
 # Keys that must hold a value (the others may be empty).
 REQUIRED_KEYS = {MLFLOW_SECRET: ["MLFLOW_TRACKING_URI"],
-                 S3_SECRET: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]}
+                 S3_SECRET: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
+                 TUNE_SECRET: ["CLADAPTER_TUNE_STORAGE"]}
+# Not secret: the install's settings for its runs (created by each install overlay in the
+# runs' namespace): where training checkpoints go (run-scoped below it).
+SETTINGS_CONFIG_MAP = "cladapter-pipeline"
+CONFIG_MAP_KEYS = {SETTINGS_CONFIG_MAP: ["CLADAPTER_CHECKPOINT_ROOT"]}
+# Pod labels the install's NetworkPolicies select on (infra/k8s/base/networkpolicy.yaml).
+POD_LABELS = {"app.kubernetes.io/part-of": "cladapter"}
+MLFLOW_CLIENT_LABEL = "cladapter.io/mlflow-client"
+DATABASE_CLIENT_LABEL = "cladapter.io/database-client"
 # CPU / memory (request, limit) per step.
 RESOURCES = {
     "params": (("0.5", "1"), ("512Mi", "1Gi")),
@@ -91,15 +107,33 @@ def _resources(task, kind: str):
     task.set_cpu_request(cpu_req).set_cpu_limit(cpu_lim)
     task.set_memory_request(mem_req).set_memory_limit(mem_lim)
     kubernetes.set_timeout(task, TIMEOUTS[kind])
+    for key, value in POD_LABELS.items():
+        kubernetes.add_pod_label(task, key, value)
     return task.set_env_variable("CLADAPTER_IMAGE", stages.IMAGE)
 
 
 def _secrets(task, *names: str):
     for name in names:
         kubernetes.use_secret_as_env(task, name, {k: k for k in SECRET_KEYS[name]})
+    if MLFLOW_SECRET in names:  # the MLflow server's NetworkPolicy lets these pods in
+        kubernetes.add_pod_label(task, MLFLOW_CLIENT_LABEL, "true")
+    if TUNE_SECRET in names:  # ... and the study database's, these
+        kubernetes.add_pod_label(task, DATABASE_CLIENT_LABEL, "true")
+    return _no_optional(task)
+
+
+def _settings(task):
+    """The install's settings (ConfigMap cladapter-pipeline) as environment variables."""
+    for name, keys in CONFIG_MAP_KEYS.items():
+        kubernetes.use_config_map_as_env(task, name, {k: k for k in keys})
+    return _no_optional(task)
+
+
+def _no_optional(task):
     # kfp-kubernetes writes `optional: false` (its default) on every entry; the oldest
     # supported backend's proto has no such field and would refuse the step.
-    for entry in task.platform_config["kubernetes"].get("secretAsEnv", []):
+    config = task.platform_config["kubernetes"]
+    for entry in config.get("secretAsEnv", []) + config.get("configMapAsEnv", []):
         if entry.get("optional") is False:
             del entry["optional"]
     return task
@@ -195,7 +229,7 @@ def build_pipeline(train_gpus: int = 1, params_file=None, scratch_size: str = DE
             auto_promote: Move the champion alias when the new version wins; false: register only.
             tune_trials: More than 0: an Optuna search of that many trials over tune.space first (needs a PostgreSQL tune.storage).
             tune_workers: Parallel tuning workers (pods, one GPU each) sharing the study.
-            checkpoint_prefix: s3:// prefix for training checkpoints, so a retried step resumes; empty: a retry starts over.
+            checkpoint_prefix: s3:// prefix for training checkpoints (run-scoped below it), so a retried step resumes; empty: the install's (ConfigMap cladapter-pipeline); none: a retry starts over.
             params_overrides: Further params fields, `section.key=value` separated by `;` or new lines.
         """
         run_id, run_name = dsl.PIPELINE_JOB_ID_PLACEHOLDER, dsl.PIPELINE_JOB_NAME_PLACEHOLDER
@@ -234,7 +268,7 @@ def _steps(a: dict, base_params: str, train_gpus: int, scratch: str, run_id, run
     for task, name in ((s1, "train stage 1"), (s2, "train stage 2")):
         task.set_display_name(name).set_caching_options(False)
         task.set_retry(num_retries=TRAIN_RETRIES, backoff_duration=TRAIN_BACKOFF, backoff_factor=2.0)
-        _secrets(_gpu(_resources(task, "train"), train_gpus, scratch), MLFLOW_SECRET, S3_SECRET)
+        _settings(_secrets(_gpu(_resources(task, "train"), train_gpus, scratch), MLFLOW_SECRET, S3_SECRET))
 
     ev = stages.evaluate(params=params, dataset=dataset, model=s2.outputs["model"], **common)
     ev.set_display_name("evaluate").set_caching_options(False)
@@ -248,7 +282,7 @@ def _steps(a: dict, base_params: str, train_gpus: int, scratch: str, run_id, run
         with dsl.If(a["auto_promote"] == True, name="auto_promote"):  # noqa: E712 (a KFP condition)
             pro = stages.promote(params=params, version=reg_task.outputs["version"], dataset=dataset)
             pro.set_display_name("promote").set_caching_options(False)
-            _secrets(_resources(pro, "registry"), MLFLOW_SECRET)
+            _secrets(_resources(pro, "registry"), MLFLOW_SECRET, S3_SECRET)  # S3: a champion re-evaluated
 
 
 def _tuning(a: dict, params, dataset, common: dict, scratch: str):
@@ -258,17 +292,17 @@ def _tuning(a: dict, params, dataset, common: dict, scratch: str):
         plan = stages.tune_plan(params=params, n_trials=a["tune_trials"], n_workers=a["tune_workers"],
                                 pipeline_id=common["pipeline_id"])
         plan.set_display_name("tune plan").set_caching_options(False)
-        _secrets(_resources(plan, "params"), MLFLOW_SECRET)
+        _secrets(_resources(plan, "params"), MLFLOW_SECRET, TUNE_SECRET)
         with dsl.ParallelFor(plan.output, name="tune workers") as index:
             worker = stages.tune_worker(params=params, dataset=dataset, worker_index=index,
                                         n_trials=a["tune_trials"], n_workers=a["tune_workers"], **common)
             worker.set_display_name("tune worker").set_caching_options(False)
             worker.set_retry(num_retries=TRAIN_RETRIES, backoff_duration=TRAIN_BACKOFF, backoff_factor=2.0)
-            _secrets(_gpu(_resources(worker, "tune"), 1, scratch), MLFLOW_SECRET, S3_SECRET)
+            _secrets(_gpu(_resources(worker, "tune"), 1, scratch), MLFLOW_SECRET, S3_SECRET, TUNE_SECRET)
         finish = stages.tune_finish(params=params, pipeline_id=common["pipeline_id"],
                                     pipeline_name=common["pipeline_name"]).after(worker)
         finish.set_display_name("tune finish").set_caching_options(False)
-        _secrets(_resources(finish, "registry"), MLFLOW_SECRET, S3_SECRET)
+        _secrets(_resources(finish, "registry"), MLFLOW_SECRET, S3_SECRET, TUNE_SECRET)
     with dsl.Else(name="no tuning"):
         same = stages.untuned(params=params)
         _resources(same.set_display_name("untuned").set_caching_options(False), "params")
@@ -338,14 +372,15 @@ def compile_pipeline(out=PIPELINE_FILE, train_gpus: int = 1, params_file=None,
 
 def submit(host: str, arguments: dict | None = None, experiment: str = DEFAULT_EXPERIMENT,
            run_name: str | None = None, namespace: str | None = None,
-           service_account: str | None = None,
+           service_account: str | None = RUNNER_SERVICE_ACCOUNT,
            enable_caching: bool | None = None, package=None, train_gpus: int = 1,
            params_file=None) -> str:
     """Start a run on the KFP API at `host`; returns the run id. Compiles the pipeline
     (defaults from `params_file`) to a temporary file unless `package` (a compiled YAML)
-    is given. `service_account`: None runs as the namespace's KFP default (standalone:
-    `pipeline-runner` in `kubeflow`; multi-user: `default-editor` in the profile), which
-    the install overlays grant the pipeline's Secrets to."""
+    is given. `service_account`: `cladapter-pipeline-runner` by default, which both install
+    overlays (infra/k8s/overlays/standalone for the `kubeflow` namespace, multi-user for a
+    profile namespace) create with a least-privilege Role where the runs start; None or
+    "" runs as the namespace's KFP default (`pipeline-runner`, `default-editor`)."""
     import kfp
     with tempfile.TemporaryDirectory(prefix="cladapter-kfp-") as tmp:
         path = Path(package) if package else compile_pipeline(Path(tmp) / "pipeline.yaml", train_gpus, params_file)

@@ -46,9 +46,10 @@ def _add_submit(act) -> None:
     q.add_argument("-p", "--param", dest="arguments", action="append", default=[], metavar="NAME=VALUE",
                    help="pipeline parameter, e.g. -p dataset_uri=s3://data/pets -p num_centers=10")
     q.add_argument("--namespace", help="Kubeflow profile namespace (multi-user installs)")
-    q.add_argument("--service-account", default=None,
-                   help="service account of the run's pods (default: the namespace's KFP default, "
-                        "pipeline-runner or default-editor, which the install overlays set up)")
+    q.add_argument("--service-account", default="cladapter-pipeline-runner",
+                   help="service account of the run's pods (default: cladapter-pipeline-runner, which "
+                        "both install overlays, standalone and multi-user, create where the runs "
+                        "start; \"\": the namespace's KFP default, pipeline-runner or default-editor)")
     q.add_argument("--params", metavar="FILE", help="as for compile (ignored with --package)")
     q.add_argument("--no-cache", action="store_true", help="run every step, even cached ones")
     q.add_argument("--package", help="a compiled pipeline YAML to submit (default: compile now)")

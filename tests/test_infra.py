@@ -1,9 +1,12 @@
-"""infra/: the GPU image's Dockerfile and the Kubernetes manifests, checked offline.
+"""infra/: the GPU image's and the MLflow server's Dockerfiles and the Kubernetes
+manifests, checked offline.
 
-There is no Docker engine and no cluster here, so: hadolint lints the Dockerfile; the
-real kustomize (`kubectl kustomize`) renders each overlay, with its secrets generated
-from the committed *.env.example templates; kubernetes-validate checks every rendered
-object against the Kubernetes schemas; the MLflow server is started from the rendered
+There is no Docker engine and no cluster here, so: hadolint lints the Dockerfiles; the
+real kustomize (`kubectl kustomize`) renders each overlay (the server side, dev and prod;
+the install modes, standalone and multi-user), with its secrets generated from the
+committed *.env.example templates; kubernetes-validate checks every rendered object
+against the Kubernetes schemas; the runner's Role is checked for least privilege and the
+NetworkPolicies for whom they let in; the MLflow server is started from the rendered
 Deployment's own command, arguments and environment against the local PostgreSQL.
 Tools: infra/scripts/install-tools.sh.
 """
@@ -35,10 +38,16 @@ REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 DOCKERIGNORE = INFRA / "docker" / "Dockerfile.dockerignore"
+MLFLOW_DOCKERFILE = INFRA / "docker" / "mlflow.Dockerfile"
+MLFLOW_REQUIREMENTS = INFRA / "docker" / "mlflow-requirements.txt"
 K8S = INFRA / "k8s"
-OVERLAYS = ("dev", "prod")
+OVERLAYS = ("dev", "prod")                     # the services: MLflow (+ PostgreSQL, MinIO in dev)
+INSTALL_MODES = {"standalone": "kubeflow",     # what the runs need, where they start
+                 "multi-user": "kubeflow-user-example-com"}
+ALL_OVERLAYS = OVERLAYS + tuple(INSTALL_MODES)
 NAMESPACE = "cladapter"
 IMAGE = "ghcr.io/cladapter/cladapter:0.1.0"
+MLFLOW_IMAGE = "ghcr.io/cladapter/cladapter-mlflow:0.1.0"
 # The oldest Kubernetes the manifests must apply to (kubernetes-validate ships 1.25+).
 K8S_VERSION = "1.29.0"
 INSTALL_HINT = "install it with infra/scripts/install-tools.sh"
@@ -50,7 +59,9 @@ PIPELINE_SECRETS = {
     "cladapter-mlflow": {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
     "cladapter-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
                      "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION"},
+    "cladapter-tune": {"CLADAPTER_TUNE_STORAGE"},
 }
+PIPELINE_CONFIG_MAPS = {"cladapter-pipeline": {"CLADAPTER_CHECKPOINT_ROOT"}}
 # A local PostgreSQL (trust auth) for the server test; a throw-away database is made in it.
 POSTGRES_ADMIN_URI = os.environ.get("CLADAPTER_TEST_POSTGRES",
                                     "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
@@ -88,7 +99,7 @@ def render_overlay(overlay: str, workdir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, list[dict]]:
-    return {o: render_overlay(o, tmp_path_factory.mktemp(f"k8s-{o}")) for o in OVERLAYS}
+    return {o: render_overlay(o, tmp_path_factory.mktemp(f"k8s-{o}")) for o in ALL_OVERLAYS}
 
 
 def find(docs: list[dict], kind: str, name: str) -> dict:
@@ -394,9 +405,61 @@ def test_dockerignore_drops_secrets_and_keeps_build_inputs():
         assert not dockerignore_excludes(path, patterns), f"{path} is needed by pip install ."
 
 
+def test_mlflow_server_image_is_slim_pinned_and_lint_clean():
+    """The server's own image: hadolint-clean, pinned slim Python base, non-root, the
+    clients' MLflow (the versions of constraints.txt and of this environment, where the
+    server test below runs it), and none of the training stack."""
+    proc = run([tool("hadolint"), "--no-color", str(MLFLOW_DOCKERFILE)])
+    assert proc.returncode == 0, f"hadolint found problems:\n{proc.stdout}{proc.stderr}"
+    instructions = dockerfile_instructions(MLFLOW_DOCKERFILE.read_text())
+    all_stages = stages(instructions)
+    aliases = {s[0][1].split()[-1] for s in all_stages if " AS " in s[0][1].upper()}
+    bases = [s[0][1].split()[0] for s in all_stages if s[0][1].split()[0] not in aliases]
+    assert bases and all(re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+", b) for b in bases), bases
+    final = all_stages[-1]
+    uid = [a for kw, a in final if kw == "USER"][-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0
+    for kw, args in instructions:
+        if kw == "COPY" and not args.startswith("--from"):
+            for source in args.split()[:-1]:
+                assert (REPO / source).is_file(), f"COPY {source}: no such file"
+        if kw in {"ENV", "ARG"}:
+            assert not SENSITIVE_KEY.search(args), f"{kw} {args}: no secrets in the image"
+    runs = " ".join(a for kw, a in instructions if kw == "RUN")
+    assert "-c constraints.txt -r mlflow-requirements.txt" in runs and "torch" not in runs
+    pins = dict(line.split("==", 1) for line in MLFLOW_REQUIREMENTS.read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    constraints = dict(line.split("==", 1) for line in
+                       (REPO / "constraints.txt").read_text().splitlines() if "==" in line)
+    assert set(pins) == {"mlflow", "psycopg2-binary", "boto3"}, pins
+    for package, version in pins.items():
+        assert constraints[package] == version == importlib.metadata.version(package), package
+    # what pip installs for it on Linux, from the installed packages' own metadata: no torch, no CUDA
+    from packaging.requirements import Requirement
+    closure, todo = set(), ["mlflow", "psycopg2-binary", "boto3"]
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in closure:
+            continue
+        closure.add(name)
+        for text in importlib.metadata.requires(name) or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": "", "sys_platform": "linux",
+                                                          "platform_system": "Linux"}):
+                todo.append(req.name)
+    heavy = sorted(n for n in closure if n.startswith(("torch", "nvidia", "triton", "timm")))
+    assert not heavy and "mlflow-skinny" in closure and "gunicorn" in closure, heavy
+    # its build context is two files: nothing else of the repository enters it
+    patterns = [ln.strip() for ln in (INFRA / "docker" / "mlflow.Dockerfile.dockerignore").read_text().splitlines()
+                if ln.strip() and not ln.startswith("#")]
+    tracked = run(["git", "ls-files"], cwd=REPO).stdout.split()
+    kept = {t for t in tracked + ["infra/docker/mlflow-requirements.txt"] if not dockerignore_excludes(t, patterns)}
+    assert kept == {"constraints.txt", "infra/docker/mlflow-requirements.txt"}, sorted(kept)
+
+
 # ----------------------------------------------------------------------------- manifests
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
 def test_rendered_manifests_are_valid_kubernetes(rendered, overlay):
     import kubernetes_validate
 
@@ -409,17 +472,27 @@ def test_rendered_manifests_are_valid_kubernetes(rendered, overlay):
             failures.append(f"{doc['kind']}/{doc['metadata']['name']}: {e.message}")
     assert not failures, "\n".join(failures)
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    expected = {("Namespace", NAMESPACE), ("Deployment", "cladapter-mlflow"),
-                ("Service", "cladapter-mlflow"), ("ServiceAccount", "cladapter-pipeline-runner"),
-                ("Role", "cladapter-pipeline-runner"), ("RoleBinding", "cladapter-pipeline-runner"),
-                ("Secret", "cladapter-mlflow"), ("Secret", "cladapter-s3")}
+    if overlay in INSTALL_MODES:  # what the runs need, in the namespace they start in
+        namespace = INSTALL_MODES[overlay]
+        expected = {("ServiceAccount", "cladapter-pipeline-runner"), ("Role", "cladapter-pipeline-runner"),
+                    ("RoleBinding", "cladapter-pipeline-runner"), ("ConfigMap", "cladapter-pipeline"),
+                    *(("Secret", name) for name in PIPELINE_SECRETS)}
+        # the namespace belongs to KFP or the profile controller: never created, labelled or deleted
+        assert not [d for d in docs if d["kind"] == "Namespace"]
+        assert not list(pod_specs(docs))
+    else:
+        namespace = NAMESPACE
+        expected = {("Namespace", NAMESPACE), ("Deployment", "cladapter-mlflow"),
+                    ("Service", "cladapter-mlflow"), ("NetworkPolicy", "cladapter-mlflow"),
+                    ("Secret", "cladapter-mlflow"), ("Secret", "cladapter-s3")}
+        assert ("ServiceAccount", "cladapter-pipeline-runner") not in kinds  # runs do not start here
     if overlay == "dev":
         expected |= {("StatefulSet", "cladapter-postgres"), ("Deployment", "cladapter-minio"),
-                     ("Job", "cladapter-minio-buckets")}
-    assert expected <= kinds, f"missing: {expected - kinds}"
+                     ("Job", "cladapter-minio-buckets"), ("NetworkPolicy", "cladapter-postgres")}
+    assert expected == kinds or expected <= kinds, f"missing: {expected - kinds}"
     for doc in docs:
         if doc["kind"] != "Namespace":
-            assert doc["metadata"].get("namespace") == NAMESPACE, doc["metadata"]
+            assert doc["metadata"].get("namespace") == namespace, doc["metadata"]
 
 
 def test_validator_rejects_broken_manifests(rendered):
@@ -465,7 +538,7 @@ def test_pods_run_unprivileged_with_pinned_images(rendered, overlay):
                 f"{where}: image {image} is not pinned to a version"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
 def test_every_reference_resolves(rendered, overlay):
     docs = rendered[overlay]
     names = {(d["kind"], d["metadata"]["name"]) for d in docs}
@@ -524,7 +597,7 @@ def test_mlflow_server_takes_credentials_from_secrets(rendered, overlay):
     assert envvars["MLFLOW_WORKERS"] == "--workers" and "MLFLOW_WORKERS" in env
     resolved = container_env(docs, find(docs, "Deployment", "cladapter-mlflow"), container)
     assert resolved["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
-    assert container["image"] == IMAGE
+    assert container["image"] == MLFLOW_IMAGE  # the slim server image, not the CUDA one
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -583,7 +656,7 @@ def test_no_secret_values_anywhere_in_infra():
 
 
 def test_filled_in_secrets_are_git_ignored():
-    for overlay in OVERLAYS:
+    for overlay in ALL_OVERLAYS:
         for template in (K8S / "overlays" / overlay / "secrets").glob("*.env.example"):
             filled = template.with_suffix("").relative_to(REPO)
             proc = run(["git", "check-ignore", "-q", str(filled)], cwd=REPO)
@@ -592,42 +665,129 @@ def test_filled_in_secrets_are_git_ignored():
     assert not [t for t in tracked if t.endswith(".env")], tracked
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", tuple(INSTALL_MODES))
 def test_pipeline_secrets_have_the_keys_the_pipeline_reads(rendered, overlay):
+    from pipelines import cladapter_pipeline as kp
+
     readme = (K8S / "README.md").read_text()
+    assert {k: set(v) for k, v in kp.SECRET_KEYS.items()} == PIPELINE_SECRETS
+    assert {k: set(v) for k, v in kp.CONFIG_MAP_KEYS.items()} == PIPELINE_CONFIG_MAPS
     for name, keys in PIPELINE_SECRETS.items():
         data = secret_data(rendered[overlay], name)
         assert keys <= data.keys(), f"{name} lacks {keys - data.keys()}"
         assert f"`{name}`" in readme
         for key in keys:
             assert f"`{key}`" in readme, f"infra/k8s/README.md does not document {key}"
+    for name, keys in PIPELINE_CONFIG_MAPS.items():
+        data = find(rendered[overlay], "ConfigMap", name)["data"]
+        assert keys <= data.keys() and data["CLADAPTER_CHECKPOINT_ROOT"].startswith("s3://")
+        assert f"`{name}`" in readme
+    # the runs reach the services of the namespace cladapter by their full names
+    assert urlsplit(secret_data(rendered[overlay], "cladapter-mlflow")["MLFLOW_TRACKING_URI"]).hostname \
+        == f"cladapter-mlflow.{NAMESPACE}.svc.cluster.local"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_pipeline_runner_role_grants_what_kfp_needs(rendered, overlay):
-    docs = rendered[overlay]
-    granted: dict[tuple[str, str], set[str]] = {}
-    for rule in find(docs, "Role", "cladapter-pipeline-runner")["rules"]:
-        assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+def role_grants(role: dict) -> dict[tuple[str, str], list[tuple[set, set | None]]]:
+    """(apiGroup, resource) -> [(verbs, resourceNames or None: every object)]."""
+    out: dict = {}
+    for rule in role["rules"]:
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
-                granted.setdefault((group, resource), set()).update(rule["verbs"])
-    needed = {
-        ("", "pods"): {"get", "list", "watch", "create", "delete", "patch"},
-        ("", "pods/log"): {"get"},
-        ("", "secrets"): {"get"},
-        ("", "configmaps"): {"get"},
-        ("", "persistentvolumeclaims"): {"get", "create", "delete"},
-        ("argoproj.io", "workflows"): {"get", "list", "watch", "update", "patch"},
-        ("argoproj.io", "workflowtaskresults"): {"create", "patch"},
-    }
-    for key, verbs in needed.items():
-        assert verbs <= granted.get(key, set()), f"{key}: missing {verbs - granted.get(key, set())}"
-    # Reading one named secret is enough; listing would expose every secret in the namespace.
-    assert granted[("", "secrets")] == {"get"}
+                names = set(rule["resourceNames"]) if rule.get("resourceNames") else None
+                out.setdefault((group, resource), []).append((set(rule["verbs"]), names))
+    return out
+
+
+@pytest.mark.parametrize("overlay", tuple(INSTALL_MODES))
+def test_pipeline_runner_role_is_least_privilege(rendered, overlay):
+    """What KFP 2.5+ on Argo 3.4+ needs of the runs' identity, and nothing else: named
+    Secrets and ConfigMaps only; pods read, never created, changed or deleted (Argo's
+    controller does that under its own identity); no PVCs (the scratch volumes are
+    generic ephemeral volumes); no wildcard."""
+    docs = rendered[overlay]
+    role = find(docs, "Role", "cladapter-pipeline-runner")
+    grants = role_grants(role)
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
+    assert grants[("", "secrets")] == [({"get"}, {"mlpipeline-minio-artifact"})]
+    assert grants[("", "configmaps")] == [({"get", "list", "watch"}, {"kfp-launcher"})]
+    assert grants[("", "pods")] == [({"get", "list", "watch"}, None)]
+    assert grants[("argoproj.io", "workflowtaskresults")] == [({"create", "patch"}, None)]
+    assert set(grants) == {("", "secrets"), ("", "configmaps"), ("", "pods"),
+                           ("argoproj.io", "workflowtaskresults")}, sorted(grants)
+    # the steps' own Secrets and settings reach them as env vars the kubelet resolves
+    from pipelines import cladapter_pipeline as kp
+    assert not set(kp.SECRET_KEYS) & {n for _, names in grants[("", "secrets")] for n in names}
     binding = find(docs, "RoleBinding", "cladapter-pipeline-runner")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cladapter-pipeline-runner",
-                                    "namespace": NAMESPACE}]
+                                    "namespace": INSTALL_MODES[overlay]}]
+    assert binding["roleRef"]["name"] == "cladapter-pipeline-runner"
+    # `submit` runs as it by default, in either install mode
+    import inspect
+    assert inspect.signature(kp.submit).parameters["service_account"].default == \
+        kp.RUNNER_SERVICE_ACCOUNT == "cladapter-pipeline-runner"
+
+
+def policy_allows(policy: dict, port: int, ns_labels: dict, pod_labels: dict, same_ns: bool) -> bool:
+    """Does the NetworkPolicy's ingress let a pod (its labels, its namespace's labels)
+    reach `port`? (matchLabels selectors, as these manifests use.)"""
+    def matches(selector, labels):
+        assert set(selector) <= {"matchLabels"}, selector
+        return selector.get("matchLabels", {}).items() <= labels.items()
+
+    for rule in policy["spec"].get("ingress", []):
+        if rule.get("ports") and port not in [p["port"] for p in rule["ports"]]:
+            continue
+        for peer in rule.get("from", []):
+            ns_ok = matches(peer["namespaceSelector"], ns_labels) if "namespaceSelector" in peer else same_ns
+            pod_ok = matches(peer.get("podSelector", {}), pod_labels)
+            if ns_ok and pod_ok:
+                return True
+    return False
+
+
+def test_network_policies_admit_the_pipeline_and_the_server_only(rendered, compiled_labels):
+    """The MLflow server: its namespace and the pipeline's steps (the labels the compiled
+    pipeline sets) in the runs' namespaces; the dev database: the server and the tuning
+    steps only."""
+    dev = rendered["dev"]
+    mlflow_policy = find(dev, "NetworkPolicy", "cladapter-mlflow")
+    db_policy = find(dev, "NetworkPolicy", "cladapter-postgres")
+    server_labels = find(dev, "Deployment", "cladapter-mlflow")["spec"]["template"]["metadata"]["labels"]
+    db_labels = find(dev, "StatefulSet", "cladapter-postgres")["spec"]["template"]["metadata"]["labels"]
+    assert mlflow_policy["spec"]["podSelector"]["matchLabels"].items() <= server_labels.items()
+    assert db_policy["spec"]["podSelector"]["matchLabels"].items() <= db_labels.items()
+    assert mlflow_policy["spec"]["policyTypes"] == db_policy["spec"]["policyTypes"] == ["Ingress"]
+    standalone = {"kubernetes.io/metadata.name": "kubeflow"}
+    profile = {"kubernetes.io/metadata.name": "kubeflow-user-example-com",
+               "app.kubernetes.io/part-of": "kubeflow-profile"}
+    elsewhere = {"kubernetes.io/metadata.name": "default"}
+    train, tune = compiled_labels["exec-train-stage1"], compiled_labels["exec-tune-worker"]
+    params_step = compiled_labels["exec-resolve-params"]
+    for ns in (standalone, profile):
+        assert policy_allows(mlflow_policy, 5000, ns, train, False)
+        assert not policy_allows(mlflow_policy, 5000, ns, params_step, False)  # logs nothing
+        assert not policy_allows(mlflow_policy, 5000, ns, {}, False)
+        assert policy_allows(db_policy, 5432, ns, tune, False)
+        assert not policy_allows(db_policy, 5432, ns, train, False)
+    assert not policy_allows(mlflow_policy, 5000, elsewhere, train, False)
+    assert not policy_allows(db_policy, 5432, elsewhere, tune, False)
+    assert policy_allows(mlflow_policy, 5000, {}, {"app": "anything"}, True)  # same namespace
+    assert not policy_allows(mlflow_policy, 5432, standalone, train, False)
+    # the database: the server yes, other pods of its namespace (MinIO) no
+    assert policy_allows(db_policy, 5432, {}, server_labels, True)
+    minio = find(dev, "Deployment", "cladapter-minio")["spec"]["template"]["metadata"]["labels"]
+    assert not policy_allows(db_policy, 5432, {}, minio, True)
+    # prod keeps the server's policy (its database is outside the cluster)
+    assert find(rendered["prod"], "NetworkPolicy", "cladapter-mlflow")["spec"] == mlflow_policy["spec"]
+
+
+@pytest.fixture(scope="module")
+def compiled_labels(tmp_path_factory) -> dict[str, dict]:
+    """The pod labels of each step of the compiled pipeline."""
+    platform = yaml.safe_load_all((REPO / "pipelines" / "cladapter_pipeline.yaml").read_text())
+    executors = list(platform)[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return {name: (ex.get("podMetadata") or {}).get("labels", {}) for name, ex in executors.items()}
 
 
 def test_dev_services_are_wired_together(rendered):
@@ -731,11 +891,20 @@ def test_runbook_covers_the_path_to_a_promoted_model(rendered):
                  "kubectl apply -k infra/k8s/overlays/", "cladapter pipeline compile",
                  "pipelines/cladapter_pipeline.yaml", "cladapter pipeline submit",
                  "cladapter promote", "What is checked here and what is not",
-                 "infra/scripts/install-tools.sh", IMAGE):
+                 "infra/scripts/install-tools.sh", IMAGE,
+                 # both install modes, the minimum versions, the slim server image, the
+                 # Role and the NetworkPolicies, the data and the retries
+                 "kubectl apply -k infra/k8s/overlays/standalone",
+                 "kubectl apply -k infra/k8s/overlays/multi-user", "--namespace kubeflow-user-example-com",
+                 "KFP 2.5.0 or newer", "kfp-kubernetes 1.5.0", "Argo Workflows 3.4 or newer",
+                 "docker build -f infra/docker/mlflow.Dockerfile", "least-privilege Role",
+                 "NetworkPolicies", "service account `cladapter-pipeline-runner`",
+                 "Data by reference", "CLADAPTER_CHECKPOINT_ROOT", "From promotion to serving"):
         assert step in readme, f"infra/README.md lacks {step!r}"
     assert f"-t {IMAGE}" in DOCKERFILE.read_text()
+    assert f"-t {MLFLOW_IMAGE}" in MLFLOW_DOCKERFILE.read_text() and MLFLOW_IMAGE in readme
     for overlay in OVERLAYS:
-        assert mlflow_container(rendered[overlay])["image"] == IMAGE
+        assert mlflow_container(rendered[overlay])["image"] == MLFLOW_IMAGE
     settings = REPO / "cladapter_core" / "settings.py"
     if settings.exists():  # the one place the Python side names the default image
         assert IMAGE in settings.read_text(), f"{settings} and infra/ disagree on the image"

@@ -7,6 +7,7 @@ demo digits with its artifacts and MLflow runs.
 No Kubernetes or KFP API here: the YAML is compiled and inspected, the pipeline runs
 with kfp.local, and `submit` is only shown to fail clearly without a server.
 """
+import csv
 import json
 import os
 import signal
@@ -39,7 +40,8 @@ TINY_ARGS = {
                         "data.val_fraction=0.1; data.test_fraction=0.1",
 }
 CLEAN_ENV = ("MLFLOW_TRACKING_URI", "CLADAPTER_PIPELINE_ID", "CLADAPTER_TRACKING",
-             "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "CLADAPTER_IMAGE")
+             "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "CLADAPTER_IMAGE",
+             "CLADAPTER_TUNE_STORAGE", "CLADAPTER_CHECKPOINT_ROOT")
 
 
 def child_env(**extra) -> dict:
@@ -221,24 +223,55 @@ def test_secrets_come_from_kubernetes(compiled):
         return out
 
     mlflow_keys, s3_keys = set(kp.SECRET_KEYS["cladapter-mlflow"]), set(kp.SECRET_KEYS["cladapter-s3"])
-    for ex in ("exec-train-stage1", "exec-train-stage2", "exec-tune-worker", "exec-evaluate",
-               "exec-register", "exec-tune-finish"):
-        assert secret_keys(ex) == {"cladapter-mlflow": mlflow_keys, "cladapter-s3": s3_keys}, ex
-    assert secret_keys("exec-prepare") == {"cladapter-s3": s3_keys}
-    for ex in ("exec-promote", "exec-close-pipeline-run", "exec-tune-plan"):
-        assert secret_keys(ex) == {"cladapter-mlflow": mlflow_keys}, ex
+    tune_keys = set(kp.SECRET_KEYS["cladapter-tune"])
+    mlflow, s3, tune = {"cladapter-mlflow": mlflow_keys}, {"cladapter-s3": s3_keys}, {"cladapter-tune": tune_keys}
+    for ex in ("exec-train-stage1", "exec-train-stage2", "exec-evaluate", "exec-register",
+               "exec-promote"):  # promote: S3 for the validation files when it re-evaluates a champion
+        assert secret_keys(ex) == {**mlflow, **s3}, ex
+    for ex in ("exec-tune-worker", "exec-tune-finish"):  # the study storage from its Secret
+        assert secret_keys(ex) == {**mlflow, **s3, **tune}, ex
+    assert secret_keys("exec-tune-plan") == {**mlflow, **tune}
+    assert secret_keys("exec-prepare") == s3
+    assert secret_keys("exec-close-pipeline-run") == mlflow
     assert not platform["exec-resolve-params"].get("secretAsEnv")  # no credentials where none are needed
-    # Every key is in both overlays' Secret templates (a missing key would stop the pod),
-    # the required ones documented.
+    # the checkpoint root: the install's ConfigMap, on the training steps only
+    for ex, config in platform.items():
+        maps = {c["configMapName"]: {k["configMapKey"] for k in c["keyToEnv"]}
+                for c in config.get("configMapAsEnv", [])}
+        assert all("optional" not in c for c in config.get("configMapAsEnv", [])), ex
+        assert maps == ({"cladapter-pipeline": {"CLADAPTER_CHECKPOINT_ROOT"}}
+                        if ex in ("exec-train-stage1", "exec-train-stage2") else {}), ex
+        # the labels the install's NetworkPolicies select on
+        labels = config["podMetadata"]["labels"]
+        assert labels["app.kubernetes.io/part-of"] == "cladapter", ex
+        assert (labels.get(kp.MLFLOW_CLIENT_LABEL) == "true") == ("cladapter-mlflow" in secret_keys(ex)), ex
+        assert (labels.get(kp.DATABASE_CLIENT_LABEL) == "true") == ("cladapter-tune" in secret_keys(ex)), ex
+    # Every key is in both install modes' Secret templates (a missing key would stop the
+    # pod), the required ones documented.
     readme = (REPO / "infra" / "k8s" / "README.md").read_text()
-    for overlay in ("dev", "prod"):
+    for overlay in ("standalone", "multi-user"):
         folder = REPO / "infra" / "k8s" / "overlays" / overlay / "secrets"
         for secret, template, keys in (("cladapter-mlflow", "mlflow.env.example", mlflow_keys),
-                                       ("cladapter-s3", "s3.env.example", s3_keys)):
+                                       ("cladapter-s3", "s3.env.example", s3_keys),
+                                       ("cladapter-tune", "tune.env.example", tune_keys)):
             lines = (folder / template).read_text().splitlines()
             defined = {ln.split("=", 1)[0] for ln in lines if "=" in ln and not ln.startswith("#")}
             assert keys <= defined, f"{overlay}/{template} lacks {keys - defined}"
             assert f"`{secret}`" in readme and all(f"`{k}`" in readme for k in kp.REQUIRED_KEYS[secret])
+
+
+def test_git_commit_outside_a_checkout_is_the_images(tmp_path):
+    """The image has no .git: every run's git commit is the one it was built from
+    ($CLADAPTER_GIT_COMMIT, the Dockerfile's GIT_COMMIT), not "unknown"."""
+    code = "from cladapter_core import tracking; print(tracking.git_commit())"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    for value, expected in ((sha, f"('{sha}', False)"), ("unknown", "(None, False)"), ("", "(None, False)")):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                              env=child_env(CLADAPTER_GIT_COMMIT=value, GIT_CEILING_DIRECTORIES=str(tmp_path.parent)))
+        assert proc.stdout.strip() == expected, proc.stderr
+    inside = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            env=child_env(CLADAPTER_GIT_COMMIT=sha))
+    assert sha not in inside.stdout  # a checkout's own commit wins
 
 
 def test_empty_optional_secret_values_are_unset(monkeypatch):
@@ -438,22 +471,76 @@ def test_dataset_from_a_dvc_repository(digits, tmp_path):
         runtime.fetch_source(str(repo), "", "v1", tmp_path / "x")
     with pytest.raises(DataError, match="dvc get .* failed"):
         runtime.fetch_source(str(repo), "data/missing", "v1", tmp_path / "y")
+    # by reference: the artifact names the commit v1 resolved to; a step fetches only its
+    # split's files from the DVC remote at that commit, though the branch has moved on
+    from cladapter_core.data import read_manifest
+    params = runtime.resolve_params({}, "data.val_fraction=0.25; data.test_fraction=0.25")
+    art = tmp_path / "art"
+    runtime.prepare_task(str(repo), "data/digits", "v1", params, art)
+    ref = runtime.read_source_ref(art)
+    assert ref["kind"] == "dvc" and ref["rev"] == runtime.resolve_rev(str(repo), "v1") and ref["files"] == 8
+    assert not (art / "source").exists()
+    with runtime.local_data(art, ["val"]) as prepared:
+        got = {split: read_manifest(prepared, split) for split in ("train", "val")}
+        assert got["val"] and all(p.is_file() for p, _ in got["val"])
+        assert not any(p.exists() for p, _ in got["train"])
+        for p, _ in got["val"]:
+            assert p.read_bytes() == (v1 / p.parent.name / p.name).read_bytes()
 
 
-def test_prepared_dataset_artifact_is_self_contained(digits, tmp_path):
-    """Later steps run in other pods: the artifact must carry its images."""
+def test_the_dataset_artifact_points_to_its_files(digits, bucket, tmp_path):
+    """Data by reference: prepare's artifact holds the manifest, classes, summary and the
+    list of files, not the images; a step in another pod fetches only the files of the
+    splits it reads, from S3 with the ETag prepare saw; the data hash needs no file and
+    is the one a local prepare of the same files gives (the DVC path's)."""
     import shutil
 
-    from cladapter_core.data import read_manifest
-    params = runtime.resolve_params({}, "data.shots_per_class=3")
+    import boto3
+
+    from cladapter_core import tracking
+    from cladapter_core.data import prepare, read_manifest
+    s3 = boto3.client("s3")
+    local = tmp_path / "local" / "images"
+    for c in ("0", "1", "2"):
+        for f in sorted((digits / c).iterdir())[:20]:
+            s3.upload_file(str(f), bucket, f"sets/d/images/{c}/{f.name}")
+            (local / c).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, local / c / f.name)
+    params = runtime.resolve_params({}, "data.val_fraction=0.2; data.test_fraction=0.2")
     art = tmp_path / "pod-a" / "dataset"
-    summary = runtime.prepare_task(str(digits), "", "", params, art)
-    assert summary["num_classes"] == 10 and (art / "source" / "0").is_dir()
-    moved = tmp_path / "pod-b" / "dataset"
+    summary = runtime.prepare_task(f"s3://{bucket}/sets/d", "images", "", params, art)
+    assert summary["num_classes"] == 3
+    assert {p.relative_to(art).as_posix() for p in art.rglob("*") if p.is_file()} == {
+        "source.json", "files.csv", "prepared/manifest.csv", "prepared/classes.json", "prepared/summary.json"}
+    ref = runtime.read_source_ref(art)
+    assert (ref["kind"], ref["root"], ref["files"], ref["by_reference"]) == ("s3", "images", 60, True)
+    prepare(local, tmp_path / "local-prepared", params)  # `cladapter prepare` of the same files
+    assert runtime.dataset_hash(art) == tracking.prepared_data_hash(tmp_path / "local-prepared")
+
+    moved = tmp_path / "pod-b" / "dataset"  # another pod: only the artifact travels
     shutil.copytree(art, moved)
     shutil.rmtree(tmp_path / "pod-a")
-    rows = read_manifest(runtime.prepared_dir(moved))
-    assert rows and all(str(path).startswith(str(moved)) and path.is_file() for path, _ in rows)
+    with open(runtime.artifact_prepared(moved) / "manifest.csv", newline="") as fh:
+        manifest = list(csv.DictReader(fh))
+    rows = {split: [r["path"] for r in manifest if r["split"] == split] for split in ("train", "val", "test")}
+    with runtime.local_data(moved, ["train", "val"]) as prepared:
+        for split, expected in rows.items():
+            got = read_manifest(prepared, split)
+            assert [p.relative_to(prepared.parent / "source" / "images").as_posix() for p, _ in got] == expected
+            assert all(p.is_file() == (split != "test") for p, _ in got), split
+            assert all(p.read_bytes() == (local / p.relative_to(prepared.parent / "source" / "images")).read_bytes()
+                       for p, _ in got if split != "test")
+        fetched = [p for p in (prepared.parent / "source").rglob("*") if p.is_file()]
+        assert len(fetched) == len(rows["train"]) + len(rows["val"])
+        scratch = prepared.parent
+    assert not scratch.exists()  # the fetched copy is removed with the step
+    with runtime.local_data(moved, ["test"]) as prepared:  # evaluation's own split
+        assert all(p.is_file() for p, _ in read_manifest(prepared, "test"))
+    # an object changed after prepare is not silently other data
+    s3.put_object(Bucket=bucket, Key=f"sets/d/images/{rows['train'][0]}", Body=b"other")
+    with pytest.raises(DataError, match="changed since this run prepared it"):
+        with runtime.local_data(moved, ["train"]):
+            pass
     with pytest.raises(DataError, match="not .*demo.*an existing folder"):
         runtime.fetch_source(str(tmp_path / "nowhere"), "", "", tmp_path / "z")
     with pytest.raises(DataError, match="not a prepared Dataset artifact"):
@@ -479,7 +566,8 @@ def tiny_params(**more):
 
 def test_killed_training_step_resumes_from_the_s3_checkpoint(tiny_dataset, bucket, tmp_path, monkeypatch):
     """A retried step is a new pod: its checkpoint comes back from S3 and the result is
-    the weights of an uninterrupted run."""
+    the weights of an uninterrupted run. No checkpoint_prefix is given: the step mirrors
+    under the install's root ($CLADAPTER_CHECKPOINT_ROOT, from the ConfigMap), run-scoped."""
     import torch
     monkeypatch.setenv("CLADAPTER_TRACKING", "0")
     params = tiny_params(stage1_epochs=3)
@@ -494,13 +582,13 @@ def test_killed_training_step_resumes_from_the_s3_checkpoint(tiny_dataset, bucke
               "p = json.loads(sys.argv[1]); "
               "runtime.train_task(p, sys.argv[2], sys.argv[3], stage=1, pipeline_id='run-42', "
               "checkpoint_prefix=sys.argv[4])")
-    env = child_env(CLADAPTER_TRACKING="0", CLADAPTER_CHECKPOINT_SYNC_S="0.2",
+    env = child_env(CLADAPTER_TRACKING="0", CLADAPTER_CHECKPOINT_SYNC_S="0.2", CLADAPTER_CHECKPOINT_ROOT=prefix,
                     **{k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                                                   "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
 
     def step(out):
         return subprocess.Popen([sys.executable, "-c", script, json.dumps(params), str(tiny_dataset),
-                                 str(out), prefix], env=env, stdout=subprocess.PIPE,
+                                 str(out), ""], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
 
     import boto3
@@ -531,6 +619,12 @@ def test_killed_training_step_resumes_from_the_s3_checkpoint(tiny_dataset, bucke
     assert json.loads((tmp_path / "pod2" / "model" / "train_summary.json").read_text())["best_epoch"] \
         == reference["best_epoch"]
     assert not mirrored(), "the checkpoint should be removed once the stage is done"
+    # where it goes: the run's parameter, else the install's root; `none` turns it off
+    monkeypatch.setenv("CLADAPTER_CHECKPOINT_ROOT", prefix)
+    assert runtime.checkpoint_root("") == prefix and runtime.checkpoint_root("s3://b/x") == "s3://b/x"
+    assert runtime.checkpoint_root("none") is None
+    monkeypatch.delenv("CLADAPTER_CHECKPOINT_ROOT")
+    assert runtime.checkpoint_root("") is None
 
 
 def test_tuning_workers_share_one_postgresql_study(tiny_dataset, tmp_path, monkeypatch):
@@ -541,17 +635,23 @@ def test_tuning_workers_share_one_postgresql_study(tiny_dataset, tmp_path, monke
     values = {k: v for k, v in TINY_ARGS.items() if k != "params_overrides"}
     values["stage2_epochs"] = 0  # trials of stage 1 alone: quicker, the same mechanics
     with fresh_pg_database("cladapter_kfp_tune") as storage:
-        params = runtime.resolve_params(values, TINY_ARGS["params_overrides"] + f"; tune.storage={storage}; "
+        params = runtime.resolve_params(values, TINY_ARGS["params_overrides"] + "; "
                                         "tune.startup_trials=2; tune.space=[{param: model.num_centers, "
                                         "choices: [2, 3]}, {param: stage1.epochs, low: 1, high: 2}]")
-        with pytest.raises(ParamsError, match="one study storage they all reach"):
-            runtime.tune_plan_task(runtime.resolve_params(values, TINY_ARGS["params_overrides"]), 3, 2, "run-7")
+        with pytest.raises(ParamsError, match="Secret cladapter-tune"):
+            runtime.tune_plan_task(params, 3, 2, "run-7")  # no shared storage
+        with pytest.raises(ParamsError, match="holds a password.*Secret cladapter-tune"):
+            runtime.tune_plan_task(runtime.resolve_params(
+                values, TINY_ARGS["params_overrides"] + "; tune.storage=postgresql://u:hunter2@db:5432/x"), 3, 2, "run-7")
+        # the storage comes from the Secret cladapter-tune, as an env var of the tuning steps
+        monkeypatch.setenv("CLADAPTER_TUNE_STORAGE", storage)
         assert runtime.tune_plan_task(params, 3, 2, "run-7") == [0, 1]
         script = ("import json, sys; from components import runtime; "
                   "print(json.dumps(runtime.tune_worker_task(json.loads(sys.argv[1]), sys.argv[2], "
                   "int(sys.argv[3]), 3, 2, 'run-7')))")
         workers = [subprocess.Popen([sys.executable, "-c", script, json.dumps(params), str(tiny_dataset), str(i)],
-                                    env=child_env(CLADAPTER_TRACKING="0"), stdout=subprocess.PIPE,
+                                    env=child_env(CLADAPTER_TRACKING="0", CLADAPTER_TUNE_STORAGE=storage),
+                                    stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
         outs = [w.communicate(timeout=600)[0] for w in workers]
         assert [w.returncode for w in workers] == [0, 0], outs
@@ -628,7 +728,8 @@ def test_run_local_end_to_end_with_parallel_tuning(tmp_path):
         assert [f for f in (run_dir / w).rglob("executor_output.json") if "tune-worker" in str(f)], w
 
     dataset = run_dir / "prepare" / "dataset"
-    assert (dataset / "prepared" / "manifest.csv").is_file()
+    assert (dataset / "prepared" / "manifest.csv").is_file() and (dataset / "files.csv").is_file()
+    assert not (dataset / "source").exists() and not list(dataset.rglob("*.png"))  # by reference
     meta = artifact_meta(run_dir, "prepare", "dataset")
     assert meta["num_classes"] == 10 and meta["train"] == 120
     data_hash = executor_output(run_dir, "prepare")["parameterValues"]["Output"]
@@ -681,10 +782,17 @@ def test_run_local_end_to_end_with_parallel_tuning(tmp_path):
     assert version.tags["data_hash"] == data_hash and version.tags["kfp.run_name"] == run_dir.name
 
 
-def test_run_local_without_tuning_a_killed_step_fails_the_parent_run(tmp_path):
-    """Tuning off: no tune step runs. Evaluation is SIGKILLed inside its MLflow run (a pod
-    killed; evaluation is not retried, so the run fails at once): the exit handler closes
-    the stage run and the parent run FAILED."""
+def test_run_local_without_tuning_a_killed_step_fails_the_parent_run(tmp_path, digits, bucket):
+    """Tuning off: no tune step runs. The dataset is an S3 prefix, by reference: prepare's
+    artifact holds no image, each training step fetches the train and validation files
+    only, evaluation the test and validation files. Evaluation is SIGKILLed inside its
+    MLflow run (a pod killed; evaluation is not retried, so the run fails at once): the
+    exit handler closes the stage run and the parent run FAILED."""
+    import boto3
+    s3 = boto3.client("s3")
+    for c in sorted(p.name for p in digits.iterdir()):
+        for f in sorted((digits / c).iterdir())[:30]:
+            s3.upload_file(str(f), bucket, f"digits/{c}/{f.name}")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -694,11 +802,22 @@ def test_run_local_without_tuning_a_killed_step_fails_the_parent_run(tmp_path):
         "if '--function_to_execute' in a and a[a.index('--function_to_execute') + 1] == 'evaluate':\n"
         "    import killpoint\n"
         "    killpoint.arm('cladapter_core.evaluate:evaluate', 1, 'before', '')\n")
-    proc, out = run_local(tmp_path, uri, "model_name=digits-killed",
+    proc, out = run_local(tmp_path, uri, "model_name=digits-killed", f"dataset_uri=s3://{bucket}/digits",
                           env={"PYTHONPATH": os.pathsep.join([str(hook), str(REPO / "tests" / "faults")])})
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "killpoint: SIGKILL" in log, log[-6000:]
     (run_dir,) = [p for p in out.iterdir() if p.name.startswith("cladapter-pipeline-")]
+    dataset = run_dir / "prepare" / "dataset"
+    assert not [p for p in dataset.rglob("*.png")] and (dataset / "files.csv").is_file()
+    with open(dataset / "prepared" / "manifest.csv", newline="") as fh:
+        splits = [r["split"] for r in csv.DictReader(fh)]
+    n = {k: splits.count(k) for k in ("train", "val", "test")}
+    assert n["train"] == 120 and n["val"] and n["test"]
+    fetched = [line for line in log.splitlines() if line.strip().startswith("data: ")]
+    assert sum(f"data: {n['train'] + n['val']} files" in line and "split(s) train, val (s3 s3://" in line
+               for line in fetched) == 2, fetched  # stage 1 and stage 2
+    assert [line for line in fetched if f"data: {n['test'] + n['val']} files" in line
+            and "split(s) test, val" in line], fetched  # evaluation, before it was killed
     ran = {p.name for p in run_dir.iterdir()}
     assert not [p for p in ran if p.startswith("tune")], ran  # tuning off: no tune step
     assert {"resolve-params", "prepare", "untuned", "train-stage2", "close-pipeline-run"} <= ran

@@ -1,0 +1,40 @@
+# syntax=docker/dockerfile:1
+# The MLflow tracking server of infra/k8s (Deployment cladapter-mlflow): Python, MLflow,
+# psycopg2 and boto3, nothing of the training stack (no torch, no CUDA): a few hundred
+# MB instead of the multi-GB GPU image. Build from the repository root:
+#   docker build -f infra/docker/mlflow.Dockerfile -t ghcr.io/cladapter/cladapter-mlflow:0.1.0 .
+# The versions are the clients' (constraints.txt, the same file the platform image and
+# the tests install from), so the server speaks the clients' MLflow.
+
+FROM python:3.11.14-slim-bookworm AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY constraints.txt infra/docker/mlflow-requirements.txt ./
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt -r mlflow-requirements.txt \
+    && /opt/venv/bin/mlflow --version \
+    && /opt/venv/bin/python -c "import psycopg2, boto3, sqlalchemy"
+
+FROM python:3.11.14-slim-bookworm AS runtime
+ARG VERSION=0.1.0
+ARG GIT_COMMIT=unknown
+LABEL org.opencontainers.image.title="cladapter-mlflow" \
+      org.opencontainers.image.description="MLflow tracking server for the CLAdapter platform (PostgreSQL backend store, S3 artifacts)" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${GIT_COMMIT}"
+COPY --from=build /opt/venv /opt/venv
+# A fixed non-root UID/GID (the Deployment's runAsUser), writable HOME for gunicorn.
+RUN groupadd --system --gid 10001 mlflow \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/mlflow \
+       --shell /usr/sbin/nologin mlflow
+# No secrets here: the backend store URI and S3 keys come from Kubernetes Secrets.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/home/mlflow
+WORKDIR /home/mlflow
+USER 10001:10001
+EXPOSE 5000
+ENTRYPOINT ["mlflow"]
+CMD ["server", "--host=0.0.0.0", "--port=5000"]
