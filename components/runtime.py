@@ -758,7 +758,8 @@ def evaluate_task(params: dict, dataset_dir, model_dir, out_dir, pipeline_id: st
                         pipeline_name, dataset_dir) as run, local_data(dataset_dir, splits) as prepared:
         metrics = evaluate(model_dir, prepared, out_dir, params)
         if run is not None:
-            tracking.log_evaluation(out_dir, metrics, split=params["evaluate"]["split"])
+            tracking.log_evaluation(out_dir, metrics, split=params["evaluate"]["split"],
+                                    prepared=prepared, params=params)  # the data, as MLflow inputs
     return metrics
 
 
