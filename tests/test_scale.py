@@ -228,3 +228,20 @@ def test_device_decoding_gives_the_workers_batches(tmp_path):
     seeded = SeededDataset(ManifestDataset(tmp_path / "prepared", "train", build_transform(config, True, augment)), 7)
     sampler = EpochBatchSampler(len(seeded), 5, 7)
     assert isinstance(epoch_loader(seeded, sampler, 0, "cpu", 7, decode_on_device=True), torch.utils.data.DataLoader)
+
+
+def test_intensity_percentiles_by_counts_are_numpys_bit_for_bit():
+    """prepare's per-file intensity statistics take their order statistics from a histogram
+    (a partition of every file's sample cost more than decoding it): the same numbers."""
+    from cladapter_core.data.intensity import PERCENTILES, _percentiles_by_counts, file_stats
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 7, 199, 200, 201, 1000, 65537):
+        for dtype, top in ((np.uint8, 255), (np.uint8, 3), (np.uint16, 4095), (np.uint16, 65535)):
+            x = rng.integers(0, top + 1, n).astype(dtype)
+            for sample in (x, np.full_like(x, x[0])):
+                want = np.percentile(sample, PERCENTILES)
+                got = _percentiles_by_counts(sample, PERCENTILES)
+                assert got.dtype == want.dtype and np.array_equal(got, want), (n, dtype, top)
+    img = rng.integers(0, 4096, (64, 48)).astype(np.uint16)
+    stats = file_stats(img)
+    assert [stats["p_lo"], stats["p_hi"]] == np.percentile(img.reshape(-1), PERCENTILES).tolist()

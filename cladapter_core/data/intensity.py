@@ -37,8 +37,41 @@ def file_stats(arr: np.ndarray) -> dict:
     if flat.size == 0:
         return {}
     sample = flat[:: max(1, flat.size // SAMPLE)]
-    lo, hi = np.percentile(sample, [0.5, 99.5])
+    if sample.dtype in (np.uint8, np.uint16):
+        lo, hi = _percentiles_by_counts(sample, PERCENTILES)
+    else:
+        lo, hi = np.percentile(sample, PERCENTILES)
     return {"min": float(flat.min()), "max": float(flat.max()), "p_lo": float(lo), "p_hi": float(hi)}
+
+
+PERCENTILES = [0.5, 99.5]
+
+
+def _percentiles_by_counts(sample: np.ndarray, q: list[float]) -> np.ndarray:
+    """`np.percentile(sample, q)` (its default "linear" method), bit for bit, for 8- and 16-bit
+    unsigned pixels: the order statistics come from a histogram instead of a partition of the
+    sample, and numpy's interpolation is done in the same float64 steps on Python floats
+    (tests/test_scale.py compares them); 4 to 10x less time, which prepare spends per file."""
+    n = sample.size
+    if sample.dtype == np.uint8:  # torch counts bytes without widening them first: 1.7x faster
+        import torch
+        counts = torch.bincount(torch.from_numpy(np.ascontiguousarray(sample))).numpy()
+    else:
+        counts = np.bincount(sample)
+    cumulative = np.cumsum(counts)
+    wanted, weights = [], []
+    for quantile in q:
+        virtual = (n - 1) * (quantile / 100)
+        previous = -1 if virtual >= n - 1 else math.floor(virtual)  # numpy: the largest value
+        following = -1 if previous == -1 else previous + 1
+        wanted += [n + previous if previous < 0 else previous, n + following if following < 0 else following]
+        weights.append(virtual - previous)
+    values = np.searchsorted(cumulative, wanted, side="right").tolist()  # the k-th smallest values
+    out = []
+    for (a, b), gamma in zip(zip(values[::2], values[1::2]), weights):
+        diff = b - a  # numpy's _lerp
+        out.append(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma)
+    return np.array(out, dtype=np.float64)
 
 
 def _type_max(dtype: str) -> float | None:

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -179,8 +180,10 @@ def _check_all(items: list[Item], resize: int | None, tmp: Path, stems: list[str
             info.append(inf)
             bar.update(1)
     seconds = time.perf_counter() - t0
-    log.info("prepare: decoded %d files in %.1f s (%.0f files/s, %d process%s)", n, seconds,
-             n / max(seconds, 1e-9), workers, "es" if workers > 1 else "")
+    line = (f"prepare: decoded {n} files in {seconds:.1f} s ({n / max(seconds, 1e-9):.0f} files/s, "
+            f"{workers} process{'es' if workers > 1 else ''})")
+    log.info(line)
+    print(line, file=sys.stderr)  # the bar shows on a terminal only; logs (DVC, KFP) get this
     return info
 
 
