@@ -202,7 +202,7 @@ def main() -> None:
     res = run(args)
     rows = report(res)
     C.write_json("prepare_scale", {"command": C.command_line(), "device": info, "args": vars(args),
-                                   "results": rows, "raw": res})
+                                   "results": rows, "raw": res}, args.json)
 
 
 if __name__ == "__main__":
