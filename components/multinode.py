@@ -1,6 +1,7 @@
 """Stage 2 of a large model on many GPU nodes, as a Kubeflow Trainer TrainJob.
 
-A pipeline step with `train_nodes > 1` calls `launch`: it renders the TrainJob from
+A pipeline step with `train_nodes > 1` calls `stage2_task` (`launch` inside the step's
+MLflow stage run): `launch` renders the TrainJob from
 `infra/k8s/training/trainjob-stage2.yaml`, validates it against the Trainer's published API
 models, creates it, waits for it and fetches the trained model into the step's output.
 Single-node training (one GPU, or several through torchrun) stays in `runtime.train_task`.
@@ -184,6 +185,39 @@ def _shared(where, uri: str) -> str:
         return where
     push(Path(where), uri)
     return uri
+
+
+IMAGE_ENV = "CLADAPTER_IMAGE"  # the image the pipeline's steps run (the TrainJob's nodes run it too)
+NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def stage2_task(params: dict, dataset_dir, init_from, out_dir, *, nodes: int, gpus_per_node: int,
+                pipeline_id: str, stage_prefix: str, checkpoint_prefix: str = "", pipeline_name: str = "",
+                data_hash: str = "", image: str = "", namespace: str = "", dataset_uri: str = "",
+                poll_s: float = 30.0, api=None) -> dict:
+    """The pipeline's stage-2 step when `train_nodes > 1`: `runtime.train_task` for many
+    nodes. The same MLflow stage run (rank 0 logs its epochs into it), the model directory
+    in `out_dir`, the trainer's summary returned. `image`: default $CLADAPTER_IMAGE;
+    `namespace`: default the step's own (its ServiceAccount's); `dataset_uri`: where the
+    nodes read the dataset (`s3://` or `file://`; default: `dataset_dir` uploaded)."""
+    from cladapter_core import tracking
+    from components import runtime
+    image = image or os.environ.get(IMAGE_ENV, "")
+    if not image:
+        raise ParamsError(f"multi-node training needs the image for its nodes: set {IMAGE_ENV} on the step")
+    if not stage_prefix.startswith("s3://"):
+        raise ParamsError(f"multi-node training needs an s3:// prefix the nodes share (checkpoint_prefix), "
+                          f"got {stage_prefix!r}")
+    namespace = namespace or (NAMESPACE_FILE.read_text().strip() if NAMESPACE_FILE.is_file() else "default")
+    with runtime.stage_tracking(params, STAGE, pipeline_id, data_hash or runtime.dataset_hash(dataset_dir),
+                                pipeline_name, dataset_dir) as run:
+        summary = launch(params, dataset=dataset_uri or dataset_dir, init_from=init_from, out_dir=out_dir, nodes=nodes,
+                         gpus_per_node=gpus_per_node, image=image, namespace=namespace, pipeline_id=pipeline_id,
+                         stage_prefix=stage_prefix, checkpoint_prefix=checkpoint_prefix,
+                         run_id=run.info.run_id if run is not None else None, poll_s=poll_s, api=api)
+        if run is not None:
+            tracking.log_artifacts_dir(Path(out_dir), "model_dir")
+    return summary
 
 
 def _custom_objects_api():

@@ -111,31 +111,49 @@ class LocalTrainer:
                                            "message": "" if ok else "a node failed"}]}}
 
 
-def test_two_nodes_on_loopback_match_one_process(dataset, stage1_reference, tmp_path, bucket, s3_env):  # noqa: F811
-    """launch() -> the TrainJob's two nodes (torchrun --nnodes=2, c10d rendezvous on
-    127.0.0.1, gloo), the stage-1 model, the checkpoint and the result through a local S3
-    server -> the model in the step's output: the weights of one process within 1e-5."""
+def test_two_nodes_on_loopback_match_one_process(dataset, stage1_reference, tmp_path,  # noqa: F811
+                                                  clean_mlflow_env, bucket, s3_env):  # S3 set after the cleaning
+    """The pipeline's multi-node stage-2 step (multinode.stage2_task -> launch) -> the
+    TrainJob's two nodes (torchrun --nnodes=2, c10d rendezvous on 127.0.0.1, gloo), the
+    stage-1 model, the checkpoint and the result through a local S3 server -> the model in
+    the step's output: the weights of one process within 1e-5, rank 0's epochs in the step's
+    MLflow run."""
     p = params()
     with one_thread():
         train(p, runtime.prepared_dir(dataset), tmp_path / "ref2", stage=2, init_from=stage1_reference,
               progress=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    clean_mlflow_env.setenv("MLFLOW_TRACKING_URI", uri)
+    for name in ("CLADAPTER_TRACKING", "CLADAPTER_PIPELINE_ID"):
+        clean_mlflow_env.delenv(name, raising=False)
+    clean_mlflow_env.chdir(tmp_path)
     env = child_env(**{k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                                                   "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")},
-                    PYTHONPATH=str(REPO))
+                    PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=uri)
     env["OMP_NUM_THREADS"] = "1"  # the TrainJob's own value (4) is for GPU nodes
     api = LocalTrainer(tmp_path, env)
-    # the dataset on a "shared volume" (file://), the stage-1 model uploaded by the launcher
-    kwargs = dict(dataset=f"file://{dataset}", init_from=stage1_reference, nodes=2, gpus_per_node=1, image="cladapter:test",
-                  namespace="cladapter", pipeline_id="mn-test", stage_prefix=f"s3://{bucket}/stages",
+    common = dict(nodes=2, gpus_per_node=1, pipeline_id="mn-test", stage_prefix=f"s3://{bucket}/stages",
                   checkpoint_prefix=f"s3://{bucket}/ckpt", poll_s=0.5, api=api)
-    summary = multinode.launch(p, out_dir=tmp_path / "model", **kwargs)
+    # the dataset on a "shared volume" (file://), the stage-1 model uploaded by the step
+    summary = multinode.stage2_task(p, dataset, stage1_reference, tmp_path / "model", image="cladapter:test",
+                                    namespace="cladapter", dataset_uri=f"file://{dataset}", **common)
     assert sum("model pushed to" in log for log in api.logs) == 1, api.logs  # the node that held rank 0
     assert summary["stage"] == 2 and summary["epochs_run"] == 1
     assert_same_training(tmp_path / "ref2", tmp_path / "model")
 
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.data.tags.get("stage") == "train_stage2"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")] == [1]  # rank 0 alone
+
     # a retried step finds its TrainJob and waits for it instead of starting another
-    again = multinode.launch(p, out_dir=tmp_path / "model-again", **kwargs)
+    again = multinode.launch(p, dataset=f"file://{dataset}", init_from=stage1_reference, out_dir=tmp_path / "again",
+                             image="cladapter:test", namespace="cladapter", **common)
     assert again == summary and len(api.jobs) == 1
+    with pytest.raises(ParamsError, match="CLADAPTER_IMAGE"):
+        multinode.stage2_task(p, dataset, stage1_reference, tmp_path / "x", **common)
 
 
 def test_a_failed_trainjob_fails_the_step():
