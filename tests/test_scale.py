@@ -223,6 +223,10 @@ def test_device_decoding_gives_the_workers_batches(tmp_path):
         assert len(got) == len(want)
         for (xa, ya), (xb, yb) in zip(want, got):
             assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    config["intensity"] = [10, 200]  # a dataset's range (data.intensity), mapped to [0, 1] alike
+    for (xa, _), (xb, _) in zip(batches(False, 0), batches(True, 0)):
+        assert torch.equal(xa, xb)
+    del config["intensity"]
     assert not torch.equal(want[0][0], want[len(want) // 2][0])  # epoch 2 augments anew
     # the switch (CLADAPTER_GPU_DECODE=1) takes this path on a CUDA device only
     seeded = SeededDataset(ManifestDataset(tmp_path / "prepared", "train", build_transform(config, True, augment)), 7)

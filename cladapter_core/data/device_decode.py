@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -54,9 +55,15 @@ def _collate(batch):
     return list(entries), torch.tensor(labels), list(keys)
 
 
-def _unit_float(img: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """(C, H, W) uint8 -> float in [0, 1] with `in_chans` channels, as images.load_array."""
-    x = img.to(torch.float32) / 255.0
+def _unit_float(img: torch.Tensor, in_chans: int, intensity=None) -> torch.Tensor:
+    """(C, H, W) uint8 -> float in [0, 1] with `in_chans` channels, as images.load_array
+    (the same float32 steps as images.to_unit_float, `intensity` included)."""
+    if intensity is not None:
+        lo, hi = float(intensity[0]), float(intensity[1])
+        x = img.to(torch.float32).sub_(float(np.float32(lo))).div_(float(np.float32(max(hi - lo, 1e-12))))
+        x = x.clamp_(0.0, 1.0)
+    else:
+        x = img.to(torch.float32) / 255.0
     if x.shape[0] == in_chans:
         return x
     if x.shape[0] == 1:
@@ -93,7 +100,7 @@ class DeviceDecodeLoader:
         try:
             with torch.random.fork_rng(devices=[]):  # the CPU RNG draws the random parameters
                 torch.manual_seed(item_seed(self.seeded.seed, *key))
-                return self.transform(_unit_float(img, self.in_chans))
+                return self.transform(_unit_float(img, self.in_chans, getattr(self.transform, "intensity", None)))
         finally:
             torch.set_num_threads(threads)
 
