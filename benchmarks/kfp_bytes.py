@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     moto = None
     if not os.environ.get("AWS_ENDPOINT_URL"):
         moto, endpoint = start_moto()
-        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                           AWS_DEFAULT_REGION="us-east-1")
     os.environ["CLADAPTER_TRACKING"] = "0"
     try:

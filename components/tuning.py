@@ -35,7 +35,7 @@ def shared_storage(params: dict) -> str:
     raise ParamsError(
         f"tune.storage {storage!r}: the pipeline's tuning workers are separate pods and need "
         "one study storage they all reach - put a PostgreSQL URL "
-        "(postgresql+psycopg2://user:password@host:5432/db) in the Secret cladapter-tune, key "
+        "(postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB) in the Secret cladapter-tune, key "
         f"{STORAGE_ENV} (infra/k8s/README.md); an absolute sqlite:////path works only with run-local")
 
 
