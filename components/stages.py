@@ -132,6 +132,25 @@ def train_stage2(params: str, dataset: Input[Dataset], stage1_model: Input[Model
 
 
 @dsl.component(**_IN_IMAGE)
+def train_stage2_nodes(params: str, dataset: Input[Dataset], stage1_model: Input[Model],
+                       pipeline_id: str, pipeline_name: str, data_hash: str, checkpoint_prefix: str,
+                       nodes: int, gpus_per_node: int, model: Output[Model], metrics: Output[Metrics]):
+    """Stage 2 on `nodes` GPU nodes: a Kubeflow Trainer TrainJob (torchrun, c10d rendezvous)
+    launched and awaited from this CPU step (components/multinode.py); the same MLflow stage
+    run, model and metrics as `train_stage2`. `checkpoint_prefix` (s3://) is where the nodes
+    exchange the data, the stage-1 model, checkpoints and the result."""
+    from components import multinode, runtime
+    p = runtime.params_from_json(params)
+    summary = multinode.stage2_task(p, dataset.path, stage1_model.path, model.path, nodes=nodes,
+                                    gpus_per_node=gpus_per_node, pipeline_id=pipeline_id,
+                                    stage_prefix=checkpoint_prefix, checkpoint_prefix=checkpoint_prefix,
+                                    pipeline_name=pipeline_name, data_hash=data_hash)
+    model.metadata.update(runtime.model_metadata(p, summary))
+    for name, value in runtime.summary_metrics(summary).items():
+        metrics.log_metric(name, value)
+
+
+@dsl.component(**_IN_IMAGE)
 def evaluate(params: str, dataset: Input[Dataset], model: Input[Model], pipeline_id: str,
              pipeline_name: str, data_hash: str, metrics: Output[Metrics],
              confusion_matrix: Output[ClassificationMetrics], report: Output[HTML],

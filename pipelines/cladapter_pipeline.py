@@ -92,10 +92,11 @@ RESOURCES = {
     "tune": (("4", "8"), ("16Gi", "32Gi")),
     "evaluate": (("2", "4"), ("8Gi", "16Gi")),
     "registry": (("1", "2"), ("2Gi", "4Gi")),
+    "launch": (("1", "2"), ("4Gi", "8Gi")),  # waits on a multi-node TrainJob (uploads its inputs)
 }
 # Seconds a step's pod may run (activeDeadlineSeconds) before Kubernetes stops it.
 TIMEOUTS = {"params": 600, "prepare": 4 * 3600, "tune": 24 * 3600, "train": 24 * 3600,
-            "evaluate": 4 * 3600, "registry": 1800}
+            "evaluate": 4 * 3600, "registry": 1800, "launch": 24 * 3600}
 TRAIN_RETRIES = 3
 TRAIN_BACKOFF = "60s"
 SCRATCH_MOUNT = "/scratch"
@@ -204,6 +205,7 @@ def build_pipeline(train_gpus: int = 1, params_file=None, scratch_size: str = DE
         tune_trials: int = 0,
         tune_workers: int = 2,
         checkpoint_prefix: str = "",
+        train_nodes: int = 1,
         params_overrides: str = "",
     ):
         """The CLAdapter pipeline (defaults: the params file it was compiled from).
@@ -230,6 +232,7 @@ def build_pipeline(train_gpus: int = 1, params_file=None, scratch_size: str = DE
             tune_trials: More than 0: an Optuna search of that many trials over tune.space first (needs a PostgreSQL tune.storage).
             tune_workers: Parallel tuning workers (pods, one GPU each) sharing the study.
             checkpoint_prefix: s3:// prefix for training checkpoints (run-scoped below it), so a retried step resumes; empty: the install's (ConfigMap cladapter-pipeline); none: a retry starts over.
+            train_nodes: More than 1: stage 2 runs on that many GPU nodes as a Kubeflow Trainer TrainJob (needs the Trainer, infra/k8s/training/, and an s3:// checkpoint_prefix the nodes share).
             params_overrides: Further params fields, `section.key=value` separated by `;` or new lines.
         """
         run_id, run_name = dsl.PIPELINE_JOB_ID_PLACEHOLDER, dsl.PIPELINE_JOB_NAME_PLACEHOLDER
@@ -263,19 +266,18 @@ def _steps(a: dict, base_params: str, train_gpus: int, scratch: str, run_id, run
     params = _tuning(a, cfg.outputs["params"], dataset, common, scratch)
     s1 = stages.train_stage1(params=params, dataset=dataset, checkpoint_prefix=a["checkpoint_prefix"],
                              num_gpus=train_gpus, **common)
-    s2 = stages.train_stage2(params=params, dataset=dataset, stage1_model=s1.outputs["model"],
-                             checkpoint_prefix=a["checkpoint_prefix"], num_gpus=train_gpus, **common)
-    for task, name in ((s1, "train stage 1"), (s2, "train stage 2")):
-        task.set_display_name(name).set_caching_options(False)
+    s1.set_display_name("train stage 1").set_caching_options(False)
+    model = _stage2(a, params, dataset, s1.outputs["model"], common, train_gpus, scratch)
+    for task in (s1,):
         task.set_retry(num_retries=TRAIN_RETRIES, backoff_duration=TRAIN_BACKOFF, backoff_factor=2.0)
         _settings(_secrets(_gpu(_resources(task, "train"), train_gpus, scratch), MLFLOW_SECRET, S3_SECRET))
 
-    ev = stages.evaluate(params=params, dataset=dataset, model=s2.outputs["model"], **common)
+    ev = stages.evaluate(params=params, dataset=dataset, model=model, **common)
     ev.set_display_name("evaluate").set_caching_options(False)
     _secrets(_gpu(_resources(ev, "evaluate"), 1, scratch), MLFLOW_SECRET, S3_SECRET)
 
     with dsl.If(ev.outputs["Output"] >= a["min_metric"], name="metric >= min_metric"):
-        reg_task = stages.register(params=params, model=s2.outputs["model"],
+        reg_task = stages.register(params=params, model=model,
                                    evaluation=ev.outputs["evaluation"], **common)
         reg_task.set_display_name("register").set_caching_options(False)
         _secrets(_resources(reg_task, "registry"), MLFLOW_SECRET, S3_SECRET)
@@ -283,6 +285,24 @@ def _steps(a: dict, base_params: str, train_gpus: int, scratch: str, run_id, run
             pro = stages.promote(params=params, version=reg_task.outputs["version"], dataset=dataset)
             pro.set_display_name("promote").set_caching_options(False)
             _secrets(_resources(pro, "registry"), MLFLOW_SECRET, S3_SECRET)  # S3: a champion re-evaluated
+
+
+def _stage2(a: dict, params, dataset, stage1_model, common: dict, train_gpus: int, scratch: str):
+    """train_nodes > 1: stage 2 as a multi-node TrainJob, launched from a CPU step; else the
+    single-node step (DDP over train_gpus). Returns the model channel (dsl.OneOf)."""
+    with dsl.If(a["train_nodes"] > 1, name="multi-node stage 2"):
+        many = stages.train_stage2_nodes(params=params, dataset=dataset, stage1_model=stage1_model,
+                                         checkpoint_prefix=a["checkpoint_prefix"], nodes=a["train_nodes"],
+                                         gpus_per_node=train_gpus, **common)
+        many.set_display_name("train stage 2 (nodes)").set_caching_options(False)
+        _settings(_secrets(_scratch(_resources(many, "launch"), scratch), MLFLOW_SECRET, S3_SECRET))
+    with dsl.Else(name="one node"):
+        one = stages.train_stage2(params=params, dataset=dataset, stage1_model=stage1_model,
+                                  checkpoint_prefix=a["checkpoint_prefix"], num_gpus=train_gpus, **common)
+        one.set_display_name("train stage 2").set_caching_options(False)
+        one.set_retry(num_retries=TRAIN_RETRIES, backoff_duration=TRAIN_BACKOFF, backoff_factor=2.0)
+        _settings(_secrets(_gpu(_resources(one, "train"), train_gpus, scratch), MLFLOW_SECRET, S3_SECRET))
+    return dsl.OneOf(many.outputs["model"], one.outputs["model"])
 
 
 def _tuning(a: dict, params, dataset, common: dict, scratch: str):

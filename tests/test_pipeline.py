@@ -225,8 +225,8 @@ def test_secrets_come_from_kubernetes(compiled):
     mlflow_keys, s3_keys = set(kp.SECRET_KEYS["cladapter-mlflow"]), set(kp.SECRET_KEYS["cladapter-s3"])
     tune_keys = set(kp.SECRET_KEYS["cladapter-tune"])
     mlflow, s3, tune = {"cladapter-mlflow": mlflow_keys}, {"cladapter-s3": s3_keys}, {"cladapter-tune": tune_keys}
-    for ex in ("exec-train-stage1", "exec-train-stage2", "exec-evaluate", "exec-register",
-               "exec-promote"):  # promote: S3 for the validation files when it re-evaluates a champion
+    for ex in ("exec-train-stage1", "exec-train-stage2", "exec-train-stage2-nodes", "exec-evaluate",
+               "exec-register", "exec-promote"):  # promote: S3 for the validation files when it re-evaluates a champion
         assert secret_keys(ex) == {**mlflow, **s3}, ex
     for ex in ("exec-tune-worker", "exec-tune-finish"):  # the study storage from its Secret
         assert secret_keys(ex) == {**mlflow, **s3, **tune}, ex
@@ -240,7 +240,7 @@ def test_secrets_come_from_kubernetes(compiled):
                 for c in config.get("configMapAsEnv", [])}
         assert all("optional" not in c for c in config.get("configMapAsEnv", [])), ex
         assert maps == ({"cladapter-pipeline": {"CLADAPTER_CHECKPOINT_ROOT"}}
-                        if ex in ("exec-train-stage1", "exec-train-stage2") else {}), ex
+                        if ex in ("exec-train-stage1", "exec-train-stage2", "exec-train-stage2-nodes") else {}), ex
         # the labels the install's NetworkPolicies select on
         labels = config["podMetadata"]["labels"]
         assert labels["app.kubernetes.io/part-of"] == "cladapter", ex
@@ -288,7 +288,8 @@ def test_every_step_runs_in_the_project_image_without_installing(compiled):
         assert c["image"] == DEFAULT_IMAGE, name
         text = " ".join(c["command"] + c["args"])
         assert "pip install" not in text, f"{name} installs packages at run time"
-        assert "from components import runtime" in text, f"{name} is not a shell over components.runtime"
+        assert "from components import" in text and "runtime" in text, \
+            f"{name} is not a shell over components.runtime"
 
 
 def test_pipeline_parameters_default_to_the_production_params(compiled):
@@ -830,3 +831,20 @@ def test_run_local_without_tuning_a_killed_step_fails_the_parent_run(tmp_path, d
     by_name = by_stage(runs)
     assert by_name["train_stage2"].info.status == "FINISHED"
     assert by_name["evaluate"].info.status == "FAILED"  # it was RUNNING when its process died
+
+
+def test_multi_node_stage_2_runs_as_a_trainjob_launcher_only_when_train_nodes_above_1(compiled):
+    spec = compiled["spec"]
+    tasks = all_tasks(spec)
+    conds = {n: t["triggerPolicy"]["condition"] for n, t in tasks.items()
+             if t.get("triggerPolicy", {}).get("condition")}
+    (many,) = [n for n, c in conds.items() if "train_nodes" in c and "> 1" in c and not c.startswith("!")]
+    assert set(component_of(spec, tasks, many)["dag"]["tasks"]) == {"train-stage2-nodes"}
+    (one,) = [n for n, c in conds.items() if "train_nodes" in c and c.startswith("!")]
+    assert set(component_of(spec, tasks, one)["dag"]["tasks"]) == {"train-stage2"}
+    # the launcher waits on CPU; the nodes hold the GPUs; evaluate takes whichever model ran
+    res = compiled["spec"]["deploymentSpec"]["executors"]["exec-train-stage2-nodes"]["container"]["resources"]
+    assert "accelerator" not in res
+    ev = tasks["evaluate"]["inputs"]["artifacts"]["model"]
+    assert "taskOutputArtifact" in ev and ev["taskOutputArtifact"]["producerTask"].startswith("condition-branches")
+    assert spec["root"]["inputDefinitions"]["parameters"]["train_nodes"]["defaultValue"] == 1
