@@ -8,8 +8,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -19,7 +21,17 @@ from test_ddp import (assert_same_training, child_env, dataset, one_thread, para
 from cladapter_core.errors import CLAdapterError, ParamsError
 from cladapter_core.train import train
 from components import multinode, runtime
-from conftest import REPO, free_port
+
+# Not `from conftest import ...`: with the whole suite collected, `conftest` may name
+# tests/faults/conftest.py.
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 pytest.importorskip("kubeflow_trainer_api")
 
