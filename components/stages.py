@@ -119,32 +119,22 @@ def train_stage1(params: str, dataset: Input[Dataset], pipeline_id: str, pipelin
 @dsl.component(**_IN_IMAGE)
 def train_stage2(params: str, dataset: Input[Dataset], stage1_model: Input[Model],
                  pipeline_id: str, pipeline_name: str, data_hash: str, checkpoint_prefix: str,
-                 num_gpus: int, model: Output[Model], metrics: Output[Metrics]):
-    """Stage 2: from the stage-1 weights, everything trained at lr * stage2.lr_factor."""
-    from components import runtime
-    p = runtime.params_from_json(params)
-    summary = runtime.train_task(p, dataset.path, model.path, stage=2, init_from=stage1_model.path,
-                                 pipeline_id=pipeline_id, checkpoint_prefix=checkpoint_prefix,
-                                 num_gpus=num_gpus, pipeline_name=pipeline_name, data_hash=data_hash)
-    model.metadata.update(runtime.model_metadata(p, summary))
-    for name, value in runtime.summary_metrics(summary).items():
-        metrics.log_metric(name, value)
-
-
-@dsl.component(**_IN_IMAGE)
-def train_stage2_nodes(params: str, dataset: Input[Dataset], stage1_model: Input[Model],
-                       pipeline_id: str, pipeline_name: str, data_hash: str, checkpoint_prefix: str,
-                       nodes: int, gpus_per_node: int, model: Output[Model], metrics: Output[Metrics]):
-    """Stage 2 on `nodes` GPU nodes: a Kubeflow Trainer TrainJob (torchrun, c10d rendezvous)
-    launched and awaited from this CPU step (components/multinode.py); the same MLflow stage
-    run, model and metrics as `train_stage2`. `checkpoint_prefix` (s3://) is where the nodes
-    exchange the data, the stage-1 model, checkpoints and the result."""
+                 num_gpus: int, nodes: int, model: Output[Model], metrics: Output[Metrics]):
+    """Stage 2: from the stage-1 weights, everything trained at lr * stage2.lr_factor. With
+    `nodes` > 1: on that many GPU nodes as a Kubeflow Trainer TrainJob that this step
+    launches and awaits (components/multinode.py; `checkpoint_prefix`, s3://, is where the
+    nodes exchange data, checkpoints and the result)."""
     from components import multinode, runtime
     p = runtime.params_from_json(params)
-    summary = multinode.stage2_task(p, dataset.path, stage1_model.path, model.path, nodes=nodes,
-                                    gpus_per_node=gpus_per_node, pipeline_id=pipeline_id,
-                                    stage_prefix=checkpoint_prefix, checkpoint_prefix=checkpoint_prefix,
-                                    pipeline_name=pipeline_name, data_hash=data_hash)
+    if nodes > 1:
+        summary = multinode.stage2_task(p, dataset.path, stage1_model.path, model.path, nodes=nodes,
+                                        gpus_per_node=num_gpus, pipeline_id=pipeline_id,
+                                        stage_prefix=checkpoint_prefix, checkpoint_prefix=checkpoint_prefix,
+                                        pipeline_name=pipeline_name, data_hash=data_hash)
+    else:
+        summary = runtime.train_task(p, dataset.path, model.path, stage=2, init_from=stage1_model.path,
+                                     pipeline_id=pipeline_id, checkpoint_prefix=checkpoint_prefix,
+                                     num_gpus=num_gpus, pipeline_name=pipeline_name, data_hash=data_hash)
     model.metadata.update(runtime.model_metadata(p, summary))
     for name, value in runtime.summary_metrics(summary).items():
         metrics.log_metric(name, value)

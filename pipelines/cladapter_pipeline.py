@@ -92,11 +92,10 @@ RESOURCES = {
     "tune": (("4", "8"), ("16Gi", "32Gi")),
     "evaluate": (("2", "4"), ("8Gi", "16Gi")),
     "registry": (("1", "2"), ("2Gi", "4Gi")),
-    "launch": (("1", "2"), ("4Gi", "8Gi")),  # waits on a multi-node TrainJob (uploads its inputs)
 }
 # Seconds a step's pod may run (activeDeadlineSeconds) before Kubernetes stops it.
 TIMEOUTS = {"params": 600, "prepare": 4 * 3600, "tune": 24 * 3600, "train": 24 * 3600,
-            "evaluate": 4 * 3600, "registry": 1800, "launch": 24 * 3600}
+            "evaluate": 4 * 3600, "registry": 1800}
 TRAIN_RETRIES = 3
 TRAIN_BACKOFF = "60s"
 SCRATCH_MOUNT = "/scratch"
@@ -266,11 +265,16 @@ def _steps(a: dict, base_params: str, train_gpus: int, scratch: str, run_id, run
     params = _tuning(a, cfg.outputs["params"], dataset, common, scratch)
     s1 = stages.train_stage1(params=params, dataset=dataset, checkpoint_prefix=a["checkpoint_prefix"],
                              num_gpus=train_gpus, **common)
-    s1.set_display_name("train stage 1").set_caching_options(False)
-    model = _stage2(a, params, dataset, s1.outputs["model"], common, train_gpus, scratch)
-    for task in (s1,):
+    # train_nodes > 1: stage 2 launches a multi-node TrainJob and waits (its GPU request idles
+    # meanwhile: kfp.local cannot join two branches' model artifacts, so one step does both).
+    s2 = stages.train_stage2(params=params, dataset=dataset, stage1_model=s1.outputs["model"],
+                             checkpoint_prefix=a["checkpoint_prefix"], num_gpus=train_gpus,
+                             nodes=a["train_nodes"], **common)
+    for task, name in ((s1, "train stage 1"), (s2, "train stage 2")):
+        task.set_display_name(name).set_caching_options(False)
         task.set_retry(num_retries=TRAIN_RETRIES, backoff_duration=TRAIN_BACKOFF, backoff_factor=2.0)
         _settings(_secrets(_gpu(_resources(task, "train"), train_gpus, scratch), MLFLOW_SECRET, S3_SECRET))
+    model = s2.outputs["model"]
 
     ev = stages.evaluate(params=params, dataset=dataset, model=model, **common)
     ev.set_display_name("evaluate").set_caching_options(False)
@@ -285,24 +289,6 @@ def _steps(a: dict, base_params: str, train_gpus: int, scratch: str, run_id, run
             pro = stages.promote(params=params, version=reg_task.outputs["version"], dataset=dataset)
             pro.set_display_name("promote").set_caching_options(False)
             _secrets(_resources(pro, "registry"), MLFLOW_SECRET, S3_SECRET)  # S3: a champion re-evaluated
-
-
-def _stage2(a: dict, params, dataset, stage1_model, common: dict, train_gpus: int, scratch: str):
-    """train_nodes > 1: stage 2 as a multi-node TrainJob, launched from a CPU step; else the
-    single-node step (DDP over train_gpus). Returns the model channel (dsl.OneOf)."""
-    with dsl.If(a["train_nodes"] > 1, name="multi-node stage 2"):
-        many = stages.train_stage2_nodes(params=params, dataset=dataset, stage1_model=stage1_model,
-                                         checkpoint_prefix=a["checkpoint_prefix"], nodes=a["train_nodes"],
-                                         gpus_per_node=train_gpus, **common)
-        many.set_display_name("train stage 2 (nodes)").set_caching_options(False)
-        _settings(_secrets(_scratch(_resources(many, "launch"), scratch), MLFLOW_SECRET, S3_SECRET))
-    with dsl.Else(name="one node"):
-        one = stages.train_stage2(params=params, dataset=dataset, stage1_model=stage1_model,
-                                  checkpoint_prefix=a["checkpoint_prefix"], num_gpus=train_gpus, **common)
-        one.set_display_name("train stage 2").set_caching_options(False)
-        one.set_retry(num_retries=TRAIN_RETRIES, backoff_duration=TRAIN_BACKOFF, backoff_factor=2.0)
-        _settings(_secrets(_gpu(_resources(one, "train"), train_gpus, scratch), MLFLOW_SECRET, S3_SECRET))
-    return dsl.OneOf(many.outputs["model"], one.outputs["model"])
 
 
 def _tuning(a: dict, params, dataset, common: dict, scratch: str):

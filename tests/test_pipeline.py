@@ -225,7 +225,7 @@ def test_secrets_come_from_kubernetes(compiled):
     mlflow_keys, s3_keys = set(kp.SECRET_KEYS["cladapter-mlflow"]), set(kp.SECRET_KEYS["cladapter-s3"])
     tune_keys = set(kp.SECRET_KEYS["cladapter-tune"])
     mlflow, s3, tune = {"cladapter-mlflow": mlflow_keys}, {"cladapter-s3": s3_keys}, {"cladapter-tune": tune_keys}
-    for ex in ("exec-train-stage1", "exec-train-stage2", "exec-train-stage2-nodes", "exec-evaluate",
+    for ex in ("exec-train-stage1", "exec-train-stage2", "exec-evaluate",
                "exec-register", "exec-promote"):  # promote: S3 for the validation files when it re-evaluates a champion
         assert secret_keys(ex) == {**mlflow, **s3}, ex
     for ex in ("exec-tune-worker", "exec-tune-finish"):  # the study storage from its Secret
@@ -240,7 +240,7 @@ def test_secrets_come_from_kubernetes(compiled):
                 for c in config.get("configMapAsEnv", [])}
         assert all("optional" not in c for c in config.get("configMapAsEnv", [])), ex
         assert maps == ({"cladapter-pipeline": {"CLADAPTER_CHECKPOINT_ROOT"}}
-                        if ex in ("exec-train-stage1", "exec-train-stage2", "exec-train-stage2-nodes") else {}), ex
+                        if ex in ("exec-train-stage1", "exec-train-stage2") else {}), ex
         # the labels the install's NetworkPolicies select on
         labels = config["podMetadata"]["labels"]
         assert labels["app.kubernetes.io/part-of"] == "cladapter", ex
@@ -833,18 +833,11 @@ def test_run_local_without_tuning_a_killed_step_fails_the_parent_run(tmp_path, d
     assert by_name["evaluate"].info.status == "FAILED"  # it was RUNNING when its process died
 
 
-def test_multi_node_stage_2_runs_as_a_trainjob_launcher_only_when_train_nodes_above_1(compiled):
+def test_train_nodes_reaches_stage_2_which_launches_a_trainjob_above_1(compiled):
     spec = compiled["spec"]
     tasks = all_tasks(spec)
-    conds = {n: t["triggerPolicy"]["condition"] for n, t in tasks.items()
-             if t.get("triggerPolicy", {}).get("condition")}
-    (many,) = [n for n, c in conds.items() if "train_nodes" in c and "> 1" in c and not c.startswith("!")]
-    assert set(component_of(spec, tasks, many)["dag"]["tasks"]) == {"train-stage2-nodes"}
-    (one,) = [n for n, c in conds.items() if "train_nodes" in c and c.startswith("!")]
-    assert set(component_of(spec, tasks, one)["dag"]["tasks"]) == {"train-stage2"}
-    # the launcher waits on CPU; the nodes hold the GPUs; evaluate takes whichever model ran
-    res = compiled["spec"]["deploymentSpec"]["executors"]["exec-train-stage2-nodes"]["container"]["resources"]
-    assert "accelerator" not in res
-    ev = tasks["evaluate"]["inputs"]["artifacts"]["model"]
-    assert "taskOutputArtifact" in ev and ev["taskOutputArtifact"]["producerTask"].startswith("condition-branches")
+    nodes = tasks["train-stage2"]["inputs"]["parameters"]["nodes"]
+    assert nodes["componentInputParameter"].endswith("train_nodes")  # through the exit handler
     assert spec["root"]["inputDefinitions"]["parameters"]["train_nodes"]["defaultValue"] == 1
+    body = " ".join(compiled["spec"]["deploymentSpec"]["executors"]["exec-train-stage2"]["container"]["args"])
+    assert "multinode.stage2_task" in body and "if nodes > 1" in body
