@@ -839,5 +839,6 @@ def test_train_nodes_reaches_stage_2_which_launches_a_trainjob_above_1(compiled)
     nodes = tasks["train-stage2"]["inputs"]["parameters"]["nodes"]
     assert nodes["componentInputParameter"].endswith("train_nodes")  # through the exit handler
     assert spec["root"]["inputDefinitions"]["parameters"]["train_nodes"]["defaultValue"] == 1
-    body = " ".join(compiled["spec"]["deploymentSpec"]["executors"]["exec-train-stage2"]["container"]["args"])
+    container = compiled["spec"]["deploymentSpec"]["executors"]["exec-train-stage2"]["container"]
+    body = " ".join(container["command"] + container["args"])
     assert "multinode.stage2_task" in body and "if nodes > 1" in body
