@@ -315,7 +315,7 @@ def _load(args, use_best=None):
 
 def _print_metrics(metrics: dict, title: str) -> None:
     print(title)
-    for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall", "weighted_f1", "roc_auc"):
+    for k in ("accuracy", "macro_f1", "f1_macro_pr", "macro_precision", "macro_recall", "weighted_f1", "roc_auc"):
         if k in metrics:
             print(f"  {k:<16} {metrics[k]:.4f}")
 
