@@ -14,6 +14,7 @@ child run per cell, with the table and the plot on the parent.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -49,7 +50,7 @@ def _check(params: dict, name: str, values: list) -> None:
     if get_dotted(params, name, _MISSING) is _MISSING:
         raise ParamsError(f"sweep: {name} is not a parameter")
     for v in values:
-        p = json.loads(json.dumps(params))
+        p = copy.deepcopy(params)
         set_dotted(p, name, v)
         problems = validate_params(p)
         if problems:
@@ -94,7 +95,7 @@ def sweep(params: dict, prepared_dir, out_dir, name: str, values: list, seeds=(0
 
 def _cell(params, prepared_dir: Path, out_dir: Path, study: dict, value, seed: int, log, progress) -> dict:
     name, method, split = study["param"], study["method"], study["split"]
-    p = json.loads(json.dumps(params))
+    p = copy.deepcopy(params)
     set_dotted(p, name, value)
     key = cell_key(p, name, value, seed, method, split, study["data_hash"])
     path = out_dir / "cells" / f"{_slug(value)}-seed{seed}.json"

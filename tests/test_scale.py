@@ -18,16 +18,8 @@ from cladapter_core.data.workers import _cgroup_quota, available_cores, loader_w
 from cladapter_core.errors import DataError
 from cladapter_core.params import load_params
 from cladapter_core.train import Preempted, train
+from test_data import tree_digest
 from tiny import tiny_params
-
-
-def tree_digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(root).as_posix().encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def image_variants(root: Path) -> dict[str, Path]:
