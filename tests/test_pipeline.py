@@ -579,8 +579,17 @@ def test_killed_training_step_resumes_from_the_s3_checkpoint(tiny_dataset, bucke
     finally:
         torch.set_num_threads(threads)
     prefix = f"s3://{bucket}/checkpoints"
-    script = ("import json, sys; from components import runtime; "
-              "p = json.loads(sys.argv[1]); "
+    # The step holds still after its first epoch's checkpoint until SIGTERM arrives (no race
+    # with a quick tiny model): the wrapped save waits for the S3 copy, then for the signal.
+    script = ("import json, sys, time; from components import runtime; from cladapter_core import train\n"
+              "save = train.Trainer.save_checkpoint\n"
+              "def held(self, epoch, batch):\n"
+              "    save(self, epoch, batch)\n"
+              "    deadline = time.monotonic() + 240\n"
+              "    while epoch == 1 and batch == 0 and not self.preempted and time.monotonic() < deadline:\n"
+              "        time.sleep(0.05)\n"
+              "train.Trainer.save_checkpoint = held\n"
+              "p = json.loads(sys.argv[1])\n"
               "runtime.train_task(p, sys.argv[2], sys.argv[3], stage=1, pipeline_id='run-42', "
               "checkpoint_prefix=sys.argv[4])")
     env = child_env(CLADAPTER_TRACKING="0", CLADAPTER_CHECKPOINT_SYNC_S="0.2", CLADAPTER_CHECKPOINT_ROOT=prefix,
