@@ -241,3 +241,17 @@ def test_intensity_percentiles_by_counts_are_numpys_bit_for_bit():
     img = rng.integers(0, 4096, (64, 48)).astype(np.uint16)
     stats = file_stats(img)
     assert [stats["p_lo"], stats["p_hi"]] == np.percentile(img.reshape(-1), PERCENTILES).tolist()
+    # min and max are of every pixel, also where the sample holds the type's extremes
+    # (the full pass is skipped then) and where the one extreme pixel is outside the sample
+    for dtype in (np.uint8, np.uint16):
+        top = np.iinfo(dtype).max
+        for low, high in ((0, top), (3, top), (0, 200), (7, 9)):
+            big = rng.integers(low + 1, high, (300, 301)).astype(dtype)  # 4096-pixel sample: every 22nd
+            big.reshape(-1)[1], big.reshape(-1)[-2] = low, high  # outside the sample
+            stats = file_stats(big)
+            assert (stats["min"], stats["max"]) == (low, high), (dtype, low, high)
+            big.reshape(-1)[::22] = high  # now the sample holds the largest value
+            big.reshape(-1)[0] = low
+            stats = file_stats(big)
+            assert (stats["min"], stats["max"]) == (low, high), (dtype, low, high)
+    assert file_stats(np.array([[True, False]]))["max"] == 1.0

@@ -186,8 +186,14 @@ def _tv_op(name: str):
     """The op behind torchvision.io's `name` (mode, apply_exif_orientation): the public
     wrappers warn on every call that torchvision's image I/O is deprecated in favour of
     TorchCodec; torchvision is pinned (pyproject.toml) and tests/test_scale.py checks the op."""
-    import torchvision.io.image  # noqa: F401 - loads the image extension that registers the ops
-    return getattr(torch.ops.image, name)
+    op = _TV_OPS.get(name)
+    if op is None:
+        import torchvision.io.image  # noqa: F401 - loads the image extension that registers the ops
+        op = _TV_OPS[name] = getattr(torch.ops.image, name)
+    return op
+
+
+_TV_OPS: dict = {}  # looked up once: prepare calls for every file
 
 
 def _decode_fast(path: Path) -> np.ndarray | None:

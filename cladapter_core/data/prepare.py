@@ -114,12 +114,23 @@ def _check_one(task: tuple[str, int | None, str | None]) -> dict:
         return {"error": str(exc)}
     except OSError as exc:
         return {"error": f"cannot read: {exc}"}
-    info = {"sha256": pixel_hash(arr), "dtype": str(arr.dtype), "shape": list(arr.shape[:-1]),
+    info = {"sha256": pixel_hash(arr), "dtype": _dtype_name(arr.dtype), "shape": list(arr.shape[:-1]),
             **intensity.file_stats(arr)}
     if resize:
         copy = write_copy(resize_array(arr, resize), Path(copy_stem))
         info["copy"] = copy.name
     return info
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    """str(dtype) ('uint8', '>u2'), remembered: numpy builds the text anew on every call."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype)
+    return name
+
+
+_DTYPE_NAMES: dict = {}
 
 
 def _worker_init() -> None:

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cladapter_core.data.images import is_hidden, kind_of
+from cladapter_core.data.images import kind_of, kind_of_file
 from cladapter_core.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -77,8 +77,23 @@ def list_source(source: Path) -> Listing:
 # ---------------------------------------------------------------- ImageFolder tree
 
 
+def _scan(folder: Path) -> tuple[list[str], list[str]]:
+    """Names of the files and of the folders directly in `folder`, hidden ones left out, in
+    name order: one directory read, no stat per entry (the kind comes with the entry)."""
+    files, folders = [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                folders.append(entry.name)
+            elif entry.is_file():
+                files.append(entry.name)
+    return sorted(files), sorted(folders)
+
+
 def _list_folder(root: Path) -> Listing:
-    class_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and not is_hidden(d)]
+    class_dirs = [root / name for name in _scan(root)[1]]
     if not class_dirs:
         raise DataError(
             f"{root}: no class folders found; expected one sub-folder per class "
@@ -88,23 +103,22 @@ def _list_folder(root: Path) -> Listing:
     ignored: list[str] = []
     empty: list[str] = []
     for class_dir in class_dirs:
-        entries = [e for e in sorted(class_dir.iterdir()) if not is_hidden(e)]
-        files = [e for e in entries if e.is_file()]
-        clips = [e for e in entries if e.is_dir()]
-        usable = [f for f in files if kind_of(f) is not None]
-        ignored += [f.relative_to(root).as_posix() for f in files if kind_of(f) is None]
-        images = [f for f in usable if kind_of(f) == "2d"]
+        files, clips = _scan(class_dir)
+        kinds = {name: kind_of_file(Path(name)) for name in files}
+        usable = [name for name in files if kinds[name] is not None]
+        ignored += [f"{class_dir.name}/{name}" for name in files if kinds[name] is None]
+        images = [name for name in usable if kinds[name] == "2d"]
         if clips and images:
             raise DataError(
-                f"{class_dir}: holds both image files ({images[0].name}) and sub-folders "
-                f"({clips[0].name}); use image files for 2D data or one sub-folder of frames "
+                f"{class_dir}: holds both image files ({images[0]}) and sub-folders "
+                f"({clips[0]}); use image files for 2D data or one sub-folder of frames "
                 "per clip for 3D data, not both"
             )
         members = usable + clips
         if not members:
             empty.append(str(class_dir))
-        for member in members:
-            items.append(Item(path=member, rel=member.relative_to(root).as_posix(), label=class_dir.name))
+        for name in members:
+            items.append(Item(path=class_dir / name, rel=f"{class_dir.name}/{name}", label=class_dir.name))
     if empty:
         raise DataError(
             "empty class folder(s) (no image, .npy/.npz file or frame folder):\n" + format_lines(empty)
