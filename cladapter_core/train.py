@@ -30,6 +30,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -533,8 +534,33 @@ class _NoBar:
         pass
 
 
+class _LogBar(_NoBar):
+    """Progress for logs (DVC, KFP pods, CI), where a bar's redraws would each become a line:
+    one plain line at most every LOG_EVERY_S seconds, so a long epoch still shows signs of life."""
+    LOG_EVERY_S = 60.0
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n, self.postfix = total, desc, 0, ""
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, n=1):
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.LOG_EVERY_S and self.n < self.total:
+            self.last = now
+            rate = self.n / max(now - self.t0, 1e-9)
+            print(f"{self.desc}: {self.n}/{self.total} batches, {rate:.2f} batches/s, "
+                  f"{(self.total - self.n) / rate:.0f} s left{self.postfix}", flush=True)
+
+    def set_postfix(self, **kw):
+        self.postfix = "".join(f", {k} {v}" for k, v in kw.items())
+
+
 def _progress(total: int, desc: str, enabled: bool):
+    """A bar on a terminal; a line a minute in logs; nothing when disabled."""
     if not enabled:
         return _NoBar()
+    if not sys.stderr.isatty():
+        return _LogBar(total, desc)
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)

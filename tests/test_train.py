@@ -150,3 +150,24 @@ def test_cli_lists_every_params_problem_at_once(tmp_path):
                   "train.lr_typo: unknown parameter", str(bad)):
         assert field in out, (field, out)
     assert "Traceback" not in out and not (tmp_path / "m").exists()
+
+
+def test_progress_in_logs_is_a_plain_line_now_and_then_not_a_bar(capsys, monkeypatch):
+    """Under DVC or in a KFP pod stderr is no terminal: a bar's every redraw would be a line
+    of the log; instead a plain line at most every LOG_EVERY_S seconds."""
+    from cladapter_core import train as T
+    monkeypatch.setattr(T._LogBar, "LOG_EVERY_S", 0.0)
+    bar = T._progress(4, "stage 1 epoch 1/2", True)  # pytest's captured stderr is no terminal
+    assert isinstance(bar, T._LogBar)
+    for _ in range(4):
+        bar.update(1)
+        bar.set_postfix(loss="0.5000")
+    bar.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"stage 1 epoch 1/2: {i}/4 batches" for i in (1, 2, 3)]
+    assert lines[1].endswith(", loss 0.5000") and "\r" not in "".join(lines)
+    monkeypatch.setattr(T._LogBar, "LOG_EVERY_S", 3600.0)
+    quiet = T._progress(4, "stage 1 epoch 2/2", True)
+    quiet.update(3)
+    assert capsys.readouterr().out == ""
+    assert isinstance(T._progress(4, "x", False), T._NoBar) and not isinstance(T._progress(4, "x", False), T._LogBar)
