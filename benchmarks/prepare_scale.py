@@ -2,7 +2,8 @@
 
 Writes `--files` JPEG photos (`--size` px, `--classes` class folders, like a user's
 ImageFolder tree; 20,000 by default), reads them once so the page cache holds them, then
-takes turns (`--rounds` times, median reported) between four variants:
+takes turns (`--rounds` times, each variant first in turn, medians reported) between four
+variants:
 
 - floor A, as the issue measured it: one process reads each file, sha256-hashes its bytes
   and decodes it with PIL into a numpy array, in a plain loop;
@@ -15,11 +16,12 @@ takes turns (`--rounds` times, median reported) between four variants:
 
 Each is measured in wall-clock seconds and in CPU seconds (user + system, its worker
 processes included), so the per-core comparison holds on a machine shared with others:
-files per CPU-second is files/s per core used. Target: prepare within 1.3x of the floor
+files per CPU-second is files/s per core used; "floor / this" is the median over rounds of
+the ratio of CPU seconds within one round. Target: prepare within 1.3x of the floor
 per core (floor B: the floor of prepare's work; floor A is printed beside it). Also
 printed: prepare's resident memory (a fresh process, after the imports and at the peak).
 
-    python benchmarks/prepare_scale.py [--files 20000 --size 256 --classes 4 --rounds 3]
+    python benchmarks/prepare_scale.py [--files 20000 --size 256 --classes 4 --rounds 5]
 """
 from __future__ import annotations
 
@@ -145,9 +147,10 @@ def run(args) -> dict:
                 "prepare, 1 process": lambda: prepare(src, work / "out1", params, workers=1),
                 f"prepare, {workers} processes": lambda: prepare(src, work / "outN", params, workers=workers)}
     times = {name: [] for name in variants}
+    names = list(variants)
     for r in range(args.rounds):
-        for name, fn in variants.items():
-            times[name].append(measure(fn))
+        for name in names[r % len(names):] + names[:r % len(names)]:  # each goes first in turn
+            times[name].append(measure(variants[name]))
         print(f"# round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1][0]:.1f} s" for k, v in times.items()))
     same = (work / "out1" / "manifest.csv").read_bytes() == (work / "outN" / "manifest.csv").read_bytes()
     memory = memory_mib(src, work / "out-mem") if args.memory else None
@@ -157,17 +160,24 @@ def run(args) -> dict:
             "times": times, "same_manifest": same, "memory_mib": memory}
 
 
+def per_round_ratio(cpu: list[float], floor_cpu: list[float]) -> float:
+    """Median over rounds of this variant's CPU seconds over the floor's in the same round:
+    a neighbour's burst slows both of a round alike, so the ratio moves less than either."""
+    return C.median([c / f for c, f in zip(cpu, floor_cpu)])
+
+
 def report(res: dict) -> list[dict]:
     n = res["files"]
     rows, out = [], []
+    cpus = {name: [t[1] for t in ts] for name, ts in res["times"].items()}
+    floor_a_cpu, floor_b_cpu = list(cpus.values())[:2]
     for name, ts in res["times"].items():
-        wall, cpu = C.median([t[0] for t in ts]), C.median([t[1] for t in ts])
+        wall, cpu = C.median([t[0] for t in ts]), C.median(cpus[name])
         out.append({"variant": name, "wall_s": wall, "cpu_s": cpu, "files_per_s": n / wall,
-                    "cores_used": cpu / wall, "files_per_s_per_core": n / cpu})  # files per CPU-second
-    floor_a, floor_b = out[0]["files_per_s_per_core"], out[1]["files_per_s_per_core"]
+                    "cores_used": cpu / wall, "files_per_s_per_core": n / cpu,  # files per CPU-second
+                    "floor_a_over_this_per_core": per_round_ratio(cpus[name], floor_a_cpu),
+                    "floor_b_over_this_per_core": per_round_ratio(cpus[name], floor_b_cpu)})
     for r in out:
-        r["floor_a_over_this_per_core"] = floor_a / r["files_per_s_per_core"]
-        r["floor_b_over_this_per_core"] = floor_b / r["files_per_s_per_core"]
         rows.append([r["variant"], f"{r['files_per_s']:.0f}", f"{r['cores_used']:.2f}",
                      f"{r['files_per_s_per_core']:.0f}", f"{r['floor_b_over_this_per_core']:.2f}x",
                      f"{r['floor_a_over_this_per_core']:.2f}x"])
@@ -192,7 +202,7 @@ def main() -> None:
     p.add_argument("--files", type=int, default=20000)
     p.add_argument("--size", type=int, default=256, help="photo width and height, px")
     p.add_argument("--classes", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=3, help="turns each variant takes (median reported)")
+    p.add_argument("--rounds", type=int, default=5, help="turns each variant takes (median reported)")
     p.add_argument("--workers", type=int, default=None, help="prepare's processes (default: its own choice)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory run")
     p.add_argument("--workdir", default=None, help="keep the photos and outputs here (reused when present)")
