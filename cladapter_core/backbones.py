@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import sys
 import warnings
 
 import difflib
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
-from .weights import load_into, read_state_dict
+from .weights import load_into, read_state_dict, strip_model_prefix
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
@@ -72,6 +73,8 @@ class Backbone(nn.Module):
             self._set_input_size(input_size)
         if checkpoint:
             state = read_state_dict(checkpoint)
+            if not self.is_3d:
+                state = self._timm_filtered(state, str(checkpoint))
             load_into(self.model, state, source=str(checkpoint), ignore=self._classifier_keys())
 
     # -- construction ------------------------------------------------------------------
@@ -152,6 +155,23 @@ class Backbone(nn.Module):
             raise ModelError(f"input_size for {self.name} must be {'[T, H, W]' if self.is_3d else 'H or [H, W]'} "
                              f"of positive integers, got {size}")
         self.data_config["input_size"] = self.data_config["input_size"][:1] + size
+
+    def _timm_filtered(self, state: dict, source: str) -> dict:
+        """A local or S3 checkpoint through timm's own conversion for this architecture, as
+        `pretrained=True` does: position embeddings (and a Swin's bias tables) resampled to this
+        img_size, the original repositories' key names mapped. Architectures without one
+        (ResNets) take the checkpoint as it is."""
+        module = sys.modules.get(type(self.model).__module__)
+        convert = getattr(module, "checkpoint_filter_fn", None)
+        if convert is None:
+            return state
+        state = strip_model_prefix(self.model.state_dict(), state)
+        try:
+            return convert(state, self.model)
+        except Exception as e:  # noqa: BLE001 - timm raises what it meets; load_into words it
+            warnings.warn(f"{source}: timm's checkpoint conversion for {self.name} failed ({type(e).__name__}: "
+                          f"{e}); loading it as it is", stacklevel=3)
+            return state
 
     def _classifier_keys(self) -> tuple[str, ...]:
         """Prefixes of the original classifier, absent here and ignored in checkpoints."""

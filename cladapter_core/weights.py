@@ -90,15 +90,21 @@ def read_state_dict(uri: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def strip_model_prefix(own: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint saved from a CLAdapter model directory carries a `backbone.model.` prefix:
+    the keys without it, when none of them fits `own` (a state dict) as they are."""
+    for prefix in ("backbone.model.", "backbone."):
+        if state and not any(k in own for k in state) and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
               ignore: tuple[str, ...] = ()) -> None:
     """Load `state` into `module`; any missing, unexpected or mis-shaped key is an error
     that lists them all (keys starting with a prefix in `ignore` are dropped first)."""
     own = module.state_dict()
-    # A checkpoint saved from a CLAdapter model directory carries a `backbone.model.` prefix.
-    for prefix in ("backbone.model.", "backbone."):
-        if state and not any(k in own for k in state) and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    state = strip_model_prefix(own, state)
     state = {k: v for k, v in state.items() if not (k.startswith(ignore) and k not in own)}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

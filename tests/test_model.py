@@ -166,6 +166,29 @@ def test_checkpoint_local_file_and_torch_formats(tmp_path):
         assert all(torch.equal(got[k], state[k]) for k in state)
 
 
+def test_vit_checkpoint_at_another_size_is_resampled_as_timm_does(tmp_path):
+    """A 224 px ViT checkpoint on disk, the model built at 64 px on purpose (model.input_size):
+    the position embeddings are resampled by timm's own conversion, as `pretrained=True`
+    would, and every other weight is the checkpoint's. The same from a saved CLAdapter
+    model's keys (`backbone.model.` prefix)."""
+    import timm
+    from safetensors.torch import save_file
+    from timm.layers import resample_abs_pos_embed
+    torch.manual_seed(0)
+    state = timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict()
+    save_file(state, str(tmp_path / "vit.safetensors"))
+    save_file({f"backbone.model.{k}": v for k, v in state.items()}, str(tmp_path / "prefixed.safetensors"))
+    want = resample_abs_pos_embed(state["pos_embed"], new_size=[4, 4], num_prefix_tokens=1,
+                                  interpolation="bicubic", antialias=True)
+    for name in ("vit.safetensors", "prefixed.safetensors"):
+        model = build_model("vit_tiny_patch16_224", 3, checkpoint=str(tmp_path / name),
+                            backbone_kwargs={"img_size": 64}, input_size=64)
+        got = model.backbone.model.state_dict()
+        assert got["pos_embed"].shape == (1, 17, 192) and torch.equal(got["pos_embed"], want)
+        assert all(torch.equal(got[k], state[k]) for k in state if k != "pos_embed")
+        assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+
+
 def test_checkpoint_from_s3(tmp_path, bucket):
     import boto3
     from safetensors.torch import save_file
