@@ -167,6 +167,9 @@ class LoopState:
     best_epoch: int = -1
     bad_epochs: int = 0
     stopped_early: bool = False
+    # (loss sum, samples) of the epoch's batches before a mid-epoch stop: the resumed epoch's
+    # train_loss is then of all its batches, not only those after the resume
+    epoch_loss: tuple = (0.0, 0)
 
     CHECKPOINTED = ("history", "best_value", "best_key", "best_epoch", "best_state", "bad_epochs")
 
@@ -308,6 +311,7 @@ class Trainer:
             setattr(self.state, name, ck[name])
         s = self.state
         s.start_epoch, s.skip_batches, s.global_step = ck["epoch"], ck["batch"], ck["global_step"]
+        s.epoch_loss = tuple(ck.get("epoch_loss", (0.0, 0)))  # absent from older checkpoints
         if self.rank == 0:
             print(f"resuming {self.out_dir} from {self.ckpt_path}: epoch {s.start_epoch + 1}, batch {s.skip_batches}")
 
@@ -319,7 +323,8 @@ class Trainer:
             "fingerprint": self.fingerprint, "epoch": epoch, "batch": batch, "global_step": s.global_step,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "rng": ckpt.rng_state(), **{name: getattr(s, name) for name in LoopState.CHECKPOINTED},
+            "rng": ckpt.rng_state(), "epoch_loss": s.epoch_loss,
+            **{name: getattr(s, name) for name in LoopState.CHECKPOINTED},
         }, self.ckpt_path)
 
     @contextlib.contextmanager
@@ -383,7 +388,10 @@ class Trainer:
         # mid-epoch, where the checkpoint restored the exact RNG state.
         if sampler.skip == 0:
             torch.manual_seed(self.seed * 31 + epoch)
-        total_loss, n_seen = 0.0, 0
+        # Resumed mid-epoch: the batches before the stop, as rank 0 saved them (under DDP the
+        # other ranks' are not kept; the loss is then the mean over the samples known).
+        total_loss, n_seen = s.epoch_loss if sampler.skip and self.rank == 0 else (0.0, 0)
+        s.epoch_loss = (0.0, 0)
         bar = _progress(len(sampler) - sampler.skip, f"stage {self.stage} epoch {epoch + 1}/{self.plan['epochs']}",
                         self.progress and self.rank == 0)
         self.optimizer.zero_grad(set_to_none=True)
@@ -395,6 +403,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if self._must_stop_at(i, last):
+                s.epoch_loss = (total_loss, n_seen)
                 self.save_checkpoint(epoch, i + 1)
                 bar.close()
                 raise Preempted(f"stopped at stage {self.stage}, epoch {epoch + 1}, batch {i + 1}; "

@@ -81,6 +81,8 @@ def test_resume_mid_epoch_gives_identical_weights(prepared, tmp_path):
     h_ref = json.loads((tmp_path / "ref" / "history.json").read_text())
     h_got = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [r["val_macro_f1"] for r in h_ref] == [r["val_macro_f1"] for r in h_got]
+    # the interrupted epoch's train_loss is of all its batches, those before the stop included
+    assert [r["train_loss"] for r in h_got] == pytest.approx([r["train_loss"] for r in h_ref], rel=1e-6)
 
 
 def test_checkpoint_of_other_params_is_not_resumed(prepared, tmp_path):
