@@ -15,7 +15,7 @@ EPILOG = """Parameters: the subcommands that train, evaluate or register read --
 params.yaml, else the embedded defaults; --preset paper under it) and apply -S overrides, e.g.
 -S model.num_centers=10 -S stage1.epochs=3; `cladapter COMMAND --help` lists each one's flags.
 MLflow: runs go to $MLFLOW_TRACKING_URI (default sqlite:///mlflow.db); train, evaluate, tune,
-sweep and demo take --no-track. Start with your own data: cladapter init --source DIR."""
+sweep, compare and demo take --no-track. Start with your own data: cladapter init --source DIR."""
 
 
 def _common(p: argparse.ArgumentParser, track: bool = False) -> None:
@@ -138,8 +138,9 @@ def _add_compare(sub) -> None:
                                    "stage 2. Print and write a table of macro-F1, the paper's F1 and "
                                    "accuracy (mean and spread), trainable parameters and wall time "
                                    "(cache builds included). Tuned values (tune.use_best) reach only "
-                                   "the methods of the mode they were tuned for.")
-    _common(p)
+                                   "the methods of the mode they were tuned for. MLflow: one parent "
+                                   "run with the table and plot, a child run per method and seed.")
+    _common(p, track=True)
     p.add_argument("--prepared", default="outputs/prepared")
     p.add_argument("--out", default="outputs/compare")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -451,7 +452,16 @@ def cmd_compare(args):
         print(f"compare: tuned values from {params['tune']['best_params']} apply to train.mode "
               f"{params['train']['mode']!r} only: {', '.join(sorted(tuned)) or 'none'}")
     compare(params, args.prepared, args.out, seeds=args.seeds, methods=args.methods, split=args.split,
-            tuned=tuned, tuned_for=params["train"]["mode"])
+            tuned=tuned, tuned_for=params["train"]["mode"], track=_tracking_on(args))
+
+
+def _tracking_on(args) -> bool:
+    """Log to MLflow unless --no-track or CLADAPTER_TRACKING=0; fail fast if the server is down."""
+    track = not (args.no_track or os.environ.get("CLADAPTER_TRACKING", "1") == "0")
+    if track:
+        from . import tracking
+        tracking.check_tracking()
+    return track
 
 
 def cmd_sweep(args):
@@ -459,12 +469,8 @@ def cmd_sweep(args):
     params = _load(args)
     name, values = parse_grid(args.grid)
     _use_device(args)
-    track = not (args.no_track or os.environ.get("CLADAPTER_TRACKING", "1") == "0")
-    if track:
-        from . import tracking
-        tracking.check_tracking()
     sweep(params, args.prepared, args.out, name, values, seeds=args.seeds, method=args.method,
-          split=args.split, track=track)
+          split=args.split, track=_tracking_on(args))
 
 
 def cmd_demo(args):

@@ -114,10 +114,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def compare(params: dict, prepared_dir, out_dir, seeds=(0, 1, 2), methods=None,
             split: str = "test", progress: bool = False, tuned: dict | None = None,
-            tuned_for: str | None = None) -> list[dict]:
+            tuned_for: str | None = None, track: bool = False) -> list[dict]:
     """Train every method for every seed on equal terms; write compare.csv (one row per
     method and seed), summary.csv / summary.md / compare.json (mean and spread per method)
-    and compare.png into out_dir atomically, print the table and return the summary rows."""
+    and compare.png into out_dir atomically, print the table and return the summary rows.
+    `track`: one MLflow parent run with the table and plot, a child run per method and seed."""
     methods = list(methods or METHODS)
     unknown = [m for m in methods if m not in PLANS]
     if unknown:
@@ -125,19 +126,45 @@ def compare(params: dict, prepared_dir, out_dir, seeds=(0, 1, 2), methods=None,
     if not seeds:
         raise ParamsError("compare: give at least one seed")
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
-    with atomic_dir(out_dir) as work:
-        rows = []
-        for seed in seeds:
-            for method in methods:
-                print(f"[compare] seed {seed}: {method}")
-                rows.append(_run_one(params, prepared_dir, work / f"seed{seed}", method, int(seed),
-                                     split, progress, tuned, tuned_for))
-            shutil.rmtree(work / f"seed{seed}", ignore_errors=True)
-        table = summarise(rows, methods)
-        _write_outputs(work, rows, table, params, split, tuned_for if tuned else None)
+    log = _tracker(params, prepared_dir, methods, seeds, split, tuned_for if tuned else None) if track else None
+    try:
+        with atomic_dir(out_dir) as work:
+            rows = []
+            for seed in seeds:
+                for method in methods:
+                    print(f"[compare] seed {seed}: {method}")
+                    rows.append(_run_one(params, prepared_dir, work / f"seed{seed}", method, int(seed),
+                                         split, progress, tuned, tuned_for))
+                    if log:
+                        _log_row(log, rows[-1], split)
+                shutil.rmtree(work / f"seed{seed}", ignore_errors=True)
+            table = summarise(rows, methods)
+            _write_outputs(work, rows, table, params, split, tuned_for if tuned else None)
+    except BaseException:
+        if log:
+            log.fail()
+        raise
+    if log:
+        log.finish([out_dir / f for f in ("summary.md", "summary.csv", "compare.csv", "compare.json", "compare.png")])
     print(format_table(table, split, budget(params)))
     print(f"written to {out_dir}/ (summary.md, summary.csv, compare.csv, compare.json, compare.png)")
     return table
+
+
+def _tracker(params: dict, prepared_dir: Path, methods, seeds, split: str, tuned_for):
+    from .study_runs import StudyRuns
+    study = {"methods": methods, "seeds": [int(s) for s in seeds], "split": split, "tuned_for": tuned_for,
+             **{f"budget.{k}": v for k, v in budget(params).items()}}
+    # scored on `split` (test for the final report); trained on train with val for selection
+    return StudyRuns(params, study, prepared_dir, kind="compare", run_name=f"compare-{split}",
+                     splits=tuple(dict.fromkeys(("train", "val", split))), resume=False)
+
+
+def _log_row(log, row: dict, split: str) -> None:
+    name = f"{row['method']} seed {row['seed']}"
+    log.cell(name, name, {k: row[k] for k in ("method", "seed", "head_lr", "backbone_lr", "epochs", "tuned")},
+             {**{f"{split}_{k}": row[k] for k in SCORES}, "train_seconds": row["train_seconds"],
+              "trainable_params": row["trainable_params"]})
 
 
 def _run_one(params, prepared_dir: Path, work: Path, method: str, seed: int, split: str,

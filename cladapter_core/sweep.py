@@ -28,8 +28,8 @@ from .compare import PLANS, SCORES, mean_std, method_params, score, train_method
 from .errors import ParamsError
 from .outputs import atomic_write, default_mode, write_json
 from .params import flatten, get_dotted, set_dotted
+from .study_runs import StudyRuns
 
-SWEEP_TAG = "cladapter.sweep"
 
 
 def parse_grid(spec: str) -> tuple[str, list]:
@@ -79,7 +79,8 @@ def sweep(params: dict, prepared_dir, out_dir, name: str, values: list, seeds=(0
     data_hash = hashlib.sha256((prepared_dir / "manifest.csv").read_bytes()).hexdigest()[:16]
     study = {"param": name, "values": values, "seeds": list(seeds), "method": method, "split": split,
              "data_hash": data_hash}
-    log = _Tracker(params, study) if track else None
+    log = StudyRuns(params, study, prepared_dir, kind="sweep", run_name=f"sweep-{name}-{method}",
+                    splits=("train", split), resume=True) if track else None
     cells = []
     for value in values:
         for seed in seeds:
@@ -87,7 +88,7 @@ def sweep(params: dict, prepared_dir, out_dir, name: str, values: list, seeds=(0
     table = summarise(cells, values)
     _write_outputs(out_dir, cells, table, study)
     if log:
-        log.finish(out_dir)
+        log.finish([out_dir / f for f in ("summary.md", "summary.csv", "sweep.csv", "sweep.json", "sweep.png")])
     print(format_table(table, study))
     print(f"written to {out_dir}/ (summary.md, summary.csv, sweep.csv, sweep.json, sweep.png)")
     return table
@@ -115,7 +116,7 @@ def _cell(params, prepared_dir: Path, out_dir: Path, study: dict, value, seed: i
     cell = {"key": key, "value": value, "seed": seed, **{k: m.get(k, float("nan")) for k in SCORES},
             "loss": m["loss"], "train_seconds": round(run["seconds"], 2)}
     if log:
-        log.cell(cell)
+        log.cell(key, f"{name}={value} seed {seed}", {name: value, "seed": seed}, cell_scores(cell, split))
     atomic_write(path, json.dumps(cell, indent=2, sort_keys=True, default=str) + "\n")
     return cell
 
@@ -193,44 +194,7 @@ def plot(path: Path, table: list[dict], study: dict) -> None:
     plt.close(fig)
 
 
-class _Tracker:
-    """One MLflow parent run per study (found again by its tag on a rerun), a child per cell."""
-
-    def __init__(self, params: dict, study: dict):
-        from mlflow import MlflowClient
-        from . import tracking
-        cfg = tracking.configure(params)
-        self.client, self.exp = MlflowClient(), cfg["experiment_id"]
-        tag = hashlib.sha256(json.dumps({**study, "params": flatten(params)}, sort_keys=True,
-                                        default=str).encode()).hexdigest()[:20]
-        found = self.client.search_runs([self.exp], f"tags.`{SWEEP_TAG}` = '{tag}'", max_results=1)
-        if found:
-            self.run_id = found[0].info.run_id
-        else:
-            name = f"sweep-{study['param']}-{study['method']}"
-            run = self.client.create_run(self.exp, run_name=name, tags={SWEEP_TAG: tag})
-            self.run_id = run.info.run_id
-            for k, v in {**{f"sweep.{k}": v for k, v in study.items()}, **flatten(params)}.items():
-                self.client.log_param(self.run_id, k, str(v)[:6000])
-        self.logged = {r.data.tags.get("cladapter.cell") for r in self.client.search_runs(
-            [self.exp], f"tags.`mlflow.parentRunId` = '{self.run_id}'", max_results=1000)}
-        self.study = study
-
-    def cell(self, cell: dict) -> None:
-        if cell["key"] in self.logged:
-            return
-        name = f"{self.study['param']}={cell['value']} seed {cell['seed']}"
-        run = self.client.create_run(self.exp, run_name=name, tags={
-            "mlflow.parentRunId": self.run_id, "cladapter.cell": cell["key"]})
-        rid = run.info.run_id
-        self.client.log_param(rid, self.study["param"], str(cell["value"]))
-        self.client.log_param(rid, "seed", str(cell["seed"]))
-        for k in (*SCORES, "loss", "train_seconds"):
-            if isinstance(cell.get(k), (int, float)) and cell[k] == cell[k]:
-                self.client.log_metric(rid, f"{self.study['split']}_{k}" if k in SCORES else k, float(cell[k]))
-        self.client.set_terminated(rid)
-
-    def finish(self, out_dir: Path) -> None:
-        for f in ("summary.md", "summary.csv", "sweep.csv", "sweep.json", "sweep.png"):
-            self.client.log_artifact(self.run_id, str(out_dir / f))
-        self.client.set_terminated(self.run_id)
+def cell_scores(cell: dict, split: str) -> dict:
+    """A cell's scores as its MLflow run's metrics (`val_macro_f1`, ..., `loss`, `train_seconds`)."""
+    return {**{f"{split}_{k}": cell.get(k) for k in SCORES}, "loss": cell.get("loss"),
+            "train_seconds": cell.get("train_seconds")}

@@ -38,3 +38,35 @@ def test_compare_writes_table_over_seeds(prepared, tmp_path):
     assert report["budget"]["backbone_lr"] == report["budget"]["head_lr"] * 0.1
     assert "Equal budget: 2 epochs per method" in proc.stdout
     assert all(0.0 <= float(r["f1_macro_pr"]) <= 1.0 for r in rows)
+
+
+def test_compare_in_mlflow_parent_and_a_child_per_method_and_seed(prepared, embedded_mlflow, tmp_path):
+    """compare(track=True): one parent run with the budget, the datasets, the table and the
+    plot; a child per method and seed with its test scores. A failed comparison leaves its
+    parent FAILED, not RUNNING."""
+    import pytest
+    from mlflow import MlflowClient
+
+    from cladapter_core.compare import compare
+    from tiny import tiny_params
+    params = tiny_params("stage1.epochs=1", "stage2.epochs=1", "tracking.experiment=compare-runs")
+    compare(params, prepared, tmp_path / "cmp", seeds=(0,), methods=["linear", "cla-stage1"], track=True)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("compare-runs").experiment_id
+    (parent,) = client.search_runs([exp], "tags.`cladapter.compare` != ''")
+    assert parent.info.status == "FINISHED" and parent.data.params["compare.budget.epochs"] == "2"
+    assert {"summary.md", "compare.csv", "compare.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert sorted(i.tags[0].value for i in client.get_run(parent.info.run_id).inputs.dataset_inputs) == \
+        ["test", "train", "val"]
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "cmp" / "compare.csv"))}
+    assert sorted(c.data.params["method"] for c in children) == ["cla-stage1", "linear"]
+    for c in children:
+        assert c.data.metrics["test_macro_f1"] == pytest.approx(float(rows[c.data.params["method"]]["macro_f1"]))
+
+    from cladapter_core.errors import CLAdapterError
+    with pytest.raises(CLAdapterError, match="not a prepared folder"):
+        compare(params, tmp_path / "no-such-prepared", tmp_path / "cmp2", seeds=(0,), methods=["linear"], track=True)
+    assert not (tmp_path / "cmp2").exists()
+    runs = client.search_runs([exp], "tags.`cladapter.compare` != ''")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]

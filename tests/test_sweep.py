@@ -31,6 +31,9 @@ def test_k_study_table_plot_mlflow_and_resume(prepared, embedded_mlflow, tmp_pat
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert len(children) == 6 and all("val_macro_f1" in c.data.metrics for c in children)
     assert {"sweep.png", "summary.md", "sweep.csv"} <= {a.path for a in client.list_artifacts(parent)}
+    inputs = client.get_run(parent).inputs.dataset_inputs  # trained on train, scored on val
+    assert sorted(i.tags[0].value for i in inputs) == ["train", "val"]
+    assert all(i.dataset.name.endswith(("/train", "/val")) for i in inputs)
 
     # Rerun: every cell is finished, nothing trains again, nothing is logged twice.
     capsys.readouterr()
