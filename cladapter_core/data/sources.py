@@ -32,6 +32,7 @@ class Item:
     split: str | None = None  # from a CSV split column
     fold: int | None = None   # from a CSV fold column
     line: int | None = None   # CSV line number
+    kind: str | None = None   # "2d" / "3d" where the listing knows it without a stat
 
 
 @dataclass
@@ -118,7 +119,8 @@ def _list_folder(root: Path) -> Listing:
         if not members:
             empty.append(str(class_dir))
         for name in members:
-            items.append(Item(path=class_dir / name, rel=f"{class_dir.name}/{name}", label=class_dir.name))
+            items.append(Item(path=class_dir / name, rel=f"{class_dir.name}/{name}", label=class_dir.name,
+                              kind=kinds.get(name, "3d")))  # not a file: a folder of frames
     if empty:
         raise DataError(
             "empty class folder(s) (no image, .npy/.npz file or frame folder):\n" + format_lines(empty)
