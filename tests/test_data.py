@@ -616,3 +616,14 @@ def test_load_inputs_for_predict(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match="bad.png"):
         load_inputs([tmp_path / "bad.png"], MODEL_2D)
+
+
+def test_a_listings_kind_by_name_is_the_kind_by_path():
+    """The folder listing takes each file's kind from its name alone (no Path per file):
+    the same answer as for the path, whatever the case or the dots."""
+    from pathlib import Path
+
+    from cladapter_core.data.images import kind_of_file, kind_of_name
+    names = ["a.png", "b.JPG", "c.jpeg", "d.TIFF", "e.tif", "f.bmp", "g.npy", "h.NPZ", "i.txt",
+             "noext", ".hidden", "x.tar.gz", "y.png.bak", "z.", "v.1.tif"]
+    assert [kind_of_name(n) for n in names] == [kind_of_file(Path(n)) for n in names]

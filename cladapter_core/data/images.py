@@ -71,6 +71,12 @@ def kind_of_file(path: Path) -> str | None:
     return None
 
 
+def kind_of_name(name: str) -> str | None:
+    """`kind_of_file` of a file name (a listing's, without building a Path per file)."""
+    ext = os.path.splitext(name)[1].lower()
+    return "2d" if ext in IMAGE_EXTS else "3d" if ext in VOLUME_EXTS else None
+
+
 # ---------------------------------------------------------------- 2D decoding
 
 

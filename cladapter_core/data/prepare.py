@@ -165,7 +165,7 @@ def _decoded(tasks, n: int, workers: int):
     gc.freeze()
     pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init)
     try:
-        yield pool.imap(_check_one, tasks, chunksize=max(1, min(64, n // (workers * 16))))
+        yield pool.imap(_check_one, tasks, chunksize=max(1, min(256, n // (workers * 16))))
         pool.close()
     finally:
         pool.terminate()

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cladapter_core.data.images import kind_of, kind_of_file
+from cladapter_core.data.images import kind_of, kind_of_name
 from cladapter_core.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -105,7 +105,7 @@ def _list_folder(root: Path) -> Listing:
     empty: list[str] = []
     for class_dir in class_dirs:
         files, clips = _scan(class_dir)
-        kinds = {name: kind_of_file(Path(name)) for name in files}
+        kinds = {name: kind_of_name(name) for name in files}
         usable = [name for name in files if kinds[name] is not None]
         ignored += [f"{class_dir.name}/{name}" for name in files if kinds[name] is None]
         images = [name for name in usable if kinds[name] == "2d"]
