@@ -607,10 +607,7 @@ def cmd_tune(args):
                                  "Tuning is off (tune.use_best: false): no tuned values.")
         print(f"tune.use_best is false: no search; wrote an empty {path}")
         return
-    track = not args.no_track and os.environ.get("CLADAPTER_TRACKING", "1") != "0"
-    if track:
-        from . import tracking
-        tracking.check_tracking()
+    track = _tracking_on(args)
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed instead
     tune(params, args.prepared, args.out, track=track)

@@ -31,7 +31,6 @@ from .params import flatten, get_dotted, set_dotted
 from .study_runs import StudyRuns
 
 
-
 def parse_grid(spec: str) -> tuple[str, list]:
     """'model.num_centers=5,10,20' -> ('model.num_centers', [5, 10, 20]) (values read as YAML)."""
     if "=" not in spec:

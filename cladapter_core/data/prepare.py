@@ -416,8 +416,7 @@ def _check_no_overlap(source: Path, out_dir: Path) -> None:
 
 def _check_listing(source: Path, listing: Listing) -> bool:
     """One kind of data (2D or 3D) and at least two classes; returns is_3d."""
-    kinds = {it.kind or ("2d" if it.path.is_file() and it.path.suffix.lower() not in (".npy", ".npz") else "3d"): it
-             for it in listing.items}
+    kinds = {it.kind: it for it in listing.items}
     if len(kinds) > 1:
         raise DataError(
             f"{source}: mixes 2D images ({kinds['2d'].rel}) and 3D volumes/clips ({kinds['3d'].rel}); "

@@ -32,7 +32,7 @@ class Item:
     split: str | None = None  # from a CSV split column
     fold: int | None = None   # from a CSV fold column
     line: int | None = None   # CSV line number
-    kind: str | None = None   # "2d" / "3d" where the listing knows it without a stat
+    kind: str | None = None   # "2d" / "3d" (None: unusable, see Listing.bad)
 
 
 @dataclass
@@ -155,7 +155,8 @@ def _list_csv(csv_path: Path) -> Listing:
             bad.append((item, f"listed again on line {line_no} (first on line {first_line[key]})"))
             continue
         first_line[key] = line_no
-        reason = _unusable(item.path, line_no, csv_path)
+        item.kind = kind_of(item.path) if item.path.exists() else None
+        reason = _unusable(item, csv_path)
         if reason:
             bad.append((item, reason))
         else:
@@ -235,13 +236,13 @@ def _csv_item(root: Path, line_no: int, path_s: str, label: str, split: str | No
     return Item(path=path, rel=rel, label=label, split=split, fold=fold, line=line_no)
 
 
-def _unusable(path: Path, line_no: int, csv_path: Path) -> str | None:
-    """Why a listed file cannot be used (missing, unsupported type), or None."""
-    if not path.exists():
-        return f"missing file (listed on line {line_no} of {csv_path.name})"
-    if kind_of(path) is None:
-        return f"unsupported file type '{path.suffix}' (line {line_no})"
-    return None
+def _unusable(item: Item, csv_path: Path) -> str | None:
+    """Why a listed file cannot be used (missing, unsupported type: no kind), or None."""
+    if item.kind is not None:
+        return None
+    if not item.path.exists():
+        return f"missing file (listed on line {item.line} of {csv_path.name})"
+    return f"unsupported file type '{item.path.suffix}' (line {item.line})"
 
 
 def _csv_class_names(csv_path: Path, listed: list[Item], has_split: bool, has_fold: bool) -> list[str]:
