@@ -44,6 +44,10 @@ class CLAdapterModel(nn.Module):
         if len(self.class_names) != num_classes:
             raise ModelError(f"{len(self.class_names)} class names for {num_classes} classes")
         self.stage = 2
+        # Stages that train the backbone keep its BatchNorm running statistics as they were
+        # (the trainer sets this from train.batchnorm): re-estimating them from small batches
+        # undoes a pretrained backbone in one epoch.
+        self.freeze_norm_stats = True
         # The training data's intensity range (lo, hi) that the decoder maps to [0, 1], from
         # prepare's summary; None: 8-bit-style fixed scaling. Saved in config.json so that
         # predict and serving scale new images as training did.
@@ -78,7 +82,9 @@ class CLAdapterModel(nn.Module):
     # -- staged fine-tuning --------------------------------------------------------------
     def set_stage(self, stage: int) -> "CLAdapterModel":
         """Stage 1: backbone frozen (no gradients; BatchNorm and dropout in eval mode).
-        Stage 2: everything trainable."""
+        Stage 2: everything trainable; the backbone's BatchNorm layers stay in eval mode
+        (running statistics kept, their weight and bias still trained) while
+        `freeze_norm_stats` is set."""
         if stage not in (1, 2):
             raise ModelError(f"stage must be 1 or 2, got {stage!r}")
         self.stage = stage
@@ -90,6 +96,9 @@ class CLAdapterModel(nn.Module):
         super().train(mode)
         if self.stage == 1:
             self.backbone.eval()  # frozen statistics: BatchNorm running stats, no dropout
+        elif mode and self.freeze_norm_stats:
+            for layer in batchnorm_layers(self.backbone):
+                layer.eval()
         return self
 
     def param_report(self) -> dict:
@@ -111,6 +120,11 @@ class CLAdapterModel(nn.Module):
                 "class_names": self.class_names, "input_size": dc["input_size"],
                 "mean": dc["mean"], "std": dc["std"], "interpolation": dc["interpolation"],
                 "intensity": self.intensity, "is_3d": self.backbone.is_3d}
+
+
+def batchnorm_layers(module: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer (1d/2d/3d, SyncBatchNorm, timm's BatchNormAct2d) in `module`."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def build_model(backbone: str, num_classes: int, mode: str = "cla", num_centers: int = 20,

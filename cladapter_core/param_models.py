@@ -197,6 +197,12 @@ class Train(Section):
     grad_accum: Int = _f(1, "steps whose gradients are accumulated per update", ge=1)
     grad_clip: Number = _f(1.0, "max gradient norm, 0 = off", ge=0)
     amp: Flag = _f(True, "mixed precision on GPUs (ignored on the CPU)")
+    batchnorm: Literal["auto", "frozen", "train"] = _f(
+        "auto", "the backbone's BatchNorm running statistics when it trains (stage 2, full, "
+        "lp-ft): frozen = kept as pretrained (BatchNorm weight and bias still train); train = "
+        "re-estimated from every batch; auto = frozen below batchnorm_min_batch images per device")
+    batchnorm_min_batch: Int = _f(32, "auto: the per-device batch from which BatchNorm statistics "
+                                  "are re-estimated", ge=2)
     select_metric: Literal[METRICS] = _f("macro_f1", "best epoch by this validation metric")
     early_stopping: Int = _f(0, "patience in epochs, 0 = off", ge=0)
     channels_last: Flag = _f(False, "CNNs: NHWC memory format (benchmarks/README.md)")

@@ -48,13 +48,13 @@ from .distributed import init_distributed, pick_device
 from .errors import Preempted, TrainingError
 from .metrics import classification_metrics
 from .config import FROZEN_MODES
-from .model import build_model, load_model, save_model
+from .model import batchnorm_layers, build_model, load_model, save_model
 from .params import model_kwargs
 
 STAGED_MODES = ("cla", "lp-ft")
 
 __all__ = ["train", "Trainer", "TrainingError", "Preempted", "StopTraining", "STAGED_MODES",
-           "stage_plan", "lr_lambda", "make_optimizer", "run_eval", "pick_device",
+           "stage_plan", "freezes_norm_stats", "lr_lambda", "make_optimizer", "run_eval", "pick_device",
            "checkpoint_dir", "CKPT_NAME"]
 
 
@@ -76,6 +76,15 @@ def stage_plan(params: dict, stage: int, mode: str) -> dict:
     # full: everything trains from the start, so the backbone's learning rate, the same as
     # every stage 2's (a pretrained backbone at the head's lr would be unfair to it).
     return {"epochs": s1 + s2, "lr": lr * factor, "freeze": False}
+
+
+def freezes_norm_stats(t: dict, world: int = 1) -> bool:
+    """Whether a stage that trains the backbone keeps its BatchNorm running statistics
+    (`train.batchnorm`; auto: frozen while the per-device batch is below
+    `train.batchnorm_min_batch`, where batch statistics are too noisy to replace pretrained ones)."""
+    if t["batchnorm"] == "auto":
+        return math.ceil(t["batch_size"] / world) < t["batchnorm_min_batch"]
+    return t["batchnorm"] == "frozen"
 
 
 def warmup_steps(warmup_epochs: int, steps_per_epoch: int, total_steps: int, max_fraction: float) -> int:
@@ -227,6 +236,7 @@ class Trainer:
                                 **{**model_kwargs(self.params), "mode": self.mode})
         if not self.init_from:  # stage 2 keeps what stage 1 recorded
             model.intensity = data.intensity_range(self.prepared_dir)
+        model.freeze_norm_stats = freezes_norm_stats(self.t, self.world)
         model.set_stage(1 if self.plan["freeze"] else 2)
         model.to(self.device)
         if self.t.get("channels_last"):
@@ -347,12 +357,22 @@ class Trainer:
         self.info = {"params": self.params, "stage": self.stage, "mode": self.mode, "out_dir": str(self.out_dir),
                      "prepared_dir": str(self.prepared_dir),
                      "param_report": self.model.param_report(), "epochs": self.plan["epochs"],
-                     "lr": self.plan["lr"], "device": str(self.device), "world_size": self.world}
+                     "lr": self.plan["lr"], "device": str(self.device), "world_size": self.world,
+                     "batchnorm": self._batchnorm_rule()}
         self._callbacks("on_train_start", self.info)
         if self.rank == 0:
             rep = self.info["param_report"]
             print(f"stage {self.stage} ({self.mode}): {self.plan['epochs']} epochs, lr {self.plan['lr']:g}, "
-                  f"{rep['trainable']:,} of {rep['total']:,} parameters trainable, on {self.device}")
+                  f"{rep['trainable']:,} of {rep['total']:,} parameters trainable, on {self.device}"
+                  + (f", BatchNorm statistics {self.info['batchnorm']}" if self.info["batchnorm"] else ""))
+
+    def _batchnorm_rule(self) -> str | None:
+        """What the backbone's BatchNorm layers do in this stage (None: it has none)."""
+        if not batchnorm_layers(self.model.backbone):
+            return None
+        if self.plan["freeze"] or self.model.freeze_norm_stats:
+            return "frozen"
+        return "trained"
 
     def epoch_loop(self) -> None:
         s, epochs = self.state, self.plan["epochs"]
@@ -528,7 +548,7 @@ class Trainer:
                 "selected_by": self.t["select_metric"] if s.best_key[0] else "neg_loss (select metric undefined)",
                 "warmup_steps": self.warmup,
                 "stopped_early": s.stopped_early, "param_report": self.model.param_report(),
-                "lr": self.plan["lr"], "init_from": str(self.init_from) if self.init_from else None,
+                "lr": self.plan["lr"], "batchnorm": self.info["batchnorm"], "init_from": str(self.init_from) if self.init_from else None,
                 "seconds": round(sum(r["seconds"] for r in s.history), 3), "cache": self.cache_info}
 
 

@@ -28,7 +28,7 @@ SNAPSHOT = {
               "mlp_ratio": 4.0, "temperature": 1.0, "init": "paper", "dropout": 0.0},
     "train": {"mode": "cla", "batch_size": 32, "num_workers": "auto", "optimizer": "adam", "lr": 0.002,
               "weight_decay": 0.001, "warmup_epochs": 1, "warmup_max_fraction": 0.25, "grad_accum": 1,
-              "grad_clip": 1.0, "amp": True,
+              "grad_clip": 1.0, "amp": True, "batchnorm": "auto", "batchnorm_min_batch": 32,
               "select_metric": "macro_f1", "early_stopping": 0, "channels_last": False, "compile": False,
               "cache": {"views": None, "dtype": "float16", "storage": "memory", "dir": ".cladapter_cache"},
               "augment": {"hflip": False, "vflip": False, "brightness": 0.1, "contrast": 0.1,
