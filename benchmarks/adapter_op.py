@@ -21,6 +21,7 @@ import _common as C
 import torch
 
 from cladapter_core.adapter import ClusterAttention
+from cladapter_core.config import AdapterConfig
 
 
 def reference_forward(attn: ClusterAttention, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     B, N, D, K, R = args.batch, args.tokens, args.dim, args.centers, args.rank
-    attn = ClusterAttention(D, K, R).to(device)
+    attn = ClusterAttention(D, AdapterConfig(num_centers=K, rank=R)).to(device)
     x = torch.randn(B, N, D, device=device, requires_grad=True)
     a0 = torch.softmax(torch.randn(B, K, device=device), dim=-1).requires_grad_(True)
     g_layer = torch.randn(B, N, D, device=device)

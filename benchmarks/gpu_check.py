@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from cladapter_core.adapter import ClusterAttention
+from cladapter_core.config import AdapterConfig
 from cladapter_core.data import epoch_loader, make_demo_data, prepare
 from cladapter_core.data import ManifestDataset, build_transform
 from cladapter_core.data.seeding import EpochBatchSampler, SeededDataset
@@ -133,7 +134,7 @@ def stage1_cache(s: Sizes, device, work: Path) -> dict:
 def adapter_op(s: Sizes, device) -> dict:
     from adapter_op import reference_forward, rel_diff
     torch.manual_seed(0)
-    attn = ClusterAttention(s.op_dim, s.centers, s.rank).to(device)
+    attn = ClusterAttention(s.op_dim, AdapterConfig(num_centers=s.centers, rank=s.rank)).to(device)
     x = torch.randn(s.op_batch, s.op_tokens, s.op_dim, device=device, requires_grad=True)
     grad = torch.randn_like(x)
 

@@ -28,18 +28,15 @@ __all__ = ["CLAdapter", "AdapterBlock", "ClusterAttention", "Mlp"]
 class ClusterAttention(nn.Module):
     """K learnable centers attend to the pooled tokens and mix K r x r transforms."""
 
-    def __init__(self, dim: int, num_centers: int = 20, rank: int = 256,
-                 temperature: float = 1.0, init: str = "paper"):
+    def __init__(self, dim: int, config: AdapterConfig):
         super().__init__()
-        AdapterConfig(num_centers=num_centers, rank=rank, temperature=temperature,
-                      init=init).validate()
-        self.dim, self.num_centers, self.rank = dim, num_centers, rank
-        self.temperature = temperature
-        self.centers = nn.Parameter(torch.empty(num_centers, dim))
-        self.transforms = nn.Parameter(torch.empty(num_centers, rank, rank))
-        self.down = nn.Linear(dim, rank)
-        self.up = nn.Linear(rank, dim)
-        self.reset_cluster_parameters(init)
+        self.dim, self.num_centers, self.rank = dim, config.num_centers, config.rank
+        self.temperature = config.temperature
+        self.centers = nn.Parameter(torch.empty(config.num_centers, dim))
+        self.transforms = nn.Parameter(torch.empty(config.num_centers, config.rank, config.rank))
+        self.down = nn.Linear(dim, config.rank)
+        self.up = nn.Linear(config.rank, dim)
+        self.reset_cluster_parameters(config.init)
 
     @torch.no_grad()
     def reset_cluster_parameters(self, init: str = "paper") -> None:
@@ -75,13 +72,12 @@ class Mlp(nn.Module):
 
 
 class AdapterBlock(nn.Module):
-    def __init__(self, dim: int, num_centers: int, rank: int, mlp_ratio: float = 4.0,
-                 temperature: float = 1.0, init: str = "paper", dropout: float = 0.0):
+    def __init__(self, dim: int, config: AdapterConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = ClusterAttention(dim, num_centers, rank, temperature, init)
+        self.attn = ClusterAttention(dim, config)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
+        self.mlp = Mlp(dim, int(dim * config.mlp_ratio), config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.attn(self.norm1(x))
@@ -91,41 +87,26 @@ class AdapterBlock(nn.Module):
 class CLAdapter(nn.Module):
     """Maps backbone tokens (B, N, D) to adapted tokens (B, N, D).
 
-    Args:
-        dim: token width D of the backbone.
-        num_centers: K, number of learnable cluster centers (default 20).
-        rank: r, width of the transformation matrices (default 256).
-        depth: number of adapter blocks (default 1).
-        mlp_ratio: hidden width of each block's MLP as a multiple of D (default 4).
-        temperature: tau of the cosine-similarity softmax (default 1.0).
-        init: ``"paper"`` (standard normal, as the reference code) or ``"identity"``
-            (transforms start at the identity matrix).
-        dropout: dropout inside the MLPs (default 0).
-        grad_checkpointing: recompute each block in backward to save memory (default off).
+    `CLAdapter(dim, num_centers=5, rank=64)`: `dim` is the backbone's token width D; the
+    options (num_centers K, rank r, depth, mlp_ratio, temperature tau, init, dropout) are
+    params.yaml's `model:` fields, declared with their defaults in `param_models.Model`;
+    or pass a ready `config` (AdapterConfig). `grad_checkpointing` recomputes each block
+    in backward to save activation memory (a way to run, not part of the model).
     """
 
-    def __init__(self, dim: int, num_centers: int = 20, rank: int = 256, depth: int = 1,
-                 mlp_ratio: float = 4.0, temperature: float = 1.0, init: str = "paper",
-                 dropout: float = 0.0, grad_checkpointing: bool = False):
+    def __init__(self, dim: int, config: AdapterConfig | None = None, *,
+                 grad_checkpointing: bool = False, **options):
         super().__init__()
-        self.config = AdapterConfig(num_centers=num_centers, rank=rank, depth=depth,
-                                    mlp_ratio=mlp_ratio, temperature=temperature,
-                                    init=init, dropout=dropout,
-                                    grad_checkpointing=grad_checkpointing)
-        self.config.validate()
+        if config is not None and options:
+            raise ModelError(f"CLAdapter: give a config or options, not both (got {sorted(options)})")
+        self.config = config if config is not None else AdapterConfig(**options)
         if dim < 1:
             raise ModelError(f"adapter dim must be >= 1, got {dim}")
         self.dim = dim
         self.grad_checkpointing = grad_checkpointing
         self.norm_in = nn.LayerNorm(dim)
-        self.blocks = nn.ModuleList(
-            AdapterBlock(dim, num_centers, rank, mlp_ratio, temperature, init, dropout)
-            for _ in range(depth))
+        self.blocks = nn.ModuleList(AdapterBlock(dim, self.config) for _ in range(self.config.depth))
         self.norm_out = nn.LayerNorm(dim)
-
-    @classmethod
-    def from_config(cls, dim: int, config: AdapterConfig) -> "CLAdapter":
-        return cls(dim, **config.to_dict())
 
     def assignments(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Soft cluster weights (B, K) of every block, for plotting."""

@@ -1,53 +1,32 @@
-"""Adapter options: one dataclass of documented fields with defaults (as PEFT's configs)."""
+"""The adapter's options, as one validated object: the adapter fields of params.yaml's
+`model:` section (`param_models.Model`, where each is declared with its type, default,
+bounds and help), taken from that declaration rather than written again."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from pydantic import BaseModel, ConfigDict, create_model
 
 from .errors import ModelError
+from .param_models import ADAPTER_FIELDS, FROZEN_MODES, INITS, MODES, Model, check
 
-INITS = ("paper", "identity")
-# What a model trains: `cla` (the adapter), the baselines, and which of them keep the
-# backbone frozen in their single stage (model.py documents each).
-MODES = ("cla", "linear", "linear-mean", "full", "lp-ft")
-FROZEN_MODES = ("linear", "linear-mean")
+__all__ = ["AdapterConfig", "ADAPTER_FIELDS", "FROZEN_MODES", "INITS", "MODES"]
 
 
-@dataclass
-class AdapterConfig:
-    num_centers: int = 20
-    """K: learnable cluster centers (the reference code's default is 20)."""
-    rank: int = 256
-    """r: size of the K transformation matrices (r x r)."""
-    depth: int = 1
-    """Number of adapter blocks."""
-    mlp_ratio: float = 4.0
-    """Hidden width of each block's MLP, as a multiple of the token width D."""
-    temperature: float = 1.0
-    """tau in softmax(cos(q, c_k) / tau)."""
-    init: str = "paper"
-    """'paper': centers and transforms from N(0, 1); 'identity': transforms start at I."""
-    dropout: float = 0.0
-    """Dropout inside the MLPs."""
-    grad_checkpointing: bool = False
-    """Recompute blocks in backward to save activation memory."""
+class _AdapterOptions(BaseModel):
+    """Validated at construction, as params.yaml is; a bad value is a ModelError naming it."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def validate(self) -> "AdapterConfig":
-        problems = []
-        for name in ("num_centers", "rank", "depth"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                problems.append(f"{name} must be an integer >= 1, got {v!r}")
-        if not self.mlp_ratio > 0:
-            problems.append(f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
-        if not self.temperature > 0:
-            problems.append(f"temperature must be > 0, got {self.temperature!r}")
-        if self.init not in INITS:
-            problems.append(f"init must be one of {INITS}, got {self.init!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(ADAPTER_FIELDS))
+        if unknown:
+            raise ModelError(f"invalid adapter options: {', '.join(unknown)} (known: {', '.join(ADAPTER_FIELDS)})")
+        problems = check({"model": options})[1]
         if problems:
             raise ModelError("invalid adapter options: " + "; ".join(problems))
-        return self
+        super().__init__(**options)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+AdapterConfig = create_model(
+    "AdapterConfig", __base__=_AdapterOptions, __module__=__name__,
+    **{name: (Model.model_fields[name].annotation, Model.model_fields[name]) for name in ADAPTER_FIELDS})
+AdapterConfig.__doc__ = ("The adapter's options (K, rank, depth, MLP ratio, temperature, init, "
+                         "dropout): params.yaml's model fields, validated as there.")

@@ -30,6 +30,7 @@ import torch
 from .errors import DataError, ParamsError
 from .model import CLAdapterModel, load_model
 from .outputs import atomic_dir, atomic_write, write_json
+from .params import checked
 
 TSNE_MAX_POINTS = 2000   # t-SNE is O(n log n) per iteration but slow on 2 CPU cores beyond this
 TSNE_MIN_POINTS = 5
@@ -49,19 +50,10 @@ def _progress(iterable, desc: str, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, disable=None, leave=False)
 
 
-def _eval_params(params: dict) -> tuple[str, bool, int, str | None, int]:
-    ev = params.get("evaluate") or {}
-    split = ev.get("split", "test")
-    if split not in ("train", "val", "test"):
-        raise ParamsError(f"evaluate.split: must be train, val or test, got {split!r}")
-    tsne = ev.get("tsne", False)
-    if not isinstance(tsne, bool):
-        raise ParamsError(f"evaluate.tsne: must be true or false, got {tsne!r}")
-    tp = params.get("train") or {}
-    batch_size = tp.get("batch_size", 32)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ParamsError(f"train.batch_size: must be an integer >= 1, got {batch_size!r}")
-    return split, tsne, batch_size, tp.get("select_metric"), int(params.get("seed", 0) or 0)
+def _eval_params(params: dict) -> tuple[str, bool, int, str, int]:
+    p = checked(params, "seed", "evaluate", "train")
+    ev, t = p["evaluate"], p["train"]
+    return ev["split"], ev["tsne"], t["batch_size"], t["select_metric"], p["seed"]
 
 
 @torch.no_grad()

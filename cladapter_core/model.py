@@ -20,6 +20,7 @@ from .outputs import atomic_dir, write_json
 from .backbones import Backbone
 from .config import FROZEN_MODES, MODES, AdapterConfig  # noqa: F401 (re-exported)
 from .errors import ModelError
+from .param_models import ADAPTER_FIELDS, Model, Train, check
 
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -36,8 +37,8 @@ class CLAdapterModel(nn.Module):
             raise ModelError(f"num_classes must be an integer >= 1, got {num_classes!r}")
         self.mode = mode
         self.backbone = backbone
-        self.adapter_config = (adapter_config or AdapterConfig()).validate()
-        self.adapter = CLAdapter.from_config(backbone.dim, self.adapter_config) if mode == "cla" else None
+        self.adapter_config = adapter_config if adapter_config is not None else AdapterConfig()
+        self.adapter = CLAdapter(backbone.dim, self.adapter_config) if mode == "cla" else None
         self.head = nn.Linear(backbone.dim, num_classes)
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
@@ -113,8 +114,7 @@ class CLAdapterModel(nn.Module):
 
     def config_dict(self) -> dict:
         dc = self.backbone.data_config
-        cfg = self.adapter_config.to_dict()
-        cfg.pop("grad_checkpointing")
+        cfg = self.adapter_config.model_dump()
         return {"backbone": self.backbone.name, "backbone_kwargs": self.backbone.kwargs,
                 "mode": self.mode, **cfg, "num_classes": self.num_classes,
                 "class_names": self.class_names, "input_size": dc["input_size"],
@@ -127,32 +127,37 @@ def batchnorm_layers(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def build_model(backbone: str, num_classes: int, mode: str = "cla", num_centers: int = 20,
-                rank: int = 256, depth: int = 1, pretrained: bool = False,
-                checkpoint: str | None = None, *, mlp_ratio: float = 4.0,
-                temperature: float = 1.0, init: str = "paper", dropout: float = 0.0,
-                grad_checkpointing: bool = False, class_names: list[str] | None = None,
-                backbone_kwargs: dict | None = None, input_size=None,
-                **more_backbone_kwargs) -> CLAdapterModel:
+def build_model(backbone: str, num_classes: int, mode: str = Train.model_fields["mode"].default, *,
+                class_names: list[str] | None = None, grad_checkpointing: bool = False,
+                **options) -> CLAdapterModel:
     """Build a backbone (timm name or torchvision video model) with a CLAdapter and head.
 
+    `options`: any field of params.yaml's `model:` section (`param_models.Model` declares
+    each with its default: pretrained, checkpoint, backbone_kwargs, input_size, num_centers,
+    rank, depth, mlp_ratio, temperature, init, dropout), validated as params.yaml is; other
+    keywords go to `timm.create_model` (img_size, patch_size, in_chans...), and
+    `backbone_kwargs` carries those whose names clash with the adapter's (timm's `depth`).
     `pretrained=True` uses timm's/torchvision's normal download (needs internet);
     `checkpoint` loads backbone weights from a path, file:// or s3:// URI instead.
-    Extra keyword arguments go to `timm.create_model` (img_size, patch_size, in_chans...);
-    `backbone_kwargs` carries those whose names clash with the adapter's (timm's `depth`).
     `input_size` (H, [H, W] or [T, H, W]) sets what images are resized to; by default the
     backbone's pretrained configuration (or timm's `img_size`).
     """
-    backbone_kwargs = {**(backbone_kwargs or {}), **more_backbone_kwargs}
     # Validate the cheap things before building a possibly large backbone.
     if mode not in MODES:
         raise ModelError(f"mode must be one of {MODES}, got {mode!r}")
-    adapter_config = AdapterConfig(num_centers=num_centers, rank=rank, depth=depth,
-                                   mlp_ratio=mlp_ratio, temperature=temperature, init=init,
-                                   dropout=dropout, grad_checkpointing=grad_checkpointing).validate()
-    bb = Backbone(backbone, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size,
-                  **backbone_kwargs)
-    return CLAdapterModel(bb, num_classes, mode, adapter_config, class_names)
+    given = {k: v for k, v in options.items() if k in Model.model_fields}
+    timm_kwargs = {k: v for k, v in options.items() if k not in Model.model_fields}
+    resolved, problems = check({"model": {**given, "backbone": backbone}})
+    if problems:
+        raise ModelError("invalid model options: " + "; ".join(problems))
+    m = resolved.model
+    adapter_config = AdapterConfig(**{name: getattr(m, name) for name in ADAPTER_FIELDS})
+    bb = Backbone(backbone, pretrained=m.pretrained, checkpoint=m.checkpoint, input_size=m.input_size,
+                  **{**(m.backbone_kwargs or {}), **timm_kwargs})
+    model = CLAdapterModel(bb, num_classes, mode, adapter_config, class_names)
+    if model.adapter is not None:
+        model.adapter.grad_checkpointing = grad_checkpointing
+    return model
 
 
 def save_model(model: CLAdapterModel, out_dir: str | Path, extra_files: dict | None = None) -> Path:
@@ -182,11 +187,8 @@ def load_model(model_dir: str | Path, map_location: str = "cpu") -> CLAdapterMod
     except json.JSONDecodeError as e:
         raise ModelError(f"{cfg_path}: not valid JSON ({e})") from e
     model = build_model(cfg["backbone"], cfg["num_classes"], mode=cfg["mode"],
-                        num_centers=cfg["num_centers"], rank=cfg["rank"], depth=cfg["depth"],
-                        mlp_ratio=cfg["mlp_ratio"], temperature=cfg["temperature"],
-                        init=cfg["init"], dropout=cfg["dropout"],
                         class_names=cfg["class_names"], backbone_kwargs=cfg.get("backbone_kwargs"),
-                        input_size=cfg["input_size"][1:])
+                        input_size=cfg["input_size"][1:], **{k: cfg[k] for k in ADAPTER_FIELDS})
     state = load_file(str(w_path), device=map_location)
     from .weights import load_into
     load_into(model, state, source=str(w_path))

@@ -28,8 +28,15 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from .config import INITS
 
+INITS = ("paper", "identity")
+INTENSITY_MODES = ("auto", "percentiles", "type")  # data/intensity.py
+# What a model trains: `cla` (the adapter), the baselines, and which of them keep the
+# backbone frozen in their single stage (model.py documents each).
+MODES = ("cla", "linear", "linear-mean", "full", "lp-ft")
+FROZEN_MODES = ("linear", "linear-mean")
+# The `model:` fields that configure the adapter itself (config.AdapterConfig is made of them).
+ADAPTER_FIELDS = ("num_centers", "rank", "depth", "mlp_ratio", "temperature", "init", "dropout")
 # macro_f1: the mean of per-class F1; f1_macro_pr: the paper's F1, 2PR/(P+R) of macro
 # precision and macro recall (metrics.py).
 METRICS = ("accuracy", "macro_f1", "f1_macro_pr", "macro_precision", "macro_recall", "weighted_f1",
@@ -98,7 +105,7 @@ class Data(Section):
     skip_invalid: Flag = _f(False, "true: leave unreadable files out and report them")
     resize: Optional[Int] = _f(None, "resize once at prepare time (small datasets), e.g. 64; "
                                "null: keep the size", ge=8)
-    intensity: Literal["auto", "percentiles", "type"] = _f(
+    intensity: Literal[INTENSITY_MODES] = _f(
         "auto", "how pixel values reach [0, 1]: auto = integers by their real bit depth (12-bit "
         "data in 16-bit files / 4095), floats by the dataset's range; percentiles = the dataset's "
         "0.5th-99.5th; type = the file type's maximum (data/intensity.py)")
@@ -108,7 +115,8 @@ class Data(Section):
     def _something_left_to_train_on(cls, value, info: ValidationInfo):
         val = info.data.get("val_fraction")
         if val is not None and val + value >= 1:
-            raise problem(f"data.val_fraction + data.test_fraction must be < 1, got {val + value!r}")
+            raise problem(f"data.val_fraction + data.test_fraction = {val + value:g} leaves nothing "
+                          "to train on (must be < 1)")
         return value
 
     @field_validator("fold")
@@ -126,8 +134,7 @@ class Model(Section):
     backbone: Text = _f("test_vit", "timm model name or torchvision video model (r3d_18, ...); the "
                         "demo's timm test ViT is tiny and randomly initialised",
                         must="a timm or torchvision video model name")
-    backbone_kwargs: Optional[dict[Any, Any]] = _f(lambda: {"img_size": 32},
-                                                   "passed to timm.create_model as they are",
+    backbone_kwargs: Optional[dict[Any, Any]] = _f(dict, "passed to timm.create_model as they are",
                                                    must="a mapping")
     input_size: Optional[Union[PositiveInt, Annotated[list[PositiveInt], Field(min_length=1)]]] = _f(
         None, "H, [H, W] or 3D [T, H, W]; null: the backbone's pretrained config",
@@ -136,8 +143,7 @@ class Model(Section):
     checkpoint: Optional[StrictStr] = _f(None, "local path, file:// or s3:// URI of backbone weights",
                                          must="a path or URI")
     num_centers: Int = _f(20, "K: the adapter's cluster centers", ge=1)
-    rank: Int = _f(32, "r: size of the K transformation matrices; the paper's is 256 (for D=768)",
-                   ge=1)
+    rank: Int = _f(256, "r: size of the K transformation matrices (the reference code's 256)", ge=1)
     depth: Int = _f(1, "number of adapter blocks", ge=1)
     mlp_ratio: Number = _f(4.0, "hidden width of each block's MLP, as a multiple of D", gt=0)
     temperature: Number = _f(1.0, "tau in softmax(cos(q, c_k) / tau)", gt=0)
@@ -183,7 +189,8 @@ class Augment(Section):
 
 class Train(Section):
     """`train:` the staged trainer (cladapter_core/train.py)."""
-    mode: Text = _f("cla", "cla | linear | linear-mean | full | lp-ft (config.MODES)", must="a training mode")
+    mode: Text = _f("cla", "cla | linear | linear-mean | full | lp-ft (param_models.MODES)",
+                    must="a training mode")
     batch_size: Int = _f(32, "images per step", ge=1)
     num_workers: Union[Literal["auto"], Annotated[Int, Field(ge=0)]] = _f(
         "auto", "data loader processes; auto: from the cores and the device (data/workers.py)",
@@ -213,7 +220,6 @@ class Train(Section):
     @field_validator("mode")
     @classmethod
     def _known_mode(cls, mode: str) -> str:
-        from .config import MODES
         if mode not in MODES:
             raise problem(f"must be one of {', '.join(MODES)}, got {mode!r}")
         return mode

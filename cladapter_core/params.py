@@ -181,20 +181,25 @@ def resolve(params: dict) -> tuple[dict | None, list[str]]:
     return (model.model_dump() if model is not None else None), problems
 
 
+def checked(params: dict, *sections: str) -> dict:
+    """Whole params with the named `sections` of `params` (a params dict from code, which
+    need not have gone through `load_params`) validated against their declarations and
+    the rest at their defaults; ParamsError listing every problem at once."""
+    given = {name: params[name] for name in sections if params.get(name) is not None}
+    model, problems = check(given)
+    if problems:
+        raise ParamsError(f"bad {', '.join(sections)} parameters:\n  " + "\n  ".join(problems))
+    return model.model_dump()
+
+
 def validate_params(p: dict) -> list[str]:
     """Every problem in the params, as 'field: what is wrong' lines (empty: valid)."""
     return resolve(p)[1]
 
 
 def model_kwargs(params: dict) -> dict:
-    """build_model keyword arguments from params['model'] and train.mode."""
-    m = params["model"]
-    return dict(backbone=m["backbone"], mode=params["train"]["mode"],
-                num_centers=m["num_centers"], rank=m["rank"], depth=m["depth"],
-                pretrained=m["pretrained"], checkpoint=m["checkpoint"],
-                mlp_ratio=m["mlp_ratio"], temperature=m["temperature"], init=m["init"],
-                dropout=m["dropout"], backbone_kwargs=m["backbone_kwargs"] or {},
-                input_size=m["input_size"])
+    """build_model keyword arguments: every field of params['model'], and train.mode."""
+    return {**params["model"], "mode": params["train"]["mode"]}
 
 
 # -- tuned values -----------------------------------------------------------------------------

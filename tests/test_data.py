@@ -585,7 +585,8 @@ def test_train_loader_shuffles_with_the_seed(tmp_path):
     def order(seed):
         params = make_params()
         params["seed"] = seed
-        params["train"]["augment"] = {}
+        params["train"]["augment"] = dict(AUGMENT, hflip=False, vflip=False, brightness=0, contrast=0,
+                                          shift=0, scale=0, rotate=0)  # none: the order is the point
         loader = make_loader(tmp_path / "out", "train", MODEL_2D, train=True, params=params, batch_size=5)
         assert loader.drop_last is False
         return [t for _, y in loader for t in y.tolist()], torch.cat([x for x, _ in loader])

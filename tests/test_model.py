@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from cladapter_core import CLAdapter, ModelError, build_model, load_model, save_model
+from cladapter_core.param_models import ADAPTER_FIELDS
 
 TINY_VIT = dict(img_size=32, patch_size=8, backbone_kwargs={"depth": 2})
 
@@ -229,10 +230,14 @@ def test_pickled_code_is_refused(tmp_path):
 def test_clear_errors():
     with pytest.raises(ModelError, match="vit_base_patch16_224"):
         build_model("vit_base_patch16_244", 2)
-    with pytest.raises(ModelError, match="num_centers must be an integer >= 1"):
+    with pytest.raises(ModelError, match="model.num_centers: must be an integer >= 1, got 0"):
         build_model("resnet18", 2, num_centers=0)
-    with pytest.raises(ModelError, match="rank must be an integer >= 1"):
+    with pytest.raises(ModelError, match="model.rank: must be an integer >= 1, got 0"):
         build_model("resnet18", 2, rank=0)
+    with pytest.raises(ModelError, match="model.rank: must be an integer >= 1, got 0"):
+        CLAdapter(8, rank=0)
+    with pytest.raises(ModelError, match="invalid adapter options: ranks"):
+        CLAdapter(8, ranks=4)
     with pytest.raises(ModelError, match="no such file"):
         build_model("resnet18", 2, checkpoint="/nonexistent/w.safetensors")
     with pytest.raises(ModelError, match="mode must be one of"):
@@ -246,3 +251,15 @@ def test_overhead_formula_scales_with_k():
     assert n(big) - n(small) == 10 * (64 + 8 * 8)
     assert math.isclose(n(small), 2 * 64 + (2 * 64 + 2 * 64 + 2 * 8 * 8 + 64 * 8 + 8 + 8 * 64 + 64
                                             + 2 * 64 + 64 * 256 + 256 + 256 * 64 + 64) + 2 * 64)
+
+
+def test_build_model_defaults_are_the_params_defaults():
+    """A model built with nothing but a backbone and classes has the config of one built
+    from the default params: the options' defaults are declared once (param_models)."""
+    from cladapter_core.params import defaults, model_kwargs
+    d = defaults()
+    plain = build_model(d["model"]["backbone"], 3, img_size=32)
+    from_params = build_model(num_classes=3, **{**model_kwargs(d), "backbone_kwargs": {"img_size": 32}})
+    assert plain.config_dict() == from_params.config_dict()
+    assert {k: plain.config_dict()[k] for k in ADAPTER_FIELDS} == {k: d["model"][k] for k in ADAPTER_FIELDS}
+    assert plain.mode == d["train"]["mode"] and plain.config_dict()["rank"] == 256  # the paper's r

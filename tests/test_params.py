@@ -23,8 +23,8 @@ SNAPSHOT = {
     "seed": 0,
     "data": {"source": "data/demo", "val_fraction": 0.15, "test_fraction": 0.15, "shots_per_class": None,
              "folds": 0, "fold": 0, "skip_invalid": False, "resize": None, "intensity": "auto"},
-    "model": {"backbone": "test_vit", "backbone_kwargs": {"img_size": 32}, "input_size": None,
-              "pretrained": False, "checkpoint": None, "num_centers": 20, "rank": 32, "depth": 1,
+    "model": {"backbone": "test_vit", "backbone_kwargs": {}, "input_size": None,
+              "pretrained": False, "checkpoint": None, "num_centers": 20, "rank": 256, "depth": 1,
               "mlp_ratio": 4.0, "temperature": 1.0, "init": "paper", "dropout": 0.0},
     "train": {"mode": "cla", "batch_size": 32, "num_workers": "auto", "optimizer": "adam", "lr": 0.002,
               "weight_decay": 0.001, "warmup_epochs": 1, "warmup_max_fraction": 0.25, "grad_accum": 1,
@@ -71,8 +71,9 @@ def write(tmp_path, text: str) -> Path:
 
 def test_the_resolved_dict_is_the_one_of_before(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no params.yaml here: load_params(None) and the default path
-    demo = json.loads(exactly(SNAPSHOT))  # the demo's params.yaml: two documented differences
+    demo = json.loads(exactly(SNAPSHOT))  # the demo's params.yaml: four documented differences
     demo["train"]["cache"]["views"], demo["register"]["auto_promote"] = 8, True
+    demo["model"]["backbone_kwargs"], demo["model"]["rank"] = {"img_size": 32}, 32
     assert exactly(load_params(str(REPO / "params.yaml"))) == exactly(demo)
     assert exactly(load_params(None)) == exactly(SNAPSHOT)
     assert exactly(load_params()) == exactly(SNAPSHOT)
@@ -80,7 +81,7 @@ def test_the_resolved_dict_is_the_one_of_before(monkeypatch, tmp_path):
     assert validate_params(defaults()) == []
     # a copy each time: a stage editing its dict does not change the defaults
     defaults()["model"]["backbone_kwargs"]["img_size"] = 64
-    assert defaults()["model"]["backbone_kwargs"] == {"img_size": 32}
+    assert defaults()["model"]["backbone_kwargs"] == {}
 
 
 def test_every_field_is_declared_with_help():
@@ -196,3 +197,35 @@ def test_params_do_not_import_tuning():
             "print(sorted(m for m in sys.modules if m.startswith(('cladapter_core.tune', 'optuna'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_each_parameter_is_declared_once():
+    """param_models is the only declaration: the adapter's options are the `model:` fields
+    themselves, and no function or table of the core states a params default again."""
+    import ast
+    import inspect
+
+    from cladapter_core.adapter import AdapterBlock, ClusterAttention, CLAdapter
+    from cladapter_core.config import AdapterConfig
+    from cladapter_core.model import build_model, load_model
+    from cladapter_core.param_models import ADAPTER_FIELDS, Model
+
+    for name in ADAPTER_FIELDS:
+        ours, declared = AdapterConfig.model_fields[name], Model.model_fields[name]
+        assert (ours.default, ours.description, ours.metadata) == \
+            (declared.default, declared.description, declared.metadata), name
+    fields = {name for section in Params.model_fields.values()
+              if isinstance(section.annotation, type) and issubclass(section.annotation, Section)
+              for name in section.annotation.model_fields}
+    for fn in (build_model, load_model, CLAdapter.__init__, ClusterAttention.__init__, AdapterBlock.__init__):
+        redeclared = [name for name, p in inspect.signature(fn).parameters.items()
+                      if name in fields and p.default is not inspect.Parameter.empty and name != "mode"]
+        assert redeclared == [], f"{fn.__qualname__} declares defaults again: {redeclared}"
+    # mode's default is train.mode's, read from the declaration
+    assert inspect.signature(build_model).parameters["mode"].default == defaults()["train"]["mode"]
+    tables = [f"{path.relative_to(REPO)}: {node.targets[0].id}"
+              for path in (REPO / "cladapter_core").rglob("*.py")
+              for node in ast.parse(path.read_text()).body
+              if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+              and node.targets[0].id.endswith("_DEFAULTS")]
+    assert tables == []  # e.g. prepare's DATA_DEFAULTS, the transforms' AUGMENT_DEFAULTS

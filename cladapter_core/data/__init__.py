@@ -25,20 +25,17 @@ from cladapter_core.data.datasets import (
 from cladapter_core.data.demo import make_demo_data
 from cladapter_core.data.intensity import intensity_range
 from cladapter_core.data.images import IMAGE_EXTS, VOLUME_EXTS, decode, load_array, pixel_hash
-from cladapter_core.data.prepare import DATA_DEFAULTS, data_params, prepare
-from cladapter_core.data.transforms import AUGMENT_DEFAULTS, augment_params, build_transform
+from cladapter_core.data.prepare import prepare
+from cladapter_core.data.transforms import augment_params, build_transform
 from cladapter_core.data.workers import available_cores, loader_workers
 
 __all__ = [
-    "AUGMENT_DEFAULTS",
-    "DATA_DEFAULTS",
     "IMAGE_EXTS",
     "VOLUME_EXTS",
     "ManifestDataset",
     "augment_params",
     "available_cores",
     "build_transform",
-    "data_params",
     "data_root",
     "decode",
     "epoch_loader",

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("auto", "percentiles", "type")
 SAMPLE = 4096        # pixels per file for its percentiles (a strided sample: 25 µs, not 80)
 SMALL_SHARE = 0.25   # a dataset using less of its type's range than this gets a warning
 

@@ -27,63 +27,12 @@ from cladapter_core.data import intensity
 from cladapter_core.data.images import DecodeError, decode, pixel_hash, resize_array, write_copy
 from cladapter_core.data.sources import SPLITS, Item, Listing, format_lines, list_source
 from cladapter_core.data.workers import prepare_workers
-from cladapter_core.errors import DataError, ParamsError
+from cladapter_core.errors import DataError
+from cladapter_core.params import checked
 
 log = logging.getLogger(__name__)
 
-DATA_DEFAULTS = {
-    "val_fraction": 0.15,
-    "test_fraction": 0.15,
-    "shots_per_class": None,
-    "folds": 0,
-    "fold": 0,
-    "skip_invalid": False,
-    "resize": None,
-    "intensity": "auto",
-}
 FORMAT_VERSION = 1
-
-
-# ---------------------------------------------------------------- params
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def data_params(params: dict) -> dict:
-    """The `data` section with defaults filled in; every bad value reported at once."""
-    given = dict(params.get("data") or {})
-    dp = {**DATA_DEFAULTS, **{k: given[k] for k in DATA_DEFAULTS if k in given}}
-    problems = []
-    for key in ("val_fraction", "test_fraction"):
-        v = dp[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-            problems.append(f"data.{key}: {v!r} is not a number in [0, 1)")
-    if not problems and dp["val_fraction"] + dp["test_fraction"] >= 1:
-        problems.append(
-            f"data.val_fraction + data.test_fraction = {dp['val_fraction'] + dp['test_fraction']:g} leaves nothing to train on"
-        )
-    if dp["shots_per_class"] is not None and not (_is_int(dp["shots_per_class"]) and dp["shots_per_class"] >= 1):
-        problems.append(f"data.shots_per_class: {dp['shots_per_class']!r} is not null or a whole number >= 1")
-    if not (_is_int(dp["folds"]) and dp["folds"] >= 0):
-        problems.append(f"data.folds: {dp['folds']!r} is not a whole number >= 0")
-    elif not _is_int(dp["fold"]) or dp["fold"] < 0:
-        problems.append(f"data.fold: {dp['fold']!r} is not a whole number >= 0")
-    elif dp["folds"] > 1 and dp["fold"] >= dp["folds"]:
-        problems.append(f"data.fold: {dp['fold']} is out of range for data.folds={dp['folds']} (0..{dp['folds'] - 1})")
-    if not isinstance(dp["skip_invalid"], bool):
-        problems.append(f"data.skip_invalid: {dp['skip_invalid']!r} is not true or false")
-    if dp["intensity"] not in intensity.MODES:
-        problems.append(f"data.intensity: {dp['intensity']!r} is not one of {', '.join(intensity.MODES)}")
-    if dp["resize"] is not None and not (_is_int(dp["resize"]) and dp["resize"] >= 2):
-        problems.append(f"data.resize: {dp['resize']!r} is not null or a whole number >= 2")
-    seed = params.get("seed", 0)
-    if not _is_int(seed):
-        problems.append(f"seed: {seed!r} is not a whole number")
-    if problems:
-        raise ParamsError("bad data parameters:\n" + format_lines(problems))
-    return dp
 
 
 # ---------------------------------------------------------------- decoding
@@ -354,8 +303,8 @@ def prepare(source, out_dir, params: dict, workers: int | None = None) -> dict:
     `workers`: decoding processes (default: one per available core, one for small
     sources); the outputs are the same for any number.
     """
-    dp = data_params(params)
-    seed = int(params.get("seed", 0))
+    checked_params = checked(params, "seed", "data")
+    dp, seed = checked_params["data"], checked_params["seed"]
     source, out_dir = Path(source), Path(out_dir)
     _check_no_overlap(source, out_dir)
     listing = list_source(source)

@@ -13,37 +13,13 @@ import torch
 from torchvision.transforms import v2
 
 from cladapter_core.data.images import frame_indices
-from cladapter_core.errors import ModelError, ParamsError
-
-AUGMENT_DEFAULTS = {
-    "hflip": False,
-    "vflip": False,
-    "brightness": 0.0,
-    "contrast": 0.0,
-    "shift": 0.0,
-    "scale": 0.0,
-    "rotate": 0.0,
-}
-
+from cladapter_core.errors import ModelError
 
 def augment_params(augment: dict | None) -> dict:
-    """`train.augment` with defaults; unknown keys and bad values are ParamsErrors."""
-    augment = dict(augment or {})
-    problems = [f"train.augment.{k}: unknown option (known: {', '.join(AUGMENT_DEFAULTS)})"
-                for k in sorted(set(augment) - set(AUGMENT_DEFAULTS))]
-    out = {**AUGMENT_DEFAULTS, **{k: v for k, v in augment.items() if k in AUGMENT_DEFAULTS}}
-    for key in ("hflip", "vflip"):
-        if not isinstance(out[key], bool):
-            problems.append(f"train.augment.{key}: {out[key]!r} is not true or false")
-    for key, top in (("brightness", 1.0), ("contrast", 1.0), ("shift", 1.0), ("scale", 1.0), ("rotate", 180.0)):
-        v = out[key]
-        if v is None:
-            out[key] = v = 0.0
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= top:
-            problems.append(f"train.augment.{key}: {v!r} is not a number in [0, {top:g}]")
-    if problems:
-        raise ParamsError("bad augmentation parameters:\n" + "\n".join(f"  {p}" for p in problems))
-    return out
+    """`train.augment` validated against its declaration (param_models.Augment), the
+    declared defaults for what is not given; every problem at once (ParamsError)."""
+    from cladapter_core.params import checked
+    return checked({"train": {"augment": dict(augment or {})}}, "train")["train"]["augment"]
 
 
 def _augmentations(aug: dict) -> list:
