@@ -5,49 +5,35 @@ code in it is refused rather than executed.
 """
 from __future__ import annotations
 
-import os
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
+from . import storage
 from .errors import ModelError
+from .storage import s3_client  # noqa: F401 - the boto3 client callers took from here
 
 _WRAPPERS = ("state_dict", "model", "model_state", "module")
 _PREFIXES = ("module.", "_orig_mod.")
 
 
-def s3_client():
-    """boto3 client honouring the usual variables (AWS_*, AWS_ENDPOINT_URL or the
-    MLflow-style MLFLOW_S3_ENDPOINT_URL for MinIO and other S3-compatible stores)."""
-    import boto3
-    from botocore.config import Config
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    cfg = Config(retries={"max_attempts": 5, "mode": "standard"})
-    return boto3.client("s3", endpoint_url=endpoint or None, config=cfg)
-
-
 def fetch_uri(uri: str, dest_dir: str | Path) -> Path:
     """A local Path for `uri` (downloading s3:// objects into dest_dir)."""
     uri = str(uri)
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        from botocore.exceptions import BotoCoreError, ClientError
-        dest = Path(dest_dir) / (Path(parsed.path).name or "weights")
-        try:
-            s3_client().download_file(parsed.netloc, parsed.path.lstrip("/"), str(dest))
-        except (ClientError, BotoCoreError) as e:
-            raise ModelError(f"cannot download checkpoint {uri}: {e}") from e
-        return dest
-    if parsed.scheme == "file":
-        path = Path(parsed.path)
-    elif parsed.scheme in ("", None) or len(parsed.scheme) == 1:  # plain path (or C:\)
-        path = Path(uri)
-    else:
-        raise ModelError(f"checkpoint {uri}: unsupported scheme {parsed.scheme!r} "
+    if storage.scheme(uri) not in ("", "file", "s3"):
+        raise ModelError(f"checkpoint {uri}: unsupported scheme {storage.scheme(uri)!r} "
                          "(use a path, file:// or s3://)")
+    if storage.is_remote(uri):
+        dest = Path(dest_dir) / (PurePosixPath(urlparse(uri).path).name or "weights")
+        try:
+            storage.download(uri, dest)
+        except storage.StorageError as e:
+            raise ModelError(f"cannot download checkpoint {uri}: {e.reason}") from e
+        return dest
+    path = Path(storage.local_path(uri))
     if not path.is_file():
         raise ModelError(f"checkpoint {uri}: no such file")
     return path

@@ -31,10 +31,9 @@ import json
 import os
 import posixpath
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlparse
 
+from cladapter_core import storage
 from cladapter_core.errors import DataError
 
 PREPARED = "prepared"       # inside the artifact: prepare's output
@@ -42,7 +41,6 @@ SOURCE = "source"           # where `fetch` puts the files (beside prepared/)
 SOURCE_REF = "source.json"  # where the files are
 FILES = "files.csv"         # which files each manifest item needs
 FILE_COLUMNS = ["item", "file", "bytes", "etag"]
-S3_THREADS = 16
 
 
 # -- written by prepare ----------------------------------------------------------------------
@@ -132,7 +130,7 @@ def fetch(dataset_dir, splits, dest) -> tuple[Path, dict]:
     target = dest / SOURCE
     kind = ref["kind"]
     if kind == "folder":
-        target.symlink_to(Path(_local_path(ref["uri"])).resolve(), target_is_directory=True)
+        target.symlink_to(Path(storage.local_path(ref["uri"])).resolve(), target_is_directory=True)
         return dest / PREPARED, {"files": 0, "bytes": 0, "how": f"linked to {ref['uri']}"}
     if kind == "demo":
         from cladapter_core.data import make_demo_data
@@ -149,50 +147,27 @@ def fetch(dataset_dir, splits, dest) -> tuple[Path, dict]:
                              "how": f"{kind} {ref['uri']}"}
 
 
-def _local_path(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else uri
-
-
 def _fetch_s3(uri: str, rows: list[dict], target: Path) -> None:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from cladapter_core.weights import s3_client
-    parsed = urlparse(uri)
-    bucket, prefix = parsed.netloc, parsed.path.strip("/")
-    client = s3_client()
-
-    def one(row):
-        key = f"{prefix}/{row['file']}" if prefix else row["file"]
-        local = target / row["file"]
-        local.parent.mkdir(parents=True, exist_ok=True)
-        extra = {"IfMatch": row["etag"]} if row.get("etag") else {}
-        try:
-            body = client.get_object(Bucket=bucket, Key=key, **extra)["Body"]
-            with open(local, "wb") as fh:
-                for chunk in body.iter_chunks(1 << 20):
-                    fh.write(chunk)
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code in ("PreconditionFailed", "412"):
-                raise DataError(f"s3://{bucket}/{key} changed since this run prepared it (ETag "
-                                f"{row['etag']}): the prepared manifest no longer describes it; "
-                                "run again without the cache (submit --no-cache)") from None
-            if code in ("NoSuchKey", "404", "NotFound"):
-                raise DataError(f"s3://{bucket}/{key} was deleted since this run prepared it") from None
-            raise DataError(f"cannot read s3://{bucket}/{key}: {e} (check the cladapter-s3 credentials)") from e
-        except BotoCoreError as e:
-            raise DataError(f"cannot read s3://{bucket}/{key}: {e}") from e
-
-    with ThreadPoolExecutor(max_workers=S3_THREADS) as pool:
-        for _ in pool.map(one, rows):
-            pass
+    """`rows`' files under the S3 prefix `uri`, each with the ETag prepare saw (an object
+    changed since is refused)."""
+    etags = {r["file"]: r["etag"] for r in rows if r.get("etag")}
+    try:
+        storage.copy_tree(uri, target, files=[r["file"] for r in rows], etags=etags)
+    except storage.Changed as e:
+        raise DataError(f"{e.uri} changed since this run prepared it (ETag {e.etag}): the prepared "
+                        "manifest no longer describes it; run again without the cache (submit --no-cache)") from None
+    except storage.NotFound as e:
+        raise DataError(f"{e.uri} was deleted since this run prepared it") from None
+    except storage.StorageError as e:
+        raise DataError(f"cannot read {e.uri}: {e.reason} (check the cladapter-s3 credentials "
+                        "and AWS_ENDPOINT_URL)") from e
 
 
 def _fetch_dvc(repo: str, rev: str, rows: list[dict], target: Path) -> None:
     """Only `rows`' files of the DVC repository at commit `rev` (from its remote)."""
     from dvc.api import DVCFileSystem
     try:
-        fs = DVCFileSystem(_local_path(repo), rev=rev or None)
+        fs = DVCFileSystem(storage.local_path(repo), rev=rev or None)
         for row in rows:
             local = target / row["file"]
             local.parent.mkdir(parents=True, exist_ok=True)

@@ -25,16 +25,15 @@ import copy
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import yaml
 
+from cladapter_core import storage
 from cladapter_core.errors import CLAdapterError, ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,7 +180,7 @@ def _shared(where, uri: str) -> str:
     """A URI every node can read: `where` itself when it is `s3://` or `file://` (a path
     on a volume every node mounts), else the local folder uploaded to `uri`."""
     where = str(where)
-    if where.startswith(("s3://", "file://")):
+    if storage.scheme(where) in ("s3", "file"):
         return where
     push(Path(where), uri)
     return uri
@@ -266,37 +265,24 @@ def wait(api, namespace: str, name: str, timeout_s: float, poll_s: float) -> Non
 
 # -- moving folders by URI ---------------------------------------------------------------------
 def fetch(uri: str, dest: Path) -> Path:
-    """A folder at `uri` (`s3://bucket/prefix` or a path) copied to `dest`."""
-    if uri.startswith("s3://"):
-        from components.runtime import _download_prefix
-        dest.mkdir(parents=True, exist_ok=True)
-        _download_prefix(uri, dest)
-    else:
-        shutil.copytree(Path(uri[len("file://"):] if uri.startswith("file://") else uri), dest,
-                        dirs_exist_ok=True)
+    """A folder at `uri` (`s3://bucket/prefix`, file:// or a path) copied to `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    storage.copy_tree(uri, dest)
     return dest
 
 
 def push(src: Path, uri: str) -> None:
-    """The folder `src` copied to `uri` (`s3://bucket/prefix` or a path)."""
-    if uri.startswith("s3://"):
-        from cladapter_core.weights import s3_client
-        parsed = urlparse(uri)
-        bucket, prefix = parsed.netloc, parsed.path.strip("/")
-        client = s3_client()
-        for f in sorted(p for p in src.rglob("*") if p.is_file()):
-            client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(src).as_posix()}".lstrip("/"))
-    else:
-        shutil.copytree(src, Path(uri[len("file://"):] if uri.startswith("file://") else uri), dirs_exist_ok=True)
+    """The folder `src` copied to `uri` (`s3://bucket/prefix`, file:// or a path)."""
+    storage.copy_tree(src, uri)
 
 
 def _local(uri: str | None, dest: Path) -> Path | None:
     """A local folder for `uri`: downloaded when it is s3://, used in place otherwise."""
     if not uri:
         return None
-    if uri.startswith("s3://"):
+    if storage.is_remote(uri):
         return fetch(uri, dest)
-    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    return Path(storage.local_path(uri))
 
 
 # -- what every node runs ----------------------------------------------------------------------

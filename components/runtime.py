@@ -28,9 +28,10 @@ import sys
 import tempfile
 import threading
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
+from cladapter_core import storage
 from cladapter_core.errors import CLAdapterError, DataError, ParamsError
 from components import dataref
 
@@ -233,10 +234,10 @@ def _fetch(dataset_uri: str, dataset_path: str, dataset_rev: str, dest: Path,
     if uri == "demo":
         from cladapter_core.data import make_demo_data
         return dest, make_demo_data(dest), {}
-    if uri.startswith("s3://"):
+    if storage.scheme(uri) == "s3":
         etags = _download_prefix(uri, dest)
         return dest, _inside(dest, path, uri), etags
-    local = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    local = Path(storage.local_path(uri))
     if _is_dvc_repo_url(uri) or rev or (local.is_dir() and (local / ".dvc").is_dir()):
         if not path:
             raise DataError(f"dataset_uri {uri} is a DVC repository: set dataset_path to the "
@@ -247,7 +248,10 @@ def _fetch(dataset_uri: str, dataset_path: str, dataset_rev: str, dest: Path,
                         "or an existing folder")
     if not copy_folder:
         return local, _inside(local, path, uri), {}
-    shutil.copytree(local, dest, dirs_exist_ok=True, symlinks=False)
+    try:
+        storage.copy_tree(local, dest)
+    except storage.StorageError as e:
+        raise DataError(f"dataset_uri {uri}: {e}") from e
     return dest, _inside(dest, path, uri), {}
 
 
@@ -260,33 +264,21 @@ def _inside(root: Path, path: str, uri: str) -> Path:
 
 def _download_prefix(uri: str, dest: Path) -> dict[str, str]:
     """Every object under the prefix into `dest`; returns {path under the prefix: ETag}."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from cladapter_core.weights import s3_client
-    parsed = urlparse(uri)
-    bucket, prefix = parsed.netloc, parsed.path.lstrip("/").rstrip("/")
-    if not bucket:
+    if not urlparse(uri).netloc:
         raise DataError(f"dataset_uri {uri}: no bucket (expected s3://bucket/prefix)")
-    listing_prefix = f"{prefix}/" if prefix else ""
-    client, etags = s3_client(), {}
     try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=listing_prefix):
-            for obj in page.get("Contents", []):
-                rel = obj["Key"][len(listing_prefix):]
-                if not rel or rel.endswith("/"):
-                    continue  # folder markers
-                target = dest / rel
-                if ".." in Path(rel).parts:
-                    raise DataError(f"{uri}: object key {obj['Key']!r} escapes the prefix")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, obj["Key"], str(target))
-                etags[rel] = obj.get("ETag", "")
-    except (ClientError, BotoCoreError) as e:
-        raise DataError(f"cannot download {uri}: {e} (check the cladapter-s3 credentials "
+        listing = storage.list_files(uri)
+        for rel in listing:
+            if ".." in PurePosixPath(rel).parts:
+                raise DataError(f"{uri}: object key {rel!r} escapes the prefix")
+        if listing:
+            storage.copy_tree(uri, dest, files=listing)
+    except storage.StorageError as e:
+        raise DataError(f"cannot download {e.uri}: {e.reason} (check the cladapter-s3 credentials "
                         "and AWS_ENDPOINT_URL)") from e
-    if not etags:
-        raise DataError(f"no objects under {uri} (looked for s3://{bucket}/{listing_prefix}*)")
-    return etags
+    if not listing:
+        raise DataError(f"no objects under {uri} (looked for {uri.rstrip('/')}/*)")
+    return {rel: entry["etag"] for rel, entry in listing.items()}
 
 
 def _dvc_get(repo: str, path: str, rev: str, dest: Path) -> Path:
@@ -329,10 +321,10 @@ def source_ref(dataset_uri: str, dataset_path: str, dataset_rev: str) -> dict:
     """Where a dataset's files are: kind (demo, s3, dvc, folder), uri, path, and for a
     DVC repository the revision as a commit SHA."""
     uri, path = (dataset_uri or "").strip(), (dataset_path or "").strip().strip("/")
-    local = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    local = Path(storage.local_path(uri))
     if uri == "demo":
         kind = "demo"
-    elif uri.startswith("s3://"):
+    elif storage.scheme(uri) == "s3":
         kind = "s3"
     elif _is_dvc_repo_url(uri) or dataset_rev.strip() or (local.is_dir() and (local / ".dvc").is_dir()):
         kind = "dvc"
@@ -522,40 +514,18 @@ class CheckpointStore:
 
     @property
     def is_s3(self) -> bool:
-        return self.prefix.startswith("s3://")
-
-    def _s3(self):
-        from cladapter_core.weights import s3_client
-        parsed = urlparse(self.uri)
-        return s3_client(), parsed.netloc, parsed.path.lstrip("/")
-
-    def _local(self) -> Path:
-        return Path(self.uri[len("file://"):] if self.uri.startswith("file://") else self.uri)
+        return storage.scheme(self.prefix) == "s3"
 
     def restore(self, local: Path) -> bool:
-        """Fetch the mirrored checkpoint to `local`; False when there is none."""
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(local.name + ".restore")
-        if self.is_s3:
-            from botocore.exceptions import BotoCoreError, ClientError
-            client, bucket, key = self._s3()
-            try:
-                client.download_file(bucket, key, str(tmp))
-            except ClientError as e:
-                tmp.unlink(missing_ok=True)
-                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return False
-                raise DataError(f"cannot read checkpoint {self.uri}: {e} (check the cladapter-s3 "
-                                "credentials)") from e
-            except BotoCoreError as e:
-                tmp.unlink(missing_ok=True)
-                raise DataError(f"cannot read checkpoint {self.uri}: {e}") from e
-        else:
-            src = self._local()
-            if not src.is_file():
-                return False
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, local)
+        """Fetch the mirrored checkpoint to `local` (whole or not at all: written under a
+        temporary name, then renamed); False when there is none."""
+        try:
+            storage.download(self.uri, local)
+        except storage.NotFound:
+            return False
+        except storage.StorageError as e:
+            raise DataError(f"cannot read checkpoint {self.uri}: {e.reason} (check the cladapter-s3 "
+                            "credentials)") from e
         self._pushed = self._stamp(local)
         return True
 
@@ -573,18 +543,8 @@ class CheckpointStore:
                 return False
             if stamp == self._pushed:
                 return False
-            try:
-                with open(local, "rb") as fh:  # an open handle survives the trainer's rename
-                    if self.is_s3:
-                        client, bucket, key = self._s3()
-                        client.upload_fileobj(fh, bucket, key)
-                    else:
-                        dst = self._local()
-                        dst.parent.mkdir(parents=True, exist_ok=True)
-                        tmp = dst.with_name(dst.name + f".tmp-{os.getpid()}")
-                        with open(tmp, "wb") as out:
-                            shutil.copyfileobj(fh, out)
-                        os.replace(tmp, dst)
+            try:  # one open handle, which survives the trainer's rename; on disk: renamed into place
+                storage.upload(local, self.uri)
             except Exception as e:  # noqa: BLE001 - a failed copy must not stop training
                 if not self._warned:
                     warnings.warn(f"checkpoint copy to {self.uri} failed ({type(e).__name__}: {e}); "
@@ -597,12 +557,9 @@ class CheckpointStore:
     def clear(self) -> None:
         """Remove the mirrored checkpoint (the stage is done)."""
         with contextlib.suppress(Exception):
-            if self.is_s3:
-                client, bucket, key = self._s3()
-                client.delete_object(Bucket=bucket, Key=key)
-            else:
-                path = self._local()
-                path.unlink(missing_ok=True)
+            storage.remove(self.uri)
+            if not storage.is_remote(self.uri):  # folders exist only on disk: drop the empty ones
+                path = Path(storage.local_path(self.uri))
                 for folder in (path.parent, path.parent.parent):  # <stage>/, <pipeline id>/
                     folder.rmdir()  # only when empty; stops at the first non-empty one
 
