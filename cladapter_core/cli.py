@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import CLAdapterError
 from .config import MODES
+from .settings import export, settings, tracking_on
 
 EPILOG = """Parameters: the subcommands that train, evaluate or register read --params (default
 params.yaml, else the embedded defaults; --preset paper under it) and apply -S overrides, e.g.
@@ -355,9 +356,9 @@ def cmd_prepare(args):
 def _use_device(args) -> str | None:
     """--device, checked before any work (a GPU torch cannot use stops here, saying so) and
     handed on through $CLADAPTER_DEVICE to what this command spawns (tuning workers)."""
-    from .distributed import DEVICE_ENV, pick_device, requested_device
+    from .distributed import pick_device, requested_device
     if getattr(args, "device", None):
-        os.environ[DEVICE_ENV] = requested_device(args.device)
+        export(device=requested_device(args.device))
     pick_device(getattr(args, "device", None))
     return getattr(args, "device", None)
 
@@ -380,9 +381,7 @@ def _tracked(args, params, stage_name, name=None):
     tag is that of the stage's prepared folder (`--prepared`), as in the KFP steps; `name`:
     the run's name (default `tracking.run_name`)."""
     from contextlib import nullcontext
-    # Under torchrun only rank 0 tracks: one MLflow run per stage, not one per process.
-    if (getattr(args, "no_track", False) or os.environ.get("CLADAPTER_TRACKING", "1") == "0"
-            or os.environ.get("RANK", "0") != "0"):
+    if not tracking_on(not getattr(args, "no_track", False)):
         return nullcontext(None), []
     from . import tracking
     tracking.check_tracking()
@@ -457,7 +456,7 @@ def cmd_compare(args):
 
 def _tracking_on(args) -> bool:
     """Log to MLflow unless --no-track or CLADAPTER_TRACKING=0; fail fast if the server is down."""
-    track = not (args.no_track or os.environ.get("CLADAPTER_TRACKING", "1") == "0")
+    track = tracking_on(not args.no_track)
     if track:
         from . import tracking
         tracking.check_tracking()
@@ -548,12 +547,12 @@ def cmd_serve(args):
     from . import registry, serving, tracking
     params = _load(args)
     # `mlflow models serve` starts `uvicorn` from PATH: this environment's, also unactivated.
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    export(path=os.pathsep.join([str(Path(sys.executable).parent), settings().path]))
     wanted = args.model_uri or f"models:/{params['register']['model_name']}@champion"
     if registry.is_model_uri(wanted):
         uri = tracking.check_tracking(existing=True)  # reads the registry: never create a store
         mlflow.set_tracking_uri(uri)
-        os.environ["MLFLOW_TRACKING_URI"] = uri  # the server resolves the model from the same store
+        export(mlflow_tracking_uri=uri)  # the server resolves the model from the same store
         mv = registry.lineage(wanted)["model"]
         served = mv["model_uri"]
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(mv["metrics"].items()))
@@ -630,7 +629,7 @@ def cmd_summary(args):
     report = root / "eval" / "report.html"
     if report.is_file():
         print(f"report: {report}")
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    uri = settings().tracking_uri
     print(f"browse the runs: .venv/bin/mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
 
 

@@ -13,7 +13,6 @@ The device
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -23,8 +22,9 @@ from pathlib import Path
 import torch
 
 from .errors import CLAdapterError
+from .settings import settings, var
 
-DEVICE_ENV = "CLADAPTER_DEVICE"
+DEVICE_ENV = var("device")  # CLADAPTER_DEVICE
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -35,8 +35,8 @@ class DeviceError(CLAdapterError):
 
 def dist_info() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+    s = settings()
+    return s.rank, s.world_size, s.local_rank
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -63,7 +63,7 @@ def gpu_evidence(dev_dir: str | Path = "/dev", path: str | None = None) -> list[
         nodes = []
     if nodes:
         found.append("device nodes " + ", ".join(str(dev / n) for n in nodes))
-    smi = shutil.which("nvidia-smi", path=path if path is not None else os.environ.get("PATH"))
+    smi = shutil.which("nvidia-smi", path=path if path is not None else settings().path)
     if smi:
         found.append(f"{smi}")
     return found
@@ -71,7 +71,7 @@ def gpu_evidence(dev_dir: str | Path = "/dev", path: str | None = None) -> list[
 
 def _driver_report(path: str | None) -> str:
     """`nvidia-smi`'s own words on the GPU and driver (or why it failed), one line."""
-    smi = shutil.which("nvidia-smi", path=path if path is not None else os.environ.get("PATH"))
+    smi = shutil.which("nvidia-smi", path=path if path is not None else settings().path)
     if not smi:
         return ""
     try:
@@ -102,7 +102,7 @@ def cuda_status() -> tuple[bool, str]:
 
 
 def _hidden_on_purpose() -> bool:
-    return os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1")
+    return settings().cuda_visible_devices in ("", "-1")
 
 
 def unusable_gpu_message(evidence: list[str], reason: str, driver: str = "") -> str:
@@ -119,7 +119,7 @@ def unusable_gpu_message(evidence: list[str], reason: str, driver: str = "") -> 
 def requested_device(requested: str | None = None) -> str:
     """The device asked for: ``requested``, else ``$CLADAPTER_DEVICE``, else ``auto``;
     DeviceError unless it is one of auto, cpu, cuda, cuda:N."""
-    value = (requested or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
+    value = (requested or settings().device or "auto").strip().lower()
     if not _DEVICE.match(value):
         source = "--device" if requested else f"${DEVICE_ENV}"
         raise DeviceError(f"{source} {value!r}: expected {DEVICE_CHOICES}")

@@ -56,6 +56,7 @@ from pathlib import Path
 
 from . import tracking
 from .errors import TrackingError
+from .settings import settings, var
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 STATE_TAG = "cladapter.registration"
@@ -560,7 +561,7 @@ def _apply(client, name: str, candidate, champion, result: dict) -> None:
 
 # -- lineage ---------------------------------------------------------------------------
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
-MODEL_CACHE_ENV = "CLADAPTER_MODEL_CACHE"
+MODEL_CACHE_ENV = var("model_cache")  # CLADAPTER_MODEL_CACHE
 
 
 def is_model_uri(text) -> bool:
@@ -607,9 +608,10 @@ def model_version(model_uri: str, client=None):
 def model_cache_dir() -> Path:
     """Where registered models are downloaded: ``$CLADAPTER_MODEL_CACHE``, else
     ``$XDG_CACHE_HOME/cladapter/models`` (``~/.cache/cladapter/models``)."""
-    if os.environ.get(MODEL_CACHE_ENV):
-        return Path(os.environ[MODEL_CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    s = settings()
+    if s.model_cache:
+        return s.model_cache
+    base = s.xdg_cache_home or Path.home() / ".cache"
     return Path(base) / "cladapter" / "models"
 
 

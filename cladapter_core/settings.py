@@ -1,11 +1,107 @@
-"""Deployment settings read from the environment, each named in one place.
+"""Deployment settings: every environment variable the platform reads, declared once.
 
-IMAGE: the container image every pipeline step runs in (the image built from
-infra/docker/Dockerfile). Read when the pipeline is compiled; set ``CLADAPTER_IMAGE``
-to use another registry or tag (and `images:` in the k8s overlay to match).
+Parameters of an experiment live in params.yaml (`param_models`); how this machine, pod
+or cluster runs it lives here: where MLflow is, which device, which image, the torchrun
+rank. `settings()` reads the environment now (tests and spawned workers change it, so
+nothing is cached) and validates it with pydantic-settings; an empty variable counts as
+unset, as Kubernetes Secrets keep every key and leave the unused ones empty.
+
+No other module of the core reads `os.environ`; `export` is how the core hands a
+setting on to the processes it starts (tuning workers, `mlflow models serve`).
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Optional
 
-IMAGE = os.environ.get("CLADAPTER_IMAGE", "ghcr.io/cladapter/cladapter:0.1.0")
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_IMAGE = "ghcr.io/cladapter/cladapter:0.1.0"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def _env(name: str, default, help: str, *also: str):
+    return Field(default, validation_alias=AliasChoices(name, *also) if also else name, description=help)
+
+
+class Settings(BaseSettings):
+    """The environment, typed. Field names are ours; each alias is the variable's name."""
+    model_config = SettingsConfigDict(extra="ignore", env_ignore_empty=True, populate_by_name=False,
+                                      case_sensitive=True)
+
+    # -- the platform's own ------------------------------------------------------------------
+    image: str = _env("CLADAPTER_IMAGE", DEFAULT_IMAGE,
+                      "the image every pipeline step runs (infra/docker/Dockerfile's build)")
+    tracking: bool = _env("CLADAPTER_TRACKING", True, "0: no MLflow tracking (like --no-track)")
+    device: Optional[str] = _env("CLADAPTER_DEVICE", None, "auto, cpu, cuda or cuda:N (--device)")
+    gpu_decode: bool = _env("CLADAPTER_GPU_DECODE", False, "1: JPEGs decoded on the training GPU")
+    model_cache: Optional[Path] = _env("CLADAPTER_MODEL_CACHE", None,
+                                       "where models:/ URIs are downloaded (default: the user's cache)")
+    git_commit: str = _env("CLADAPTER_GIT_COMMIT", "", "the commit the image was built from (no .git in it)")
+    pipeline_id: str = _env("CLADAPTER_PIPELINE_ID", "", "the KFP run a step belongs to")
+    scratch: Optional[Path] = _env("CLADAPTER_SCRATCH", None, "a step's ephemeral volume for temporary files")
+    checkpoint_root: str = _env("CLADAPTER_CHECKPOINT_ROOT", "", "the install's checkpoint prefix (s3://)")
+    checkpoint_sync_s: float = _env("CLADAPTER_CHECKPOINT_SYNC_S", 15.0,
+                                    "seconds between mirrors of the trainer's checkpoint")
+    tune_storage: str = _env("CLADAPTER_TUNE_STORAGE", "", "the Optuna storage URL of the tuning steps")
+    # -- MLflow ------------------------------------------------------------------------------
+    mlflow_tracking_uri: Optional[str] = _env("MLFLOW_TRACKING_URI", None, "the MLflow server or store")
+    mlflow_registry_uri: Optional[str] = _env("MLFLOW_REGISTRY_URI", None, "a separate model registry")
+    mlflow_token: Optional[str] = _env("MLFLOW_TRACKING_TOKEN", None, "bearer token for the server")
+    mlflow_username: Optional[str] = _env("MLFLOW_TRACKING_USERNAME", None, "basic-auth user")
+    mlflow_password: str = _env("MLFLOW_TRACKING_PASSWORD", "", "basic-auth password")
+    mlflow_insecure_tls: bool = _env("MLFLOW_TRACKING_INSECURE_TLS", False, "true: skip TLS verification")
+    # -- S3 ----------------------------------------------------------------------------------
+    s3_endpoint: Optional[str] = _env("AWS_ENDPOINT_URL", None, "an S3-compatible endpoint (MinIO)",
+                                      "MLFLOW_S3_ENDPOINT_URL")
+    # -- the process's surroundings (torchrun, CUDA, the user's folders) --------------------
+    rank: int = _env("RANK", 0, "torchrun: this process's global rank")
+    world_size: int = _env("WORLD_SIZE", 1, "torchrun: processes in the job")
+    local_rank: int = _env("LOCAL_RANK", 0, "torchrun: rank on this node")
+    local_world_size: int = _env("LOCAL_WORLD_SIZE", 1, "torchrun: processes on this node")
+    cuda_visible_devices: Optional[str] = Field(None, validation_alias="CUDA_VISIBLE_DEVICES",
+                                                description="GPUs visible to torch ('' or -1: none)")
+    path: str = _env("PATH", "", "where executables are found")
+    xdg_cache_home: Optional[Path] = _env("XDG_CACHE_HOME", None, "the user's cache folder")
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or DEFAULT_TRACKING_URI
+
+
+def settings() -> Settings:
+    """The settings as the environment holds them now."""
+    cuda = os.environ.get("CUDA_VISIBLE_DEVICES")  # "" means no GPU: not "unset"
+    return Settings(**({"CUDA_VISIBLE_DEVICES": cuda} if cuda == "" else {}))
+
+
+def var(name: str) -> str:
+    """The environment variable of a setting: var("device") -> "CLADAPTER_DEVICE"."""
+    alias = Settings.model_fields[name].validation_alias
+    return alias.choices[0] if isinstance(alias, AliasChoices) else alias
+
+
+def tracking_on(asked: bool = True) -> bool:
+    """Log to MLflow: asked for (no --no-track), not switched off by CLADAPTER_TRACKING=0,
+    and this process is torchrun's rank 0 (one MLflow run per stage, not one per process)."""
+    s = settings()
+    return bool(asked) and s.tracking and s.rank == 0
+
+
+def export(**values: str | None) -> None:
+    """Set settings (by field name) for this process and those it starts; None unsets."""
+    for name, value in values.items():
+        var_name = var(name)
+        if value is None:
+            os.environ.pop(var_name, None)
+        else:
+            os.environ[var_name] = str(value)
+
+
+def environment(**values: str) -> dict[str, str]:
+    """This process's environment with `values` (by field name) set: for a child process."""
+    env = dict(os.environ)
+    env.update({var(name): str(value) for name, value in values.items()})
+    return env

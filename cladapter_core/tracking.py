@@ -60,12 +60,12 @@ from typing import Any, Iterator
 import yaml
 
 from .errors import CLAdapterError, TrackingError
+from .settings import DEFAULT_TRACKING_URI, settings, var
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "cladapter"   # the prefix of the per-dataset experiment names
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"   # what the MLflow 3 UI reads to pick its view
 EXPERIMENT_KIND = "custom_model_development"    # model training (not "genai_development")
-PIPELINE_ENV = "CLADAPTER_PIPELINE_ID"
+PIPELINE_ENV = var("pipeline_id")  # CLADAPTER_PIPELINE_ID
 PIPELINE_TAG = "cladapter.pipeline_id"
 ROLE_TAG = "cladapter.role"          # "pipeline" on parent runs, "stage" on stage runs
 MODEL_ARTIFACT = "model"             # name of the logged pyfunc model
@@ -76,7 +76,7 @@ _PARAM_MAX = 6000                    # MLflow's limit on a parameter value's len
 # -- where runs go ---------------------------------------------------------------------
 def tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI`` or the embedded ``sqlite:///mlflow.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return settings().tracking_uri
 
 
 def dataset_name(params: dict | None) -> str:
@@ -190,7 +190,7 @@ def check_store_exists(uri: str | None = None) -> str:
     where = local_store_path(uri)
     if where is not None and not (where.is_file() if uri.startswith("sqlite:") else where.is_dir()):
         kind = "database file" if uri.startswith("sqlite:") else "folder"
-        set_by = ("$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI")
+        set_by = ("$MLFLOW_TRACKING_URI" if settings().mlflow_tracking_uri
                   else "the default store, $MLFLOW_TRACKING_URI unset")
         raise TrackingError(
             f"no MLflow store at {_redact(uri)} ({set_by}): the {kind} {where.resolve()} does not "
@@ -216,19 +216,18 @@ def check_tracking(uri: str | None = None, timeout: float = CHECK_TIMEOUT_S, *,
     shown = _redact(uri)
     if existing:
         check_store_exists(uri)
-        registry = os.environ.get("MLFLOW_REGISTRY_URI")
+        registry = settings().mlflow_registry_uri
         if registry and registry != uri:
             check_store_exists(registry)
     if uri.startswith(("http://", "https://")):
         import requests
         url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search"
-        auth, headers = None, {}
-        if os.environ.get("MLFLOW_TRACKING_TOKEN"):
-            headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
-        elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
-            auth = (os.environ["MLFLOW_TRACKING_USERNAME"],
-                    os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
-        verify = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() != "true"
+        auth, headers, s = None, {}, settings()
+        if s.mlflow_token:
+            headers["Authorization"] = f"Bearer {s.mlflow_token}"
+        elif s.mlflow_username:
+            auth = (s.mlflow_username, s.mlflow_password)
+        verify = not s.mlflow_insecure_tls
         try:
             r = requests.get(url, params={"max_results": 1}, timeout=timeout, auth=auth,
                              headers=headers, verify=verify)
@@ -303,7 +302,6 @@ def configure(params: dict | None = None) -> dict:
 
 
 # -- identity: git, data, pipeline -------------------------------------------------------
-GIT_COMMIT_ENV = "CLADAPTER_GIT_COMMIT"  # set in the image (build arg GIT_COMMIT), which has no .git
 
 
 def git_commit(cwd: str | Path | None = None) -> tuple[str | None, bool]:
@@ -318,7 +316,7 @@ def git_commit(cwd: str | Path | None = None) -> tuple[str | None, bool]:
             return head.stdout.strip(), bool(dirty.stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
-    built = os.environ.get(GIT_COMMIT_ENV, "").strip()
+    built = settings().git_commit.strip()  # set in the image (build arg GIT_COMMIT), which has no .git
     return (built, False) if built and built != "unknown" else (None, False)
 
 
@@ -432,7 +430,7 @@ def pipeline_id(params: dict, source_hash: str | None = None) -> str:
     ``$CLADAPTER_PIPELINE_ID`` when set (KFP passes its run id); else the first 16 hex of
     sha256(git commit, resolved params, data hash of ``data.source``), so every stage of
     one ``dvc repro`` (separate processes) finds the same parent run."""
-    env = os.environ.get(PIPELINE_ENV, "").strip()
+    env = settings().pipeline_id.strip()
     if env:
         # The id is matched in a search filter: keep it to safe characters.
         return env if _SAFE_ID.match(env) else hashlib.sha256(env.encode()).hexdigest()[:16]
@@ -526,7 +524,7 @@ def stage_run(params: dict, stage: str, data_hash: str | None = None, prepared=N
     client = MlflowClient()
     if data_hash is None and prepared is not None and (Path(prepared) / "manifest.csv").is_file():
         data_hash = prepared_data_hash(prepared)
-    needs_source = data_hash is None or not os.environ.get(PIPELINE_ENV)
+    needs_source = data_hash is None or not settings().pipeline_id
     source_hash = data_source_hash(params) if needs_source else None
     pid = pipeline_id(params, source_hash)
     tags = run_tags(params, stage, data_hash or source_hash)

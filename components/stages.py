@@ -1,5 +1,5 @@
 """The KFP v2 components, one per stage. Each is a lightweight Python component that runs
-in the project image (`cladapter_core.settings.IMAGE`, which has kfp and this package:
+in the project image (`settings().image`, $CLADAPTER_IMAGE, which has kfp and this package:
 nothing is pip-installed at run time) and whose body only turns KFP artifacts into paths
 and calls `components.runtime`, which calls `cladapter_core`.
 
@@ -13,11 +13,11 @@ from typing import List, NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
-from cladapter_core.settings import IMAGE
+from cladapter_core.settings import settings
 
 # No `from __future__ import annotations` here: KFP reads the real annotation types.
 # install_kfp_package=False: the image has kfp; its pods run offline and non-root.
-_IN_IMAGE = dict(base_image=IMAGE, install_kfp_package=False)
+_IN_IMAGE = dict(base_image=settings().image, install_kfp_package=False)
 
 
 @dsl.component(**_IN_IMAGE)

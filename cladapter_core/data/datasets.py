@@ -17,9 +17,9 @@ from cladapter_core.data.sources import SPLITS, format_lines
 from cladapter_core.data.transforms import build_transform
 from cladapter_core.data.workers import loader_workers
 from cladapter_core.errors import DataError
+from cladapter_core.settings import settings
 
 PREFETCH_FACTOR = 4  # batches each worker keeps ready (DataLoader's default is 2)
-GPU_DECODE_ENV = "CLADAPTER_GPU_DECODE"  # "1": JPEGs decoded on the training GPU (nvjpeg)
 
 
 def _need(prepared_dir: Path, name: str) -> Path:
@@ -169,7 +169,7 @@ def epoch_loader(dataset: Dataset, sampler: EpochBatchSampler, num_workers, devi
     2D data only."""
     device = torch.device(device)
     if decode_on_device is None:
-        decode_on_device = os.environ.get(GPU_DECODE_ENV, "0") == "1"
+        decode_on_device = settings().gpu_decode  # CLADAPTER_GPU_DECODE=1: nvjpeg on the GPU
     options = loader_options(num_workers, device.type)
     if decode_on_device and device.type == "cuda" and not getattr(dataset.dataset.transform, "is_3d", True):
         from cladapter_core.data.device_decode import DeviceDecodeLoader

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cladapter_core.settings import settings
+
 CGROUP = Path("/sys/fs/cgroup")
 PREPARE_MAX_WORKERS = 16   # decoding stops scaling before this on local disks
 LOADER_MAX_WORKERS = 8     # per GPU: beyond it workers mostly wait for each other
@@ -64,7 +66,7 @@ def loader_workers(value, device_type: str, local_world: int | None = None) -> i
     if value != "auto":
         return int(value or 0)
     if local_world is None:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        local_world = settings().local_world_size
     per_process = max(1, available_cores() // max(1, local_world))
     if device_type == "cuda":
         return max(1, min(LOADER_MAX_WORKERS, per_process - 1))

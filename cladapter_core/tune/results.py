@@ -16,7 +16,8 @@ import yaml
 from ..outputs import atomic_write
 from ..params import nest
 from .errors import TuneError
-from .runs import end_study_run, log_results, study_run, tracking_on
+from .runs import end_study_run, log_results, study_run
+from ..settings import tracking_on
 from .space import format_value
 from .storage import load_study, normalize_storage, redact
 from .trial import OBJECTIVE

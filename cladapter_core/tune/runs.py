@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -22,11 +21,6 @@ from .storage import normalize_storage, redact
 
 STUDY_TAG = "cladapter.optuna_study"          # on the open study run of a session
 STUDY_CLOSED_TAG = "cladapter.optuna_study_closed"
-
-
-def tracking_on(track: bool) -> bool:
-    """Whether to log: asked for, and not switched off by ``CLADAPTER_TRACKING=0``."""
-    return bool(track) and os.environ.get("CLADAPTER_TRACKING", "1") != "0"
 
 
 def study_key(study_name: str, storage: str) -> str:

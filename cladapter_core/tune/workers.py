@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .errors import TuneError
 from .results import finish_study
-from .runs import TrialRun, end_study_run, pipeline_of, study_run, tracking_on
+from .runs import TrialRun, end_study_run, pipeline_of, study_run
+from ..settings import tracking_on
 from .space import check_space
 from .storage import open_study, redact
 from .trial import run_trial, trial_line
