@@ -398,7 +398,7 @@ def cmd_train(args):
     device = _use_device(args)
     from .tracking import run_name
     stage = f"train_stage{args.stage}"
-    ctx, callbacks = _tracked(args, params, stage, run_name(params, stage, mode=mode))
+    ctx, callbacks = _tracked(args, params, stage, run_name(params, stage, mode=mode, prepared=args.prepared))
     with ctx as run:
         summary = train(params, args.prepared, out, stage=args.stage, mode=mode, init_from=init_from,
                         resume=not args.no_resume, callbacks=callbacks, device=device)
@@ -419,7 +419,8 @@ def cmd_evaluate(args):
     device = _use_device(args)
     model = _model_folder(args.model)
     from . import tracking
-    ctx, _ = _tracked(args, params, "evaluate", tracking.run_name(params, "evaluate", model_dir=model))
+    ctx, _ = _tracked(args, params, "evaluate", tracking.run_name(params, "evaluate", model_dir=model,
+                                                                  prepared=args.prepared))
     with ctx as run:
         if run is not None and model != args.model:  # a registered version: say which
             import mlflow
@@ -496,10 +497,10 @@ def _write_json(path, obj) -> None:
 
 
 def cmd_register(args):
-    from . import registry, tracking
+    from . import identity, registry, tracking
     params = _load(args)
     tracking.check_tracking()
-    data_hash = tracking.prepared_data_hash(args.prepared) if args.prepared else None
+    data_hash = identity.data_hash(args.prepared) if args.prepared else None
     reg = registry.register(args.model, args.eval, params, data_hash=data_hash)
     state = "registered" if reg["created"] else "already registered"
     print(f"{state}: {reg['name']} version {reg['version']} (aliases: {', '.join(reg['aliases'])}; "
@@ -571,13 +572,13 @@ def cmd_serve(args):
 def _pyfunc_of_folder(folder) -> Path:
     """The self-contained MLflow model of a model folder (as `register` logs it), saved once
     under the model cache, keyed by the folder's content."""
-    from . import registry, tracking
+    from . import identity, registry, tracking
     from .errors import CLAdapterError as Err
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise Err(f"--model-uri {folder}: neither models:/<name>@<alias>, models:/<name>/<version> "
                   "nor a model folder (config.json + model.safetensors)")
-    path = registry.model_cache_dir() / f"folder-{tracking.content_hash(folder)[:16]}"
+    path = registry.model_cache_dir() / f"folder-{identity.content_hash(folder)[:16]}"
     if not (path / "MLmodel").is_file():
         import shutil
         shutil.rmtree(path, ignore_errors=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import identity
 from .errors import DataError, ParamsError
 from .model import CLAdapterModel, load_model
 from .outputs import atomic_dir, atomic_write, write_json
@@ -180,13 +181,6 @@ def evaluate(model_dir, prepared_dir, out_dir, params: dict, *, device: str | No
 DECISION_FILE = "decision_metrics.json"
 
 
-def data_identity(prepared_dir) -> str:
-    """The evaluation data's identity: sha256 of manifest.csv (files by content, labels,
-    split); two evaluations compare only when it and the split are equal."""
-    import hashlib
-    return hashlib.sha256((Path(prepared_dir) / "manifest.csv").read_bytes()).hexdigest()
-
-
 DECISION_SPLIT = "val"
 
 
@@ -205,7 +199,7 @@ def decision_metrics(model, prepared_dir: Path, params: dict, dev: torch.device,
         y, probs, _, _ = _predict_split(model, prepared_dir, split, params,
                                         int(params["train"]["batch_size"]), dev, False)
         metrics = _split_metrics(y, probs, model.num_classes)
-    return {"split": split, "data_hash": data_identity(prepared_dir), "metrics": metrics}
+    return {"split": split, "data_hash": identity.data_hash(prepared_dir), "metrics": metrics}
 
 
 def _predict_split(model, prepared_dir: Path, split: str, params: dict, batch_size: int,

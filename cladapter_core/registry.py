@@ -54,7 +54,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import tracking
+from . import identity, tracking
 from .errors import TrackingError
 from .settings import settings, var
 
@@ -200,7 +200,7 @@ def register(model_dir: str | Path, eval_dir: str | Path, params: dict, *,
     for f in ("config.json", "model.safetensors"):
         if not (model_dir / f).is_file():
             raise TrackingError(f"model directory {model_dir}: missing {f}")
-    model_hash = tracking.content_hash(model_dir)
+    model_hash = identity.content_hash(model_dir)
     tracking.configure(params)
     client = _client()
 
@@ -462,7 +462,7 @@ def same_evaluation(a, b) -> bool:
 
 def reevaluate(champion, candidate, metric: str, params: dict, prepared_dir) -> float:
     """The champion's `metric` on the candidate's evaluation data (its split of `prepared_dir`)."""
-    from .evaluate import data_identity, decision_metrics
+    from .evaluate import decision_metrics
     from .model import load_model
     split, data_hash = _evaluation_of(candidate)
     where = (f"champion v{champion.version} was measured on split {_evaluation_of(champion)[0]!r} of data "
@@ -472,7 +472,7 @@ def reevaluate(champion, candidate, metric: str, params: dict, prepared_dir) -> 
         raise TrackingError(f"{where}: the two cannot be compared. Pass the challenger's prepared data "
                             "(`cladapter promote --prepared DIR`) to re-evaluate the champion on it first; "
                             f"v{champion.version} stays champion")
-    found = data_identity(prepared_dir) if (Path(prepared_dir) / "manifest.csv").is_file() else "no manifest.csv"
+    found = identity.data_hash(prepared_dir) if (Path(prepared_dir) / "manifest.csv").is_file() else "no manifest.csv"
     if found != data_hash:
         raise TrackingError(f"{prepared_dir}: not the data the challenger v{candidate.version} was evaluated "
                             f"on (manifest hash {found[:16]} != {str(data_hash)[:16]})")
@@ -659,7 +659,7 @@ def _place(local: Path, folder: Path, mv) -> None:
     except ValueError as e:
         raise TrackingError(f"models:/{mv.name}/{mv.version}: {e}") from None
     want = mv.tags.get("model_hash")
-    if want and tracking.content_hash(found) != want:
+    if want and identity.content_hash(found) != want:
         raise TrackingError(f"models:/{mv.name}/{mv.version}: the downloaded model folder does not "
                             f"match the version's model_hash tag {want} (a changed or partial artifact)")
     try:

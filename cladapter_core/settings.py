@@ -11,6 +11,7 @@ setting on to the processes it starts (tuning workers, `mlflow models serve`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Optional
@@ -98,6 +99,17 @@ def export(**values: str | None) -> None:
             os.environ.pop(var_name, None)
         else:
             os.environ[var_name] = str(value)
+
+
+@contextlib.contextmanager
+def exported(**values: str | None):
+    """`export(**values)` for the duration of a block, then the values of before."""
+    before = {name: os.environ.get(var(name)) for name in values}
+    export(**values)
+    try:
+        yield
+    finally:
+        export(**before)
 
 
 def environment(**values: str) -> dict[str, str]:

@@ -30,6 +30,7 @@ from pathlib import PurePosixPath
 from urllib.parse import urlparse
 
 from .errors import CLAdapterError
+from .settings import settings
 
 S3_RETRIES = {"max_attempts": 5, "mode": "standard"}  # botocore: 5 retries, random exponential backoff
 THREADS = 16  # files copied at once by copy_tree (S3 latency, not bandwidth, is the limit)
@@ -84,7 +85,7 @@ def local_path(uri) -> str:
 
 def s3_endpoint() -> str | None:
     """The S3 endpoint of an S3-compatible store (MinIO, ...); None: AWS itself."""
-    return os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+    return settings().s3_endpoint  # $AWS_ENDPOINT_URL, else $MLFLOW_S3_ENDPOINT_URL
 
 
 def s3_client():

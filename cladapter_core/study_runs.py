@@ -23,7 +23,7 @@ class StudyRuns:
                  splits: tuple[str, ...], resume: bool):
         from mlflow import MlflowClient
         from . import tracking
-        cfg = tracking.configure(params)
+        cfg = tracking.configure(params, prepared_dir)
         self.client, self.exp = MlflowClient(), cfg["experiment_id"]
         tag_name = f"cladapter.{kind}"
         tag = hashlib.sha256(json.dumps({**study, "params": flatten(params)}, sort_keys=True,

@@ -32,7 +32,7 @@ What a run is called and what data it used
     id (``train_stage1``). Training and evaluation runs log their data as MLflow dataset
     inputs (``log_data_inputs``): one per split used (context ``train``/``val``/``test``),
     named ``<dataset>/<split>``, digest = the prepared data's hash
-    (``prepared_data_hash``), source = where the data lives
+    (``identity.data_hash``), source = where the data lives
     (``data.source``, or the dataset URI of a pipeline run), so the UI's Dataset column
     shows them.
 
@@ -51,15 +51,15 @@ import json
 import math
 import os
 import re
-import subprocess
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
 
 from .errors import CLAdapterError, TrackingError
+from . import identity
+from .identity import dataset_name, git_commit
 from .settings import DEFAULT_TRACKING_URI, settings, var
 
 DEFAULT_EXPERIMENT = "cladapter"   # the prefix of the per-dataset experiment names
@@ -79,35 +79,18 @@ def tracking_uri() -> str:
     return settings().tracking_uri
 
 
-def dataset_name(params: dict | None) -> str:
-    """The dataset's name: the last folder of ``data.source`` (the folder a CSV manifest or
-    a ``.dvc`` file sits in for a file), in the characters experiment and run names take;
-    ``dataset`` when there is none. ``data/cells`` -> ``cells``, ``s3://lab/sets/cells/``
-    -> ``cells``, ``data/cells/labels.csv`` -> ``cells``."""
-    from urllib.parse import urlparse
-    source = str(((params or {}).get("data") or {}).get("source") or "")
-    parsed = urlparse(source)
-    path = parsed.path if parsed.scheme and len(parsed.scheme) > 1 else source  # not C:\
-    parts = [p for p in re.split(r"[/\\]+", path) if p not in ("", ".", "..")]
-    if len(parts) > 1 and Path(parts[-1]).suffix.lower() in (".csv", ".tsv", ".txt", ".json", ".dvc"):
-        parts = parts[:-1]
-    if not parts and parsed.netloc:
-        parts = [parsed.netloc]
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", parts[-1]).strip("-.") if parts else ""
-    return name or "dataset"
-
-
-def experiment_name(params: dict | None) -> str:
+def experiment_name(params: dict | None, prepared=None) -> str:
     """``tracking.experiment`` when set, else ``cladapter-<dataset_name>``: one experiment
-    per dataset, so runs on different data are not compared in one table by accident."""
+    per dataset (the prepared data's, `identity.dataset_name`), so runs on different data
+    are not compared in one table by accident."""
     explicit = ((params or {}).get("tracking") or {}).get("experiment")
-    return explicit or f"{DEFAULT_EXPERIMENT}-{dataset_name(params)}"
+    return explicit or f"{DEFAULT_EXPERIMENT}-{dataset_name(params, prepared)}"
 
 
 _STAGE_LABELS = {"train_stage1": "stage1", "train_stage2": "stage2"}
 
 
-def run_name(params: dict, stage: str, *, mode: str | None = None, model_dir=None) -> str:
+def run_name(params: dict, stage: str, *, mode: str | None = None, model_dir=None, prepared=None) -> str:
     """The name a stage run shows in the UI: what ran. ``stage1 vit_small_patch16_224 K=20
     cells``; a baseline names its mode instead of K (``stage1 linear vit_small_patch16_224
     cells``). `mode` overrides ``train.mode``; `model_dir` (a saved model: evaluating one)
@@ -127,7 +110,7 @@ def run_name(params: dict, stage: str, *, mode: str | None = None, model_dir=Non
     words.append(str(m.get("backbone") or "?"))
     if mode == "cla" and m.get("num_centers") is not None:
         words.append(f"K={m['num_centers']}")
-    words.append(dataset_name(params))
+    words.append(dataset_name(params, prepared))
     return " ".join(words)
 
 
@@ -268,7 +251,7 @@ def check_tracking(uri: str | None = None, timeout: float = CHECK_TIMEOUT_S, *,
     return uri  # file:, databricks, ...: MLflow reports problems itself
 
 
-def configure(params: dict | None = None) -> dict:
+def configure(params: dict | None = None, prepared=None) -> dict:
     """Point MLflow at ``tracking_uri()`` and select (create) the experiment.
 
     Returns ``{"tracking_uri", "experiment", "experiment_id", "artifact_location"}``.
@@ -279,7 +262,7 @@ def configure(params: dict | None = None) -> dict:
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
-    name = experiment_name(params)
+    name = experiment_name(params, prepared)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     with errors(f"selecting MLflow experiment {name!r}", uri):
@@ -301,144 +284,25 @@ def configure(params: dict | None = None) -> dict:
             "artifact_location": exp.artifact_location}
 
 
-# -- identity: git, data, pipeline -------------------------------------------------------
-
-
-def git_commit(cwd: str | Path | None = None) -> tuple[str | None, bool]:
-    """(commit hash, dirty) of the repository at cwd; outside git, the commit the image
-    was built from (``$CLADAPTER_GIT_COMMIT``, not dirty), else (None, False)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                              text=True, timeout=10)
-        if head.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                   cwd=cwd, capture_output=True, text=True, timeout=30)
-            return head.stdout.strip(), bool(dirty.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    built = settings().git_commit.strip()  # set in the image (build arg GIT_COMMIT), which has no .git
-    return (built, False) if built and built != "unknown" else (None, False)
-
-
-def _dvc_out_md5(outs, rel: str) -> str | None:
-    for out in outs or []:
-        if isinstance(out, dict) and Path(str(out.get("path", ""))).as_posix().rstrip("/") == rel:
-            return out.get("md5") or out.get("etag") or out.get("checksum")
-    return None
-
-
-def _from_dvc(path: Path) -> tuple[str, str] | None:
-    """DVC's recorded md5 of path: from `<path>.dvc` or a `dvc.lock` above it."""
-    dvc_file = path.with_name(path.name + ".dvc")
-    if dvc_file.is_file():
-        try:
-            meta = yaml.safe_load(dvc_file.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise TrackingError(f"{dvc_file}: not valid YAML ({e})") from e
-        md5 = _dvc_out_md5(meta.get("outs"), path.name)
-        if md5:
-            return md5, str(dvc_file)
-    absolute = path.resolve()
-    for folder in absolute.parents:
-        lock = folder / "dvc.lock"
-        if lock.is_file():
-            try:
-                meta = yaml.safe_load(lock.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise TrackingError(f"{lock}: not valid YAML ({e})") from e
-            rel = absolute.relative_to(folder).as_posix()
-            for stage in (meta.get("stages") or {}).values():
-                md5 = _dvc_out_md5((stage or {}).get("outs"), rel)
-                if md5:
-                    return md5, str(lock)
-            return None  # the nearest dvc.lock is the project's; don't look further up
-        if (folder / ".dvc").is_dir() or (folder / ".git").exists():
-            return None
-    return None
-
-
-def content_hash(path: str | Path) -> str:
-    """md5 of a file, or of a folder's sorted (relative path, file md5) list: same files,
-    same hash, wherever the folder lies."""
-    path = Path(path)
-    if path.is_file():
-        return _file_md5(path)
-    if not path.is_dir():
-        raise TrackingError(f"cannot hash {path}: no such file or folder")
-    total = hashlib.md5()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        total.update(f"{f.relative_to(path).as_posix()}\0{_file_md5(f)}\n".encode())
-    return total.hexdigest()
-
-
-def _file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def prepared_data_hash(prepared_dir: str | Path) -> str:
-    """The data's one identity, under `dvc repro`, the `cladapter` command, tuning and
-    Kubeflow alike: the hash of a prepared folder's ``manifest.csv``, which lists every
-    file's pixel hash, label and split (so it changes exactly when the data or the split
-    does, wherever the files lie)."""
-    manifest = Path(prepared_dir) / "manifest.csv"
-    if not manifest.is_file():
-        raise TrackingError(f"{prepared_dir}: no manifest.csv (not a prepared folder); cannot hash the data")
-    return content_hash(manifest)
-
-
-def data_hash_and_source(path: str | Path) -> tuple[str, str]:
-    """(hash, where it came from): DVC's md5 from ``<path>.dvc`` or ``dvc.lock`` when the
-    path is DVC-tracked, else ``content_hash(path)`` ("content")."""
-    path = Path(path)
-    found = _from_dvc(path)
-    if found:
-        return found
-    if not path.exists():
-        raise TrackingError(f"data path {path}: no such file or folder (cannot hash it)")
-    return content_hash(path), "content"
-
-
-def data_hash(path: str | Path) -> str:
-    """The data's hash for tags and lineage: DVC's md5 for a DVC-tracked path (from its
-    ``.dvc`` file or ``dvc.lock``), else a deterministic content hash of the file/folder."""
-    return data_hash_and_source(path)[0]
-
-
-def data_source_hash(params: dict) -> str | None:
-    """The hash of the params' ``data.source`` (as `data_hash`: DVC's md5 or a content
-    hash), or None when there is none to take: no source, a remote source or one not made
-    yet. Part of `pipeline_id`; tags of runs that have no prepared data of their own."""
-    source = (params.get("data") or {}).get("source")
-    if not source:
-        return None
-    try:
-        return data_hash(source)
-    except TrackingError:
-        return None  # a remote or not-yet-made source: the pipeline id uses its name
-
-
+# -- grouping the runs of one pipeline execution -----------------------------------------
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 
 
-def pipeline_id(params: dict, source_hash: str | None = None) -> str:
+def pipeline_id(params: dict, source_of: str | None = None) -> str:
     """The id shared by all stage runs of one pipeline execution.
 
     ``$CLADAPTER_PIPELINE_ID`` when set (KFP passes its run id); else the first 16 hex of
-    sha256(git commit, resolved params, data hash of ``data.source``), so every stage of
-    one ``dvc repro`` (separate processes) finds the same parent run."""
+    sha256(git commit, resolved params, `source_of`: ``identity.source_hash`` of
+    ``data.source``, its text when there is none), so every stage of one ``dvc repro``
+    (separate processes) finds the same parent run."""
     env = settings().pipeline_id.strip()
     if env:
         # The id is matched in a search filter: keep it to safe characters.
         return env if _SAFE_ID.match(env) else hashlib.sha256(env.encode()).hexdigest()[:16]
     commit, _ = git_commit()
-    if source_hash is None:
-        source_hash = data_source_hash(params) or str((params.get("data") or {}).get("source"))
-    blob = json.dumps({"git": commit, "params": params, "data": source_hash},
-                      sort_keys=True, default=str)
+    source = (params.get("data") or {}).get("source")
+    source_of = source_of or identity.source_hash(source) or str(source)
+    blob = json.dumps({"git": commit, "params": params, "data": source_of}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -458,7 +322,7 @@ def _param_value(v: Any) -> str:
     return text[:_PARAM_MAX]
 
 
-def pipeline_parent(client, experiment_id: str, pid: str, params: dict, tags: dict) -> str:
+def pipeline_parent(client, experiment_id: str, pid: str, params: dict, tags: dict, prepared=None) -> str:
     """Run id of the parent run of pipeline execution `pid` in `experiment_id`: the
     oldest active run tagged with `pid` and role "pipeline", created (with `tags` less
     "stage", and the flattened `params`) when there is none. Stages or tuning sessions
@@ -478,7 +342,7 @@ def pipeline_parent(client, experiment_id: str, pid: str, params: dict, tags: di
         return found[0].info.run_id
     parent_tags = {k: v for k, v in tags.items() if k not in ("stage",)}
     parent_tags.update({PIPELINE_TAG: pid, ROLE_TAG: "pipeline"})
-    mine = client.create_run(experiment_id, run_name=f"pipeline {dataset_name(params)} {pid[:12]}",
+    mine = client.create_run(experiment_id, run_name=f"pipeline {dataset_name(params, prepared)} {pid[:12]}",
                              tags=parent_tags)
     client.log_batch(mine.info.run_id, params=[Param(k, _param_value(v))
                                                for k, v in _flat(params).items()])
@@ -505,7 +369,7 @@ def stage_run(params: dict, stage: str, data_hash: str | None = None, prepared=N
     The run is a child of the pipeline's parent run (see ``pipeline_id``), or of the
     active run when one is open in this process (e.g. tuning trials under the tune
     stage). It gets the flattened params, ``params.json`` and the tags of ``run_tags``
-    (``data_hash``: the given one, else ``prepared_data_hash(prepared)`` when the stage's
+    (``data_hash``: the given one, else ``identity.data_hash(prepared)`` when the stage's
     prepared folder is given, else the hash of ``data.source``). It ends FINISHED, or
     FAILED when the body raises; the parent's status follows its latest stage.
 
@@ -520,14 +384,14 @@ def stage_run(params: dict, stage: str, data_hash: str | None = None, prepared=N
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    cfg = configure(params)
+    cfg = configure(params, prepared)
     client = MlflowClient()
     if data_hash is None and prepared is not None and (Path(prepared) / "manifest.csv").is_file():
-        data_hash = prepared_data_hash(prepared)
+        data_hash = identity.data_hash(prepared)
     needs_source = data_hash is None or not settings().pipeline_id
-    source_hash = data_source_hash(params) if needs_source else None
-    pid = pipeline_id(params, source_hash)
-    tags = run_tags(params, stage, data_hash or source_hash)
+    source_of = identity.source_hash((params.get("data") or {}).get("source")) if needs_source else None
+    pid = pipeline_id(params, source_of)
+    tags = run_tags(params, stage, data_hash or source_of)
     tags[PIPELINE_TAG] = pid
     active = mlflow.active_run()
     with errors(f"starting the MLflow run of stage {stage!r}"):
@@ -535,10 +399,11 @@ def stage_run(params: dict, stage: str, data_hash: str | None = None, prepared=N
             parent_id, experiment_id = active.info.run_id, active.info.experiment_id
         else:
             experiment_id = cfg["experiment_id"]
-            parent_id = pipeline_parent(client, experiment_id, pid, params, tags)
+            parent_id = pipeline_parent(client, experiment_id, pid, params, tags, prepared)
             client.update_run(parent_id, status="RUNNING")
         tags["mlflow.parentRunId"] = parent_id
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=name or run_name(params, stage), tags=tags,
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=name or run_name(params, stage, prepared=prepared),
+                               tags=tags,
                                nested=active is not None)
     status = "FAILED"
     try:
@@ -575,13 +440,14 @@ def _active_run_id(what: str) -> str:
 
 # -- the data a run used, as MLflow dataset inputs ------------------------------------------
 SPLITS = ("train", "val", "test")
+DIGEST_CHARS = 32            # MLflow keeps at most 36 characters of a dataset's digest
 SOURCE_TAG = "dataset_uri"   # a pipeline run's dataset location (components.lineage sets it)
 
 
 def data_inputs(params: dict, prepared_dir: str | Path, splits=SPLITS, source: str | None = None) -> list:
     """The MLflow dataset inputs (``mlflow.entities.DatasetInput``) of the prepared data in
     `prepared_dir`, one per split in `splits` (context = the split): name
-    ``<dataset_name>/<split>``, digest ``prepared_data_hash(prepared_dir)`` (the data's
+    ``<dataset_name>/<split>``, digest the first 32 hex of ``identity.data_hash(prepared_dir)`` (the data's
     identity, the run's ``data_hash`` tag: files by content, labels and split), source `source` or
     ``data.source`` (resolved as MLflow does: ``s3://...`` an S3 source, a path a local
     one), profile: the split's number of files and the number of classes. One dataset per
@@ -594,14 +460,14 @@ def data_inputs(params: dict, prepared_dir: str | Path, splits=SPLITS, source: s
 
     prepared_dir = Path(prepared_dir)
     manifest = prepared_dir / "manifest.csv"
-    digest = prepared_data_hash(prepared_dir)
+    digest = identity.data_hash(prepared_dir)[:DIGEST_CHARS]
     where = str(source or (params.get("data") or {}).get("source") or prepared_dir)
     with _warnings.catch_warnings():
         _warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for local paths
         origin = resolve_dataset_source(where)
     counts, classes = _split_counts(manifest)
     splits = [split for split in splits if counts.get(split)]  # e.g. no validation split
-    return [DatasetInput(Dataset(name=f"{dataset_name(params)}/{split}", digest=digest,
+    return [DatasetInput(Dataset(name=f"{dataset_name(params, prepared_dir)}/{split}", digest=digest,
                                  source_type=origin._get_source_type(), source=origin.to_json(),
                                  profile=json.dumps({"num_files": counts.get(split, 0),
                                                      "num_classes": classes})),

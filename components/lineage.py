@@ -7,7 +7,7 @@ Tags set on each stage run and on the parent run (besides the core's `tracking.r
   Dockerfile's `GIT_COMMIT` build argument; the image has no `.git`).
 - `image`: the image the steps run in (`$CLADAPTER_IMAGE`, set on every step at compile time).
 - `kfp.run_id`, `kfp.run_name`: the KFP run.
-- `data_hash`: the prepared data's one identity, `runtime.dataset_hash` (the hash of the
+- `data_hash`: the prepared data's one identity, `identity.data_hash` (the hash of the
   manifest, which lists every file's pixel hash, label and split).
 - `dataset_uri`, `dataset_rev`: where the files are; for a DVC repository the revision as
   the commit SHA it resolved to when the run prepared its data.

@@ -208,7 +208,7 @@ def stage2_task(params: dict, dataset_dir, init_from, out_dir, *, nodes: int, gp
         raise ParamsError(f"multi-node training needs an s3:// prefix the nodes share (checkpoint_prefix), "
                           f"got {stage_prefix!r}")
     namespace = namespace or (NAMESPACE_FILE.read_text().strip() if NAMESPACE_FILE.is_file() else "default")
-    with runtime.stage_tracking(params, STAGE, pipeline_id, data_hash or runtime.dataset_hash(dataset_dir),
+    with runtime.stage_tracking(params, STAGE, pipeline_id, data_hash,
                                 pipeline_name, dataset_dir) as run:
         summary = launch(params, dataset=dataset_uri or dataset_dir, init_from=init_from, out_dir=out_dir, nodes=nodes,
                          gpus_per_node=gpus_per_node, image=image, namespace=namespace, pipeline_id=pipeline_id,

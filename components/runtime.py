@@ -32,7 +32,9 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from cladapter_core import storage
+from cladapter_core import identity
 from cladapter_core.errors import CLAdapterError, DataError, ParamsError
+from cladapter_core.settings import exported, tracking_on
 from components import dataref
 
 # Pipeline parameter -> params.yaml field. stage2_lr is turned into stage2.lr_factor.
@@ -84,9 +86,12 @@ def use_scratch() -> str | None:
     return None
 
 
-# Every component body imports this module before anything else runs.
-drop_empty_env()
-use_scratch()
+def start_step() -> None:
+    """A pipeline step's set-up, the first call of every component body (importing this
+    module changes nothing): Secret keys left empty unset, temporary files on the step's
+    scratch volume."""
+    drop_empty_env()
+    use_scratch()
 
 
 # -- params ------------------------------------------------------------------------------
@@ -346,7 +351,7 @@ def dataset_metadata(dataset_dir, summary: dict) -> dict:
     return {"source": ref.get("uri"), "dataset_path": ref.get("path"), "dataset_rev": ref.get("rev"),
             "num_classes": summary["num_classes"], "classes": summary["classes"], **summary["totals"],
             "leaks": summary["num_leaks"], "skipped": len(summary["skipped"]),
-            "files": ref.get("files"), "bytes": ref.get("bytes"), "data_hash": dataset_hash(dataset_dir)}
+            "files": ref.get("files"), "bytes": ref.get("bytes"), "data_hash": identity.data_hash(artifact_prepared(dataset_dir))}
 
 
 def prepare_task(dataset_uri: str, dataset_path: str, dataset_rev: str, params: dict,
@@ -364,7 +369,8 @@ def prepare_task(dataset_uri: str, dataset_path: str, dataset_rev: str, params: 
         work = Path(tmp)
         base, source, etags = _fetch(dataset_uri, dataset_path, ref["rev"] or dataset_rev, work / SOURCE,
                                      copy_folder=False)
-        summary = prepare(source, work / PREPARED, params)
+        summary = prepare(source, work / PREPARED, params,
+                          name=identity.dataset_name(params))  # the run's dataset_uri, as every step names it
         ref = dataref.write(work / PREPARED, base, out_dir, ref, etags)
     print(f"prepared by reference: {ref.get('files')} files ({ref.get('bytes')} bytes) stay at "
           f"{ref['uri']}{'/' + ref['path'] if ref.get('path') else ''}; the artifact holds the manifest")
@@ -409,34 +415,11 @@ def prepared_dir(dataset_dir) -> Path:
     return stack.enter_context(local_data(dataset_dir))
 
 
-def dataset_hash(dataset_dir) -> str:
-    """The data's identity for run tags and lineage (`tracking.prepared_data_hash`, as
-    under `dvc repro`): the manifest lists every file's pixel hash, so its own hash
-    changes exactly when the data or the split does. Needs no file."""
-    from cladapter_core import tracking
-    return tracking.prepared_data_hash(artifact_prepared(dataset_dir))
-
-
 # -- MLflow ------------------------------------------------------------------------------
-def tracking_enabled() -> bool:
-    return os.environ.get("CLADAPTER_TRACKING", "1") != "0"
-
-
-@contextlib.contextmanager
 def pipeline_env(pipeline_id: str):
     """$CLADAPTER_PIPELINE_ID = the KFP run id while the step runs: tracking makes every
     step's run a child of one parent run per pipeline run."""
-    from cladapter_core.tracking import PIPELINE_ENV
-    before = os.environ.get(PIPELINE_ENV)
-    if pipeline_id:
-        os.environ[PIPELINE_ENV] = pipeline_id
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(PIPELINE_ENV, None)
-        else:
-            os.environ[PIPELINE_ENV] = before
+    return exported(pipeline_id=pipeline_id) if pipeline_id else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -445,16 +428,18 @@ def stage_tracking(params: dict, stage: str, pipeline_id: str, data_hash: str | 
     """The MLflow stage run of one step, a child of the pipeline run `pipeline_id`
     (the KFP run id) and tagged with its lineage (`components.lineage`); the parent run
     is named after the KFP run (`pipeline_name`). Yields None when tracking is off
-    (CLADAPTER_TRACKING=0)."""
-    if not tracking_enabled():
+    (CLADAPTER_TRACKING=0). `data_hash` defaults to that of the Dataset artifact `dataset_dir`."""
+    if not tracking_on():
         yield None
         return
     from cladapter_core import tracking
     from components import lineage
     source = read_source_ref(dataset_dir) if dataset_dir is not None else None
+    prepared = artifact_prepared(dataset_dir) if dataset_dir is not None else None
+    data_hash = data_hash or (identity.data_hash(prepared) if prepared is not None else None)
     with pipeline_env(pipeline_id):
         tracking.check_tracking()
-        with tracking.stage_run(params, stage, data_hash=data_hash) as run:
+        with tracking.stage_run(params, stage, data_hash=data_hash, prepared=prepared) as run:
             tags = lineage.lineage_tags(pipeline_id, pipeline_name, data_hash or "", source)
             with tracking.errors(f"tagging the MLflow run of stage {stage!r}"):
                 lineage.tag_stage_and_parent(run, tags, pipeline_name)
@@ -463,7 +448,7 @@ def stage_tracking(params: dict, stage: str, pipeline_id: str, data_hash: str | 
 
 def close_pipeline_run(pipeline_id: str, pipeline_name: str, state: str, error: str = "") -> str:
     """The exit handler's work (`lineage.close_pipeline_run`); nothing when tracking is off."""
-    if not tracking_enabled():
+    if not tracking_on():
         return f"pipeline run ended {state} (tracking off)"
     from components import lineage
     with pipeline_env(pipeline_id):
@@ -631,7 +616,7 @@ def train_task(params: dict, dataset_dir, out_dir, stage: int, init_from=None,
     if store is not None and store.restore(local_ckpt):
         print(f"checkpoint restored from {store.uri}")
     watch = store.watch(local_ckpt) if store is not None else contextlib.nullcontext()
-    with stage_tracking(params, f"train_stage{stage}", pipeline_id, data_hash or dataset_hash(dataset_dir),
+    with stage_tracking(params, f"train_stage{stage}", pipeline_id, data_hash,
                         pipeline_name, dataset_dir) as run, local_data(dataset_dir, TRAIN_SPLITS) as prepared:
         with watch:
             if num_gpus > 1:
@@ -673,7 +658,7 @@ def tune_plan_task(params: dict, n_trials: int, n_workers: int, pipeline_id: str
     """`tuning.tune_plan` in the pipeline run's MLflow context."""
     from components import tuning
     with pipeline_env(pipeline_id):
-        return tuning.tune_plan(params, n_trials, n_workers, pipeline_id, tracking_enabled())
+        return tuning.tune_plan(params, n_trials, n_workers, pipeline_id, tracking_on())
 
 
 def tune_worker_task(params: dict, dataset_dir, worker_index: int, n_trials: int, n_workers: int,
@@ -684,12 +669,12 @@ def tune_worker_task(params: dict, dataset_dir, worker_index: int, n_trials: int
     from components import tuning
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # tune prints one line per trial
     with pipeline_env(pipeline_id):
-        if tracking_enabled():
+        if tracking_on():
             from cladapter_core import tracking
             tracking.check_tracking()
         with local_data(dataset_dir, TRAIN_SPLITS) as prepared:
             done = tuning.tune_worker(params, prepared, worker_index, n_trials,
-                                      n_workers, pipeline_id, tracking_enabled())
+                                      n_workers, pipeline_id, tracking_on())
     print(f"worker {worker_index}: trials {done['trials']} ({done['complete']} completed, "
           f"{done['pruned']} pruned, {done['failed']} failed)")
     return done
@@ -699,7 +684,7 @@ def tune_finish_task(params: dict, out_dir, pipeline_id: str = "", pipeline_name
     """The study's results (`tuning.tune_finish`); returns (tuned params, summary)."""
     from components import tuning
     with pipeline_env(pipeline_id):
-        return tuning.tune_finish(params, out_dir, pipeline_id, tracking_enabled())
+        return tuning.tune_finish(params, out_dir, pipeline_id, tracking_on())
 
 
 # -- evaluation, registry ------------------------------------------------------------------
@@ -711,7 +696,7 @@ def evaluate_task(params: dict, dataset_dir, model_dir, out_dir, pipeline_id: st
     from cladapter_core.evaluate import evaluate
     from cladapter_core.evaluate import DECISION_SPLIT
     splits = sorted({params["evaluate"]["split"], DECISION_SPLIT})
-    with stage_tracking(params, "evaluate", pipeline_id, data_hash or dataset_hash(dataset_dir),
+    with stage_tracking(params, "evaluate", pipeline_id, data_hash,
                         pipeline_name, dataset_dir) as run, local_data(dataset_dir, splits) as prepared:
         metrics = evaluate(model_dir, prepared, out_dir, params)
         if run is not None:

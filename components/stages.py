@@ -17,7 +17,8 @@ from cladapter_core.settings import settings
 
 # No `from __future__ import annotations` here: KFP reads the real annotation types.
 # install_kfp_package=False: the image has kfp; its pods run offline and non-root.
-_IN_IMAGE = dict(base_image=settings().image, install_kfp_package=False)
+IMAGE = settings().image  # $CLADAPTER_IMAGE where the pipeline is compiled
+_IN_IMAGE = dict(base_image=IMAGE, install_kfp_package=False)
 
 
 @dsl.component(**_IN_IMAGE)
@@ -32,6 +33,7 @@ def resolve_params(
     import json
 
     from components import runtime
+    runtime.start_step()
     values = dict(dataset_uri=dataset_uri, seed=seed, backbone=backbone,
                   backbone_kwargs=backbone_kwargs, pretrained=pretrained,
                   checkpoint_uri=checkpoint_uri, num_centers=num_centers,
@@ -49,10 +51,12 @@ def prepare(dataset_uri: str, dataset_path: str, dataset_rev: str, data_params: 
     """Validate and split the dataset; the artifact holds the manifest, classes, summary
     and a reference to the files (not a copy). Returns the data hash."""
     from components import runtime
+    runtime.start_step()
     params = runtime.params_from_json(data_params)
     summary = runtime.prepare_task(dataset_uri, dataset_path, dataset_rev, params, dataset.path)
     dataset.metadata.update(runtime.dataset_metadata(dataset.path, summary))
-    return runtime.dataset_hash(dataset.path)
+    from cladapter_core import identity
+    return identity.data_hash(runtime.artifact_prepared(dataset.path))
 
 
 @dsl.component(**_IN_IMAGE)
@@ -60,6 +64,7 @@ def tune_plan(params: str, n_trials: int, n_workers: int, pipeline_id: str) -> L
     """Check the search (space, shared study storage) and create the study; returns the
     workers' indices, over which the pipeline fans out."""
     from components import runtime
+    runtime.start_step()
     return runtime.tune_plan_task(runtime.params_from_json(params), n_trials, n_workers, pipeline_id)
 
 
@@ -69,6 +74,7 @@ def tune_worker(params: str, dataset: Input[Dataset], worker_index: int, n_trial
                 metrics: Output[Metrics]):
     """One worker of the search: its share of the trials on the run's shared study."""
     from components import runtime
+    runtime.start_step()
     done = runtime.tune_worker_task(runtime.params_from_json(params), dataset.path, worker_index,
                                     n_trials, n_workers, pipeline_id, pipeline_name, data_hash)
     for key in ("complete", "pruned", "failed", "epochs"):
@@ -83,6 +89,7 @@ def tune_finish(params: str, pipeline_id: str, pipeline_name: str, tuning: Outpu
     import json
 
     from components import runtime
+    runtime.start_step()
     tuned, summary = runtime.tune_finish_task(runtime.params_from_json(params), tuning.path,
                                               pipeline_id, pipeline_name)
     metrics.log_metric("best_val_macro_f1", float(summary["best_value"]))
@@ -98,6 +105,7 @@ def untuned(params: str) -> str:
     import json
 
     from components import runtime
+    runtime.start_step()
     return json.dumps(runtime.params_from_json(params), sort_keys=True)
 
 
@@ -107,6 +115,7 @@ def train_stage1(params: str, dataset: Input[Dataset], pipeline_id: str, pipelin
                  metrics: Output[Metrics]):
     """Stage 1: backbone frozen, adapter + head trained."""
     from components import runtime
+    runtime.start_step()
     p = runtime.params_from_json(params)
     summary = runtime.train_task(p, dataset.path, model.path, stage=1, pipeline_id=pipeline_id,
                                  checkpoint_prefix=checkpoint_prefix, num_gpus=num_gpus,
@@ -125,6 +134,7 @@ def train_stage2(params: str, dataset: Input[Dataset], stage1_model: Input[Model
     launches and awaits (components/multinode.py; `checkpoint_prefix`, s3://, is where the
     nodes exchange data, checkpoints and the result)."""
     from components import multinode, runtime
+    runtime.start_step()
     p = runtime.params_from_json(params)
     if nodes > 1:
         summary = multinode.stage2_task(p, dataset.path, stage1_model.path, model.path, nodes=nodes,
@@ -153,6 +163,7 @@ def evaluate(params: str, dataset: Input[Dataset], model: Input[Model], pipeline
     from pathlib import Path
 
     from components import runtime
+    runtime.start_step()
     p = runtime.params_from_json(params)
     values = runtime.evaluate_task(p, dataset.path, model.path, evaluation.path, pipeline_id,
                                    pipeline_name=pipeline_name, data_hash=data_hash)
@@ -171,6 +182,7 @@ def register(params: str, model: Input[Model], evaluation: Input[Artifact], pipe
     """A new version of the registered model, alias `challenger` (idempotent). Reads no
     data: the data hash comes from prepare."""
     from components import runtime
+    runtime.start_step()
     p = runtime.params_from_json(params)
     reg = runtime.register_task(p, model.path, evaluation.path, pipeline_id,
                                 pipeline_name=pipeline_name, data_hash=data_hash)
@@ -185,6 +197,7 @@ def promote(params: str, version: str, dataset: Input[Dataset],
     """`champion` moves to this version when it beats the champion by the margin on the
     validation split (a champion measured on other data is re-evaluated on `dataset`)."""
     from components import runtime
+    runtime.start_step()
     res = runtime.promote_task(runtime.params_from_json(params), version, dataset.path)
     print(f"promotion of {res['model_name']} v{res['candidate']} ({res['metric']} "
           f"{res['candidate_value']}): {res['decision']} - {res['reason']}")
@@ -196,5 +209,6 @@ def close_pipeline_run(pipeline_id: str, pipeline_name: str, status: dsl.Pipelin
     """Exit handler: runs however the pipeline ended. When a step failed (or its pod was
     killed), the MLflow parent run and any stage run still RUNNING are closed as FAILED."""
     from components import runtime
+    runtime.start_step()
     print(runtime.close_pipeline_run(pipeline_id, pipeline_name, status.state,
                                      status.error_message))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -30,7 +29,8 @@ def main(argv=None) -> int:
 
     with open(args.params_json) as fh:
         params = load_params(None, json.load(fh))
-    rank = int(os.environ.get("RANK", "0"))
+    from cladapter_core.settings import settings
+    rank = settings().rank
     callbacks = []
     if args.run_id and rank == 0:
         from cladapter_core.tracking import EpochLogger

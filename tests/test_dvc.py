@@ -90,20 +90,20 @@ def test_repro_runs_everything_then_nothing(clone):
 def test_dvc_and_kfp_paths_tag_the_same_data_hash(clone, tmp_path):
     """One identity of the data: every stage run of `dvc repro` (and the registered
     version) is tagged with the hash of the prepared manifest, the same value the KFP
-    pipeline's prepare step gives the same data (runtime.dataset_hash), not DVC's md5 of
+    pipeline's prepare step gives the same data (identity.data_hash of its artifact), not DVC's md5 of
     the data folder."""
     from mlflow import MlflowClient
 
-    from cladapter_core import tracking
+    from cladapter_core import identity
     from cladapter_core.params import load_params
     from components import runtime
     root, env = clone
     dvc(["repro"], root, env, timeout=900)  # nothing to do after the first test
-    expected = tracking.prepared_data_hash(root / "outputs" / "prepared")
+    expected = identity.data_hash(root / "outputs" / "prepared")
     params = load_params(str(root / "params.yaml"), use_best=False)
     runtime.prepare_task(str(root / "data" / "demo"), "", "", params, tmp_path / "kfp-dataset")
-    assert runtime.dataset_hash(tmp_path / "kfp-dataset") == expected
-    assert expected != tracking.data_hash(root / "data" / "demo")  # not DVC's md5 of the folder
+    assert identity.data_hash(runtime.artifact_prepared(tmp_path / "kfp-dataset")) == expected
+    assert expected != identity.source_hash(root / "data" / "demo")  # not DVC's md5 of the folder
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
     stages = {r.data.tags.get("stage"): r.data.tags["data_hash"] for r in runs

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from cladapter_core import cli, tracking
+from cladapter_core import cli, identity, tracking
 from tiny import TINY
 
 SOURCE = "s3://lab-data/datasets/cells"
@@ -29,6 +29,19 @@ def _client():
 def _inputs(run):
     return {d.dataset.name: (d.dataset, {t.key: t.value for t in d.tags})
             for d in run.inputs.dataset_inputs}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The demo digits in a folder named `cells`, prepared as the session's `prepared` is:
+    the name runs and experiments take is the prepared data's own."""
+    from cladapter_core.data import make_demo_data, prepare
+    from tiny import tiny_params
+    root = tmp_path_factory.mktemp("named")
+    make_demo_data(root / "cells")
+    prepare(root / "cells", root / "prepared", tiny_params(
+        "data.shots_per_class=12", "data.val_fraction=0.05", "data.test_fraction=0.05"))
+    return root / "prepared"
 
 
 @pytest.fixture
@@ -54,7 +67,7 @@ def test_runs_their_names_their_experiment_and_their_data(trained, prepared):
     client = _client()
     exp = client.get_experiment_by_name("cladapter-cells")             # one per dataset
     assert exp is not None and exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
-    digest = tracking.prepared_data_hash(prepared)
+    digest = identity.data_hash(prepared)
     with open(prepared / "manifest.csv", newline="") as fh:
         splits = [row["split"] for row in csv.DictReader(fh)]
     counts = {split: splits.count(split) for split in set(splits)}
@@ -67,7 +80,7 @@ def test_runs_their_names_their_experiment_and_their_data(trained, prepared):
     for split in ("train", "val"):
         ds, tags = found[f"cells/{split}"]
         assert tags == {"mlflow.data.context": split}
-        assert ds.digest == digest and ds.source_type == "s3"
+        assert ds.digest == digest[:32] and ds.source_type == "s3"  # MLflow keeps 36 characters
         assert json.loads(ds.source) == {"uri": SOURCE}
         assert json.loads(ds.profile) == {"num_files": counts[split], "num_classes": 10}
 
@@ -76,7 +89,7 @@ def test_runs_their_names_their_experiment_and_their_data(trained, prepared):
     found = _inputs(eval_run)
     assert sorted(found) == ["cells/test", "cells/val"]
     assert {found[n][1]["mlflow.data.context"] for n in found} == {"test", "val"}
-    assert all(ds.digest == digest for ds, _ in found.values())
+    assert all(ds.digest == digest[:32] for ds, _ in found.values())
     # Both stage runs hang under one pipeline parent, named for the dataset too.
     parent = client.get_run(train_run.data.tags["mlflow.parentRunId"])
     assert parent.info.run_name.startswith("pipeline cells ")
@@ -84,13 +97,15 @@ def test_runs_their_names_their_experiment_and_their_data(trained, prepared):
 
 
 def test_a_baseline_names_its_mode_and_a_path_source_is_local(embedded_mlflow, prepared, tmp_path):
+    """data.source names another folder than the one `prepared` came from (the params'
+    default, or a stale value): the run is named for the data it trained on."""
     out = tmp_path / "linear"
     assert cli.main(["train", "--prepared", str(prepared), "--out", str(out), "--mode", "linear",
                      *_flags("data.source=data/microscopy/plates/", "tracking.experiment=my-study")]) == 0
     exp = _client().get_experiment_by_name("my-study")                  # an explicit name holds
     run = _stage_runs(exp.experiment_id, "train_stage1")
-    assert run.info.run_name == "stage1 linear vit_tiny_patch16_224 plates"
-    ds, tags = _inputs(run)["plates/train"]
+    assert run.info.run_name == "stage1 linear vit_tiny_patch16_224 cells"
+    ds, tags = _inputs(run)["cells/train"]
     assert ds.source_type == "local" and json.loads(ds.source) == {"uri": "data/microscopy/plates/"}
     assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
 
@@ -118,6 +133,7 @@ def test_evaluate_from_the_registry_equals_evaluate_from_the_folder(trained, pre
     ("s3://bucket", "bucket")])
 def test_dataset_and_experiment_names(source, name):
     params = {"data": {"source": source}, "tracking": {"experiment": None}}
-    assert tracking.dataset_name(params) == name
+    assert identity.dataset_name(params) == identity.name_of(source) == name
+    assert identity.dataset_name(params, "no/prepared/folder/here") == name  # nothing recorded
     assert tracking.experiment_name(params) == f"cladapter-{name}"
     assert tracking.experiment_name({**params, "tracking": {"experiment": "mine"}}) == "mine"

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from cladapter_core import identity
 from cladapter_core.errors import CLAdapterError, DataError, ParamsError
 from cladapter_core.params import defaults
 from components import runtime
@@ -263,7 +264,7 @@ def test_secrets_come_from_kubernetes(compiled):
 def test_git_commit_outside_a_checkout_is_the_images(tmp_path):
     """The image has no .git: every run's git commit is the one it was built from
     ($CLADAPTER_GIT_COMMIT, the Dockerfile's GIT_COMMIT), not "unknown"."""
-    code = "from cladapter_core import tracking; print(tracking.git_commit())"
+    code = "from cladapter_core import identity; print(identity.git_commit())"
     sha = "0123456789abcdef0123456789abcdef01234567"
     for value, expected in ((sha, f"('{sha}', False)"), ("unknown", "(None, False)"), ("", "(None, False)")):
         proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
@@ -498,7 +499,7 @@ def test_the_dataset_artifact_points_to_its_files(digits, bucket, tmp_path):
 
     import boto3
 
-    from cladapter_core import tracking
+    from cladapter_core import identity
     from cladapter_core.data import prepare, read_manifest
     s3 = boto3.client("s3")
     local = tmp_path / "local" / "images"
@@ -516,7 +517,7 @@ def test_the_dataset_artifact_points_to_its_files(digits, bucket, tmp_path):
     ref = runtime.read_source_ref(art)
     assert (ref["kind"], ref["root"], ref["files"], ref["by_reference"]) == ("s3", "images", 60, True)
     prepare(local, tmp_path / "local-prepared", params)  # `cladapter prepare` of the same files
-    assert runtime.dataset_hash(art) == tracking.prepared_data_hash(tmp_path / "local-prepared")
+    assert identity.data_hash(runtime.artifact_prepared(art)) == identity.data_hash(tmp_path / "local-prepared")
 
     moved = tmp_path / "pod-b" / "dataset"  # another pod: only the artifact travels
     shutil.copytree(art, moved)
@@ -743,7 +744,7 @@ def test_run_local_end_to_end_with_parallel_tuning(tmp_path):
     meta = artifact_meta(run_dir, "prepare", "dataset")
     assert meta["num_classes"] == 10 and meta["train"] == 120
     data_hash = executor_output(run_dir, "prepare")["parameterValues"]["Output"]
-    assert data_hash == runtime.dataset_hash(dataset) == meta["data_hash"]
+    assert data_hash == identity.data_hash(runtime.artifact_prepared(dataset)) == meta["data_hash"]
     tuned = json.loads(executor_output(run_dir, "tune-finish")["parameterValues"]["Output"])
     best = artifact_meta(run_dir, "tune-finish", "tuning")["best_params"]
     assert tuned["model"]["num_centers"] == best["model.num_centers"]

@@ -6,7 +6,7 @@ from PIL import Image
 
 from cladapter_core import registry
 from cladapter_core.errors import TrackingError
-from cladapter_core.evaluate import data_identity
+from cladapter_core.identity import data_hash
 from fixtures_services import CLASS_NAMES, tracked_params, write_metrics
 
 
@@ -65,7 +65,7 @@ def test_a_champion_from_other_data_is_reevaluated_before_it_can_be_replaced(
     assert registry.promote(params)["decision"] == "promoted"
     # The challenger is evaluated on data v2 (the real prepared folder); the champion's 0.99
     # was on v1, so the numbers cannot be compared as they are.
-    v2 = data_identity(prepared_cats)
+    v2 = data_hash(prepared_cats)
     registry.register(tiny_model_dirs[1], write_metrics(tmp_path / "new", data_hash=v2, macro_f1=0.5),
                       params)
     with pytest.raises(TrackingError, match="cannot be compared.*--prepared"):

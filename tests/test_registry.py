@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cladapter_core import registry, tracking
+from cladapter_core import identity, registry, tracking
 from cladapter_core.errors import TrackingError
 from fixtures_services import CLASS_NAMES, s3_client, tracked_params, write_metrics
 
@@ -46,7 +46,7 @@ def test_register_tags_the_version_sets_challenger_and_is_idempotent(
     assert first["metrics"] == {"accuracy": 0.75, "macro_f1": 0.7}
     tags = first["tags"]
     assert tags["run_id"] == first["run_id"] and tags["data_hash"] == "d41d8.dir"
-    assert tags["model_hash"] == tracking.content_hash(tiny_model_dirs[0])
+    assert tags["model_hash"] == identity.content_hash(tiny_model_dirs[0])
     assert tags[registry.STATE_TAG] == "complete"
     run = _client().get_run(first["run_id"])
     assert run.data.tags["stage"] == "register" and run.data.metrics["test_macro_f1"] == 0.7
@@ -85,7 +85,7 @@ def test_a_half_made_version_left_by_a_killed_process_is_replaced(embedded_mlflo
     with tracking.stage_run(params, "register"):
         uri = tracking.log_model(tiny_model_dirs[2])
     mlflow.register_model(uri, name, tags={
-        "model_hash": tracking.content_hash(tiny_model_dirs[2]), registry.STATE_TAG: "pending",
+        "model_hash": identity.content_hash(tiny_model_dirs[2]), registry.STATE_TAG: "pending",
         "metric.macro_f1": "0.6"})
     with pytest.raises(TrackingError, match="half-made registration"):
         registry.promote(params, version=1)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cladapter_core import cli, registry, serving, tracking
+from cladapter_core import cli, identity, registry, serving, tracking
 from cladapter_core.errors import TrackingError
 from fixtures_services import tracked_params, write_metrics
 
@@ -97,7 +97,7 @@ def test_predict_from_the_champion_equals_predict_from_its_folder(champion, tiny
     # The version pinned: the same model, from the cache (downloaded once).
     folder, mv = registry.resolve_model(f"models:/{champion}/1")
     assert mv["version"] == 1 and folder.parent == tmp_path / "model-cache"
-    assert tracking.content_hash(folder) == tracking.content_hash(tiny_model_dirs[0])
+    assert identity.content_hash(folder) == identity.content_hash(tiny_model_dirs[0])
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert cli.main(["predict", "--model", f"models:/{champion}/1", str(images), "--out", str(by_version)]) == 0
     assert by_version.read_text() == by_folder.read_text()
@@ -132,4 +132,4 @@ def test_serve_takes_a_model_folder_or_a_registered_version(champion, tiny_model
     assert "is a model folder, served as the MLflow model" in out
     served = Path(out.split("served as the MLflow model ")[1].split(" ")[0])
     assert (served / "MLmodel").is_file()
-    assert tracking.content_hash(serving.model_dir_in(served)) == tracking.content_hash(tiny_model_dirs[2])
+    assert identity.content_hash(serving.model_dir_in(served)) == identity.content_hash(tiny_model_dirs[2])

@@ -86,30 +86,34 @@ def _dvc(cwd, *args):
     subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, check=True, capture_output=True, text=True)
 
 
-def test_data_hash_uses_dvc_records_else_a_deterministic_content_hash(tmp_path):
+def test_source_hash_uses_dvc_records_else_a_deterministic_content_hash(tmp_path):
+    from cladapter_core import identity
     data = tmp_path / "proj" / "data"
     (data / "sub").mkdir(parents=True)
     (data / "a.txt").write_text("a")
     (data / "sub" / "b.txt").write_text("b")
     copy = shutil.copytree(data, tmp_path / "elsewhere" / "data")
-    content = tracking.data_hash(data)
-    assert tracking.data_hash(copy) == content  # same files, same hash, wherever they lie
+    content = identity.content_hash(data)
+    assert identity.source_hash(data) == content and len(content) == 64  # sha256
+    assert identity.content_hash(copy) == content  # same files, same hash, wherever they lie
     (copy / "a.txt").write_text("changed")
-    assert tracking.data_hash(copy) != content
+    assert identity.content_hash(copy) != content
     with pytest.raises(TrackingError, match="no such file or folder"):
-        tracking.data_hash(tmp_path / "missing")
+        identity.content_hash(tmp_path / "missing")
+    assert identity.source_hash(tmp_path / "missing") is None  # not made yet: no hash
+    assert identity.source_hash("s3://bucket/data") is None
 
     # Real DVC: `dvc add` writes data.dvc; a stage output is recorded in dvc.lock.
     proj = tmp_path / "proj"
     _dvc(proj, "init", "--no-scm", "-q")
     _dvc(proj, "add", "-q", "data")
     md5 = __import__("yaml").safe_load((proj / "data.dvc").read_text())["outs"][0]["md5"]
-    assert tracking.data_hash_and_source(data) == (md5, str(proj / "data.dvc"))
+    assert identity.source_hash(data) == md5  # from data.dvc
     _dvc(proj, "stage", "add", "-q", "-n", "copy", "-d", "data", "-o", "out", "cp -r data out")
     _dvc(proj, "repro", "-q")
     lock = __import__("yaml").safe_load((proj / "dvc.lock").read_text())
     out_md5 = lock["stages"]["copy"]["outs"][0]["md5"]
-    assert tracking.data_hash_and_source(proj / "out") == (out_md5, str(proj / "dvc.lock"))
+    assert identity.source_hash(proj / "out") == out_md5  # from dvc.lock
 
 
 # -- stage runs ----------------------------------------------------------------------------

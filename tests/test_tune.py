@@ -96,7 +96,7 @@ def test_small_study_best_params_are_written_tracked_and_used_by_training(prepar
 
     # MLflow: one study run with the pictures; each trial a run nested under it.
     client = MlflowClient()
-    exp = client.get_experiment_by_name("cladapter-demo")  # data.source data/demo: the dataset's
+    exp = client.get_experiment_by_name("cladapter-digits")  # the prepared data's name, not data.source's
     runs = client.search_runs([exp.experiment_id])
     study_runs = [r for r in runs if r.data.tags.get("optuna.study_name") == "cladapter"
                   and r.data.tags.get("cladapter.role") == "stage"]
@@ -116,9 +116,9 @@ def test_small_study_best_params_are_written_tracked_and_used_by_training(prepar
         assert r.data.params["model.num_centers"] == str(t.params["model.num_centers"])
         assert r.data.metrics["objective"] == pytest.approx(t.value)
         k = t.params["model.num_centers"]  # named for what it trained, on which data
-        assert r.info.run_name == f"trial-{t.number} vit_tiny_patch16_224 K={k} demo"
+        assert r.info.run_name == f"trial-{t.number} vit_tiny_patch16_224 K={k} digits"
         assert {d.dataset.name: d.dataset.digest for d in r.inputs.dataset_inputs} == \
-            {"demo/train": r.data.tags["data_hash"], "demo/val": r.data.tags["data_hash"]}
+            {"digits/train": r.data.tags["data_hash"][:32], "digits/val": r.data.tags["data_hash"][:32]}
         history = client.get_metric_history(r.info.run_id, "val_macro_f1")
         assert sorted(m.step for m in history) == list(range(1, t.params["stage1.epochs"] + 2))
     mlflow.set_tracking_uri(None)

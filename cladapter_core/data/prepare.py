@@ -28,6 +28,7 @@ from cladapter_core.data.images import DecodeError, decode, pixel_hash, resize_a
 from cladapter_core.data.sources import SPLITS, Item, Listing, format_lines, list_source
 from cladapter_core.data.workers import prepare_workers
 from cladapter_core.errors import DataError
+from cladapter_core.identity import name_of
 from cladapter_core.params import checked
 
 log = logging.getLogger(__name__)
@@ -295,11 +296,13 @@ def _rel_to(path: Path, start: Path) -> str:
         return path.resolve().as_posix()
 
 
-def prepare(source, out_dir, params: dict, workers: int | None = None) -> dict:
+def prepare(source, out_dir, params: dict, workers: int | None = None, *, name: str | None = None) -> dict:
     """Validate, split and index `source` into `out_dir`; return the summary dict.
 
     `source`: ImageFolder directory, CSV manifest (path,label[,split|fold]), or class
     folders of .npy/.npz volumes or frame folders (3D). See docs/ARCHITECTURE.md.
+    `name`: the dataset's name, which runs and experiments are named after (default: the
+    source's folder, `identity.name_of`; a pipeline passes its dataset URI's).
     `workers`: decoding processes (default: one per available core, one for small
     sources); the outputs are the same for any number.
     """
@@ -326,6 +329,7 @@ def prepare(source, out_dir, params: dict, workers: int | None = None) -> dict:
         write_json(tmp / "classes.json", listing.class_names)
         summary = {
             "format_version": FORMAT_VERSION,
+            "dataset": name or name_of(source),
             "source": str(source),
             "source_kind": listing.kind,
             "source_root": str(listing.root),

@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .. import tracking
+from .. import identity, tracking
 from ..params import flatten
 from .storage import normalize_storage, redact
 
@@ -38,13 +38,13 @@ def _log_params(client, run_id: str, params: dict) -> None:
 
 
 def _new_study_run(client, experiment_id: str, params: dict, study_name: str, storage: str,
-                   data_hash: str | None) -> str:
+                   data_hash: str | None, prepared=None) -> str:
     """Create a study run under the pipeline's parent run; returns its id."""
-    source_hash = tracking.data_source_hash(params)
-    pid = tracking.pipeline_id(params, source_hash)
-    tags = tracking.run_tags(params, "tune", data_hash or source_hash)
+    source_of = identity.source_hash(params["data"]["source"])
+    pid = tracking.pipeline_id(params, source_of)
+    tags = tracking.run_tags(params, "tune", data_hash or source_of)
     tags[tracking.PIPELINE_TAG] = pid
-    parent = tracking.pipeline_parent(client, experiment_id, pid, params, dict(tags))
+    parent = tracking.pipeline_parent(client, experiment_id, pid, params, dict(tags), prepared)
     tags.update({STUDY_TAG: study_key(study_name, storage), "optuna.study_name": study_name,
                  "mlflow.parentRunId": parent, "optuna.storage": redact(normalize_storage(storage))})
     if any(e["param"] == "model.num_centers" for e in params["tune"]["space"]):
@@ -52,14 +52,16 @@ def _new_study_run(client, experiment_id: str, params: dict, study_name: str, st
     return client.create_run(experiment_id, run_name=f"tune-{study_name}", tags=tags).info.run_id
 
 
-def study_run(params: dict, study_name: str, storage: str, data_hash: str | None = None) -> str:
+def study_run(params: dict, study_name: str, storage: str, data_hash: str | None = None,
+              prepared=None) -> str:
     """The MLflow run of this tuning session: the open one tagged with the study's key,
-    else a new one (a child of the pipeline's parent run). Workers starting together
-    may each create one: all then keep the oldest and the others are deleted."""
+    else a new one (a child of the pipeline's parent run), in the experiment of the
+    `prepared` data. Workers starting together may each create one: all then keep the
+    oldest and the others are deleted."""
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
-    cfg = tracking.configure(params)
+    cfg = tracking.configure(params, prepared)
     client = MlflowClient()
     flt = f"tags.`{STUDY_TAG}` = '{study_key(study_name, storage)}'"
 
@@ -73,7 +75,7 @@ def study_run(params: dict, study_name: str, storage: str, data_hash: str | None
         if found:
             run_id = found[0].info.run_id
         else:
-            mine = _new_study_run(client, cfg["experiment_id"], params, study_name, storage, data_hash)
+            mine = _new_study_run(client, cfg["experiment_id"], params, study_name, storage, data_hash, prepared)
             found = open_runs()
             run_id = found[0].info.run_id if found else mine
             if run_id != mine:
@@ -163,7 +165,7 @@ class TrialRun:
             exp = client.get_run(self.parent).info.experiment_id
             tags = {**self.base_tags, "mlflow.parentRunId": self.parent, "cladapter.role": "trial",
                     "optuna.trial": str(trial.number), "K": str(params["model"]["num_centers"])}
-            name = f"trial-{trial.number} " + tracking.run_name(params, "tune")[len("tune "):]
+            name = f"trial-{trial.number} " + tracking.run_name(params, "tune", prepared=prepared_dir)[len("tune "):]
             run = client.create_run(exp, run_name=name, tags=tags)
             self.run_id = run.info.run_id
             _log_params(client, self.run_id, params)

@@ -13,6 +13,7 @@ from pathlib import Path
 from .errors import TuneError
 from .results import finish_study
 from .runs import TrialRun, end_study_run, pipeline_of, study_run
+from .. import identity
 from ..settings import tracking_on
 from .space import check_space
 from .storage import open_study, redact
@@ -32,8 +33,8 @@ def _trial_logging(params: dict, prepared_dir: Path, name: str, storage: str, wo
     from .. import tracking
     if not tracking_on(track):
         return None, {}
-    data_hash = tracking.prepared_data_hash(prepared_dir)
-    parent = study_run_id or study_run(params, name, storage, data_hash)
+    data_hash = identity.data_hash(prepared_dir)
+    parent = study_run_id or study_run(params, name, storage, data_hash, prepared_dir)
     tags = tracking.run_tags(params, "tune-trial", data_hash)
     tags.update({tracking.PIPELINE_TAG: pipeline_of(parent), "optuna.study_name": name,
                  "cladapter.tune_worker": str(worker_index)})
@@ -133,8 +134,7 @@ def tune(params: dict, prepared_dir, out_dir, *, n_trials: int | None = None, ti
     open_study(params, name, storage)  # fails fast on a bad storage, creates the study once
     run_id = None
     if tracking_on(track):
-        from .. import tracking
-        run_id = study_run(params, name, storage, tracking.prepared_data_hash(prepared_dir))
+        run_id = study_run(params, name, storage, identity.data_hash(prepared_dir), prepared_dir)
     print(f"tuning study {name!r} on {redact(storage)}: {n_trials} trials, {workers} worker(s), "
           f"pruner {t['pruner']}")
     common = dict(params=params, prepared_dir=str(prepared_dir), study_name=name, storage=storage,
