@@ -5,7 +5,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install system-deps clean
+.PHONY: demo test test-fast install system-deps clean
 
 install: $(STAMP)
 
@@ -29,8 +29,17 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 	$(VENV)/bin/cladapter summary
 
+# Tests in 2 processes (pytest-xdist). Every test has one tier (tests/conftest.py): unit,
+# integration (real services, commands as processes), e2e (the whole pipeline).
+# `make test` runs them all; `make test-fast` the unit tier alone, in about a minute.
+# Tests that share an expensive or order-dependent result stay on one worker (loadgroup).
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup
+
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q
+	$(PYTEST)
+
+test-fast: $(STAMP)
+	$(PYTEST) -m unit
 
 clean:
 	rm -rf outputs mlflow.db mlruns mlartifacts data/demo

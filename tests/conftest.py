@@ -1,36 +1,186 @@
-"""Shared fixtures. Services (S3-compatible server, MLflow server) run as real processes
-on loopback; PostgreSQL is the machine's server on 127.0.0.1:5432."""
-import socket
+"""Shared fixtures, and the tiers every test belongs to.
+
+Services (S3-compatible server, MLflow server) run as real processes on loopback;
+PostgreSQL is the machine's server on 127.0.0.1:5432. Helpers the test modules share are
+in helpers.py, tiny.py and fixtures_services.py.
+
+Tiers (markers registered in pyproject.toml; `make test-fast` runs `-m unit`):
+
+- ``unit``: in-process and fast (seconds): no servers, no runs of the commands as processes.
+- ``integration``: real services (the MLflow server, PostgreSQL, the moto S3 server, a
+  browser, a PyPI download), the commands, DVC or KFP run as processes, or training runs
+  that take tens of seconds.
+- ``e2e``: the whole pipeline: `dvc repro`, the KFP local runner, the README's runnable
+  block, a folder of files to a served champion, two nodes, the fault-injection runs.
+
+Each test gets exactly one, here: an explicit ``@pytest.mark.<tier>`` on the test wins;
+else a test using an E2E_FIXTURES fixture, or listed in E2E_TESTS, is e2e; else one
+using a SERVICE_FIXTURES fixture (directly or through another fixture), or listed in
+INTEGRATION_TESTS, is integration; everything else is unit. tests/test_tiers.py checks
+that every collected test has exactly one tier and that every name listed here exists.
+
+Under pytest-xdist (`-n 2 --dist loadgroup`), the tests of a SAME_WORKER group run on one
+worker, in order: they share a module- or session-scoped result that is expensive to
+make twice, or depend on the order of the tests before them.
+"""
+import json
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from helpers import BIN, TESTS, ddp_params, free_port, one_thread, wait_port
 
 # MLflow server + PostgreSQL + S3 fixtures (tests/fixtures_services.py)
 pytest_plugins = ["fixtures_services"]
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+TIERS = ("unit", "integration", "e2e")
+COLLECTED = pytest.StashKey[list]()  # what the collection hook saw, for test_tiers.py
+TIERS_OUT = "CLADAPTER_TEST_TIERS_OUT"  # set: the collection hook writes COLLECTED there
+
+# Fixtures that run the whole pipeline: every test using one is e2e.
+E2E_FIXTURES = {
+    "clone",      # test_dvc.py: `dvc repro` of the whole pipeline in a fresh clone
+    "fresh_copy",  # test_docs.py: the README's runnable block in a fresh clone
+    "reference",  # tests/faults: every stage run once as a process, then interrupted runs
+}
+# Fixtures that start or reach a real service, or run for tens of seconds.
+SERVICE_FIXTURES = {
+    "s3_server", "s3_iam",                  # moto S3 servers (s3_env, bucket use s3_server)
+    "pg_database", "pg_url",                # PostgreSQL at 127.0.0.1:5432
+    "mlflow_server", "restartable_mlflow",  # `mlflow server` processes
+    "chromium",                             # a headless browser
+    "bn_setup",                             # test_batchnorm.py: pretrains a ResNet (~15 s)
+}
+# Tests by "<path under tests/>::<function>" (all parameters of a parametrized test).
+E2E_TESTS = {
+    "test_multinode.py::test_two_nodes_on_loopback_match_one_process",
+    "test_pipeline.py::test_run_local_end_to_end_with_parallel_tuning",
+    "test_pipeline.py::test_run_local_without_tuning_a_killed_step_fails_the_parent_run",
+    "test_scale_3d.py::test_a_thousand_clips_prepare_train_both_stages_and_evaluate",
+    "test_your_data.py::test_from_a_folder_of_12_bit_tiffs_to_a_served_champion",
+}
+INTEGRATION_TESTS = {
+    # a fresh interpreter importing the whole stack (torch, mlflow, kfp), or the installed command
+    "test_cli.py::test_pipeline_help_through_the_installed_console_script",
+    "test_cli.py::test_building_the_parser_does_not_import_kfp",
+    "test_params.py::test_params_do_not_import_tuning",
+    "test_settings.py::test_importing_the_components_changes_no_global_state",
+    # the commands as processes
+    "test_compare.py::test_compare_writes_table_over_seeds",
+    "test_device.py::test_the_command_stops_before_any_work_and_names_the_gpu",
+    "test_gpu_check.py::test_gpu_check_tiny_mode_writes_every_figure",
+    "test_train.py::test_killed_process_resumes_to_same_weights",
+    "test_train.py::test_cli_lists_every_params_problem_at_once",
+    "test_tracking.py::test_stages_in_separate_processes_share_one_pipeline_parent",
+    "faults/test_fault_guards.py::test_diverging_training_stops_with_a_clear_error_and_nothing_is_registered",
+    "faults/test_fault_guards.py::test_pickled_code_in_a_checkpoint_or_weights_file_is_refused_not_run",
+    "faults/test_fault_services.py::test_two_promote_commands_at_once_leave_one_champion_the_better_and_both_report",
+    # torchrun
+    "test_ddp.py::test_torchrun_two_processes_match_one_process",
+    "test_ddp.py::test_training_step_with_two_devices_runs_torchrun_and_logs_once",
+    # KFP: compiling in a process of its own, the oldest backend's proto (a PyPI download)
+    "test_pipeline.py::test_git_commit_outside_a_checkout_is_the_images",
+    "test_pipeline.py::test_a_params_file_change_reaches_the_compiled_yaml_and_the_steps",
+    "test_pipeline.py::test_image_from_environment_and_gpus_per_training_step",
+    "test_kfp_backend.py::test_oldest_supported_backend_accepts_the_committed_pipeline",
+    "test_kfp_backend.py::test_installed_kfp_kubernetes_accepts_it_too",
+    "test_kfp_backend.py::test_the_check_refuses_a_field_the_old_proto_does_not_know",
+    # DVC commands
+    "test_pipeline.py::test_dataset_from_a_dvc_repository",
+    "test_tracking.py::test_source_hash_uses_dvc_records_else_a_deterministic_content_hash",
+    # services started inline: PostgreSQL, moto, the MLflow server of the manifest
+    "test_pipeline.py::test_tuning_workers_share_one_postgresql_study",
+    "test_infra.py::test_mlflow_server_starts_from_the_rendered_manifest",
+    "faults/test_fault_services.py::test_s3_errors_are_retried_with_backoff_then_reported",
+    # the KServe SDK's API types (a PyPI download on first use)
+    "test_serving.py::test_the_inference_service_renders_and_validates",
+    "test_serving.py::test_the_validator_refuses_broken_inference_services",
+    # in-process, but tens of seconds of training
+    "test_compare.py::test_compare_in_mlflow_parent_and_a_child_per_method_and_seed",
+    "test_sweep.py::test_k_study_table_plot_mlflow_and_resume",
+    "test_tune.py::test_small_study_best_params_are_written_tracked_and_used_by_training",
+    "test_tune.py::test_median_pruner_stops_trials_that_cannot_win",
+}
+# xdist groups: modules whose tests share one expensive or order-dependent result.
+SAME_WORKER = {
+    "test_dvc.py": "dvc-clone",          # one clone; each test builds on the ones before
+    "test_docs.py": "docs-clone",
+    "test_serving.py": "serving",        # one served champion, one KServe SDK download
+    "test_kfp_backend.py": "kfp-proto",  # one download of the old proto
+    "faults/test_fault_kills.py": "fault-reference",     # one reference run (session)
+    "faults/test_fault_services.py": "fault-reference",
+}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def pytest_configure(config):
+    """Under xdist the workers share the cores: each worker's torch (and the processes it
+    starts) gets its share of threads instead of all of them; oversubscribed OpenMP
+    threads spin and wait on each other. An explicit OMP_NUM_THREADS is left alone."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers > 1:
+        threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, threads)
 
 
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"nothing listening on port {port} after {timeout}s")
+def tier_key(item) -> str:
+    """'<path under tests/>::<function>', the key of the tables above."""
+    return f"{Path(item.path).relative_to(TESTS).as_posix()}::{item.originalname}"
+
+
+def own_tiers(item) -> list[str]:
+    return [m.name for m in item.iter_markers() if m.name in TIERS]
+
+
+def tier_of(item) -> str:
+    explicit = own_tiers(item)
+    if explicit:
+        return explicit[0]
+    key, fixtures = tier_key(item), set(getattr(item, "fixturenames", ()))
+    if fixtures & E2E_FIXTURES or key in E2E_TESTS:
+        return "e2e"
+    if fixtures & SERVICE_FIXTURES or key in INTEGRATION_TESTS:
+        return "integration"
+    return "unit"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: every collected test gets its tier
+def pytest_collection_modifyitems(config, items):
+    grouped = config.pluginmanager.hasplugin("xdist")
+    for item in items:
+        if not own_tiers(item):
+            item.add_marker(tier_of(item))
+        group = SAME_WORKER.get(Path(item.path).relative_to(TESTS).as_posix())
+        if grouped and group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    config.stash[COLLECTED] = [{"id": item.nodeid, "key": tier_key(item), "tiers": own_tiers(item),
+                                 "fixtures": sorted(set(getattr(item, "fixturenames", ())))}
+                                for item in items]
+    if os.environ.get(TIERS_OUT):  # a collection run for tiered_suite below
+        Path(os.environ[TIERS_OUT]).write_text(json.dumps(config.stash[COLLECTED]))
+
+
+@pytest.fixture(scope="session")
+def tiered_suite(request, tmp_path_factory):
+    """Every test of the suite as collected and tiered here ({"id", "key", "tiers",
+    "fixtures"}), and the tables above. When this session collected only part of the
+    suite, the whole suite is collected again in a process of its own."""
+    tests = request.config.stash.get(COLLECTED, [])
+    files = {p.relative_to(TESTS).as_posix() for p in TESTS.rglob("test_*.py")}
+    if not files <= {t["key"].split("::")[0] for t in tests}:
+        out = tmp_path_factory.mktemp("tiers") / "tests.json"
+        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:xdist",
+                               "-p", "no:cacheprovider", str(TESTS)], cwd=TESTS.parent,
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, TIERS_OUT: str(out)})
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        tests = json.loads(out.read_text())
+    return SimpleNamespace(tests=tests, files=files, tiers=TIERS, e2e_fixtures=E2E_FIXTURES,
+                           service_fixtures=SERVICE_FIXTURES, e2e_tests=E2E_TESTS,
+                           integration_tests=INTEGRATION_TESTS, same_worker=SAME_WORKER)
 
 
 @pytest.fixture(scope="session")
@@ -78,3 +228,26 @@ def prepared(tmp_path_factory):
     params = tiny_params("data.shots_per_class=12", "data.val_fraction=0.05", "data.test_fraction=0.05")
     prepare(root / "digits", root / "prepared", params)
     return root / "prepared"
+
+
+# -- data-parallel training (test_ddp.py, test_multinode.py) ------------------------------
+@pytest.fixture(scope="module")
+def ddp_dataset(tmp_path_factory):
+    """A pipeline Dataset artifact of the demo digits: 12 training scans per class."""
+    from components import runtime
+    root = tmp_path_factory.mktemp("ddp") / "dataset"
+    p = runtime.resolve_params({}, "data.shots_per_class=12; data.val_fraction=0.05; data.test_fraction=0.05")
+    runtime.prepare_task("demo", "", "", p, root)
+    assert runtime.prepared_dir(root).joinpath("manifest.csv").read_text().count(",train,") == 120
+    return root
+
+
+@pytest.fixture(scope="module")
+def stage1_reference(ddp_dataset, tmp_path_factory):
+    """Stage 1 of helpers.ddp_params() trained in this process, one thread."""
+    from cladapter_core.train import train
+    from components import runtime
+    out = tmp_path_factory.mktemp("ref") / "stage1"
+    with one_thread():
+        train(ddp_params(), runtime.prepared_dir(ddp_dataset), out, stage=1, progress=False)
+    return out

@@ -20,27 +20,19 @@ import json
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import BIN, free_port
 
-BIN = Path(sys.executable).parent
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 CLIENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL",
               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "CLADAPTER_PIPELINE_ID",
               "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_REGISTRY_URI")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
@@ -100,7 +92,11 @@ def mlflow_sqlite(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow_embedded")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     from mlflow import MlflowClient
-    MlflowClient(tracking_uri=uri).search_experiments()
+    with pytest.MonkeyPatch.context() as mp:
+        # MLflow keeps one store per URI, with the default artifact root ./mlruns resolved
+        # where it is first opened: here, not in the repository (shared by xdist workers).
+        mp.chdir(folder)
+        MlflowClient(tracking_uri=uri).search_experiments()
     pristine = tmp_path_factory.mktemp("mlflow_pristine") / "mlflow.db"
     shutil.copy(folder / "mlflow.db", pristine)
     return SimpleNamespace(folder=folder, uri=uri, pristine=pristine)
@@ -170,7 +166,7 @@ def s3_iam(tmp_path_factory):
     """moto S3 on loopback with IAM auth on after setup: one bucket, one valid key pair."""
     import boto3
     import requests
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("moto_iam") / "moto.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     with open(log, "w") as fh:
@@ -216,7 +212,7 @@ def mlflow_server(pg_database, s3_server, s3_iam, tmp_path_factory):
     s3 = SimpleNamespace(endpoint=s3_server, bucket=f"mlflow-{uuid.uuid4().hex[:8]}",
                          key="testing", secret="testing")
     s3_client(s3).create_bucket(Bucket=s3.bucket)
-    port = _free_port()
+    port = free_port()
     folder = tmp_path_factory.mktemp("mlflow_server")
     log = folder / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}

@@ -10,14 +10,12 @@ import sys
 import tomllib
 import types
 from importlib.metadata import EntryPoint, entry_points
-from pathlib import Path
 
 import pytest
 
 from cladapter_core import cli
+from helpers import BIN, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 KFP_SIDE = ("pipelines", "components")
 
 

@@ -6,7 +6,6 @@ Every test writes real image/array files to tmp_path and runs the real code on t
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from helpers import tree_digest
 from PIL import Image
 
 from cladapter_core.data import (
@@ -90,15 +90,6 @@ def manifest_rows(prepared: Path) -> list[dict]:
 def leftovers(parent: Path) -> list[str]:
     """Temp/backup dirs that an atomic write may have left behind."""
     return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
-
-
-def tree_digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(root).as_posix().encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- demo data

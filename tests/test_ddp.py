@@ -6,87 +6,17 @@ Batch size 17 on 120 training scans makes every step uneven across the two ranks
 8 samples) and leaves a last batch of one sample, which only one rank can hold.
 """
 import json
-import os
 import subprocess
 import sys
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from helpers import assert_same_training, child_env, ddp_params as params, one_thread
 
 from cladapter_core.train import train
 from components import runtime
 
-TINY = {
-    "backbone": "vit_tiny_patch16_224", "num_centers": 4, "batch_size": 17,
-    "backbone_kwargs": {"img_size": 16, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2},
-    "stage1_epochs": 2, "stage2_epochs": 1,
-}
-# No feature cache (DDP does not use it) and no dropout: the two runs compute the same thing.
-OVERRIDES = "model.rank=8; model.dropout=0.0; train.warmup_epochs=1; train.cache.views=null"
-TOLERANCE = 1e-5  # float sums in another order (all-reduce); observed differences ~1e-7
 
-
-def params():
-    return runtime.resolve_params(TINY, OVERRIDES)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """A pipeline Dataset artifact of the demo digits: 12 training scans per class."""
-    root = tmp_path_factory.mktemp("ddp") / "dataset"
-    p = runtime.resolve_params({}, "data.shots_per_class=12; data.val_fraction=0.05; data.test_fraction=0.05")
-    runtime.prepare_task("demo", "", "", p, root)
-    assert runtime.prepared_dir(root).joinpath("manifest.csv").read_text().count(",train,") == 120
-    return root
-
-
-@contextmanager
-def one_thread():
-    """The torchrun ranks run with OMP_NUM_THREADS=1; so does the reference."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def child_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "CLADAPTER_PIPELINE_ID", "CLADAPTER_TRACKING")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MPLBACKEND="Agg", **extra)
-    return env
-
-
-def assert_same_training(reference: Path, ddp: Path):
-    a, b = load_file(str(reference / "model.safetensors")), load_file(str(ddp / "model.safetensors"))
-    assert a.keys() == b.keys()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= TOLERANCE, f"weights differ by up to {worst:.3g}"
-    ha = json.loads((reference / "history.json").read_text())
-    hb = json.loads((ddp / "history.json").read_text())
-    assert [(r["stage"], r["epoch"]) for r in ha] == [(r["stage"], r["epoch"]) for r in hb]
-    for ra, rb in zip(ha, hb):
-        # the epoch loss covers every rank's samples, as one process counts them
-        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
-        assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-4)
-    sa = json.loads((reference / "train_summary.json").read_text())
-    sb = json.loads((ddp / "train_summary.json").read_text())
-    assert sa["best_epoch"] == sb["best_epoch"] and sa["epochs_run"] == sb["epochs_run"]
-
-
-@pytest.fixture(scope="module")
-def stage1_reference(dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "stage1"
-    with one_thread():
-        train(params(), runtime.prepared_dir(dataset), out, stage=1, progress=False)
-    return out
-
-
-def test_torchrun_two_processes_match_one_process(dataset, stage1_reference, tmp_path):
+def test_torchrun_two_processes_match_one_process(ddp_dataset, stage1_reference, tmp_path):
     flags = []
     p = params()
     for key, value in (("model.backbone", p["model"]["backbone"]),
@@ -98,7 +28,7 @@ def test_torchrun_two_processes_match_one_process(dataset, stage1_reference, tmp
     (tmp_path / "empty.yaml").write_text("")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "cladapter_core.cli", "train", "--params", str(tmp_path / "empty.yaml"), "--no-track",
-           "--stage", "1", "--prepared", str(runtime.prepared_dir(dataset)), "--out", str(tmp_path / "ddp"),
+           "--stage", "1", "--prepared", str(runtime.prepared_dir(ddp_dataset)), "--out", str(tmp_path / "ddp"),
            *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=child_env())
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -106,13 +36,13 @@ def test_torchrun_two_processes_match_one_process(dataset, stage1_reference, tmp
     assert_same_training(stage1_reference, tmp_path / "ddp")
 
 
-def test_training_step_with_two_devices_runs_torchrun_and_logs_once(dataset, stage1_reference, tmp_path,
+def test_training_step_with_two_devices_runs_torchrun_and_logs_once(ddp_dataset, stage1_reference, tmp_path,
                                                                      clean_mlflow_env):
     """The pipeline's stage-2 step with num_gpus=2: torchrun, rank 0 logging epochs into
     the step's MLflow run, the weights of one process."""
     p = params()
     with one_thread():
-        train(p, runtime.prepared_dir(dataset), tmp_path / "ref2", stage=2, init_from=stage1_reference,
+        train(p, runtime.prepared_dir(ddp_dataset), tmp_path / "ref2", stage=2, init_from=stage1_reference,
               progress=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = clean_mlflow_env  # a monkeypatch; MLflow's globals are reset after the test
@@ -121,7 +51,7 @@ def test_training_step_with_two_devices_runs_torchrun_and_logs_once(dataset, sta
     for name in ("CLADAPTER_TRACKING", "CLADAPTER_PIPELINE_ID"):
         env.delenv(name, raising=False)
     env.chdir(tmp_path)
-    summary = runtime.train_task(p, dataset, tmp_path / "step" / "model", stage=2,
+    summary = runtime.train_task(p, ddp_dataset, tmp_path / "step" / "model", stage=2,
                                  init_from=stage1_reference, pipeline_id="ddp-run-1", num_gpus=2)
     assert summary["epochs_run"] == 1
     assert_same_training(tmp_path / "ref2", tmp_path / "step" / "model")

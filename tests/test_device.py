@@ -7,7 +7,6 @@ import os
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from cladapter_core import cli
 from cladapter_core.distributed import (DEVICE_ENV, DeviceError, gpu_evidence, pick_device,
                                         requested_device)
 
-REPO = Path(__file__).resolve().parents[1]
 TOO_OLD = ("CUDA initialization: The NVIDIA driver on your system is too old (found version 11040). "
            "Please update your GPU driver")
 

@@ -3,9 +3,8 @@ end to end on the CPU and writes every figure it promises."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def test_gpu_check_tiny_mode_writes_every_figure(tmp_path):

@@ -6,14 +6,13 @@ done with the published proto of that version (fetched once from PyPI with `pip 
 process of its own, and with the newest installed one."""
 import copy
 import importlib.metadata
-from pathlib import Path
 
 import pytest
 
 from pipelines import backend_check
 from pipelines import cladapter_pipeline as kp
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "pipelines" / "cladapter_pipeline.yaml"
 
 

@@ -2,36 +2,22 @@
 against the Trainer's published API models (PyPI kubeflow-trainer-api), and the node
 entrypoint run as two "nodes" on loopback (torchrun, c10d rendezvous, gloo) with the data,
 the stage-1 model, the checkpoint and the result moving through a local S3 server: the
-weights of one process within 1e-5 (fixtures and comparison from test_ddp.py)."""
+weights of one process within 1e-5 (as tests/test_ddp.py: fixtures in conftest.py, helpers.py)."""
 from __future__ import annotations
 
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from test_ddp import (assert_same_training, child_env, dataset, one_thread, params,  # noqa: F401 - fixtures
-                      stage1_reference)
+from helpers import REPO, assert_same_training, child_env, ddp_params as params, free_port, one_thread
 
 from cladapter_core.errors import CLAdapterError, ParamsError
 from cladapter_core.train import train
 from components import multinode, runtime
-
-# Not `from conftest import ...`: with the whole suite collected, `conftest` may name
-# tests/faults/conftest.py.
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 pytest.importorskip("kubeflow_trainer_api")
 
@@ -123,7 +109,7 @@ class LocalTrainer:
                                            "message": "" if ok else "a node failed"}]}}
 
 
-def test_two_nodes_on_loopback_match_one_process(dataset, stage1_reference, tmp_path,  # noqa: F811
+def test_two_nodes_on_loopback_match_one_process(ddp_dataset, stage1_reference, tmp_path,
                                                   clean_mlflow_env, bucket, s3_env):  # S3 set after the cleaning
     """The pipeline's multi-node stage-2 step (multinode.stage2_task -> launch) -> the
     TrainJob's two nodes (torchrun --nnodes=2, c10d rendezvous on 127.0.0.1, gloo), the
@@ -132,7 +118,7 @@ def test_two_nodes_on_loopback_match_one_process(dataset, stage1_reference, tmp_
     MLflow run."""
     p = params()
     with one_thread():
-        train(p, runtime.prepared_dir(dataset), tmp_path / "ref2", stage=2, init_from=stage1_reference,
+        train(p, runtime.prepared_dir(ddp_dataset), tmp_path / "ref2", stage=2, init_from=stage1_reference,
               progress=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     clean_mlflow_env.setenv("MLFLOW_TRACKING_URI", uri)
@@ -147,8 +133,8 @@ def test_two_nodes_on_loopback_match_one_process(dataset, stage1_reference, tmp_
     common = dict(nodes=2, gpus_per_node=1, pipeline_id="mn-test", stage_prefix=f"s3://{bucket}/stages",
                   checkpoint_prefix=f"s3://{bucket}/ckpt", poll_s=0.5, api=api)
     # the dataset on a "shared volume" (file://), the stage-1 model uploaded by the step
-    summary = multinode.stage2_task(p, dataset, stage1_reference, tmp_path / "model", image="cladapter:test",
-                                    namespace="cladapter", dataset_uri=f"file://{dataset}", **common)
+    summary = multinode.stage2_task(p, ddp_dataset, stage1_reference, tmp_path / "model", image="cladapter:test",
+                                    namespace="cladapter", dataset_uri=f"file://{ddp_dataset}", **common)
     assert sum("model pushed to" in log for log in api.logs) == 1, api.logs  # the node that held rank 0
     assert summary["stage"] == 2 and summary["epochs_run"] == 1
     assert_same_training(tmp_path / "ref2", tmp_path / "model")
@@ -161,11 +147,11 @@ def test_two_nodes_on_loopback_match_one_process(dataset, stage1_reference, tmp_
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")] == [1]  # rank 0 alone
 
     # a retried step finds its TrainJob and waits for it instead of starting another
-    again = multinode.launch(p, dataset=f"file://{dataset}", init_from=stage1_reference, out_dir=tmp_path / "again",
+    again = multinode.launch(p, dataset=f"file://{ddp_dataset}", init_from=stage1_reference, out_dir=tmp_path / "again",
                              image="cladapter:test", namespace="cladapter", **common)
     assert again == summary and len(api.jobs) == 1
     with pytest.raises(ParamsError, match="CLADAPTER_IMAGE"):
-        multinode.stage2_task(p, dataset, stage1_reference, tmp_path / "x", **common)
+        multinode.stage2_task(p, ddp_dataset, stage1_reference, tmp_path / "x", **common)
 
 
 def test_a_failed_trainjob_fails_the_step():

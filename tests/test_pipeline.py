@@ -25,9 +25,8 @@ from cladapter_core.errors import CLAdapterError, DataError, ParamsError
 from cladapter_core.params import defaults
 from components import runtime
 from pipelines import cladapter_pipeline as kp
+from helpers import BIN, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 DEFAULT_IMAGE = "ghcr.io/cladapter/cladapter:0.1.0"
 STAGE_ORDER = ["resolve-params", "prepare", "train-stage1", "train-stage2", "evaluate",
                "register", "promote"]
@@ -169,7 +168,6 @@ def test_gate_registers_and_promotes_only_when_evaluation_passes(compiled):
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["min_metric"]["defaultValue"] == 0.0 and "min_macro_f1" not in params
     assert params["auto_promote"]["defaultValue"] is True
-
 
 
 def test_the_gate_reads_register_metric_on_validation_never_test(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from helpers import tree_digest
 from safetensors.torch import load_file
 
 from cladapter_core.data import images, prepare
@@ -18,7 +19,6 @@ from cladapter_core.data.workers import _cgroup_quota, available_cores, loader_w
 from cladapter_core.errors import DataError
 from cladapter_core.params import load_params
 from cladapter_core.train import Preempted, train
-from test_data import tree_digest
 from tiny import tiny_params
 
 

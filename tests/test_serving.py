@@ -44,9 +44,7 @@ import requests
 import yaml
 
 from fixtures_services import CLASS_NAMES, reset_mlflow_globals, tracked_params, write_metrics
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from helpers import BIN, REPO, free_port
 SERVING = REPO / "infra" / "k8s" / "serving"
 MANIFEST = SERVING / "inferenceservice.yaml"
 CACHE = Path(os.environ.get("CLADAPTER_TEST_CACHE") or Path.home() / ".cache" / "cladapter-tests")
@@ -57,13 +55,6 @@ CLIENT_ENV = ("MLFLOW_", "AWS_")
 
 
 # ----------------------------------------------------------------------------- helpers
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
@@ -234,7 +225,7 @@ def served(champion):
         "containers"][0]
     literal = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     literal["MODEL_URI"] = f"models:/{champion.name}@champion"
-    port = _free_port()
+    port = free_port()
     cmd = [str(env_dir / "bin" / container["command"][0]), *container["command"][1:],
            *(_expand(a, literal) for a in container.get("args", [])),
            "--host", "127.0.0.1", "--port", str(port)]
@@ -349,7 +340,7 @@ def test_the_tensor_form_is_served_too(champion, served):
 def test_cladapter_serve_says_which_version_serves_and_serves_it(champion, tmp_path):
     (tmp_path / "params.yaml").write_text(f"register:\n  model_name: {champion.name}\n")
     env = _clean_env(MLFLOW_TRACKING_URI=champion.uri)
-    port = _free_port()
+    port = free_port()
     cmd = [str(BIN / "cladapter"), "serve", "--params", "params.yaml", "--port", str(port)]
     dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=300)

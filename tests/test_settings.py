@@ -5,11 +5,12 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from cladapter_core import settings as settings_module
 from cladapter_core.settings import Settings, environment, export, settings, tracking_on, var
 
-CORE = Path(__file__).resolve().parents[1] / "cladapter_core"
+CORE = REPO / "cladapter_core"
 
 
 def _environ_uses(path: Path) -> list[str]:

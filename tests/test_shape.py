@@ -5,7 +5,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-CORE = Path(__file__).resolve().parents[1] / "cladapter_core"
+from helpers import REPO
+
+CORE = REPO / "cladapter_core"
 MAX_FUNCTION_LINES = 80
 
 

@@ -17,10 +17,8 @@ import torch
 from cladapter_core import load_model, tracking
 from cladapter_core.errors import TrackingError
 from cladapter_core.params import flatten
-from fixtures_services import CLASS_NAMES, _free_port, tracked_params
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from fixtures_services import CLASS_NAMES, tracked_params
+from helpers import BIN, REPO, free_port
 
 
 def _client():
@@ -47,7 +45,7 @@ def test_default_store_is_embedded_sqlite_in_the_working_dir(clean_mlflow_env, t
 
 
 def test_check_tracking_names_an_unreachable_server(clean_mlflow_env):
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     clean_mlflow_env.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(TrackingError, match=f"{uri} is unreachable.*MLFLOW_TRACKING_URI"):
         tracking.check_tracking()

@@ -14,8 +14,6 @@ from safetensors.torch import load_file
 from cladapter_core.train import Preempted, TrainingError, train
 from tiny import TINY, tiny_params
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def weights(model_dir):
     return load_file(str(Path(model_dir) / "model.safetensors"))

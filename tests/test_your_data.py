@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from helpers import BIN, REPO
 
 from cladapter_core import build_model
 from cladapter_core.data import ManifestDataset, build_transform, intensity_range, prepare
@@ -81,10 +82,8 @@ def test_from_a_folder_of_12_bit_tiffs_to_a_served_champion(tmp_path_factory):
     import os
     import shutil
     import subprocess
-    import sys
-    from pathlib import Path
 
-    repo, binp = Path(__file__).resolve().parents[1], Path(sys.executable).parent
+    repo, binp = REPO, BIN
     root = tmp_path_factory.mktemp("story") / "repo"
     for f in filter(None, subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True,
                                          check=True).stdout.decode().split("\0")):

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from faultkit import REPLAY, base_env, fault_stages, read_json, tail
-from fixtures_services import _free_port, _stop, _wait_http
-
-BIN = Path(sys.executable).parent
+from fixtures_services import _stop, _wait_http
+from helpers import BIN, free_port
 
 
 class MlflowServer:
@@ -25,7 +24,7 @@ class MlflowServer:
     stops and starts again on the same port and store, as a restarted pod would."""
 
     def __init__(self, folder: Path):
-        self.folder, self.port, self.proc = folder, _free_port(), None
+        self.folder, self.port, self.proc = folder, free_port(), None
         self.uri = f"http://127.0.0.1:{self.port}"
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -182,7 +181,7 @@ def test_s3_errors_are_retried_with_backoff_then_reported(tmp_path, monkeypatch,
     from cladapter_core.errors import ModelError
     from cladapter_core.weights import read_state_dict, s3_client
 
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     with open(tmp_path / "moto.log", "w") as log:
         moto = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
