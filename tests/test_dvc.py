@@ -5,14 +5,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from helpers import BIN, REPO
 
 # Tiny settings so the whole pipeline takes seconds per stage.
 TINY = {
@@ -77,8 +73,12 @@ def test_repro_runs_everything_then_nothing(clone):
     out = dvc(["repro"], root, env, timeout=900)
     for stage in ("demo_data", "prepare", "tune", "train_stage1", "train_stage2", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out, out[-3000:]
+    # the evaluation scored every test scan, and metrics.json is what its predictions give
     metrics = json.loads((root / "outputs/eval/metrics.json").read_text())
-    assert 0.0 <= metrics["macro_f1"] <= 1.0
+    report = json.loads((root / "outputs/eval/classification_report.json").read_text())
+    summary = json.loads((root / "outputs/prepared/summary.json").read_text())
+    assert report["macro avg"]["support"] == summary["totals"]["test"] > 0
+    assert metrics["macro_f1"] == pytest.approx(report["macro avg"]["f1-score"])
     reg = json.loads((root / "outputs/registry.json").read_text())
     assert reg["registration"]["version"] == "1" or str(reg["registration"]["version"]) == "1"
     assert reg["promotion"]["champion_after"] in ("1", 1)

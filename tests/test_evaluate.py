@@ -175,7 +175,7 @@ def test_predictions_belong_to_their_files(evaluated, data, models):
     assert np.allclose(probs, csv_probs, atol=1e-5)
 
 
-def test_param_report(evaluated, models):
+def test_param_report_json_holds_the_models_counts_and_what_each_stage_trains(evaluated, models):
     rep = json.loads((evaluated["out"] / "param_report.json").read_text())
     model = load_model(models["cla"])
     assert {k: rep[k] for k in model.param_report()} == model.param_report()
@@ -227,7 +227,7 @@ def test_class_absent_from_split(data, models, tmp_path):
     assert "ROC AUC is undefined here" in html
 
 
-def test_evaluate_errors(data, models, tmp_path):
+def test_evaluate_refuses_a_bad_split_and_models_of_other_classes_and_writes_nothing(data, models, tmp_path):
     with pytest.raises(ParamsError, match="evaluate.split"):
         evaluate(models["cla"], data["prepared"], tmp_path / "a", _params(**{"evaluate.split": "dev"}))
     # a model whose classes are not the data's

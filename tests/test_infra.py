@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,8 +32,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import yaml
+from helpers import REPO, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 DOCKERIGNORE = INFRA / "docker" / "Dockerfile.dockerignore"
@@ -258,12 +257,6 @@ def template_problems(name: str, text: str) -> list[str]:
     return problems
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stop_process_group(proc: subprocess.Popen) -> None:
     """SIGTERM, then SIGKILL, to the session the test started (the server and its workers)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -305,7 +298,10 @@ def test_hadolint_rejects_a_careless_dockerfile(tmp_path):
     assert "DL3007" in proc.stdout and "DL3008" in proc.stdout, proc.stdout
 
 
-def test_dockerfile_builds_a_pinned_non_root_cladapter_image():
+def test_dockerfile_is_pinned_non_root_secret_free_and_copies_what_exists():
+    """What `docker build` would make of infra/docker/Dockerfile, read from the file (no
+    image is built here): pinned base images, a numeric non-root USER, no secret in ENV or
+    ARG, the constraints installed, every COPY source present, the Python of pyproject."""
     text = DOCKERFILE.read_text()
     instructions = dockerfile_instructions(text)
     all_stages = stages(instructions)

@@ -1,11 +1,14 @@
 """Promotion a reviewer would sign: decided on the validation split, never on test; a champion
 measured on other data is re-evaluated on the challenger's data before it can be replaced."""
+import copy
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from cladapter_core import registry
 from cladapter_core.errors import TrackingError
+from cladapter_core.evaluate import evaluate
 from cladapter_core.identity import data_hash
 from fixtures_services import CLASS_NAMES, tracked_params, write_metrics
 
@@ -78,7 +81,11 @@ def test_a_champion_from_other_data_is_reevaluated_before_it_can_be_replaced(
         registry.promote(params, prepared_dir=tmp_path)
     res = registry.promote(params, prepared_dir=prepared_cats)
     assert res["champion_reevaluated"] and res["champion_value"] != 0.99  # measured again, on v2
-    assert 0.0 <= res["champion_value"] <= 1.0
+    # ... as `evaluate` scores the champion's folder on v2's validation split
+    on_v2 = copy.deepcopy(params)
+    on_v2["evaluate"]["split"] = "val"
+    assert res["champion_value"] == pytest.approx(
+        evaluate(tiny_model_dirs[0], prepared_cats, tmp_path / "v1-on-v2", on_v2)["macro_f1"])
     assert res["decision"] == ("promoted" if 0.5 > res["champion_value"] else "rejected")
     tags = MlflowClient().get_model_version(name, "2").tags
     assert tags["promotion.champion_reevaluated"] == "true"

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,7 @@ import pytest
 from cladapter_core import identity, registry, tracking
 from cladapter_core.errors import TrackingError
 from fixtures_services import CLASS_NAMES, s3_client, tracked_params, write_metrics
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def _client():
@@ -162,7 +160,16 @@ def test_a_held_promotion_lock_blocks_and_a_stale_one_is_broken(embedded_mlflow,
             pass
     assert _champion(name) is None
     assert registry.promote(params)["decision"] == "promoted"
-    assert _client().search_registered_models(f"name = '{name}{registry.LOCK_SUFFIX}'") == []
+    # The lock is a run, not a registered model; its slots name every holder, the broken
+    # one included, and every slot was released.
+    client = _client()
+    assert [m.name for m in client.search_registered_models(f"name LIKE '{name}%'")] == [name]
+    exp = client.get_experiment_by_name(registry.LOCK_EXPERIMENT)
+    (lock,) = client.search_runs([exp.experiment_id], f"tags.`{registry.LOCK_FOR_TAG}` = '{name}'")
+    slots = lock.data.params
+    assert sorted(k for k in slots if k.startswith("lock.")) == ["lock.1", "lock.2", "lock.3"]
+    assert all(f"release.{n}" in slots for n in (1, 2, 3)), slots
+    assert slots["release.1"].startswith("broken by "), slots  # its holder's own release came late
 
 
 # -- lineage ----------------------------------------------------------------------------
