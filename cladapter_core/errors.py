@@ -27,3 +27,7 @@ class TrainingError(CLAdapterError):
 
 class Preempted(CLAdapterError):
     """SIGTERM arrived (or a step limit): a checkpoint was saved; run again to resume."""
+
+
+class TuneError(CLAdapterError):
+    """The search cannot run as asked (empty space, bad storage, no completed trial)."""

@@ -34,7 +34,7 @@ Modules, each importing only those above it:
 """
 from ..param_models import NOT_SEARCHABLE, PRUNERS
 from ..params import apply_best, best_params_layer, nest, read_best_params, set_dotted
-from .errors import TuneError
+from ..errors import TuneError
 from .results import BEST_FILE, finish_study, plot_k_vs_f1, study_table, write_best_params, write_figures
 from .runs import STUDY_CLOSED_TAG, STUDY_TAG, study_key, study_run
 from .space import check_space, suggest, trial_params

@@ -15,7 +15,7 @@ import yaml
 
 from ..outputs import atomic_write
 from ..params import nest
-from .errors import TuneError
+from ..errors import TuneError
 from .runs import end_study_run, log_results, study_run
 from ..settings import tracking_on
 from .space import format_value

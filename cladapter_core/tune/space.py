@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 
 from ..params import flatten, get_dotted, resolve, set_dotted
-from .errors import TuneError
+from ..errors import TuneError
 
 
 def trial_params(params: dict, values: dict) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..param_models import Tune
-from .errors import TuneError
+from ..errors import TuneError
 
 DEFAULT_STORAGE = Tune.model_fields["storage"].default
 SQLITE_TIMEOUT_S = 60      # workers on one SQLite file wait for each other's writes

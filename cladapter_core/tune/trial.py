@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import TuneError
+from ..errors import TuneError
 from .runs import TrialRun
 from .space import format_value, suggest, trial_params
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import TuneError
+from ..errors import TuneError
 from .results import finish_study
 from .runs import TrialRun, end_study_run, pipeline_of, study_run
 from .. import identity
