@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+from .callbacks import Callback
 from .errors import CLAdapterError, TrackingError
 from . import identity
 from .identity import dataset_name, git_commit
@@ -511,7 +512,7 @@ def _numeric(v: Any) -> bool:
     return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isinf(v))
 
 
-class EpochLogger:
+class EpochLogger(Callback):
     """Trainer callback: logs each epoch's numbers as MLflow metrics (step = epoch).
 
     Use inside ``stage_run``: ``train.train(..., callbacks=[tracking.EpochLogger()])``.
@@ -522,7 +523,8 @@ class EpochLogger:
     warned about, kept, and retried with the next epoch: tracking never stops training.
     Values still unsent when training ends are tried a few more times (``FINAL_RETRIES``),
     then ``on_train_end`` raises ``TrackingError``: the stage fails rather than end as a
-    success with a gap in its metrics.
+    success with a gap in its metrics. When training fails, ``on_exception`` sends what
+    it still holds (the epochs before the failure) once more before the error propagates.
     """
 
     SKIP = ("epoch", "stage")
@@ -582,6 +584,10 @@ class EpochLogger:
                 f"to run {self.run_id} on {_redact(tracking_uri())}, unreachable until training "
                 f"ended ({self._last_error}); the model in {self.out_dir} is complete - run the "
                 "stage again once the server is back to record its metrics")
+
+    def on_exception(self, error: BaseException) -> None:
+        if self.run_id is not None and self._pending:
+            self._log({}, step=0)
 
     # internals -----------------------------------------------------------------------
     @staticmethod

@@ -20,8 +20,9 @@ boundary or in the middle of one, ends with the same weights as one never interr
 the CPU, with num_workers=0 or more), and DDP ranks see disjoint slices of the
 single-process batches.
 
-Callbacks are objects with any of `on_train_start(info)`, `on_epoch_end(record)` (may
-raise `StopTraining`) and `on_train_end(summary)`.
+Callbacks are `callbacks.Callback`s: `on_train_start(info)`, `on_epoch_end(record)` (may
+raise `StopTraining`), `on_train_end(summary)`, and `on_exception(error)` when training
+fails, so what a callback holds (metrics not yet sent) is not lost with the error.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from .callbacks import Callback, StopTraining  # noqa: F401  (StopTraining: public here too)
 from .checkpoint import CKPT_NAME, checkpoint_dir  # noqa: F401  (public: components use them)
 from .data.seeding import EpochBatchSampler, SeededDataset, seed_everything
 from .distributed import init_distributed, pick_device
@@ -56,10 +58,6 @@ STAGED_MODES = ("cla", "lp-ft")
 __all__ = ["train", "Trainer", "TrainingError", "Preempted", "StopTraining", "STAGED_MODES",
            "stage_plan", "freezes_norm_stats", "lr_lambda", "make_optimizer", "run_eval", "pick_device",
            "checkpoint_dir", "CKPT_NAME"]
-
-
-class StopTraining(Exception):
-    """Raised by a callback to end training after the current epoch."""
 
 
 # -- the plan, the optimizer and the schedule ------------------------------------------------
@@ -194,6 +192,9 @@ class Trainer:
         self.prepared_dir, self.out_dir = Path(prepared_dir), Path(out_dir)
         self.stage, self.mode = stage, mode or params["train"]["mode"]
         self.init_from, self.callbacks = init_from, list(callbacks)
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise TrainingError(f"callback {cb!r} is not a cladapter_core.callbacks.Callback")
         self.progress, self.max_steps = progress, max_steps
         _check_request(stage, self.mode, init_from, self.prepared_dir)
         self.plan = stage_plan(params, stage, self.mode)
@@ -215,10 +216,16 @@ class Trainer:
         self.fingerprint = ckpt.fingerprint(self.params, self.prepared_dir, self.stage, self.mode, self.init_from)
         if resume:
             self.restore()
-        with self._sigterm_sets_preempted():
-            self.start()
-            self.epoch_loop()
-        return self.finalize()
+        try:
+            with self._sigterm_sets_preempted():
+                self.start()
+                self.epoch_loop()
+            return self.finalize()
+        except BaseException as error:
+            for cb in self.callbacks:
+                with contextlib.suppress(Exception):  # the training error is the one to report
+                    cb.on_exception(error)
+            raise
 
     # -- building the run --------------------------------------------------------------------
     def build_model(self) -> None:
@@ -351,7 +358,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def _callbacks(self, hook: str, arg) -> None:
         for cb in self.callbacks:
-            getattr(cb, hook, lambda _: None)(arg)
+            getattr(cb, hook)(arg)
 
     def start(self) -> None:
         self.info = {"params": self.params, "stage": self.stage, "mode": self.mode, "out_dir": str(self.out_dir),

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cladapter_core.callbacks import Callback
 from cladapter_core.train import Preempted, TrainingError, train
 from tiny import TINY, tiny_params
 
@@ -171,3 +172,63 @@ def test_progress_in_logs_is_a_plain_line_now_and_then_not_a_bar(capsys, monkeyp
     quiet.update(3)
     assert capsys.readouterr().out == ""
     assert isinstance(T._progress(4, "x", False), T._NoBar) and not isinstance(T._progress(4, "x", False), T._LogBar)
+
+
+class _Hooks(Callback):
+    """Records the hooks the trainer calls; raises at `fail_at` epoch."""
+
+    def __init__(self, fail_at=None):
+        self.calls, self.fail_at = [], fail_at
+
+    def on_train_start(self, info):
+        self.calls.append(("start", info["stage"]))
+
+    def on_epoch_end(self, record):
+        self.calls.append(("epoch", record["epoch"]))
+        if record["epoch"] == self.fail_at:
+            raise RuntimeError("callback failed")
+
+    def on_train_end(self, summary):
+        self.calls.append(("end", summary["epochs_run"]))
+
+    def on_exception(self, error):
+        self.calls.append(("exception", str(error)))
+
+
+def test_callbacks_are_typed_and_hear_of_a_failure(prepared, tmp_path):
+    ok, failing = _Hooks(), _Hooks(fail_at=1)
+    train(tiny_params(), prepared, tmp_path / "ok", callbacks=[ok], progress=False)
+    assert ok.calls == [("start", 1), ("epoch", 1), ("epoch", 2), ("end", 2)]
+    with pytest.raises(RuntimeError, match="callback failed"):
+        train(tiny_params(), prepared, tmp_path / "failed", callbacks=[failing], progress=False)
+    assert failing.calls == [("start", 1), ("epoch", 1), ("exception", "callback failed")]
+    assert not (tmp_path / "failed").exists()  # nothing half-written
+    with pytest.raises(TrainingError, match="not a cladapter_core.callbacks.Callback"):
+        train(tiny_params(), prepared, tmp_path / "duck", callbacks=[object()], progress=False)
+
+
+def test_epoch_logger_sends_what_it_holds_when_training_fails(embedded_mlflow, prepared, tmp_path):
+    """Epoch 1's metrics are refused (the run is deleted at that moment), epoch 2 crashes
+    training: the logger's `on_exception` sends epoch 1's values before the error goes on."""
+    from mlflow import MlflowClient
+
+    from cladapter_core import tracking
+    client = MlflowClient()
+    params = tiny_params("stage1.epochs=3")
+
+    class DeleteThenCrash(Callback):
+        def on_epoch_end(self, record):
+            if record["epoch"] == 1:
+                client.delete_run(run.info.run_id)  # the store refuses writes to a deleted run
+            else:
+                client.restore_run(run.info.run_id)
+                raise RuntimeError("crashed in epoch 2")
+
+    with pytest.raises(RuntimeError, match="crashed in epoch 2"):
+        with tracking.stage_run(params, "train_stage1", prepared=prepared) as run:
+            with pytest.warns(UserWarning, match="MLflow logging"):
+                train(params, prepared, tmp_path / "m", callbacks=[DeleteThenCrash(), tracking.EpochLogger()],
+                      progress=False)
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in losses] == [1]
+    assert client.get_run(run.info.run_id).info.status == "FAILED"

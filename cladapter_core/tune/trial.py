@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..callbacks import Callback
 from ..errors import TuneError
 from .runs import TrialRun
 from .space import format_value, suggest, trial_params
@@ -23,7 +24,7 @@ from .space import format_value, suggest, trial_params
 OBJECTIVE = "val_macro_f1"
 
 
-class PruningCallback:
+class PruningCallback(Callback):
     """Trainer callback: logs each epoch (MLflow step = epochs of the trial so far) and,
     with `prune`, reports its validation macro-F1 to the trial at the stage's own epoch
     index and raises optuna.TrialPruned when the pruner says so (the exception leaves
