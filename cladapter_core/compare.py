@@ -20,6 +20,7 @@ What makes the comparison fair (and is written into compare.json and the table's
 """
 from __future__ import annotations
 
+import logging
 import copy
 import csv
 import math
@@ -30,6 +31,8 @@ from pathlib import Path
 from .errors import ParamsError
 from .outputs import atomic_dir, write_json
 from .params import set_dotted
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("linear", "linear-mean", "full", "lp-ft", "cla-stage1", "cla-sft")
 # method -> list of (mode, stage); the last one is the model that is scored
@@ -132,7 +135,7 @@ def compare(params: dict, prepared_dir, out_dir, seeds=(0, 1, 2), methods=None,
             rows = []
             for seed in seeds:
                 for method in methods:
-                    print(f"[compare] seed {seed}: {method}")
+                    logger.info("[compare] seed %s: %s", seed, method)
                     rows.append(_run_one(params, prepared_dir, work / f"seed{seed}", method, int(seed),
                                          split, progress, tuned, tuned_for))
                     if log:
@@ -146,8 +149,8 @@ def compare(params: dict, prepared_dir, out_dir, seeds=(0, 1, 2), methods=None,
         raise
     if log:
         log.finish([out_dir / f for f in ("summary.md", "summary.csv", "compare.csv", "compare.json", "compare.png")])
-    print(format_table(table, split, budget(params)))
-    print(f"written to {out_dir}/ (summary.md, summary.csv, compare.csv, compare.json, compare.png)")
+    logger.info("%s", format_table(table, split, budget(params)))
+    logger.info("written to %s/ (summary.md, summary.csv, compare.csv, compare.json, compare.png)", out_dir)
     return table
 
 

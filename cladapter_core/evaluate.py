@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from . import identity
+from .console import tracked
 from .errors import DataError, ParamsError
 from .model import CLAdapterModel, load_model
 from .outputs import atomic_dir, atomic_write, write_json
@@ -43,12 +44,6 @@ def _device(device: str | None) -> torch.device:
     (`distributed.pick_device`)."""
     from .distributed import pick_device
     return pick_device(device)
-
-
-def _progress(iterable, desc: str, total: int | None = None):
-    from tqdm.auto import tqdm
-    # disable=None: a bar on a terminal, silence in logs (DVC, KFP pods, CI)
-    return tqdm(iterable, desc=desc, total=total, disable=None, leave=False)
 
 
 def _eval_params(params: dict) -> tuple[str, bool, int, str, int]:
@@ -210,7 +205,7 @@ def _predict_split(model, prepared_dir: Path, split: str, params: dict, batch_si
     labels_seen: list[int] = []
 
     def batches():
-        for x, y in _progress(loader, f"evaluate {split}"):
+        for x, y in tracked(loader, f"evaluate {split}"):
             labels_seen.extend(int(v) for v in y)
             yield x
 
@@ -314,7 +309,7 @@ def predict(model_dir, inputs, out_path, batch_size: int = 32, *, skip_invalid: 
     rows: list[dict] = []
     skipped: list[str] = []
     with torch.no_grad():
-        for start in _progress(range(0, len(files), batch_size), "predict",
+        for start in tracked(range(0, len(files), batch_size), "predict",
                                total=math.ceil(len(files) / batch_size)):
             chunk = files[start:start + batch_size]
             try:

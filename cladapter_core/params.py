@@ -20,8 +20,8 @@ the other way round.
 """
 from __future__ import annotations
 
+import logging
 import copy
-import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -29,6 +29,8 @@ import yaml
 
 from .errors import ParamsError
 from .param_models import METRICS, Params, check  # noqa: F401  (METRICS: re-exported)
+
+log = logging.getLogger(__name__)
 
 
 def defaults() -> dict:
@@ -233,12 +235,12 @@ def best_params_layer(params_so_far: dict, flags: dict, use_best: bool | None) -
         return {}, None
     path = Path(str(tune.get("best_params") or defaults()["tune"]["best_params"]))
     if not path.is_file():
-        print(f"warning: tune.use_best is true but {path} does not exist (run `cladapter tune`): "
-              "using the values of the params file", file=sys.stderr)
+        log.warning("tune.use_best is true but %s does not exist (run `cladapter tune`): "
+                    "using the values of the params file", path)
         return {}, None
     best = read_best_params(path)
     shown = ", ".join(f"{k}={v}" for k, v in flatten(best).items())
-    print(f"tuned parameters from {path}: {shown or 'none'}", file=sys.stderr)
+    log.info("tuned parameters from %s: %s", path, shown or "none")
     return best, str(path)
 
 

@@ -39,6 +39,7 @@ database (``sqlite:///mlflow.db``, the default) or a server for concurrent promo
 """
 from __future__ import annotations
 
+import logging
 import contextlib
 import hashlib
 import json
@@ -57,6 +58,8 @@ from pathlib import Path
 from . import identity, tracking
 from .errors import TrackingError
 from .settings import settings, var
+
+log = logging.getLogger(__name__)
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 STATE_TAG = "cladapter.registration"
@@ -484,7 +487,7 @@ def reevaluate(champion, candidate, metric: str, params: dict, prepared_dir) -> 
     if value is None or math.isnan(value):
         raise TrackingError(f"champion v{champion.version}: {metric} undefined on the {split} split of "
                             f"{prepared_dir}; cannot compare")
-    print(f"promote: {where}; champion re-evaluated on the challenger's data: {metric}={value:.4f}")
+    log.info("promote: %s; champion re-evaluated on the challenger's data: %s=%.4f", where, metric, value)
     return float(value)
 
 

@@ -14,6 +14,7 @@ child run per cell, with the table and the plot on the parent.
 """
 from __future__ import annotations
 
+import logging
 import copy
 import hashlib
 import json
@@ -29,6 +30,8 @@ from .errors import ParamsError
 from .outputs import atomic_write, default_mode, write_json
 from .params import flatten, get_dotted, set_dotted
 from .study_runs import StudyRuns
+
+logger = logging.getLogger(__name__)
 
 
 def parse_grid(spec: str) -> tuple[str, list]:
@@ -88,8 +91,8 @@ def sweep(params: dict, prepared_dir, out_dir, name: str, values: list, seeds=(0
     _write_outputs(out_dir, cells, table, study)
     if log:
         log.finish([out_dir / f for f in ("summary.md", "summary.csv", "sweep.csv", "sweep.json", "sweep.png")])
-    print(format_table(table, study))
-    print(f"written to {out_dir}/ (summary.md, summary.csv, sweep.csv, sweep.json, sweep.png)")
+    logger.info("%s", format_table(table, study))
+    logger.info("written to %s/ (summary.md, summary.csv, sweep.csv, sweep.json, sweep.png)", out_dir)
     return table
 
 
@@ -102,9 +105,9 @@ def _cell(params, prepared_dir: Path, out_dir: Path, study: dict, value, seed: i
     if path.is_file():
         done = json.loads(path.read_text())
         if done.get("key") == key:
-            print(f"[sweep] {name}={value} seed {seed}: done before, reused")
+            logger.info("[sweep] %s=%s seed %s: done before, reused", name, value, seed)
             return done
-    print(f"[sweep] {name}={value} seed {seed}: {method}")
+    logger.info("[sweep] %s=%s seed %s: %s", name, value, seed, method)
     p = method_params(p, method, seed)
     work = Path(tempfile.mkdtemp(prefix=".sweep-cell-", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import shutil
 import signal
-import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -50,10 +50,12 @@ from .distributed import init_distributed, pick_device
 from .errors import Preempted, TrainingError
 from .metrics import classification_metrics
 from .config import FROZEN_MODES
+from .console import progress
 from .model import batchnorm_layers, build_model, load_model, save_model
 from .params import model_kwargs
 
 STAGED_MODES = ("cla", "lp-ft")
+log = logging.getLogger(__name__)
 
 __all__ = ["train", "Trainer", "TrainingError", "Preempted", "StopTraining", "STAGED_MODES",
            "stage_plan", "freezes_norm_stats", "lr_lambda", "make_optimizer", "run_eval", "pick_device",
@@ -283,7 +285,7 @@ class Trainer:
         """Frozen backbone: train on its stored outputs (cache.py) instead of recomputing them."""
         if self.plan["freeze"] and (self.t.get("cache") or {}).get("views") is not None:
             if self.world > 1:
-                print("feature cache: off under DDP (each rank would recompute the whole cache)")
+                log.info("feature cache: off under DDP (each rank would recompute the whole cache)")
             else:
                 self._use_cache()
         if self.t.get("compile"):
@@ -298,8 +300,8 @@ class Trainer:
         self.val_loader, info = cached["val"], cached["info"]
         self.forward = self.eval_forward = self.model.head_features
         self.cache_info = info
-        print(f"feature cache: {'built' if info['built'] else 'reused'} "
-              f"({info['views']} views, {info['bytes'] / 2**20:.1f} MiB, {info['seconds']:.1f} s)")
+        log.info("feature cache: %s (%d views, %.1f MiB, %.1f s)", "built" if info["built"] else "reused",
+                 info["views"], info["bytes"] / 2**20, info["seconds"])
 
     def build_optimizer(self) -> None:
         self.optimizer = make_optimizer(self.params, self.model, self.plan["lr"])
@@ -317,7 +319,7 @@ class Trainer:
         ck = ckpt.load_checkpoint(self.ckpt_path)
         if ck.get("fingerprint") != self.fingerprint:
             if self.rank == 0:
-                print(f"ignoring checkpoint {self.ckpt_path}: it belongs to other params or data")
+                log.info("ignoring checkpoint %s: it belongs to other params or data", self.ckpt_path)
             return
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
@@ -330,7 +332,8 @@ class Trainer:
         s.start_epoch, s.skip_batches, s.global_step = ck["epoch"], ck["batch"], ck["global_step"]
         s.epoch_loss = tuple(ck.get("epoch_loss", (0.0, 0)))  # absent from older checkpoints
         if self.rank == 0:
-            print(f"resuming {self.out_dir} from {self.ckpt_path}: epoch {s.start_epoch + 1}, batch {s.skip_batches}")
+            log.info("resuming %s from %s: epoch %d, batch %d", self.out_dir, self.ckpt_path, s.start_epoch + 1,
+                     s.skip_batches)
 
     def save_checkpoint(self, epoch: int, batch: int) -> None:
         if self.rank != 0:
@@ -369,9 +372,9 @@ class Trainer:
         self._callbacks("on_train_start", self.info)
         if self.rank == 0:
             rep = self.info["param_report"]
-            print(f"stage {self.stage} ({self.mode}): {self.plan['epochs']} epochs, lr {self.plan['lr']:g}, "
-                  f"{rep['trainable']:,} of {rep['total']:,} parameters trainable, on {self.device}"
-                  + (f", BatchNorm statistics {self.info['batchnorm']}" if self.info["batchnorm"] else ""))
+            log.info("stage %d (%s): %d epochs, lr %g, %s of %s parameters trainable, on %s%s", self.stage,
+                     self.mode, self.plan["epochs"], self.plan["lr"], f"{rep['trainable']:,}", f"{rep['total']:,}",
+                     self.device, f", BatchNorm statistics {self.info['batchnorm']}" if self.info["batchnorm"] else "")
 
     def _batchnorm_rule(self) -> str | None:
         """What the backbone's BatchNorm layers do in this stage (None: it has none)."""
@@ -419,8 +422,8 @@ class Trainer:
         # other ranks' are not kept; the loss is then the mean over the samples known).
         total_loss, n_seen = s.epoch_loss if sampler.skip and self.rank == 0 else (0.0, 0)
         s.epoch_loss = (0.0, 0)
-        bar = _progress(len(sampler) - sampler.skip, f"stage {self.stage} epoch {epoch + 1}/{self.plan['epochs']}",
-                        self.progress and self.rank == 0)
+        bar = progress(len(sampler) - sampler.skip, f"stage {self.stage} epoch {epoch + 1}/{self.plan['epochs']}",
+                       enabled=self.progress and self.rank == 0)
         self.optimizer.zero_grad(set_to_none=True)
         for i, (x, y) in enumerate(self.train_loader, start=sampler.skip):
             loss, last = self.train_step(epoch, i, x, y)
@@ -523,8 +526,8 @@ class Trainer:
     def _print_epoch(self, epoch: int, record: dict, value: float, improved: bool) -> None:
         if self.rank == 0 and self.progress:
             shown = f"val {self.t['select_metric']} {value:.4f}" if self.val_loader is not None else ""
-            print(f"  epoch {epoch + 1}: train loss {record['train_loss']:.4f} {shown}"
-                  f"{' (best)' if improved else ''}")
+            log.info("  epoch %d: train loss %.4f %s%s", epoch + 1, record["train_loss"], shown,
+                     " (best)" if improved else "")
 
     # -- the end -----------------------------------------------------------------------------
     def finalize(self) -> dict:
@@ -557,46 +560,3 @@ class Trainer:
                 "stopped_early": s.stopped_early, "param_report": self.model.param_report(),
                 "lr": self.plan["lr"], "batchnorm": self.info["batchnorm"], "init_from": str(self.init_from) if self.init_from else None,
                 "seconds": round(sum(r["seconds"] for r in s.history), 3), "cache": self.cache_info}
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def close(self):
-        pass
-
-
-class _LogBar(_NoBar):
-    """Progress for logs (DVC, KFP pods, CI), where a bar's redraws would each become a line:
-    one plain line at most every LOG_EVERY_S seconds, so a long epoch still shows signs of life."""
-    LOG_EVERY_S = 60.0
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.n, self.postfix = total, desc, 0, ""
-        self.t0 = self.last = time.monotonic()
-
-    def update(self, n=1):
-        self.n += n
-        now = time.monotonic()
-        if now - self.last >= self.LOG_EVERY_S and self.n < self.total:
-            self.last = now
-            rate = self.n / max(now - self.t0, 1e-9)
-            print(f"{self.desc}: {self.n}/{self.total} batches, {rate:.2f} batches/s, "
-                  f"{(self.total - self.n) / rate:.0f} s left{self.postfix}", flush=True)
-
-    def set_postfix(self, **kw):
-        self.postfix = "".join(f", {k} {v}" for k, v in kw.items())
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    """A bar on a terminal; a line a minute in logs; nothing when disabled."""
-    if not enabled:
-        return _NoBar()
-    if not sys.stderr.isatty():
-        return _LogBar(total, desc)
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)

@@ -89,7 +89,9 @@ def use_scratch() -> str | None:
 def start_step() -> None:
     """A pipeline step's set-up, the first call of every component body (importing this
     module changes nothing): Secret keys left empty unset, temporary files on the step's
-    scratch volume."""
+    scratch volume, the library's log lines in the pod's log."""
+    from cladapter_core.console import configure
+    configure()
     drop_empty_env()
     use_scratch()
 

@@ -29,7 +29,9 @@ def main(argv=None) -> int:
 
     with open(args.params_json) as fh:
         params = load_params(None, json.load(fh))
+    from cladapter_core.console import configure
     from cladapter_core.settings import settings
+    configure()
     rank = settings().rank
     callbacks = []
     if args.run_id and rank == 0:

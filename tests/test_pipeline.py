@@ -589,6 +589,7 @@ def test_killed_training_step_resumes_from_the_s3_checkpoint(tiny_dataset, bucke
               "        time.sleep(0.05)\n"
               "train.Trainer.save_checkpoint = held\n"
               "p = json.loads(sys.argv[1])\n"
+              "runtime.start_step()\n"
               "runtime.train_task(p, sys.argv[2], sys.argv[3], stage=1, pipeline_id='run-42', "
               "checkpoint_prefix=sys.argv[4])")
     env = child_env(CLADAPTER_TRACKING="0", CLADAPTER_CHECKPOINT_SYNC_S="0.2", CLADAPTER_CHECKPOINT_ROOT=prefix,

@@ -6,7 +6,7 @@ from cladapter_core.sweep import parse_grid, sweep
 from tiny import tiny_params
 
 
-def test_k_study_table_plot_mlflow_and_resume(prepared, embedded_mlflow, tmp_path, capsys):
+def test_k_study_table_plot_mlflow_and_resume(prepared, embedded_mlflow, tmp_path, caplog):
     from mlflow import MlflowClient
     name, values = parse_grid("model.num_centers=2,4,8")
     assert (name, values) == ("model.num_centers", [2, 4, 8])
@@ -36,8 +36,8 @@ def test_k_study_table_plot_mlflow_and_resume(prepared, embedded_mlflow, tmp_pat
     assert all(i.dataset.name.endswith(("/train", "/val")) for i in inputs)
 
     # Rerun: every cell is finished, nothing trains again, nothing is logged twice.
-    capsys.readouterr()
+    caplog.set_level("INFO", logger="cladapter_core")
     again = sweep(params, prepared, out, name, values, seeds=(0, 1))
-    assert capsys.readouterr().out.count("done before, reused") == 6
+    assert caplog.text.count("done before, reused") == 6
     assert [r["macro_f1_mean"] for r in again] == [r["macro_f1_mean"] for r in table]
     assert len(client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")) == 6

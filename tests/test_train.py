@@ -153,25 +153,41 @@ def test_cli_lists_every_params_problem_at_once(tmp_path):
     assert "Traceback" not in out and not (tmp_path / "m").exists()
 
 
-def test_progress_in_logs_is_a_plain_line_now_and_then_not_a_bar(capsys, monkeypatch):
+def test_progress_in_logs_is_a_plain_line_now_and_then_not_a_bar(caplog, monkeypatch):
     """Under DVC or in a KFP pod stderr is no terminal: a bar's every redraw would be a line
-    of the log; instead a plain line at most every LOG_EVERY_S seconds."""
-    from cladapter_core import train as T
-    monkeypatch.setattr(T._LogBar, "LOG_EVERY_S", 0.0)
-    bar = T._progress(4, "stage 1 epoch 1/2", True)  # pytest's captured stderr is no terminal
-    assert isinstance(bar, T._LogBar)
+    of the log; instead a plain log line at most every EVERY_S seconds."""
+    from cladapter_core import console
+    caplog.set_level("INFO", logger="cladapter_core")
+    monkeypatch.setattr(console.LogLines, "EVERY_S", 0.0)
+    bar = console.progress(4, "stage 1 epoch 1/2")  # pytest's captured stderr is no terminal
+    assert isinstance(bar, console.LogLines)
     for _ in range(4):
         bar.update(1)
         bar.set_postfix(loss="0.5000")
     bar.close()
-    lines = capsys.readouterr().out.splitlines()
+    lines = [r.getMessage() for r in caplog.records]
     assert [line.split(",")[0] for line in lines] == [f"stage 1 epoch 1/2: {i}/4 batches" for i in (1, 2, 3)]
     assert lines[1].endswith(", loss 0.5000") and "\r" not in "".join(lines)
-    monkeypatch.setattr(T._LogBar, "LOG_EVERY_S", 3600.0)
-    quiet = T._progress(4, "stage 1 epoch 2/2", True)
-    quiet.update(3)
-    assert capsys.readouterr().out == ""
-    assert isinstance(T._progress(4, "x", False), T._NoBar) and not isinstance(T._progress(4, "x", False), T._LogBar)
+    caplog.clear()
+    monkeypatch.setattr(console.LogLines, "EVERY_S", 3600.0)
+    console.progress(4, "stage 1 epoch 2/2").update(3)
+    assert caplog.records == []
+    assert type(console.progress(4, "x", enabled=False)) is console.Silent
+    assert list(console.tracked(range(3), "x")) == [0, 1, 2]
+
+
+def test_the_command_configures_log_lines_for_logs(tmp_path, capsys):
+    """`cladapter` sets up the library's logging: in logs (no terminal) each line carries
+    its time and level; the library's own modules only call `logging`."""
+    import re
+
+    from cladapter_core import cli
+    assert cli.main(["demo-data", "--out", str(tmp_path / "d"), "--per-class", "2"]) == 0
+    capsys.readouterr()
+    import logging
+    logging.getLogger("cladapter_core.train").info("stage 1 (cla): hello")
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO stage 1 \(cla\): hello\n", out), out
 
 
 class _Hooks(Callback):

@@ -127,7 +127,7 @@ def test_small_study_best_params_are_written_tracked_and_used_by_training(prepar
     rc = cli.main(["train", "--prepared", str(prepared), "--out", "m1", "--no-track",
                    "-S", "tune.use_best=true"])
     assert rc == 0
-    assert "tuned parameters from outputs/tune/best_params.yaml" in capsys.readouterr().err
+    assert "tuned parameters from outputs/tune/best_params.yaml" in capsys.readouterr().out
     config = json.loads((workdir / "m1" / "config.json").read_text())
     history = json.loads((workdir / "m1" / "history.json").read_text())
     assert config["num_centers"] == best["model"]["num_centers"]
@@ -204,7 +204,7 @@ def test_empty_space_and_bad_storage_give_clear_errors(prepared, workdir, capsys
         tiny("tune.space=[{param: model.num_centers, choices: [5]}, {param: model.nope, low: 1, high: 2}]")
 
 
-def test_best_params_precedence_and_the_dvc_placeholder(workdir, capsys):
+def test_best_params_precedence_and_the_dvc_placeholder(workdir, capsys, caplog):
     (workdir / "params.yaml").write_text("model:\n  num_centers: 30\nstage1:\n  epochs: 5\n")
     # dvc.yaml's tune stage with tune.use_best false: no search, an empty file
     assert cli.main(["tune", "--only-if-used", "--no-track", "--prepared", "nowhere"]) == 0
@@ -225,7 +225,7 @@ def test_best_params_precedence_and_the_dvc_placeholder(workdir, capsys):
     best_file.unlink()
     capsys.readouterr()
     assert load_params("params.yaml", ["tune.use_best=true"])["model"]["num_centers"] == 30
-    assert "does not exist" in capsys.readouterr().err
+    assert "tune.use_best is true but outputs/tune/best_params.yaml does not exist" in caplog.text
 
 
 def test_space_choices_written_as_text_are_the_numbers_training_reads():

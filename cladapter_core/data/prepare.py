@@ -13,7 +13,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -27,6 +26,7 @@ from cladapter_core.data import intensity
 from cladapter_core.data.images import DecodeError, decode, pixel_hash, resize_array, write_copy
 from cladapter_core.data.sources import SPLITS, Item, Listing, format_lines, list_source
 from cladapter_core.data.workers import prepare_workers
+from cladapter_core.console import progress
 from cladapter_core.errors import DataError
 from cladapter_core.identity import name_of
 from cladapter_core.params import checked
@@ -127,14 +127,13 @@ def _check_all(items: list[Item], resize: int | None, tmp: Path, stems: list[str
                workers: int | None = None) -> list[dict]:
     """Decode every item once, in one process per core; a progress bar with files/s.
     `stems`: where the resized copies go (with `resize`)."""
-    from tqdm import tqdm
     n = len(items)
     workers = prepare_workers(n, workers)
     tasks = ((str(it.path), resize, str(tmp / stems[i]) if resize else None) for i, it in enumerate(items))
     t0 = time.perf_counter()
     info: list[dict] = []
     with _decoded(tasks, n, workers) as results, \
-            tqdm(total=n, desc="prepare: decoding", unit="file", disable=None, mininterval=1.0) as bar:
+            progress(n, "prepare: decoding", unit="file") as bar:
         for i, inf in enumerate(results):
             if "copy" in inf:
                 inf["copy"] = f"{stems[i].rsplit('/', 1)[0]}/{inf['copy']}"
@@ -144,7 +143,6 @@ def _check_all(items: list[Item], resize: int | None, tmp: Path, stems: list[str
     line = (f"prepare: decoded {n} files in {seconds:.1f} s ({n / max(seconds, 1e-9):.0f} files/s, "
             f"{workers} process{'es' if workers > 1 else ''})")
     log.info(line)
-    print(line, file=sys.stderr)  # the bar shows on a terminal only; logs (DVC, KFP) get this
     return info
 
 

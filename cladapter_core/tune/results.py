@@ -5,6 +5,7 @@ trial's values, which training applies with ``tune.use_best``: reading it is
 macro-F1), each written atomically and logged on the session's study run."""
 from __future__ import annotations
 
+import logging
 import csv
 import io
 import json
@@ -21,6 +22,8 @@ from ..settings import tracking_on
 from .space import format_value
 from .storage import load_study, normalize_storage, redact
 from .trial import OBJECTIVE
+
+log = logging.getLogger(__name__)
 
 BEST_FILE = "best_params.yaml"
 TABLE_FIELDS = ("number", "state", "value", "last_reported", "epochs", "worker", "seconds")
@@ -200,8 +203,8 @@ def finish_study(params: dict, out_dir, study_name: str | None = None, storage: 
         end_study_run(run_id, "FINISHED", close=True)
         summary["mlflow_run_id"] = run_id
     best = study.best_trial
-    print(f"best: trial {best.number}, val macro-F1 {best.value:.4f}: "
-          + ", ".join(f"{k}={format_value(v)}" for k, v in best.params.items()))
-    print(f"{len(rows)} trials ({count['COMPLETE']} completed, {count['PRUNED']} pruned, "
-          f"{count['FAIL']} failed), {summary['epochs']} epochs; best params -> {summary['best_params_file']}")
+    log.info("best: trial %d, val macro-F1 %.4f: %s", best.number, best.value,
+             ", ".join(f"{k}={format_value(v)}" for k, v in best.params.items()))
+    log.info("%d trials (%d completed, %d pruned, %d failed), %s epochs; best params -> %s", len(rows),
+             count["COMPLETE"], count["PRUNED"], count["FAIL"], summary["epochs"], summary["best_params_file"])
     return summary

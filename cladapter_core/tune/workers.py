@@ -7,6 +7,7 @@ components call it once per parallel worker. `tune` is the session of `cladapter
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -14,10 +15,13 @@ from ..errors import TuneError
 from .results import finish_study
 from .runs import TrialRun, end_study_run, pipeline_of, study_run
 from .. import identity
+from ..console import LOGGER, configure
 from ..settings import tracking_on
 from .space import check_space
 from .storage import open_study, redact
 from .trial import run_trial, trial_line
+
+log = logging.getLogger(__name__)
 
 
 def _check_prepared(prepared_dir) -> Path:
@@ -73,7 +77,7 @@ def tune_worker(params: dict, prepared_dir, study_name: str | None = None, stora
         return run_trial(trial, params, prepared_dir, space, TrialRun(run_parent, logger_tags))
 
     def report(study, frozen):
-        print(trial_line(study, frozen), flush=True)
+        log.info("%s", trial_line(study, frozen))
 
     study.optimize(objective, n_trials=n_trials or params["tune"]["n_trials"], timeout=timeout,
                    catch=(TrainingError,), callbacks=[report])
@@ -88,6 +92,9 @@ def _spawned_worker(kwargs: dict) -> dict:
     """Entry point of a `--workers` process (spawned: a fresh interpreter)."""
     import optuna
     optuna.logging.set_verbosity(kwargs.pop("optuna_verbosity"))  # as in the parent
+    level = kwargs.pop("log_level")
+    if level is not None:
+        configure(level)  # the parent's logging, in this fresh interpreter
     return tune_worker(**kwargs)
 
 
@@ -104,8 +111,10 @@ def _run_workers(common: dict, n_trials: int, workers: int) -> list[dict]:
 
     import optuna
     threads = max(1, (os.cpu_count() or 1) // workers)
+    ours = logging.getLogger(LOGGER)
     jobs = [dict(common, n_trials=n, worker_index=i, threads=threads,
-                 optuna_verbosity=optuna.logging.get_verbosity())
+                 optuna_verbosity=optuna.logging.get_verbosity(),
+                 log_level=ours.level if ours.handlers else None)
             for i, n in enumerate(_split(n_trials, workers)) if n > 0]
     ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
     with cf.ProcessPoolExecutor(max_workers=len(jobs), mp_context=ctx) as pool:
@@ -135,8 +144,8 @@ def tune(params: dict, prepared_dir, out_dir, *, n_trials: int | None = None, ti
     run_id = None
     if tracking_on(track):
         run_id = study_run(params, name, storage, identity.data_hash(prepared_dir), prepared_dir)
-    print(f"tuning study {name!r} on {redact(storage)}: {n_trials} trials, {workers} worker(s), "
-          f"pruner {t['pruner']}")
+    log.info("tuning study %r on %s: %d trials, %d worker(s), pruner %s", name, redact(storage), n_trials,
+             workers, t["pruner"])
     common = dict(params=params, prepared_dir=str(prepared_dir), study_name=name, storage=storage,
                   timeout=timeout, track=track, study_run_id=run_id)
     try:
