@@ -29,6 +29,7 @@ import torch
 
 from . import identity
 from .console import tracked
+from .distributed import pick_device
 from .errors import DataError, ParamsError
 from .model import CLAdapterModel, load_model
 from .outputs import atomic_dir, atomic_write, write_json
@@ -37,13 +38,6 @@ from .params import checked
 TSNE_MAX_POINTS = 2000   # t-SNE is O(n log n) per iteration but slow on 2 CPU cores beyond this
 TSNE_MIN_POINTS = 5
 TSNE_EXACT_MAX = 500
-
-
-def _device(device: str | None) -> torch.device:
-    """auto (default: ``$CLADAPTER_DEVICE``, else auto), cpu, cuda or cuda:N, as training
-    (`distributed.pick_device`)."""
-    from .distributed import pick_device
-    return pick_device(device)
 
 
 def _eval_params(params: dict) -> tuple[str, bool, int, str, int]:
@@ -148,7 +142,7 @@ def evaluate(model_dir, prepared_dir, out_dir, params: dict, *, device: str | No
 
     model_dir, prepared_dir, out_dir = Path(model_dir), Path(prepared_dir), Path(out_dir)
     split, want_tsne, batch_size, select_metric, seed = _eval_params(params)
-    dev = _device(device)
+    dev = pick_device(device)  # as training: auto ($CLADAPTER_DEVICE), cpu, cuda, cuda:N
     model = load_model(model_dir)
     classes = load_classes(prepared_dir)
     _check_classes(model, classes, model_dir, prepared_dir)
@@ -300,7 +294,7 @@ def predict(model_dir, inputs, out_path, batch_size: int = 32, *, skip_invalid: 
     from .data import list_inputs, load_inputs
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ParamsError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
-    dev = _device(device)
+    dev = pick_device(device)  # as training: auto ($CLADAPTER_DEVICE), cpu, cuda, cuda:N
     model = load_model(model_dir)
     config = model.config_dict()
     files = list_inputs(inputs, config)

@@ -465,6 +465,7 @@ def same_evaluation(a, b) -> bool:
 
 def reevaluate(champion, candidate, metric: str, params: dict, prepared_dir) -> float:
     """The champion's `metric` on the candidate's evaluation data (its split of `prepared_dir`)."""
+    from .distributed import pick_device
     from .evaluate import decision_metrics
     from .model import load_model
     split, data_hash = _evaluation_of(candidate)
@@ -482,18 +483,13 @@ def reevaluate(champion, candidate, metric: str, params: dict, prepared_dir) -> 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, _ = resolve_model(f"models:/{champion.name}/{champion.version}", cache_dir=tmp)
         model = load_model(model_dir)
-        found = decision_metrics(model, Path(prepared_dir), params, torch_device(), split=split)
+        found = decision_metrics(model, Path(prepared_dir), params, pick_device(), split=split)
     value = found["metrics"].get(metric)
     if value is None or math.isnan(value):
         raise TrackingError(f"champion v{champion.version}: {metric} undefined on the {split} split of "
                             f"{prepared_dir}; cannot compare")
     log.info("promote: %s; champion re-evaluated on the challenger's data: %s=%.4f", where, metric, value)
     return float(value)
-
-
-def torch_device():
-    from .distributed import pick_device
-    return pick_device()
 
 
 def decide(candidate, champion, metric: str, margin: float, champion_value: float | None = None) -> dict:

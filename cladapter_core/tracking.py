@@ -662,18 +662,6 @@ def log_evaluation(eval_dir: str | Path, metrics: dict | None = None, split: str
 # -- the model as an MLflow pyfunc -----------------------------------------------------------
 # The pyfunc itself is `serving.CLAdapterPyfunc` (input, output, errors: serving.py). It is
 # logged as code, not pickled, so loading it needs only its requirements.
-def pyfunc_class():
-    """The ``CLAdapterPyfunc`` class (``serving.CLAdapterPyfunc``)."""
-    from .serving import CLAdapterPyfunc
-    return CLAdapterPyfunc
-
-
-def __getattr__(name):  # `tracking.CLAdapterPyfunc`: models pickled before serving.py load
-    if name == "CLAdapterPyfunc":
-        return pyfunc_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def log_model(model_dir: str | Path, registered_name: str | None = None) -> str:
     """Log a model directory (``save_model`` output) into the active run as a self-contained
     MLflow pyfunc; returns the model URI (``models:/m-...``). ``registered_name`` also

@@ -51,10 +51,9 @@ PARAM_FIELDS = {
     "stage2_epochs": "stage2.epochs",
     "model_name": "register.model_name",
     "promotion_margin": "register.margin",
+    "auto_promote": "register.auto_promote",  # promote only when true (the condition around promote)
 }
 DERIVED_FIELDS = {"stage2.lr_factor": "stage2_lr", "data.source": "dataset_uri"}
-# register.auto_promote: promote only when true (the pipeline's condition around promote).
-AUTO_PROMOTE_FIELD = "register.auto_promote"
 # The Dataset artifact's layout (components/dataref.py): prepare's output, where the
 # files are (uri, path, revision as a SHA), and where a step puts the files it fetches.
 PREPARED, SOURCE, SOURCE_REF = dataref.PREPARED, dataref.SOURCE, dataref.SOURCE_REF
@@ -107,22 +106,6 @@ def split_overrides(text: str) -> list[str]:
     return items
 
 
-def _has_field(field: str) -> bool:
-    from cladapter_core.params import defaults, get_dotted
-    return get_dotted(defaults(), field, _MISSING) is not _MISSING
-
-
-_MISSING = object()
-
-
-def param_fields() -> dict:
-    """Pipeline parameter -> params field, for the fields this version of the params has
-    (`register.auto_promote` may be absent from older params models)."""
-    fields = dict(PARAM_FIELDS)
-    if _has_field(AUTO_PROMOTE_FIELD):
-        fields["auto_promote"] = AUTO_PROMOTE_FIELD
-    return fields
-
 
 def _merge_into(node: dict, new: dict) -> None:
     """`new` set over `node` in place, section by section; backbone_kwargs replaced whole."""
@@ -145,7 +128,7 @@ def resolve_params(values: dict, params_overrides: str = "", base: dict | None =
     from cladapter_core.params import load_params, parse_overrides
 
     extra = split_overrides(params_overrides)
-    known = param_fields()
+    known = PARAM_FIELDS
     fields = {**{v: k for k, v in known.items()}, **DERIVED_FIELDS}
     for item in extra:
         key = item.split("=", 1)[0].strip()
