@@ -59,7 +59,7 @@ VOLUME_FORMATS = {".npy": "NumPy .npy", ".npz": "NumPy .npz"}                   
 BATCH_SIZE = 32                                       # as `cladapter predict`'s default
 # Everything the carried code imports, pinned to this environment's versions.
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "safetensors", "numpy", "pandas",
-                "pillow", "tifffile", "pyyaml")
+                "pillow", "tifffile", "pyyaml", "pydantic", "pydantic-settings")
 
 
 def requirements() -> list[str]:
