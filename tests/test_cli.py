@@ -97,7 +97,7 @@ def _plugins(monkeypatch, **registers):
         module.register = register
         monkeypatch.setitem(sys.modules, module.__name__, module)
         eps.append(EntryPoint(name, f"{module.__name__}:register", cli.PLUGIN_GROUP))
-    monkeypatch.setattr(cli, "_plugin_entry_points", lambda: eps)
+    monkeypatch.setattr(cli.plugins, "_plugin_entry_points", lambda: eps)
 
 
 def test_a_plugin_command_runs_through_main(monkeypatch, capsys):

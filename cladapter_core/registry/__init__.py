@@ -25,13 +25,15 @@ from __future__ import annotations
 
 from .lineage import format_lineage, lineage
 from .lock import promotion_lock
-from .model_cache import MODEL_CACHE_ENV, is_model_uri, model_cache_dir, model_version, resolve_model
-from .promotion import decide, promote, reevaluate, same_evaluation
+from .model_cache import (MODEL_CACHE_ENV, is_model_uri, model_cache_dir, model_version, pyfunc_of_folder,
+                          resolve_model)
+from .promotion import decide, promote, reevaluate, register_and_promote, same_evaluation
 from .versions import (CHALLENGER, CHAMPION, LOCK_EXPERIMENT, LOCK_FOR_TAG, METRIC_TAG, STALE_LOCK_S, STATE_TAG,
                        TEST_METRIC_TAG, read_decision, read_metrics, register)
 from .versions import _alias  # noqa: F401  (tests read a version by alias)
 
 __all__ = ["CHALLENGER", "CHAMPION", "LOCK_EXPERIMENT", "LOCK_FOR_TAG", "METRIC_TAG", "MODEL_CACHE_ENV",
-           "STALE_LOCK_S", "STATE_TAG", "TEST_METRIC_TAG", "decide", "format_lineage", "is_model_uri", "lineage",
-           "model_cache_dir", "model_version", "promote", "promotion_lock", "read_decision", "read_metrics",
-           "reevaluate", "register", "resolve_model", "same_evaluation"]
+           "STALE_LOCK_S", "STATE_TAG", "TEST_METRIC_TAG", "decide", "format_lineage", "is_model_uri",
+           "lineage", "model_cache_dir", "model_version", "promote", "promotion_lock",
+           "pyfunc_of_folder", "read_decision", "read_metrics", "reevaluate", "register",
+           "register_and_promote", "resolve_model", "same_evaluation"]

@@ -1,13 +1,9 @@
 """`lineage`: where a registered model came from, and its one-screen description."""
 from __future__ import annotations
 
-import logging
 from datetime import datetime, timezone
 
 from .. import tracking
-
-log = logging.getLogger(__name__)
-
 from .model_cache import model_version
 from .versions import _client, _describe
 

@@ -21,7 +21,6 @@ database (``sqlite:///mlflow.db``, the default) or a server for concurrent promo
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import random
@@ -31,9 +30,6 @@ import uuid
 
 from .. import tracking
 from ..errors import TrackingError
-
-log = logging.getLogger(__name__)
-
 from .versions import LOCK_EXPERIMENT, LOCK_FOR_TAG, STALE_LOCK_S, _client, _code
 
 

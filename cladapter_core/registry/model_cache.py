@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 import shutil
@@ -12,13 +11,10 @@ from pathlib import Path
 from .. import identity, tracking
 from ..errors import TrackingError
 from ..settings import settings, var
-
-log = logging.getLogger(__name__)
-
 from .versions import _alias, _client, _code, _describe
 
 
-# -- models:/ URIs and the local model cache ---------------------------------------------------------------------------
+# -- models:/ URIs and the local model cache ---------------------------------------------
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 MODEL_CACHE_ENV = var("model_cache")  # CLADAPTER_MODEL_CACHE
 
@@ -126,3 +122,19 @@ def _place(local: Path, folder: Path, mv) -> None:
     except OSError as e:
         if not (folder / "model.safetensors").is_file():  # not another process's copy: a real error
             raise TrackingError(f"cannot place the model folder in {folder}: {e}") from e
+
+
+def pyfunc_of_folder(folder) -> Path:
+    """The self-contained MLflow model of a model folder (as `register` logs it), saved once
+    under the model cache, keyed by the folder's content: what `cladapter serve` serves when
+    given a folder rather than a registered version."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise TrackingError(f"{folder}: neither models:/<name>@<alias>, models:/<name>/<version> "
+                            "nor a model folder (config.json + model.safetensors)")
+    path = model_cache_dir() / f"folder-{identity.content_hash(folder)[:16]}"
+    if not (path / "MLmodel").is_file():
+        shutil.rmtree(path, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tracking.save_pyfunc(folder, path)
+    return path

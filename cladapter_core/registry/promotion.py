@@ -9,12 +9,11 @@ from pathlib import Path
 
 from .. import identity, tracking
 from ..errors import TrackingError
-
-log = logging.getLogger(__name__)
-
 from .lock import promotion_lock
 from .model_cache import resolve_model
-from .versions import CHALLENGER, CHAMPION, METRIC_TAG, STATE_TAG, _alias, _client, _metric_of, _now
+from .versions import CHALLENGER, CHAMPION, METRIC_TAG, STATE_TAG, _alias, _client, _metric_of, _now, register
+
+log = logging.getLogger(__name__)
 
 
 def promote(params: dict, dry_run: bool = False, *, version: int | str | None = None,
@@ -170,3 +169,17 @@ def _apply(client, name: str, candidate, champion, result: dict) -> None:
         if champion is not None:
             client.set_model_version_tag(name, champion.version, "promotion.replaced_by", str(v))
         client.set_registered_model_alias(name, CHAMPION, v)
+
+
+def register_and_promote(model_dir, eval_dir, params: dict, *, prepared_dir=None,
+                         promote_now: bool | None = None) -> dict:
+    """`register`, then `promote` when `promote_now` is true (None: `register.auto_promote`):
+    what `cladapter register` and the DVC stage do. {"registration": ..., "promotion": ...}."""
+    reg = register(model_dir, eval_dir, params,
+                   data_hash=identity.data_hash(prepared_dir) if prepared_dir else None)
+    result = {"registration": reg}
+    if promote_now if promote_now is not None else params["register"]["auto_promote"]:
+        result["promotion"] = won = promote(params, prepared_dir=prepared_dir)
+        if str(won["champion_after"]) == str(reg["version"]) and CHAMPION not in reg["aliases"]:
+            reg["aliases"] = sorted([*reg["aliases"], CHAMPION])
+    return result

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import identity, tracking
 from ..errors import TrackingError
-
-log = logging.getLogger(__name__)
 
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -21,7 +18,6 @@ TEST_METRIC_TAG = "test_metric."
 LOCK_EXPERIMENT = "cladapter-promotion-locks"
 LOCK_FOR_TAG = "cladapter.lock_for"       # on a lock run: the registered model it guards
 STALE_LOCK_S = 120.0
-
 
 
 # -- helpers ---------------------------------------------------------------------------
