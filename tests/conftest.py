@@ -99,6 +99,8 @@ INTEGRATION_TESTS = {
     "test_serving.py::test_the_inference_service_renders_and_validates",
     "test_serving.py::test_the_validator_refuses_broken_inference_services",
     # in-process, but tens of seconds of training
+    "test_batchnorm.py::test_first_stage2_epoch_keeps_stage1_under_the_default_rule",
+    "test_batchnorm.py::test_full_fine_tuning_follows_the_same_rule",
     "test_compare.py::test_compare_in_mlflow_parent_and_a_child_per_method_and_seed",
     "test_sweep.py::test_k_study_table_plot_mlflow_and_resume",
     "test_tune.py::test_small_study_best_params_are_written_tracked_and_used_by_training",

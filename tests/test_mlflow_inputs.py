@@ -38,7 +38,7 @@ def prepared(tmp_path_factory):
     from cladapter_core.data import make_demo_data, prepare
     from tiny import tiny_params
     root = tmp_path_factory.mktemp("named")
-    make_demo_data(root / "cells")
+    make_demo_data(root / "cells", per_class=40)
     prepare(root / "cells", root / "prepared", tiny_params(
         "data.shots_per_class=12", "data.val_fraction=0.05", "data.test_fraction=0.05"))
     return root / "prepared"
