@@ -1,6 +1,6 @@
 """Benchmark 2: stage-1 training with the feature cache against without, end to end.
 
-`cladapter_core.train.train` (the real trainer: data loading, validation every epoch,
+`cladapter_core.training.train` (the real trainer: data loading, validation every epoch,
 checkpoints, saving) runs stage 1 on 200 training images at 224 px with
 `vit_small_patch16_224` (random weights), once uncached and once with
 `train.cache.views=0` (each image through the backbone once). Both without
@@ -29,11 +29,11 @@ from pathlib import Path
 import _common as C
 import torch
 
-from cladapter_core import cache
+from cladapter_core.training import feature_cache as cache
 from cladapter_core.data import make_demo_data, prepare
 from cladapter_core.model import build_model
 from cladapter_core.params import load_params, model_kwargs
-from cladapter_core.train import train
+from cladapter_core.training import train
 
 NO_AUG = "train.augment={hflip: false, vflip: false, brightness: 0, contrast: 0, shift: 0, scale: 0, rotate: 0}"
 

@@ -42,7 +42,7 @@ from cladapter_core.data import ManifestDataset, build_transform
 from cladapter_core.data.seeding import EpochBatchSampler, SeededDataset
 from cladapter_core.model import build_model, load_model, save_model
 from cladapter_core.params import load_params
-from cladapter_core.train import train
+from cladapter_core.training import train
 
 
 @dataclass

@@ -80,8 +80,8 @@ def method_params(params: dict, method: str, seed: int, tuned: dict | None = Non
 
 def train_method(p: dict, prepared_dir: Path, work: Path, method: str, progress: bool = False) -> dict:
     """Every stage of `method` from scratch; returns the scored model dir, summary and time."""
-    from . import cache
-    from .train import train
+    from .training import feature_cache as cache
+    from .training import train
     cache.clear_memory()  # each method pays for its own cache build
     t0, init, summary, model_dir = time.perf_counter(), None, None, None
     for mode, stage in PLANS[method]:
@@ -97,7 +97,7 @@ def score(model_dir: Path, prepared_dir: Path, params: dict, split: str) -> dict
     from .distributed import pick_device
     from .metrics import classification_metrics
     from .model import load_model
-    from .train import run_eval
+    from .training import run_eval
     device = pick_device()
     model = load_model(model_dir).to(device)
     loader = data.make_loader(prepared_dir, split, model.config_dict(), False, params)
@@ -172,7 +172,7 @@ def _log_row(log, row: dict, split: str) -> None:
 
 def _run_one(params, prepared_dir: Path, work: Path, method: str, seed: int, split: str,
              progress: bool, tuned, tuned_for) -> dict:
-    from .train import stage_plan
+    from .training import stage_plan
     p = method_params(params, method, seed, tuned, tuned_for)
     run = train_method(p, prepared_dir, work, method, progress)
     m = score(run["model_dir"], prepared_dir, p, split)

@@ -165,7 +165,7 @@ class Model(Section):
 
 # -- train -----------------------------------------------------------------------------------
 class Cache(Section):
-    """`train.cache:` the stage-1 feature cache of the frozen backbone (cladapter_core/cache.py)."""
+    """`train.cache:` the stage-1 feature cache of the frozen backbone (cladapter_core/training/feature_cache.py)."""
     views: Optional[Int] = _f(None, "null = off (fresh augmentation every epoch, the default); 0 = "
                               "no augmentation; V = V augmented views (epoch e reads view e mod V: "
                               "V >= the stage's epochs sees the same images as no cache)", ge=0)
@@ -188,7 +188,7 @@ class Augment(Section):
 
 
 class Train(Section):
-    """`train:` the staged trainer (cladapter_core/train.py)."""
+    """`train:` the staged trainer (cladapter_core/training/)."""
     mode: Text = _f("cla", "cla | linear | linear-mean | full | lp-ft (param_models.MODES)",
                     must="a training mode")
     batch_size: Int = _f(32, "images per step", ge=1)

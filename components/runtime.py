@@ -72,7 +72,7 @@ def train_task(params: dict, dataset_dir, out_dir, stage: int, init_from=None,
     `checkpoint_prefix`, the checkpoint is mirrored there (see CheckpointStore).
     """
     from cladapter_core import tracking
-    from cladapter_core.train import checkpoint_dir, train
+    from cladapter_core.training import checkpoint_dir, train
 
     if stage not in (1, 2):
         raise ParamsError(f"stage must be 1 or 2, got {stage!r}")

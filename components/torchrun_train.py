@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from cladapter_core.params import load_params
-    from cladapter_core.train import Preempted, train
+    from cladapter_core.training import Preempted, train
 
     with open(args.params_json) as fh:
         params = load_params(None, json.load(fh))

@@ -247,7 +247,7 @@ def ddp_dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage1_reference(ddp_dataset, tmp_path_factory):
     """Stage 1 of helpers.ddp_params() trained in this process, one thread."""
-    from cladapter_core.train import train
+    from cladapter_core.training import train
     from components import runtime
     out = tmp_path_factory.mktemp("ref") / "stage1"
     with one_thread():

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from cladapter_core.model import batchnorm_layers, build_model, load_model
 from cladapter_core.params import load_params
-from cladapter_core.train import freezes_norm_stats, train
+from cladapter_core.training import freezes_norm_stats, train
 
 COMMON = ["model.backbone=test_resnet", "model.backbone_kwargs={}", "model.input_size=[32, 32]",
           "model.rank=8", "model.num_centers=4", "train.num_workers=0", "train.warmup_epochs=0"]

@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from cladapter_core import cache
+from cladapter_core.training import feature_cache as cache
 from cladapter_core.data import ManifestDataset, build_transform, make_demo_data, prepare
 from cladapter_core.errors import ParamsError
 from cladapter_core.model import build_model
 from cladapter_core.params import load_params, model_kwargs
-from cladapter_core.train import Preempted, train
+from cladapter_core.training import Preempted, train
 
 TINY = [
     "model.backbone=vit_tiny_patch16_224",

@@ -12,7 +12,7 @@ import sys
 import pytest
 from helpers import assert_same_training, child_env, ddp_params as params, one_thread
 
-from cladapter_core.train import train
+from cladapter_core.training import train
 from components import runtime
 
 

@@ -7,11 +7,11 @@ import warnings
 import numpy as np
 import pytest
 
-from cladapter_core import cache
+from cladapter_core.training import feature_cache as cache
 from cladapter_core.compare import METHODS, PLANS, budget, method_params, train_method
 from cladapter_core.errors import CLAdapterError
 from cladapter_core.metrics import classification_metrics
-from cladapter_core.train import Trainer, stage_plan, warmup_steps
+from cladapter_core.training import Trainer, stage_plan, warmup_steps
 from tiny import tiny_params
 
 
@@ -33,7 +33,7 @@ def test_warmup_is_capped_to_a_fraction_of_the_stage(prepared, tmp_path):
     assert warmup_steps(2, 10, 20, 0.25) == 5  # 2 warm-up epochs in a 2-epoch stage: capped
     assert warmup_steps(1, 10, 80, 0.25) == 10  # short enough: as asked
     params = tiny_params("stage1.epochs=2", "train.warmup_epochs=2", "train.warmup_max_fraction=0.25")
-    from cladapter_core.train import train
+    from cladapter_core.training import train
     s = train(params, prepared, tmp_path / "s1", stage=1, progress=False)
     hist = json.loads((tmp_path / "s1" / "history.json").read_text())
     total = 2 * math.ceil(120 / 16)  # 12 scans x 10 classes, batches of 16
@@ -74,7 +74,7 @@ def prepared_val_missing_a_class(tmp_path_factory):
 
 
 def test_a_stage_selected_on_an_undefined_metric_says_so(prepared_val_missing_a_class, tmp_path):
-    from cladapter_core.train import train
+    from cladapter_core.training import train
     params = tiny_params("train.select_metric=roc_auc", "stage1.epochs=3")
     s = train(params, prepared_val_missing_a_class, tmp_path / "m", stage=1, progress=False)
     hist = json.loads((tmp_path / "m" / "history.json").read_text())
@@ -133,7 +133,7 @@ def test_reported_time_includes_the_cache_build_and_no_method_rides_another_cach
 def test_cache_is_off_by_default_and_warns_when_views_are_reused(prepared, tmp_path):
     from cladapter_core.params import load_params
     assert load_params(None)["train"]["cache"]["views"] is None
-    from cladapter_core.train import train
+    from cladapter_core.training import train
     params = tiny_params("train.cache.views=1", "stage1.epochs=2")
     with pytest.warns(UserWarning, match="1 augmented views for 2 epochs"):
         train(params, prepared, tmp_path / "m", stage=1, progress=False)
@@ -162,7 +162,7 @@ def test_cache_key_follows_file_content_device_and_autocast(prepared):
 
 
 def test_a_cache_that_would_not_fit_in_memory_is_a_clear_error(prepared, tmp_path, monkeypatch):
-    from cladapter_core.train import train
+    from cladapter_core.training import train
     cache.clear_memory()  # not one an earlier test left in this process
     monkeypatch.setattr(cache, "available_memory", lambda: 1000)  # a machine with 1 kB free
     with pytest.raises(CLAdapterError, match=r"would not fit in memory.*train.cache.storage: disk"):

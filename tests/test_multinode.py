@@ -16,7 +16,7 @@ import yaml
 from helpers import REPO, assert_same_training, child_env, ddp_params as params, free_port, one_thread
 
 from cladapter_core.errors import CLAdapterError, ParamsError
-from cladapter_core.train import train
+from cladapter_core.training import train
 from components import multinode, runtime
 
 pytest.importorskip("kubeflow_trainer_api")

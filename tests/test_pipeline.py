@@ -580,7 +580,7 @@ def test_killed_training_step_resumes_from_the_s3_checkpoint(tiny_dataset, bucke
     prefix = f"s3://{bucket}/checkpoints"
     # The step holds still after its first epoch's checkpoint until SIGTERM arrives (no race
     # with a quick tiny model): the wrapped save waits for the S3 copy, then for the signal.
-    script = ("import json, sys, time; from components import runtime; from cladapter_core import train\n"
+    script = ("import json, sys, time; from components import runtime; from cladapter_core import training as train\n"
               "save = train.Trainer.save_checkpoint\n"
               "def held(self, epoch, batch):\n"
               "    save(self, epoch, batch)\n"

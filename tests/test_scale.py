@@ -18,7 +18,7 @@ from cladapter_core.data import images, prepare
 from cladapter_core.data.workers import _cgroup_quota, available_cores, loader_workers, prepare_workers
 from cladapter_core.errors import DataError
 from cladapter_core.params import load_params
-from cladapter_core.train import Preempted, train
+from cladapter_core.training import Preempted, train
 from tiny import tiny_params
 
 

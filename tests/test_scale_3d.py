@@ -17,7 +17,7 @@ from cladapter_core.data import ManifestDataset, build_transform, load_array, pr
 from cladapter_core.data.images import frame_indices, load_clip
 from cladapter_core.evaluate import evaluate
 from cladapter_core.params import load_params
-from cladapter_core.train import train
+from cladapter_core.training import train
 
 CLIPS, CLASSES, FRAMES, SIZE = 1000, 4, 6, 16
 MODEL_3D = {"input_size": [3, 4, 16, 16], "mean": [0.45], "std": [0.225], "is_3d": True}

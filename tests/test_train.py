@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cladapter_core.callbacks import Callback
-from cladapter_core.train import Preempted, TrainingError, train
+from cladapter_core.training import Callback
+from cladapter_core.training import Preempted, TrainingError, train
 from tiny import TINY, tiny_params
 
 
@@ -185,7 +185,7 @@ def test_the_command_configures_log_lines_for_logs(tmp_path, capsys):
     assert cli.main(["demo-data", "--out", str(tmp_path / "d"), "--per-class", "2"]) == 0
     capsys.readouterr()
     import logging
-    logging.getLogger("cladapter_core.train").info("stage 1 (cla): hello")
+    logging.getLogger("cladapter_core.training.trainer").info("stage 1 (cla): hello")
     out = capsys.readouterr().out
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO stage 1 \(cla\): hello\n", out), out
 
@@ -219,7 +219,7 @@ def test_callbacks_are_typed_and_hear_of_a_failure(prepared, tmp_path):
         train(tiny_params(), prepared, tmp_path / "failed", callbacks=[failing], progress=False)
     assert failing.calls == [("start", 1), ("epoch", 1), ("exception", "callback failed")]
     assert not (tmp_path / "failed").exists()  # nothing half-written
-    with pytest.raises(TrainingError, match="not a cladapter_core.callbacks.Callback"):
+    with pytest.raises(TrainingError, match="not a cladapter_core.training.Callback"):
         train(tiny_params(), prepared, tmp_path / "duck", callbacks=[object()], progress=False)
 
 

@@ -22,7 +22,7 @@ COMMANDS = {"init": cmd_init, "summary": cmd_summary, "register": cmd_register, 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from ..console import configure
-    from ..train import Preempted
+    from ..training import Preempted
     configure()  # the library's log lines: plain on a terminal, with time and level in logs
     try:
         (COMMANDS.get(args.command) or getattr(args, _HANDLER))(args)

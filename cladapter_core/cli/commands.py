@@ -89,7 +89,7 @@ def _tracked(args, params, stage_name, name=None):
 
 
 def cmd_train(args):
-    from ..train import train
+    from ..training import train
     params = _load(args)
     mode = args.mode or params["train"]["mode"]
     out = args.out or f"outputs/stage{args.stage}"
@@ -175,7 +175,7 @@ def cmd_sweep(args):
 def cmd_demo(args):
     from ..data import make_demo_data, prepare
     from ..evaluate import evaluate
-    from ..train import train
+    from ..training import train
     params = _load(args)
     _use_device(args)
     root = Path(args.out)

@@ -7,7 +7,7 @@ import time
 import warnings
 from typing import Any
 
-from ..callbacks import Callback
+from ..training import Callback
 from ..errors import TrackingError
 from .datasets import log_data_inputs
 from .runs import _active_run_id, _flat

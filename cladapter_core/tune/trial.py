@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..callbacks import Callback
+from ..training import Callback
 from ..errors import TuneError
 from .runs import TrialRun
 from .space import format_value, suggest, trial_params
@@ -64,7 +64,7 @@ def _selected_value(model_dir: Path, stage: int, best_epoch: int) -> float | Non
 
 def _train_stages(trial, p: dict, prepared_dir, tmp: Path, logger: TrialRun, counter: dict) -> float:
     """Stage 1, then stage 2 for staged modes with stage-2 epochs; the kept model's value."""
-    from ..train import STAGED_MODES, train
+    from ..training import STAGED_MODES, train
     mode = p["train"]["mode"]
     s1_epochs = p["stage1"]["epochs"] + (p["stage2"]["epochs"] if mode == "full" else 0)
     last = train(p, prepared_dir, tmp / "stage1", stage=1, mode=mode, resume=False, progress=False,

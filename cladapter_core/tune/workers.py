@@ -58,7 +58,7 @@ def tune_worker(params: dict, prepared_dir, study_name: str | None = None, stora
     `finish_study` once all workers are done. Returns what this worker did:
     ``{"worker", "trials", "complete", "pruned", "failed", "epochs"}``.
     """
-    from ..train import TrainingError
+    from ..training import TrainingError
     if threads:
         import torch
         torch.set_num_threads(threads)

@@ -51,9 +51,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data.seeding import SeededDataset  # the trainer's per-item seeding, so views match epochs
-from .errors import CLAdapterError
-from .outputs import default_mode
+from ..data.seeding import SeededDataset  # the trainer's per-item seeding, so views match epochs
+from ..errors import CLAdapterError
+from ..outputs import default_mode
 
 __all__ = ["FeatureCache", "CachedTrainLoader", "CachedEvalLoader", "cache_key", "check_fits", "get_features", "stage1_cache", "clear_memory",
            "weights_digest", "STATS"]
@@ -96,7 +96,7 @@ def _data_digest(dataset) -> str:
     h = hashlib.blake2b(digest_size=20)
     shas = {}
     if getattr(dataset, "prepared_dir", None) is not None:
-        from .data.datasets import manifest_sha256
+        from ..data.datasets import manifest_sha256
         shas = manifest_sha256(dataset.prepared_dir)
     for path, label in dataset.items:
         if shas.get(Path(path)):
@@ -396,7 +396,7 @@ def stage1_cache(model, params: dict, prepared_dir, config: dict, seed: int, sam
     "val": CachedEvalLoader or None, "info": what the summary records}. Settings come
     from `train.cache` of the validated params (their defaults live in params.py alone).
     """
-    from . import data
+    from .. import data
     t = params["train"]
     c = t["cache"]
     views = int(c["views"])

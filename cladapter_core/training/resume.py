@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import TrainingError
-from .params import flatten
+from ..errors import TrainingError
+from ..params import flatten
 
 CKPT_NAME = "last.pt"
 
@@ -63,3 +65,23 @@ def load_checkpoint(path: Path) -> dict:
         raise TrainingError(f"checkpoint {path} refused or unreadable (only weights-only "
                             f"checkpoints are loaded: {type(e).__name__}); delete it to "
                             "start this stage over") from e
+
+
+@dataclass
+class LoopState:
+    """What the epoch loop carries from epoch to epoch (and a checkpoint restores)."""
+    history: list = field(default_factory=list)
+    start_epoch: int = 0
+    skip_batches: int = 0
+    global_step: int = 0
+    best_value: float = -math.inf
+    best_key: tuple = (False, -math.inf)
+    best_state: dict | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    # (loss sum, samples) of the epoch's batches before a mid-epoch stop: the resumed epoch's
+    # train_loss is then of all its batches, not only those after the resume
+    epoch_loss: tuple = (0.0, 0)
+
+    CHECKPOINTED = ("history", "best_value", "best_key", "best_epoch", "best_state", "bad_epochs")

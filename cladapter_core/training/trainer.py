@@ -1,13 +1,5 @@
-"""The staged trainer: CLAdapter's Staged Fine-Tuning and the baselines through one loop.
-
-Modes and stages:
-- ``cla``   stage 1: backbone frozen, adapter + head trained at ``train.lr``;
-            stage 2: starts from stage 1's model, everything trained at lr * stage2.lr_factor.
-- ``lp-ft`` the same two stages without an adapter (linear probe, then full fine-tuning).
-- ``linear`` one stage, backbone frozen, head on the pooled feature (stage1.epochs).
-- ``linear-mean`` the same on the mean of the backbone's tokens (CLAdapter's pooling).
-- ``full``  one stage, everything trained from the start (stage1.epochs + stage2.epochs),
-            at the backbone's learning rate lr * stage2.lr_factor, like every stage 2.
+"""The staged trainer: CLAdapter's Staged Fine-Tuning and the baselines through one loop
+(the modes and their stages: `schedule.py`).
 
 `train()` is the entry point (CLI, DVC, KFP, tune, compare). It runs a `Trainer`, whose
 steps read like the recipe: build the run (model, data, precision), maybe the stage-1
@@ -34,106 +26,26 @@ import shutil
 import signal
 import threading
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
+from . import resume as ckpt
 from .callbacks import Callback, StopTraining  # noqa: F401  (StopTraining: public here too)
-from .checkpoint import CKPT_NAME, checkpoint_dir  # noqa: F401  (public: components use them)
-from .data.seeding import EpochBatchSampler, SeededDataset, seed_everything
-from .distributed import init_distributed, pick_device
-from .errors import Preempted, TrainingError
-from .metrics import classification_metrics
-from .config import FROZEN_MODES
-from .console import progress
-from .model import batchnorm_layers, build_model, load_model, save_model
-from .params import model_kwargs
+from .resume import CKPT_NAME, checkpoint_dir  # noqa: F401  (public: components use them)
+from ..data.seeding import EpochBatchSampler, SeededDataset, seed_everything
+from ..distributed import init_distributed, pick_device
+from ..errors import Preempted, TrainingError
+from ..metrics import classification_metrics
+from ..console import progress
+from ..model import batchnorm_layers, build_model, load_model, save_model
+from ..params import model_kwargs
+from .resume import LoopState
+from .schedule import check_request, freezes_norm_stats, lr_lambda, make_optimizer, stage_plan, warmup_steps
+from .validation import _autocast, run_eval
 
-STAGED_MODES = ("cla", "lp-ft")
 log = logging.getLogger(__name__)
-
-__all__ = ["train", "Trainer", "TrainingError", "Preempted", "StopTraining", "STAGED_MODES",
-           "stage_plan", "freezes_norm_stats", "lr_lambda", "make_optimizer", "run_eval", "pick_device",
-           "checkpoint_dir", "CKPT_NAME"]
-
-
-# -- the plan, the optimizer and the schedule ------------------------------------------------
-def stage_plan(params: dict, stage: int, mode: str) -> dict:
-    """Epochs, learning rate and freezing for (mode, stage)."""
-    lr, s1, s2 = params["train"]["lr"], params["stage1"]["epochs"], params["stage2"]["epochs"]
-    factor = params["stage2"]["lr_factor"]
-    if mode in STAGED_MODES:
-        if stage == 1:
-            return {"epochs": s1, "lr": lr, "freeze": True}
-        return {"epochs": s2, "lr": lr * factor, "freeze": False}
-    if mode in FROZEN_MODES:
-        return {"epochs": s1, "lr": lr, "freeze": True}
-    # full: everything trains from the start, so the backbone's learning rate, the same as
-    # every stage 2's (a pretrained backbone at the head's lr would be unfair to it).
-    return {"epochs": s1 + s2, "lr": lr * factor, "freeze": False}
-
-
-def freezes_norm_stats(t: dict, world: int = 1) -> bool:
-    """Whether a stage that trains the backbone keeps its BatchNorm running statistics
-    (`train.batchnorm`; auto: frozen while the per-device batch is below
-    `train.batchnorm_min_batch`, where batch statistics are too noisy to replace pretrained ones)."""
-    if t["batchnorm"] == "auto":
-        return math.ceil(t["batch_size"] / world) < t["batchnorm_min_batch"]
-    return t["batchnorm"] == "frozen"
-
-
-def warmup_steps(warmup_epochs: int, steps_per_epoch: int, total_steps: int, max_fraction: float) -> int:
-    """Warm-up steps, capped to `max_fraction` of the stage: 2 warm-up epochs must not
-    take all of a 2-epoch stage 2 (it would never decay)."""
-    return min(warmup_epochs * steps_per_epoch, int(max_fraction * total_steps))
-
-
-def lr_lambda(total_steps: int, warmup_steps: int):
-    """Linear warm-up, then cosine decay to 0 (per optimizer step)."""
-    def f(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
-def make_optimizer(params: dict, model: torch.nn.Module, lr: float):
-    t = params["train"]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if t["optimizer"] == "sgd":
-        return torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=t["weight_decay"])
-    cls = torch.optim.AdamW if t["optimizer"] == "adamw" else torch.optim.Adam
-    return cls(trainable, lr=lr, weight_decay=t["weight_decay"])
-
-
-# -- evaluation on a split -----------------------------------------------------------------
-@torch.no_grad()
-def run_eval(model, loader, device, amp_dtype=None, forward=None) -> tuple[float, np.ndarray, np.ndarray]:
-    """Mean loss, labels and probabilities of the model over a loader."""
-    model.eval()
-    forward = forward or model
-    losses, labels, probs = [], [], []
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device)
-        with _autocast(device, amp_dtype):
-            logits = forward(x)
-        losses.append(F.cross_entropy(logits.float(), y, reduction="sum").item())
-        labels.append(y.cpu())
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
-    n = sum(len(y) for y in labels)
-    return (sum(losses) / max(n, 1), torch.cat(labels).numpy() if labels else np.zeros(0),
-            torch.cat(probs).numpy() if probs else np.zeros((0, 0)))
-
-
-def _autocast(device: torch.device, amp_dtype):
-    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-
 
 # -- the entry point -------------------------------------------------------------------------
 def train(params: dict, prepared_dir, out_dir, stage: int = 1, mode: str | None = None,
@@ -152,37 +64,6 @@ def train(params: dict, prepared_dir, out_dir, stage: int = 1, mode: str | None 
     return trainer.run(resume=resume)
 
 
-def _check_request(stage: int, mode: str, init_from, prepared_dir: Path) -> None:
-    if stage not in (1, 2):
-        raise TrainingError(f"stage must be 1 or 2, got {stage!r}")
-    if mode in STAGED_MODES and stage == 2 and not init_from:
-        raise TrainingError(f"mode {mode!r} stage 2 needs the stage-1 model directory (--init-from)")
-    if mode not in STAGED_MODES and stage == 2:
-        raise TrainingError(f"mode {mode!r} has a single stage; run it with --stage 1")
-    if not (prepared_dir / "manifest.csv").is_file():
-        raise TrainingError(f"{prepared_dir}: not a prepared dataset (no manifest.csv); run `cladapter prepare`")
-
-
-@dataclass
-class LoopState:
-    """What the epoch loop carries from epoch to epoch (and a checkpoint restores)."""
-    history: list = field(default_factory=list)
-    start_epoch: int = 0
-    skip_batches: int = 0
-    global_step: int = 0
-    best_value: float = -math.inf
-    best_key: tuple = (False, -math.inf)
-    best_state: dict | None = None
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    stopped_early: bool = False
-    # (loss sum, samples) of the epoch's batches before a mid-epoch stop: the resumed epoch's
-    # train_loss is then of all its batches, not only those after the resume
-    epoch_loss: tuple = (0.0, 0)
-
-    CHECKPOINTED = ("history", "best_value", "best_key", "best_epoch", "best_state", "bad_epochs")
-
-
 class Trainer:
     """One call of `train`: a stage of one mode on one prepared dataset."""
 
@@ -196,9 +77,9 @@ class Trainer:
         self.init_from, self.callbacks = init_from, list(callbacks)
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
-                raise TrainingError(f"callback {cb!r} is not a cladapter_core.callbacks.Callback")
+                raise TrainingError(f"callback {cb!r} is not a cladapter_core.training.Callback")
         self.progress, self.max_steps = progress, max_steps
-        _check_request(stage, self.mode, init_from, self.prepared_dir)
+        check_request(stage, self.mode, init_from, self.prepared_dir)
         self.plan = stage_plan(params, stage, self.mode)
         self.seed = params["seed"] + (1000 if stage == 2 else 0)
         self.ckpt_path = checkpoint_dir(self.out_dir) / CKPT_NAME
@@ -231,7 +112,7 @@ class Trainer:
 
     # -- building the run --------------------------------------------------------------------
     def build_model(self) -> None:
-        from . import data
+        from .. import data
         self.classes = data.load_classes(self.prepared_dir)
         if self.init_from:
             model = load_model(self.init_from)
@@ -253,7 +134,7 @@ class Trainer:
         self.model, self.config = model, model.config_dict()
 
     def build_data(self) -> None:
-        from . import data
+        from .. import data
         t, config = self.t, self.config
         self.train_ds = SeededDataset(data.ManifestDataset(
             self.prepared_dir, "train", data.build_transform(config, True, t["augment"]),
@@ -292,7 +173,7 @@ class Trainer:
             self.forward = torch.compile(self.forward)
 
     def _use_cache(self) -> None:
-        from .cache import stage1_cache
+        from .feature_cache import stage1_cache
         cached = stage1_cache(self.model, self.params, self.prepared_dir, self.config, self.seed,
                               self.sampler, self.device, self.amp_dtype, has_val=self.val_loader is not None,
                               epochs=self.plan["epochs"])
