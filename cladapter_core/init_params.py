@@ -16,7 +16,8 @@ import numpy as np
 import yaml
 
 from .data import intensity
-from .data.images import DecodeError, decode
+from .data.decoding import decode
+from .data.files import DecodeError
 from .data.sources import list_source
 from .errors import DataError, ParamsError
 from .outputs import atomic_write

@@ -109,7 +109,7 @@ class CLAdapterPyfunc(mlflow.pyfunc.PythonModel):
         import tempfile
 
         import torch
-        from .data.images import load_array
+        from .data.decoding import load_array
         from .errors import CLAdapterError
         want = VOLUME_FORMATS if self.config.get("is_3d") else IMAGE_FORMATS
         in_chans = int(self.config["input_size"][0])

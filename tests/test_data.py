@@ -615,7 +615,7 @@ def test_a_listings_kind_by_name_is_the_kind_by_path():
     the same answer as for the path, whatever the case or the dots."""
     from pathlib import Path
 
-    from cladapter_core.data.images import kind_of_file, kind_of_name
+    from cladapter_core.data.files import kind_of_file, kind_of_name
     names = ["a.png", "b.JPG", "c.jpeg", "d.TIFF", "e.tif", "f.bmp", "g.npy", "h.NPZ", "i.txt",
              "noext", ".hidden", "x.tar.gz", "y.png.bak", "z.", "v.1.tif"]
     assert [kind_of_name(n) for n in names] == [kind_of_file(Path(n)) for n in names]

@@ -14,7 +14,7 @@ from PIL import Image
 from helpers import tree_digest
 from safetensors.torch import load_file
 
-from cladapter_core.data import images, prepare
+from cladapter_core.data import decoding, files, images, prepare
 from cladapter_core.data.workers import _cgroup_quota, available_cores, loader_workers, prepare_workers
 from cladapter_core.errors import DataError
 from cladapter_core.params import load_params
@@ -65,14 +65,14 @@ def test_fast_decoder_gives_pils_pixels_and_leaves_the_rest_to_pil(tmp_path):
         assert (fast is not None) == (name in FAST), name
         if fast is not None:
             assert fast.dtype == pil.dtype and np.array_equal(fast, pil), name
-        got = images.decode(path)
+        got = decoding.decode(path)
         assert got.dtype == pil.dtype and np.array_equal(got, pil), name
     # corrupt and truncated files: PIL's error, as before
     good = (tmp_path / "rgb.jpg").read_bytes()
     (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 2])
     assert images._decode_fast(tmp_path / "truncated.jpg") is None
-    with pytest.raises(images.DecodeError, match="truncated"):
-        images.decode(tmp_path / "truncated.jpg")
+    with pytest.raises(files.DecodeError, match="truncated"):
+        decoding.decode(tmp_path / "truncated.jpg")
 
 
 def test_pixel_hash_is_the_hash_of_the_bytes():

@@ -24,7 +24,9 @@ from cladapter_core.data.datasets import (
 )
 from cladapter_core.data.demo import make_demo_data
 from cladapter_core.data.intensity import intensity_range
-from cladapter_core.data.images import IMAGE_EXTS, VOLUME_EXTS, decode, load_array, pixel_hash
+from cladapter_core.data.decoding import decode, load_array
+from cladapter_core.data.files import IMAGE_EXTS, VOLUME_EXTS
+from cladapter_core.data.images import pixel_hash
 from cladapter_core.data.prepare import prepare
 from cladapter_core.data.transforms import augment_params, build_transform
 from cladapter_core.data.workers import available_cores, loader_workers

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cladapter_core.data.images import (frame_files, is_hidden, is_image_file, is_volume_file, kind_of, load_array,
-                                        load_clip)
+from cladapter_core.data.decoding import load_array, load_clip
+from cladapter_core.data.files import frame_files, is_hidden, is_image_file, is_volume_file, kind_of
 from cladapter_core.data.seeding import EpochBatchSampler, EpochTagged
 from cladapter_core.data.sources import SPLITS, format_lines
 from cladapter_core.data.transforms import build_transform

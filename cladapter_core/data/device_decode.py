@@ -56,7 +56,7 @@ def _collate(batch):
 
 
 def _unit_float(img: torch.Tensor, in_chans: int, intensity=None) -> torch.Tensor:
-    """(C, H, W) uint8 -> float in [0, 1] with `in_chans` channels, as images.load_array
+    """(C, H, W) uint8 -> float in [0, 1] with `in_chans` channels, as decoding.load_array
     (the same float32 steps as images.to_unit_float, `intensity` included)."""
     if intensity is not None:
         lo, hi = float(intensity[0]), float(intensity[1])

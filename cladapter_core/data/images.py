@@ -1,81 +1,16 @@
-"""Decoding image files, 3D volumes/clips and frame folders into numpy arrays.
-
-`decode(path)` returns the pixels in one canonical layout, keeping the stored dtype:
-2D images as (H, W, C), 3D volumes/clips as (T, H, W, C). `load_array` turns that into
-a float tensor in [0, 1] with the channel count a model takes.
-"""
-
+"""Decoding 2D image files into numpy arrays (H, W, C) of their stored dtype, the pixel
+hash, scaling to [0, 1], channels, and the resized copies prepare writes."""
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
-import re
-import stat as statmod
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cladapter_core.errors import DataError
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-VOLUME_EXTS = (".npy", ".npz")
-TIFF_EXTS = (".tif", ".tiff")
-# npz members tried, in order, when an archive holds more than one array.
-NPZ_KEYS = ("data", "volume", "clip", "arr_0")
-# What pathlib's exists() reads as "not there".
-_MISSING = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
-
-
-class DecodeError(Exception):
-    """A file cannot be used; the message says why (the caller adds the path)."""
-
-
-def natural_key(name: str):
-    """Sort key that puts frame_2 before frame_10."""
-    return [(0, int(tok), "") if tok.isdigit() else (1, 0, tok) for tok in re.split(r"(\d+)", name) if tok]
-
-
-def is_hidden(path: Path) -> bool:
-    return path.name.startswith(".")
-
-
-def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTS
-
-
-def is_volume_file(path: Path) -> bool:
-    return path.suffix.lower() in VOLUME_EXTS
-
-
-def frame_files(folder: Path) -> list[Path]:
-    """Image files directly in a frame folder, in natural name order."""
-    return sorted(
-        (p for p in folder.iterdir() if p.is_file() and not is_hidden(p) and is_image_file(p)),
-        key=lambda p: natural_key(p.name),
-    )
-
-
-def kind_of(path: Path) -> str | None:
-    """'2d' for an image file, '3d' for a .npy/.npz file or a folder (of frames), else None."""
-    return "3d" if path.is_dir() else kind_of_file(path)
-
-
-def kind_of_file(path: Path) -> str | None:
-    """`kind_of` for a path known not to be a folder: by its extension alone."""
-    if is_image_file(path):
-        return "2d"
-    if is_volume_file(path):
-        return "3d"
-    return None
-
-
-def kind_of_name(name: str) -> str | None:
-    """`kind_of_file` of a file name (a listing's, without building a Path per file)."""
-    ext = os.path.splitext(name)[1].lower()
-    return "2d" if ext in IMAGE_EXTS else "3d" if ext in VOLUME_EXTS else None
-
+from cladapter_core.data.files import TIFF_EXTS, DecodeError
 
 # ---------------------------------------------------------------- 2D decoding
 
@@ -239,114 +174,6 @@ def decode_image(path: Path) -> np.ndarray:
     return _channels_last_2d(arr)
 
 
-# ---------------------------------------------------------------- 3D decoding
-
-
-def _channels_last_3d(arr: np.ndarray) -> np.ndarray:
-    """(T,H,W) / (T,H,W,C) / (C,T,H,W) -> (T,H,W,C); anything else is refused."""
-    if arr.ndim == 3:
-        return arr[..., None]
-    if arr.ndim == 4:
-        if arr.shape[-1] <= 4:
-            return arr
-        if arr.shape[0] <= 4:
-            return np.moveaxis(arr, 0, -1)
-        raise DecodeError(
-            f"4D array of shape {tuple(arr.shape)} has no channel axis of size 1-4 "
-            "at the start or the end; expected (T,H,W,C) or (C,T,H,W)"
-        )
-    raise DecodeError(
-        f"expected a 3D volume/clip of rank 3 (T,H,W) or 4 (T,H,W,C), "
-        f"got rank {arr.ndim}, shape {tuple(arr.shape)}"
-    )
-
-
-def _decode_volume_file(path: Path) -> np.ndarray:
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001
-        raise DecodeError(f"cannot read numpy file: {exc}") from exc
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            keys = list(loaded.files)
-            if not keys:
-                raise DecodeError("npz archive holds no arrays")
-            if len(keys) == 1:
-                key = keys[0]
-            else:
-                key = next((k for k in NPZ_KEYS if k in keys), None)
-                if key is None:
-                    raise DecodeError(
-                        f"npz archive holds several arrays ({', '.join(sorted(keys))}); "
-                        f"name the volume one of: {', '.join(NPZ_KEYS)}"
-                    )
-            try:
-                arr = loaded[key]
-            except Exception as exc:  # noqa: BLE001
-                raise DecodeError(f"cannot read array '{key}' from npz: {exc}") from exc
-    else:
-        arr = loaded
-    if arr.dtype.kind not in "biuf":
-        raise DecodeError(f"array dtype {arr.dtype} is not numeric")
-    return arr
-
-
-def _decode_frame_folder(folder: Path) -> np.ndarray:
-    frames = frame_files(folder)
-    if not frames:
-        raise DecodeError(f"frame folder holds no image files ({', '.join(IMAGE_EXTS)})")
-    arrays = []
-    for frame in frames:
-        if frame.stat().st_size == 0:
-            raise DecodeError(f"frame {frame.name} is an empty file")
-        try:
-            arrays.append(decode_image(frame))
-        except DecodeError as exc:
-            raise DecodeError(f"frame {frame.name}: {exc}") from exc
-    first = arrays[0]
-    for frame, arr in zip(frames, arrays):
-        if arr.shape != first.shape or arr.dtype != first.dtype:
-            raise DecodeError(
-                f"frames differ: {frames[0].name} is {first.shape} {first.dtype}, "
-                f"{frame.name} is {arr.shape} {arr.dtype}"
-            )
-    return np.stack(arrays)
-
-
-def decode_volume(path: Path) -> np.ndarray:
-    """A .npy/.npz file or a folder of frames -> (T, H, W, C) array in its stored dtype."""
-    if path.is_dir():
-        return _decode_frame_folder(path)
-    return _channels_last_3d(_decode_volume_file(path))
-
-
-# ---------------------------------------------------------------- checks and helpers
-
-
-def decode(path: Path) -> np.ndarray:
-    """Decode and check one item; raise DecodeError (message without the path) if unusable."""
-    path = Path(path)
-    try:
-        st = path.stat()  # once: prepare calls this for every file
-    except OSError as exc:
-        if exc.errno in _MISSING:
-            raise DecodeError("file does not exist") from None
-        raise
-    kind = "3d" if statmod.S_ISDIR(st.st_mode) else kind_of_file(path)
-    if kind is None:
-        raise DecodeError(f"unsupported file type '{path.suffix}' (supported: {', '.join(IMAGE_EXTS + VOLUME_EXTS)})")
-    if statmod.S_ISREG(st.st_mode) and st.st_size == 0:
-        raise DecodeError("empty file (0 bytes)")
-    arr = decode_image(path) if kind == "2d" else decode_volume(path)
-    if arr.size == 0 or 0 in arr.shape:
-        raise DecodeError(f"empty array, shape {tuple(arr.shape)}")
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise DecodeError("contains NaN or infinite values")
-    if arr.dtype.kind not in "biuf":
-        raise DecodeError(f"pixel dtype {arr.dtype} is not numeric")
-    return arr
-
-
 def pixel_hash(arr: np.ndarray) -> str:
     """sha256 of decoded pixels (dtype, shape and values), independent of file format."""
     canon = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
@@ -398,71 +225,12 @@ def match_channels(arr: np.ndarray, in_chans: int, name: str = "") -> np.ndarray
     raise DataError(f"{name or 'input'}: has {c} channels, the model takes {in_chans}")
 
 
-def load_array(path, in_chans: int = 3, intensity=None) -> torch.Tensor:
-    """Decode one file to a float tensor in [0, 1]: 2D -> (C, H, W), 3D -> (C, T, H, W);
-    `intensity`: the dataset's (lo, hi), see `to_unit_float`."""
-    path = Path(path)
-    try:
-        arr = decode(path)
-    except DecodeError as exc:
-        raise DataError(f"{path}: {exc}") from None
-    return _to_tensor(arr, in_chans, str(path), intensity)
-
-
 def _to_tensor(arr: np.ndarray, in_chans: int, name: str, intensity=None) -> torch.Tensor:
     arr = match_channels(to_unit_float(arr, intensity), in_chans, name)
     tensor = torch.from_numpy(np.ascontiguousarray(arr))
     if tensor.ndim == 3:  # H,W,C -> C,H,W
         return tensor.permute(2, 0, 1).contiguous()
     return tensor.permute(3, 0, 1, 2).contiguous()  # T,H,W,C -> C,T,H,W
-
-
-# ---------------------------------------------------------------- clips, lazily (the loader)
-FIXED_SCALE = (np.uint8, np.uint16, np.bool_)  # scaled per value, not by the clip's range
-
-
-def frame_indices(t: int, frames: int) -> list[int]:
-    """The `frames` evenly spaced frames of a clip of `t` (repeats when the clip is short)."""
-    return torch.linspace(0, t - 1, frames).round().long().tolist()
-
-
-def _selected_frames(path: Path, frames: int) -> np.ndarray | None:
-    """(frames, H, W, C) pixels read without the rest of the clip: a .npy file memory-mapped,
-    a frame folder decoding only those frames; None where the whole clip must be read (a
-    dtype scaled by the clip's own range, an .npz archive, a file that is not plain)."""
-    if path.is_dir():
-        files = frame_files(path)
-        if not files:
-            return None
-        picked = [decode_image(files[i]) for i in frame_indices(len(files), frames)]
-        if picked[0].dtype.type not in FIXED_SCALE or any(a.shape != picked[0].shape for a in picked):
-            return None
-        return np.stack(picked)
-    if path.suffix.lower() != ".npy":
-        return None
-    try:
-        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
-        clip = _channels_last_3d(mapped)
-    except (OSError, ValueError, DecodeError):
-        return None  # the full read words the error
-    if clip.dtype.type not in FIXED_SCALE or 0 in clip.shape:
-        return None
-    return np.ascontiguousarray(clip[frame_indices(clip.shape[0], frames)])
-
-
-def load_clip(path, in_chans: int = 3, frames: int | None = None, intensity=None) -> torch.Tensor:
-    """`load_array` of a 3D clip with only the `frames` frames a model takes (the evenly
-    spaced ones its transform would pick): (C, frames, H, W), the same numbers as
-    `load_array` followed by that pick, without reading or converting the other frames."""
-    path = Path(path)
-    try:
-        picked = _selected_frames(path, frames) if frames else None
-    except DecodeError:
-        picked = None  # load_array words the error
-    if picked is None:
-        full = load_array(path, in_chans, intensity)
-        return full[:, frame_indices(full.shape[1], frames)] if frames and full.ndim == 4 else full
-    return _to_tensor(picked, in_chans, str(path), intensity)
 
 
 # ---------------------------------------------------------------- resized copies (prepare)

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cladapter_core.data.images import kind_of, kind_of_name
+from cladapter_core.data.files import kind_of, kind_of_name
 from cladapter_core.errors import DataError
 
 SPLITS = ("train", "val", "test")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from cladapter_core.data.images import frame_indices
+from cladapter_core.data.decoding import frame_indices
 from cladapter_core.errors import ModelError
 
 def augment_params(augment: dict | None) -> dict:
