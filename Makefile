@@ -32,7 +32,7 @@ demo: $(STAMP)
 # Tests in 2 processes (pytest-xdist). Every test has one tier (tests/conftest.py): unit,
 # integration (real services, commands as processes), e2e (the whole pipeline).
 # `make test` runs them all; `make test-fast` the unit tier alone, in about a minute.
-# Tests that share an expensive or order-dependent result stay on one worker (loadgroup).
+# Each module's tests stay on one worker, in order (loadgroup; tests/conftest.py).
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup
 
 test: $(STAMP) system-deps

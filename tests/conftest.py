@@ -19,9 +19,10 @@ using a SERVICE_FIXTURES fixture (directly or through another fixture), or liste
 INTEGRATION_TESTS, is integration; everything else is unit. tests/test_tiers.py checks
 that every collected test has exactly one tier and that every name listed here exists.
 
-Under pytest-xdist (`-n 2 --dist loadgroup`), the tests of a SAME_WORKER group run on one
-worker, in order: they share a module- or session-scoped result that is expensive to
-make twice, or depend on the order of the tests before them.
+Under pytest-xdist (`-n 2 --dist loadgroup`) the tests of a module run on one worker, in
+order: a module-scoped fixture is made once, and tests that build on the ones before them
+(test_dvc.py) see them. SAME_WORKER also keeps modules that share a session-scoped result
+that is expensive to make twice on one worker.
 """
 import json
 import os
@@ -78,6 +79,7 @@ INTEGRATION_TESTS = {
     "faults/test_fault_guards.py::test_diverging_training_stops_with_a_clear_error_and_nothing_is_registered",
     "faults/test_fault_guards.py::test_pickled_code_in_a_checkpoint_or_weights_file_is_refused_not_run",
     "faults/test_fault_services.py::test_two_promote_commands_at_once_leave_one_champion_the_better_and_both_report",
+    "test_scale.py::test_persistent_workers_train_and_resume_as_one_process",  # loader processes
     # torchrun
     "test_ddp.py::test_torchrun_two_processes_match_one_process",
     "test_ddp.py::test_training_step_with_two_devices_runs_torchrun_and_logs_once",
@@ -106,13 +108,9 @@ INTEGRATION_TESTS = {
     "test_tune.py::test_small_study_best_params_are_written_tracked_and_used_by_training",
     "test_tune.py::test_median_pruner_stops_trials_that_cannot_win",
 }
-# xdist groups: modules whose tests share one expensive or order-dependent result.
+# xdist groups of more than one module (else each module is a group of its own).
 SAME_WORKER = {
-    "test_dvc.py": "dvc-clone",          # one clone; each test builds on the ones before
-    "test_docs.py": "docs-clone",
-    "test_serving.py": "serving",        # one served champion, one KServe SDK download
-    "test_kfp_backend.py": "kfp-proto",  # one download of the old proto
-    "faults/test_fault_kills.py": "fault-reference",     # one reference run (session)
+    "faults/test_fault_kills.py": "fault-reference",     # one reference run (session-scoped)
     "faults/test_fault_services.py": "fault-reference",
 }
 
@@ -155,9 +153,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if not own_tiers(item):
             item.add_marker(tier_of(item))
-        group = SAME_WORKER.get(Path(item.path).relative_to(TESTS).as_posix())
-        if grouped and group:
-            item.add_marker(pytest.mark.xdist_group(group))
+        if grouped:
+            module = Path(item.path).relative_to(TESTS).as_posix()
+            item.add_marker(pytest.mark.xdist_group(SAME_WORKER.get(module, module)))
     config.stash[COLLECTED] = [{"id": item.nodeid, "key": tier_key(item), "tiers": own_tiers(item),
                                  "fixtures": sorted(set(getattr(item, "fixturenames", ())))}
                                 for item in items]
