@@ -123,7 +123,7 @@ def test_code_change_marks_the_stages_that_run_it_changed(clone):
     assert json.loads((root / "metrics/evaluate.json").read_text()) == \
         json.loads((root / "outputs/eval/metrics.json").read_text())
     assert run(["git", "check-ignore", "-q", "metrics/evaluate.json"], root, env, check=False) == ""
-    train = root / "cladapter_core" / "train.py"
+    train = root / "cladapter_core" / "training" / "trainer.py"
     original = train.read_text()
     try:
         train.write_text(original + "\n# an edit\n")
