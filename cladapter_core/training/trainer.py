@@ -163,7 +163,7 @@ class Trainer:
         self.forward, self.eval_forward, self.cache_info = self.net, None, None
 
     def maybe_cache(self) -> None:
-        """Frozen backbone: train on its stored outputs (cache.py) instead of recomputing them."""
+        """Frozen backbone: train on its stored outputs (feature_cache.py) instead of recomputing them."""
         if self.plan["freeze"] and (self.t.get("cache") or {}).get("views") is not None:
             if self.world > 1:
                 log.info("feature cache: off under DDP (each rank would recompute the whole cache)")
