@@ -301,14 +301,14 @@ def torchrun_argv(env: dict, run_id: str) -> list[str]:
 
 def node(spec: dict, scratch: Path, env: dict | None = None) -> int:
     """One node of the TrainJob: fetch, torchrun, push (the node that held rank 0)."""
-    from components.runtime import CheckpointStore, prepared_dir
+    from components.runtime import ResumeMirror, prepared_dir
     env = dict(os.environ if env is None else env)
     scratch.mkdir(parents=True, exist_ok=True)
     dataset = _local(spec["dataset_uri"], scratch / "dataset")
     init_from = _local(spec.get("init_from_uri"), scratch / "init_from")
     out = scratch / "model"
     ckpt = out.with_name(out.name + ".ckpt") / "last.pt"
-    store = (CheckpointStore(spec["checkpoint_prefix"], spec["pipeline_id"], STAGE + "_multinode")
+    store = (ResumeMirror(spec["checkpoint_prefix"], spec["pipeline_id"], STAGE + "_multinode")
              if spec.get("checkpoint_prefix") else None)
     if store is not None and store.restore(ckpt):
         print(f"checkpoint restored from {store.uri}")  # every rank resumes from it

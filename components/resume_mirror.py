@@ -34,7 +34,7 @@ def checkpoint_root(checkpoint_prefix: str = "") -> str | None:
     return root or None
 
 
-class CheckpointStore:
+class ResumeMirror:
     """The trainer's checkpoint (`<out>.ckpt/last.pt`) mirrored at
     `<prefix>/<pipeline id>/<stage>/last.pt`, an `s3://` prefix or a folder.
 

@@ -32,7 +32,7 @@ from components.dataset import (PREPARED, SOURCE, SOURCE_REF, artifact_prepared,
                                 resolve_rev, source_ref)
 from components.pipeline_params import (DERIVED_FIELDS, PARAM_FIELDS, data_part, params_from_json,  # noqa: F401
                                         resolve_params, split_overrides)
-from components.resume_mirror import CKPT_FILE, CheckpointStore, checkpoint_root  # noqa: F401
+from components.resume_mirror import CKPT_FILE, ResumeMirror, checkpoint_root  # noqa: F401
 from components.step import drop_empty_env, start_step, use_scratch  # noqa: F401
 from components.step_tracking import close_pipeline_run, pipeline_env, stage_tracking  # noqa: F401
 
@@ -69,7 +69,7 @@ def train_task(params: dict, dataset_dir, out_dir, stage: int, init_from=None,
     """One training stage of a pipeline run; returns the trainer's summary.
 
     `num_gpus` > 1 runs DDP through torchrun (one process per GPU). With
-    `checkpoint_prefix`, the checkpoint is mirrored there (see CheckpointStore).
+    `checkpoint_prefix`, the checkpoint is mirrored there (see ResumeMirror).
     """
     from cladapter_core import tracking
     from cladapter_core.training import checkpoint_dir, train
@@ -79,7 +79,7 @@ def train_task(params: dict, dataset_dir, out_dir, stage: int, init_from=None,
     out = Path(out_dir)
     mode = params["train"]["mode"]
     root = checkpoint_root(checkpoint_prefix)
-    store = CheckpointStore(root, pipeline_id, f"train_stage{stage}") if root else None
+    store = ResumeMirror(root, pipeline_id, f"train_stage{stage}") if root else None
     local_ckpt = checkpoint_dir(out) / CKPT_FILE
     if store is not None and store.restore(local_ckpt):
         print(f"checkpoint restored from {store.uri}")

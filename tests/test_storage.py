@@ -197,11 +197,11 @@ def test_s3_endpoint_and_credentials_come_from_the_environment(tmp_path, bucket,
 
 # -- the callers ---------------------------------------------------------------------------------
 def test_checkpoint_store_mirrors_to_a_folder_and_to_s3(tmp_path, bucket):
-    from components.runtime import CheckpointStore
+    from components.resume_mirror import ResumeMirror
     ckpt = tmp_path / "out.ckpt" / "last.pt"
     ckpt.parent.mkdir()
     for prefix in (f"file://{tmp_path / 'mirror'}", f"s3://{bucket}/ckpt"):
-        store = CheckpointStore(prefix, "run-1", "train_stage1")
+        store = ResumeMirror(prefix, "run-1", "train_stage1")
         assert not store.restore(tmp_path / "pod2" / "last.pt")  # nothing mirrored yet
         ckpt.write_bytes(b"epoch 1")
         assert store.push(ckpt) and not store.push(ckpt)  # unchanged: not copied again
