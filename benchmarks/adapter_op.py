@@ -1,7 +1,7 @@
 """Benchmark 1: the cluster-attention mixing, this implementation against the reference's.
 
 M = sum_k a_k T_k. The reference code repeats `a` and T to (B, K, r, r), multiplies and
-sums over K; `cladapter_core.adapter.ClusterAttention` uses einsum('bk,kij->bij'), which
+sums over K; `cladapter_core.model.adapter.ClusterAttention` uses einsum('bk,kij->bij'), which
 never builds the (B, K, r, r) tensors. Both are timed forward + backward at ViT-B shapes
 (B=32, N=196, D=768, K=20, r=256) on the same parameters and inputs:
 
@@ -20,8 +20,8 @@ from __future__ import annotations
 import _common as C
 import torch
 
-from cladapter_core.adapter import ClusterAttention
-from cladapter_core.config import AdapterConfig
+from cladapter_core.model.adapter import ClusterAttention
+from cladapter_core.model.config import AdapterConfig
 
 
 def reference_forward(attn: ClusterAttention, x: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,8 @@ import _common as C
 import torch
 import torch.nn.functional as F
 
-from cladapter_core.adapter import ClusterAttention
-from cladapter_core.config import AdapterConfig
+from cladapter_core.model.adapter import ClusterAttention
+from cladapter_core.model.config import AdapterConfig
 from cladapter_core.data import epoch_loader, make_demo_data, prepare
 from cladapter_core.data import ManifestDataset, build_transform
 from cladapter_core.data.seeding import EpochBatchSampler, SeededDataset

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from cladapter_core.weights import s3_client
+    from cladapter_core.model.weights import s3_client
     from components import runtime
     from pipelines.cladapter_pipeline import load_pipeline_params
 

@@ -154,7 +154,7 @@ class Model(Section):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, name: str) -> str:
-        from .backbones import check_backbone_name
+        from .backbone_names import check_backbone_name
         from .errors import ModelError
         try:
             check_backbone_name(name)

@@ -205,8 +205,8 @@ def test_each_parameter_is_declared_once():
     import ast
     import inspect
 
-    from cladapter_core.adapter import AdapterBlock, ClusterAttention, CLAdapter
-    from cladapter_core.config import AdapterConfig
+    from cladapter_core.model.adapter import AdapterBlock, ClusterAttention, CLAdapter
+    from cladapter_core.model.config import AdapterConfig
     from cladapter_core.model import build_model, load_model
     from cladapter_core.param_models import ADAPTER_FIELDS, Model
 

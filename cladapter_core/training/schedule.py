@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import FROZEN_MODES
+from ..model.config import FROZEN_MODES
 from ..errors import TrainingError
 
 STAGED_MODES = ("cla", "lp-ft")

@@ -82,7 +82,7 @@ def test_pickled_code_in_a_checkpoint_or_weights_file_is_refused_not_run(prepare
     assert not marker.exists() and not (tmp_path / "model").exists()
     # ...and as backbone weights: tests/test_model.py::test_pickled_code_is_refused
     from cladapter_core.errors import ModelError
-    from cladapter_core.weights import read_state_dict
+    from cladapter_core.model.weights import read_state_dict
     with pytest.raises(ModelError, match="refused or unreadable"):
         read_state_dict(evil)
     assert not marker.exists()

@@ -179,7 +179,7 @@ def test_s3_errors_are_retried_with_backoff_then_reported(tmp_path, monkeypatch,
     from safetensors.torch import save_file
 
     from cladapter_core.errors import ModelError
-    from cladapter_core.weights import read_state_dict, s3_client
+    from cladapter_core.model.weights import read_state_dict, s3_client
 
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"

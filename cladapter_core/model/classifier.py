@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from .adapter import CLAdapter
-from .outputs import atomic_dir, write_json
+from ..outputs import atomic_dir, write_json
 from .backbones import Backbone
 from .config import FROZEN_MODES, MODES, AdapterConfig  # noqa: F401 (re-exported)
-from .errors import ModelError
-from .param_models import ADAPTER_FIELDS, Model, Train, check
+from ..errors import ModelError
+from ..param_models import ADAPTER_FIELDS, Model, Train, check
 
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"

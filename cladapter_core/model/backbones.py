@@ -12,45 +12,15 @@ from __future__ import annotations
 import sys
 import warnings
 
-import difflib
-from functools import lru_cache
-
 import torch
 from torch import nn
 
-from .errors import ModelError
+from ..errors import ModelError
+from ..backbone_names import VIDEO_MODELS, check_backbone_name
 from .weights import load_into, read_state_dict, strip_model_prefix
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
-VIDEO_MODELS = ("r3d_18", "mc3_18", "r2plus1d_18", "swin3d_t", "swin3d_s", "swin3d_b", "s3d")
-
-
-@lru_cache(maxsize=1)
-def _timm_names() -> tuple[str, ...]:
-    import timm
-    return tuple(timm.list_models())
-
-
-def known_backbone(name: str) -> bool:
-    import timm
-    if name in VIDEO_MODELS:
-        return True
-    try:
-        return timm.is_model(name)
-    except Exception:
-        return False
-
-
-def check_backbone_name(name: str) -> None:
-    """Raise ModelError with close matches for an unknown backbone name."""
-    if not isinstance(name, str) or not known_backbone(name):
-        close = difflib.get_close_matches(str(name), _timm_names() + VIDEO_MODELS, n=5, cutoff=0.6)
-        hint = f"; did you mean: {', '.join(close)}" if close else ""
-        raise ModelError(f"unknown backbone {name!r} (not a timm model nor one of "
-                         f"torchvision's video models {', '.join(VIDEO_MODELS)}){hint}")
-
-
 class Backbone(nn.Module):
     """A pretrained feature extractor with `forward_tokens` and `forward_pooled`.
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import AdapterConfig
-from .errors import ModelError
+from ..errors import ModelError
 
 __all__ = ["CLAdapter", "AdapterBlock", "ClusterAttention", "Mlp"]
 

@@ -12,9 +12,9 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from . import storage
-from .errors import ModelError
-from .storage import s3_client  # noqa: F401 - the boto3 client callers took from here
+from .. import storage
+from ..errors import ModelError
+from ..storage import s3_client  # noqa: F401 - the boto3 client callers took from here
 
 _WRAPPERS = ("state_dict", "model", "model_state", "module")
 _PREFIXES = ("module.", "_orig_mod.")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, create_model
 
-from .errors import ModelError
-from .param_models import ADAPTER_FIELDS, FROZEN_MODES, INITS, MODES, Model, check
+from ..errors import ModelError
+from ..param_models import ADAPTER_FIELDS, FROZEN_MODES, INITS, MODES, Model, check
 
 __all__ = ["AdapterConfig", "ADAPTER_FIELDS", "FROZEN_MODES", "INITS", "MODES"]
 
