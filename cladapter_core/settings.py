@@ -110,10 +110,3 @@ def exported(**values: str | None):
         yield
     finally:
         export(**before)
-
-
-def environment(**values: str) -> dict[str, str]:
-    """This process's environment with `values` (by field name) set: for a child process."""
-    env = dict(os.environ)
-    env.update({var(name): str(value) for name, value in values.items()})
-    return env
