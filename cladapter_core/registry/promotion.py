@@ -178,7 +178,7 @@ def register_and_promote(model_dir, eval_dir, params: dict, *, prepared_dir=None
     reg = register(model_dir, eval_dir, params,
                    data_hash=identity.data_hash(prepared_dir) if prepared_dir else None)
     result = {"registration": reg}
-    if promote_now if promote_now is not None else params["register"]["auto_promote"]:
+    if params["register"]["auto_promote"] if promote_now is None else promote_now:
         result["promotion"] = won = promote(params, prepared_dir=prepared_dir)
         if str(won["champion_after"]) == str(reg["version"]) and CHAMPION not in reg["aliases"]:
             reg["aliases"] = sorted([*reg["aliases"], CHAMPION])
