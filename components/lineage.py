@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import os
 
-GIT_ENV = "CLADAPTER_GIT_COMMIT"
-IMAGE_ENV = "CLADAPTER_IMAGE"
+from cladapter_core.settings import settings, var
+
+GIT_ENV, IMAGE_ENV = var("git_commit"), var("image")
 RUN_NAME_TAG = "mlflow.runName"
 FINAL_STATE_TAG = "kfp.final_state"
 
@@ -28,8 +29,9 @@ def lineage_tags(pipeline_id: str = "", pipeline_name: str = "", data_hash: str 
                  source: dict | None = None) -> dict[str, str]:
     """The tags above that are known here (empty values left out)."""
     tags = {"kfp.run_id": pipeline_id, "kfp.run_name": pipeline_name,
+            # the image only when the step says which: settings().image would give the default
             "image": os.environ.get(IMAGE_ENV, ""), "data_hash": data_hash}
-    commit = os.environ.get(GIT_ENV, "").strip()
+    commit = settings().git_commit.strip()
     if commit and commit != "unknown":
         tags.update(git_commit=commit, git_dirty="false")
     for key in ("uri", "rev"):
@@ -71,7 +73,7 @@ def close_pipeline_run(pipeline_id: str, pipeline_name: str, state: str, error: 
     from cladapter_core import tracking
     tracking.check_tracking()
     client = MlflowClient(tracking.tracking_uri())
-    pid = tracking.pipeline_id({}) if os.environ.get(tracking.PIPELINE_ENV) else pipeline_id
+    pid = tracking.pipeline_id({}) if settings().pipeline_id else pipeline_id
     with tracking.errors(f"closing the MLflow runs of pipeline run {pid}"):
         experiments = [e.experiment_id for e in client.search_experiments()]
         runs = client.search_runs(experiments, filter_string=f"tags.`{tracking.PIPELINE_TAG}` = '{pid}'",

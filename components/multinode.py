@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from cladapter_core.settings import settings, var
 from cladapter_core import storage
 from cladapter_core.errors import CLAdapterError, ParamsError
 
@@ -186,7 +187,7 @@ def _shared(where, uri: str) -> str:
     return uri
 
 
-IMAGE_ENV = "CLADAPTER_IMAGE"  # the image the pipeline's steps run (the TrainJob's nodes run it too)
+IMAGE_ENV = var("image")  # the image the pipeline's steps run (the TrainJob's nodes run it too)
 NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -334,7 +335,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     n = sub.add_parser("node", help="what each node of the TrainJob runs")
     n.add_argument("--spec-json", required=True, help="the spec the launcher rendered into the TrainJob")
-    n.add_argument("--scratch", default=os.environ.get("CLADAPTER_SCRATCH", "/scratch"))
+    n.add_argument("--scratch", default=str(settings().scratch or "/scratch"))
     r = sub.add_parser("render", help="print a rendered TrainJob (YAML) and check it")
     r.add_argument("--nodes", type=int, default=4)
     r.add_argument("--gpus-per-node", type=int, default=8)

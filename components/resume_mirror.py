@@ -3,19 +3,19 @@ retried step on a new node with an empty disk resumes where the last attempt sto
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import warnings
 from pathlib import Path
 
+from cladapter_core.settings import settings, var
 from cladapter_core import storage
 from cladapter_core.errors import DataError, ParamsError
 
 
 CKPT_FILE = "last.pt"
-SYNC_ENV = "CLADAPTER_CHECKPOINT_SYNC_S"
+SYNC_ENV = var("checkpoint_sync_s")
 # -- checkpoints that outlive the pod ------------------------------------------------------
-CHECKPOINT_ROOT_ENV = "CLADAPTER_CHECKPOINT_ROOT"  # the install's default (ConfigMap cladapter-pipeline)
+CHECKPOINT_ROOT_ENV = var("checkpoint_root")  # the install's default (ConfigMap cladapter-pipeline)
 NO_CHECKPOINT = ("none", "off", "false")
 
 
@@ -27,7 +27,7 @@ def checkpoint_root(checkpoint_prefix: str = "") -> str | None:
     given = (checkpoint_prefix or "").strip()
     if given.lower() in NO_CHECKPOINT:
         return None
-    root = given or os.environ.get(CHECKPOINT_ROOT_ENV, "").strip()
+    root = given or settings().checkpoint_root.strip()
     if not root:
         print(f"no checkpoint_prefix and no ${CHECKPOINT_ROOT_ENV}: the checkpoint stays on this pod; "
               "a retried step starts its stage over")
@@ -110,7 +110,7 @@ class ResumeMirror:
     @contextlib.contextmanager
     def watch(self, local: Path, interval: float | None = None):
         """Push `local` whenever it changes (polled), and once more on the way out."""
-        interval = float(os.environ.get(SYNC_ENV, "15")) if interval is None else interval
+        interval = settings().checkpoint_sync_s if interval is None else interval
         stop = threading.Event()
 
         def loop():

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+from cladapter_core.settings import settings
+
 
 # Secret keys a deployment may leave empty: the Secrets always hold every key (the oldest
 # supported KFP backend cannot mark a key optional), and an empty value means "not set".
@@ -24,10 +26,10 @@ def drop_empty_env(names=OPTIONAL_ENV) -> list[str]:
 def use_scratch() -> str | None:
     """Temporary files (downloads, torchrun's params) on the step's ephemeral volume,
     `$CLADAPTER_SCRATCH`, when it is mounted (not under kfp.local)."""
-    folder = os.environ.get("CLADAPTER_SCRATCH", "")
+    folder = settings().scratch
     if folder and os.path.isdir(folder) and os.access(folder, os.W_OK):
-        tempfile.tempdir = folder
-        return folder
+        tempfile.tempdir = str(folder)
+        return str(folder)
     return None
 
 

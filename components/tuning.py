@@ -10,14 +10,14 @@ retried worker adds its trials to the same study. Nothing here imports kfp.
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from cladapter_core.settings import settings, var
 from cladapter_core.errors import ParamsError
 
-STORAGE_ENV = "CLADAPTER_TUNE_STORAGE"  # from the Secret cladapter-tune on the tuning steps
+STORAGE_ENV = var("tune_storage")  # from the Secret cladapter-tune on the tuning steps
 
 
 def study_name(params: dict, pipeline_id: str) -> str:
@@ -29,7 +29,7 @@ def shared_storage(params: dict) -> str:
     """The study storage: `$CLADAPTER_TUNE_STORAGE` (the Secret `cladapter-tune`, which
     keeps the database password out of the run's parameters), else `tune.storage`; it
     must be one every worker pod reaches. ParamsError otherwise."""
-    storage = os.environ.get(STORAGE_ENV, "").strip() or params["tune"]["storage"]
+    storage = settings().tune_storage.strip() or params["tune"]["storage"]
     if storage.startswith(("postgresql", "mysql")) or storage.startswith("sqlite:////"):
         return storage
     raise ParamsError(
