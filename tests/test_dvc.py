@@ -68,9 +68,17 @@ def dvc(args, root, env, **kw):
     return run([str(BIN / "dvc"), *args], root, env, **kw)
 
 
-def test_repro_runs_everything_then_nothing(clone):
+@pytest.fixture(scope="module")
+def built(clone):
+    """The clone after its first `dvc repro`, and what that printed. Every test that reads
+    the pipeline's outputs asks for it, so none depends on which test of this module ran
+    first (or on this module staying on one xdist worker)."""
     root, env = clone
-    out = dvc(["repro"], root, env, timeout=900)
+    return root, env, dvc(["repro"], root, env, timeout=900)
+
+
+def test_repro_runs_everything_then_nothing(built):
+    root, env, out = built
     for stage in ("demo_data", "prepare", "tune", "train_stage1", "train_stage2", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out, out[-3000:]
     # the evaluation scored every test scan, and metrics.json is what its predictions give
@@ -87,7 +95,7 @@ def test_repro_runs_everything_then_nothing(clone):
     assert "Data and pipelines are up to date" in again
 
 
-def test_dvc_and_kfp_paths_tag_the_same_data_hash(clone, tmp_path):
+def test_dvc_and_kfp_paths_tag_the_same_data_hash(built, tmp_path):
     """One identity of the data: every stage run of `dvc repro` (and the registered
     version) is tagged with the hash of the prepared manifest, the same value the KFP
     pipeline's prepare step gives the same data (identity.data_hash of its artifact), not DVC's md5 of
@@ -97,8 +105,7 @@ def test_dvc_and_kfp_paths_tag_the_same_data_hash(clone, tmp_path):
     from cladapter_core import identity
     from cladapter_core.params import load_params
     from components import runtime
-    root, env = clone
-    dvc(["repro"], root, env, timeout=900)  # nothing to do after the first test
+    root, env, _ = built
     expected = identity.data_hash(root / "outputs" / "prepared")
     params = load_params(str(root / "params.yaml"), use_best=False)
     runtime.prepare_task(str(root / "data" / "demo"), "", "", params, tmp_path / "kfp-dataset")
@@ -114,10 +121,10 @@ def test_dvc_and_kfp_paths_tag_the_same_data_hash(clone, tmp_path):
     assert version.tags["data_hash"] == expected
 
 
-def test_code_change_marks_the_stages_that_run_it_changed(clone):
+def test_code_change_marks_the_stages_that_run_it_changed(built):
     """Editing the library makes `dvc status` name the stages that run it; the metrics
     live outside DVC's cache, for git (`dvc metrics diff` across commits needs no cache)."""
-    root, env = clone
+    root, env, _ = built
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     assert stages["evaluate"]["metrics"] == [{"metrics/evaluate.json": {"cache": False}}]
     assert json.loads((root / "metrics/evaluate.json").read_text()) == \
@@ -148,8 +155,8 @@ def test_code_change_marks_the_stages_that_run_it_changed(clone):
     assert "Data and pipelines are up to date" in dvc(["status"], root, env)  # .pyc files do not count
 
 
-def test_params_change_reruns_only_what_depends_on_it(clone):
-    root, env = clone
+def test_params_change_reruns_only_what_depends_on_it(built):
+    root, env, _ = built
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["stage2"]["epochs"] = 2
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -166,8 +173,8 @@ def test_params_change_reruns_only_what_depends_on_it(clone):
     assert str(reg["registration"]["version"]) == "2"
 
 
-def test_metrics_plots_and_experiments(clone):
-    root, env = clone
+def test_metrics_plots_and_experiments(built):
+    root, env, _ = built
     shown = json.loads(dvc(["metrics", "show", "--json"], root, env))
     text = json.dumps(shown)
     assert "macro_f1" in text and "accuracy" in text
@@ -183,8 +190,8 @@ def test_metrics_plots_and_experiments(clone):
     assert "longer-stage2" in exps
 
 
-def test_data_through_an_s3_remote(clone, s3_env, bucket):
-    root, env = clone
+def test_data_through_an_s3_remote(built, s3_env, bucket):
+    root, env, _ = built
     env = {**env, **{k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                                  "AWS_DEFAULT_REGION")}}
     env.pop("AWS_ENDPOINT_URL", None)  # DVC takes the endpoint from its remote config
