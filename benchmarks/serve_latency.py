@@ -40,7 +40,7 @@ BIN = Path(sys.executable).parent
 PREDICT_FN = """
 import json, sys, time
 from pathlib import Path
-from cladapter_core.evaluate import predict
+from cladapter_core.evaluation.evaluate import predict
 from cladapter_core.model import load_model
 model, out, batch, files = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 t0 = time.perf_counter(); load_model(model); load = time.perf_counter() - t0

@@ -38,7 +38,7 @@ FROZEN_MODES = ("linear", "linear-mean")
 # The `model:` fields that configure the adapter itself (config.AdapterConfig is made of them).
 ADAPTER_FIELDS = ("num_centers", "rank", "depth", "mlp_ratio", "temperature", "init", "dropout")
 # macro_f1: the mean of per-class F1; f1_macro_pr: the paper's F1, 2PR/(P+R) of macro
-# precision and macro recall (metrics.py).
+# precision and macro recall (evaluation/metrics.py).
 METRICS = ("accuracy", "macro_f1", "f1_macro_pr", "macro_precision", "macro_recall", "weighted_f1",
            "weighted_precision", "weighted_recall", "roc_auc", "neg_loss")
 PRUNERS = ("median", "percentile", "hyperband", "none")

@@ -51,7 +51,7 @@ def test_compare_in_mlflow_parent_and_a_child_per_method_and_seed(prepared, embe
     import pytest
     from mlflow import MlflowClient
 
-    from cladapter_core.compare import compare
+    from cladapter_core.experiments.compare import compare
     from tiny import tiny_params
     params = tiny_params("stage1.epochs=1", "stage2.epochs=1", "tracking.experiment=compare-runs")
     compare(params, prepared, tmp_path / "cmp", seeds=(0,), methods=["linear", "cla-stage1"], track=True)

@@ -141,13 +141,13 @@ def test_code_change_marks_the_stages_that_run_it_changed(built):
         assert "cladapter_core" in status
     finally:
         train.write_text(original)
-    for code in ("serving.py", "serving_model.py"):  # the logged model's code: register reruns
+    for code in ("serving/pyfunc.py", "serving/model_code.py"):  # the logged model's code: register reruns
         path = root / "cladapter_core" / code
         original = path.read_text()
         try:
             path.write_text(original + "\n# an edit\n")
             status = dvc(["status"], root, env)
-            assert "register:" in status and f"cladapter_core/{code}" in status, status
+            assert "register:" in status and "cladapter_core/serving" in status, status
         finally:
             path.write_text(original)
     (root / "cladapter_core" / "__pycache__").mkdir(exist_ok=True)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from cladapter_core import DataError, ParamsError, build_model, load_model, save_model
 from cladapter_core.data import load_classes, load_inputs, make_demo_data, make_loader, prepare, read_manifest
-from cladapter_core.evaluate import evaluate, predict
+from cladapter_core.evaluation.evaluate import evaluate, predict
 from cladapter_core.params import load_params
 
 # A class name with markup in it: the report must show it as text, never as HTML.

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from cladapter_core.training import feature_cache as cache
-from cladapter_core.compare import METHODS, PLANS, budget, method_params, train_method
+from cladapter_core.experiments.compare import METHODS, PLANS, budget, method_params, train_method
 from cladapter_core.errors import CLAdapterError
-from cladapter_core.metrics import classification_metrics
+from cladapter_core.evaluation.metrics import classification_metrics
 from cladapter_core.training import Trainer, stage_plan, warmup_steps
 from tiny import tiny_params
 

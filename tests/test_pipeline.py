@@ -811,7 +811,7 @@ def test_run_local_without_tuning_a_killed_step_fails_the_parent_run(tmp_path, d
         "a = sys.argv\n"
         "if '--function_to_execute' in a and a[a.index('--function_to_execute') + 1] == 'evaluate':\n"
         "    import killpoint\n"
-        "    killpoint.arm('cladapter_core.evaluate:evaluate', 1, 'before', '')\n")
+        "    killpoint.arm('cladapter_core.evaluation.evaluate:evaluate', 1, 'before', '')\n")
     proc, out = run_local(tmp_path, uri, "model_name=digits-killed", f"dataset_uri=s3://{bucket}/digits",
                           env={"PYTHONPATH": os.pathsep.join([str(hook), str(REPO / "tests" / "faults")])})
     log = proc.stdout + proc.stderr

@@ -8,7 +8,7 @@ from PIL import Image
 
 from cladapter_core import registry
 from cladapter_core.errors import TrackingError
-from cladapter_core.evaluate import evaluate
+from cladapter_core.evaluation.evaluate import evaluate
 from cladapter_core.identity import data_hash
 from fixtures_services import CLASS_NAMES, tracked_params, write_metrics
 

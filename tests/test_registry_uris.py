@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cladapter_core import cli, identity, registry, serving, tracking
+from cladapter_core import cli, identity, registry, tracking
+from cladapter_core.serving import pyfunc as serving
 from cladapter_core.errors import TrackingError
 from fixtures_services import tracked_params, write_metrics
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cladapter_core.data import ManifestDataset, build_transform, load_array, prepare
 from cladapter_core.data.decoding import frame_indices, load_clip
-from cladapter_core.evaluate import evaluate
+from cladapter_core.evaluation.evaluate import evaluate
 from cladapter_core.params import load_params
 from cladapter_core.training import train
 

@@ -1,4 +1,4 @@
-"""Serving the registered champion (cladapter_core/serving.py, `cladapter serve`,
+"""Serving the registered champion (cladapter_core/serving/, `cladapter serve`,
 infra/k8s/serving/), with real processes and real HTTP:
 
 - The logged model is self-contained: a fresh virtual environment built from the model's
@@ -279,7 +279,7 @@ def test_the_logged_model_carries_its_code_and_pinned_requirements(champion, ser
         reset_mlflow_globals()
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
     assert mlmodel["loader_module"] == "mlflow.pyfunc.loaders.code_model"
-    assert (local / "code" / "cladapter_core" / "serving.py").is_file()
+    assert (local / "code" / "cladapter_core" / "serving" / "pyfunc.py").is_file()
     assert not list(local.rglob("*.pkl")), "nothing of the model is pickled"
 
 

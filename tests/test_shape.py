@@ -82,7 +82,7 @@ def test_graph_sees_function_level_and_package_imports():
     graph = import_graph()
     assert "cladapter_core.data.seeding" in graph["cladapter_core.training.feature_cache"]
     assert "cladapter_core.data" in graph["cladapter_core.training.feature_cache"]  # its __init__ runs too
-    assert "cladapter_core.training" in graph["cladapter_core.compare"]  # imported inside a function
+    assert "cladapter_core.training" in graph["cladapter_core.experiments.compare"]  # imported inside a function
 
 
 def test_no_import_cycle_in_the_core():

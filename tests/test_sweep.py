@@ -2,7 +2,7 @@
 import csv
 import json
 
-from cladapter_core.sweep import parse_grid, sweep
+from cladapter_core.experiments.sweep import parse_grid, sweep
 from tiny import tiny_params
 
 

@@ -236,7 +236,7 @@ def test_logged_model_predicts_labels_and_probabilities(embedded_mlflow, tiny_mo
     with tracking.stage_run(tracked_params("m"), "register"):
         uri = tracking.log_model(model_dir, registered_name="pyfunc-check")
     loaded = mlflow.pyfunc.load_model(uri)
-    # Two input forms (images, tensor; serving.py): no input schema, the model checks its
+    # Two input forms (images, tensor; serving/pyfunc.py): no input schema, the model checks its
     # input itself; the output schema names the columns.
     assert loaded.metadata.get_input_schema() is None
     assert loaded.metadata.get_output_schema().input_names() == \

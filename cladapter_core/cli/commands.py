@@ -109,7 +109,7 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    from ..evaluate import evaluate
+    from ..evaluation.evaluate import evaluate
     params = _load(args)
     if args.split:
         params["evaluate"]["split"] = args.split
@@ -133,7 +133,7 @@ def cmd_evaluate(args):
 
 
 def cmd_predict(args):
-    from ..evaluate import predict
+    from ..evaluation.evaluate import predict
     device = _use_device(args)
     rows = predict(_model_folder(args.model), args.inputs, args.out, batch_size=args.batch_size,
                    device=device)
@@ -141,7 +141,7 @@ def cmd_predict(args):
 
 
 def cmd_compare(args):
-    from ..compare import compare
+    from ..experiments.compare import compare
     from ..params import flatten, read_best_params
     params = _load(args, use_best=False)  # tuned values go only to the method they were tuned for
     _use_device(args)
@@ -164,7 +164,7 @@ def _tracking_on(args) -> bool:
 
 
 def cmd_sweep(args):
-    from ..sweep import parse_grid, sweep
+    from ..experiments.sweep import parse_grid, sweep
     params = _load(args)
     name, values = parse_grid(args.grid)
     _use_device(args)
@@ -174,7 +174,7 @@ def cmd_sweep(args):
 
 def cmd_demo(args):
     from ..data import make_demo_data, prepare
-    from ..evaluate import evaluate
+    from ..evaluation.evaluate import evaluate
     from ..training import train
     params = _load(args)
     _use_device(args)

@@ -63,7 +63,8 @@ def cmd_serve(args):
 
     import mlflow
 
-    from .. import registry, serving, tracking
+    from .. import registry, tracking
+    from ..serving import pyfunc as serving
     params = _load(args)
     # `mlflow models serve` starts `uvicorn` from PATH: this environment's, also unactivated.
     export(path=os.pathsep.join([str(Path(sys.executable).parent), settings().path]))

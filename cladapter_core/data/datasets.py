@@ -226,7 +226,6 @@ def walk_inputs(path: Path, want_3d: bool) -> list[Path]:
     return found
 
 
-_walk_inputs = walk_inputs  # older name, used by evaluate.py
 
 
 def list_inputs(paths, model_config: dict) -> list[Path]:

@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import identity
-from .console import tracked
-from .distributed import pick_device
-from .errors import DataError, ParamsError
-from .model import CLAdapterModel, load_model
-from .outputs import atomic_dir, atomic_write, write_json
-from .params import checked
+from .. import identity
+from ..console import tracked
+from ..distributed import pick_device
+from ..errors import DataError, ParamsError
+from ..model import CLAdapterModel, load_model
+from ..outputs import atomic_dir, atomic_write, write_json
+from ..params import checked
 
 TSNE_MAX_POINTS = 2000   # t-SNE is O(n log n) per iteration but slow on 2 CPU cores beyond this
 TSNE_MIN_POINTS = 5
@@ -138,7 +138,7 @@ def _param_report(model: CLAdapterModel) -> dict:
 def evaluate(model_dir, prepared_dir, out_dir, params: dict, *, device: str | None = None) -> dict:
     """Evaluate the model in `model_dir` on `params['evaluate']['split']` of `prepared_dir`;
     write the evaluation directory `out_dir` atomically and return the metrics."""
-    from .data import load_classes, read_manifest
+    from ..data import load_classes, read_manifest
 
     model_dir, prepared_dir, out_dir = Path(model_dir), Path(prepared_dir), Path(out_dir)
     split, want_tsne, batch_size, select_metric, seed = _eval_params(params)
@@ -178,7 +178,7 @@ def decision_metrics(model, prepared_dir: Path, params: dict, dev: torch.device,
                      split: str = DECISION_SPLIT) -> dict:
     """Metrics on the validation split, which promotion decides on: the test split is for
     reporting, never for choosing a model."""
-    from .data import read_manifest
+    from ..data import read_manifest
     if split == evaluated_split and evaluated is not None:
         metrics = evaluated
     else:
@@ -194,7 +194,7 @@ def decision_metrics(model, prepared_dir: Path, params: dict, dev: torch.device,
 def _predict_split(model, prepared_dir: Path, split: str, params: dict, batch_size: int,
                    dev: torch.device, want_tsne: bool):
     """Labels in manifest order, probabilities, and (want_tsne) pooled features."""
-    from .data import make_loader
+    from ..data import make_loader
     loader = make_loader(prepared_dir, split, model.config_dict(), False, params, batch_size=batch_size)
     labels_seen: list[int] = []
 
@@ -291,7 +291,7 @@ def predict(model_dir, inputs, out_path, batch_size: int = 32, *, skip_invalid: 
     An unreadable file is a DataError naming it; with skip_invalid it is left out
     with a warning instead (an error still if nothing is readable).
     """
-    from .data import list_inputs, load_inputs
+    from ..data import list_inputs, load_inputs
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ParamsError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
     dev = pick_device(device)  # as training: auto ($CLADAPTER_DEVICE), cpu, cuda, cuda:N
@@ -341,7 +341,7 @@ def _predictions_csv(rows: list[dict], classes: list[str]) -> str:
 
 def _load_each(chunk, config, skipped: list[str]):
     """Fallback after a batch failed to load: load file by file, recording failures."""
-    from .data import load_inputs
+    from ..data import load_inputs
     xs, used = [], []
     for f in chunk:
         try:

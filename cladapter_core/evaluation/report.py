@@ -152,7 +152,7 @@ def render_report(config: dict, metrics: dict, param_report: dict, per_class: di
             f"<li>{escape(n)}</li>" for n in notes) + "</ul>"))
 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    template = Template(resources.files("cladapter_core").joinpath("templates/report.html").read_text())
+    template = Template(resources.files("cladapter_core.evaluation").joinpath("templates/report.html").read_text())
     return template.substitute(
         title=escape(title), subtitle=escape(subtitle),
         tags="".join(f"<span>{escape(t)}</span>" for t in tags),

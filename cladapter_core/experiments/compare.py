@@ -28,9 +28,9 @@ import shutil
 import time
 from pathlib import Path
 
-from .errors import ParamsError
-from .outputs import atomic_dir, write_json
-from .params import set_dotted
+from ..errors import ParamsError
+from ..outputs import atomic_dir, write_json
+from ..params import set_dotted
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ def method_params(params: dict, method: str, seed: int, tuned: dict | None = Non
 
 def train_method(p: dict, prepared_dir: Path, work: Path, method: str, progress: bool = False) -> dict:
     """Every stage of `method` from scratch; returns the scored model dir, summary and time."""
-    from .training import feature_cache as cache
-    from .training import train
+    from ..training import feature_cache as cache
+    from ..training import train
     cache.clear_memory()  # each method pays for its own cache build
     t0, init, summary, model_dir = time.perf_counter(), None, None, None
     for mode, stage in PLANS[method]:
@@ -93,11 +93,11 @@ def train_method(p: dict, prepared_dir: Path, work: Path, method: str, progress:
 
 
 def score(model_dir: Path, prepared_dir: Path, params: dict, split: str) -> dict:
-    from . import data
-    from .distributed import pick_device
-    from .metrics import classification_metrics
-    from .model import load_model
-    from .training import run_eval
+    from .. import data
+    from ..distributed import pick_device
+    from ..evaluation.metrics import classification_metrics
+    from ..model import load_model
+    from ..training import run_eval
     device = pick_device()
     model = load_model(model_dir).to(device)
     loader = data.make_loader(prepared_dir, split, model.config_dict(), False, params)
@@ -172,7 +172,7 @@ def _log_row(log, row: dict, split: str) -> None:
 
 def _run_one(params, prepared_dir: Path, work: Path, method: str, seed: int, split: str,
              progress: bool, tuned, tuned_for) -> dict:
-    from .training import stage_plan
+    from ..training import stage_plan
     p = method_params(params, method, seed, tuned, tuned_for)
     run = train_method(p, prepared_dir, work, method, progress)
     m = score(run["model_dir"], prepared_dir, p, split)

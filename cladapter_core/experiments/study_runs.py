@@ -13,7 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .params import flatten
+from ..params import flatten
 
 CELL_TAG = "cladapter.cell"
 
@@ -22,7 +22,7 @@ class StudyRuns:
     def __init__(self, params: dict, study: dict, prepared_dir: Path, *, kind: str, run_name: str,
                  splits: tuple[str, ...], resume: bool):
         from mlflow import MlflowClient
-        from . import tracking
+        from .. import tracking
         cfg = tracking.configure(params, prepared_dir)
         self.client, self.exp = MlflowClient(), cfg["experiment_id"]
         tag_name = f"cladapter.{kind}"

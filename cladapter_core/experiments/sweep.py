@@ -26,9 +26,9 @@ from pathlib import Path
 import yaml
 
 from .compare import PLANS, SCORES, mean_std, method_params, score, train_method, write_csv
-from .errors import ParamsError
-from .outputs import atomic_write, default_mode, write_json
-from .params import flatten, get_dotted, set_dotted
+from ..errors import ParamsError
+from ..outputs import atomic_write, default_mode, write_json
+from ..params import flatten, get_dotted, set_dotted
 from .study_runs import StudyRuns
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def parse_grid(spec: str) -> tuple[str, list]:
 
 
 def _check(params: dict, name: str, values: list) -> None:
-    from .params import validate_params
+    from ..params import validate_params
     if get_dotted(params, name, _MISSING) is _MISSING:
         raise ParamsError(f"sweep: {name} is not a parameter")
     for v in values:

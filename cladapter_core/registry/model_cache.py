@@ -108,7 +108,7 @@ def _safe_name(name: str) -> str:
 def _place(local: Path, folder: Path, mv) -> None:
     """Move the model folder of the downloaded MLflow model `local` to `folder`, once its
     content matches the version's ``model_hash`` tag."""
-    from .. import serving
+    from ..serving import pyfunc as serving
     try:
         found = serving.model_dir_in(local)
     except ValueError as e:

@@ -79,7 +79,7 @@ def same_evaluation(a, b) -> bool:
 def reevaluate(champion, candidate, metric: str, params: dict, prepared_dir) -> float:
     """The champion's `metric` on the candidate's evaluation data (its split of `prepared_dir`)."""
     from ..distributed import pick_device
-    from ..evaluate import decision_metrics
+    from ..evaluation.evaluate import decision_metrics
     from ..model import load_model
     split, data_hash = _evaluation_of(candidate)
     where = (f"champion v{champion.version} was measured on split {_evaluation_of(champion)[0]!r} of data "

@@ -1,6 +1,6 @@
 """The trained model as an MLflow pyfunc that serves wherever its requirements are installed.
 
-What is logged (``tracking.log_model``): MLflow "models from code" - ``serving_model.py``
+What is logged (``tracking.log_model``): MLflow "models from code" - ``serving/model_code.py``
 (three lines: ``set_model(CLAdapterPyfunc())``) is the model's code, this package is
 carried as ``code_paths`` (``<model>/code/cladapter_core``), the model directory
 (``model.safetensors`` + ``config.json``) is the artifact ``model_dir``, and
@@ -46,8 +46,8 @@ import mlflow.pyfunc
 import numpy as np
 from mlflow.exceptions import MlflowException
 
-PACKAGE_DIR = Path(__file__).resolve().parent        # carried as the model's code_paths
-MODEL_CODE = PACKAGE_DIR / "serving_model.py"         # the models-from-code entry
+PACKAGE_DIR = Path(__file__).resolve().parents[1]    # cladapter_core, carried as code_paths
+MODEL_CODE = Path(__file__).resolve().with_name("model_code.py")  # models-from-code entry
 MODEL_DIR_ARTIFACT = "model_dir"                      # the pyfunc artifact holding the model folder
 IMAGE_COLUMN = "image"
 # What an encoded input is, by its first bytes -> the file suffix `load_array` decodes it by.
@@ -87,8 +87,8 @@ class CLAdapterPyfunc(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context):
-        from .data.transforms import build_transform
-        from .model import load_model
+        from ..data.transforms import build_transform
+        from ..model import load_model
         self.model = load_model(Path(context.artifacts[MODEL_DIR_ARTIFACT])).eval()
         self.config = self.model.config_dict()
         self.transform = build_transform(self.config, train=False)
@@ -109,8 +109,8 @@ class CLAdapterPyfunc(mlflow.pyfunc.PythonModel):
         import tempfile
 
         import torch
-        from .data.decoding import load_array
-        from .errors import CLAdapterError
+        from ..data.decoding import load_array
+        from ..errors import CLAdapterError
         want = VOLUME_FORMATS if self.config.get("is_3d") else IMAGE_FORMATS
         in_chans = int(self.config["input_size"][0])
         batch, problems = [], []

@@ -54,14 +54,14 @@ def log_evaluation(eval_dir: str | Path, metrics: dict | None = None, split: str
 
 
 # -- the model as an MLflow pyfunc -----------------------------------------------------------
-# The pyfunc itself is `serving.CLAdapterPyfunc` (input, output, errors: serving.py). It is
+# The pyfunc itself is `serving.CLAdapterPyfunc` (input, output, errors: serving/pyfunc.py). It is
 # logged as code, not pickled, so loading it needs only its requirements.
 def log_model(model_dir: str | Path, registered_name: str | None = None) -> str:
     """Log a model directory (``save_model`` output) into the active run as a self-contained
     MLflow pyfunc; returns the model URI (``models:/m-...``). ``registered_name`` also
     registers it (plain MLflow registration; ``registry.register`` adds tags and aliases).
 
-    Self-contained: MLflow "models from code" (``serving_model.py``) with the cladapter_core
+    Self-contained: MLflow "models from code" (``serving/model_code.py``) with the cladapter_core
     package as ``code_paths``, the model directory as the artifact ``model_dir``, pinned
     ``requirements.txt`` (``serving.requirements()``), an output signature and an input
     example (one PNG). It loads where only those requirements are installed::
@@ -94,7 +94,7 @@ def save_pyfunc(model_dir: str | Path, path: str | Path) -> Path:
 
 
 def _pyfunc_kwargs(model_dir: str | Path) -> dict:
-    from .. import serving
+    from ..serving import pyfunc as serving
 
     model_dir = Path(model_dir)
     cfg_path = model_dir / "config.json"

@@ -37,7 +37,7 @@ from .resume import CKPT_NAME, checkpoint_dir  # noqa: F401  (public: components
 from ..data.seeding import EpochBatchSampler, SeededDataset, seed_everything
 from ..distributed import init_distributed, pick_device
 from ..errors import Preempted, TrainingError
-from ..metrics import classification_metrics
+from ..evaluation.metrics import classification_metrics
 from ..console import progress
 from ..model import batchnorm_layers, build_model, load_model, save_model
 from ..params import model_kwargs
