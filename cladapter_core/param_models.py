@@ -103,6 +103,8 @@ class Data(Section):
     folds: Int = _f(0, ">1: k-fold on train+val, `fold` picks the validation fold", ge=0)
     fold: Int = _f(0, "the validation fold when folds > 1", ge=0)
     skip_invalid: Flag = _f(False, "true: leave unreadable files out and report them")
+    allow_outside_root: Flag = _f(False, "true: accept CSV paths and symlinks that lead outside "
+                                  "the data root (../, absolute paths); refused otherwise")
     resize: Optional[Int] = _f(None, "resize once at prepare time (small datasets), e.g. 64; "
                                "null: keep the size", ge=8)
     intensity: Literal[INTENSITY_MODES] = _f(

@@ -28,6 +28,17 @@ def test_paper_f1_is_2pr_over_p_plus_r_of_macro_precision_and_recall():
     assert abs(m["f1_macro_pr"] - m["macro_f1"]) > 0.03  # why both are reported
 
 
+
+def test_a_class_absent_from_labels_and_predictions_counts_as_f1_zero():
+    """What metrics.py's docstring says: macro-F1 averages over every class, an absent one as
+    0 (the paper's formula), where scikit-learn's plain macro average skips it."""
+    from sklearn.metrics import f1_score
+    y_true, y_pred = np.array([0, 0, 1, 1]), np.array([0, 0, 1, 0])  # class 2 never appears
+    m = classification_metrics(y_true, np.eye(3)[y_pred], 3)
+    per_class = f1_score(y_true, y_pred, labels=[0, 1], average=None)
+    assert m["macro_f1"] == pytest.approx(sum(per_class) / 3)
+    assert m["macro_f1"] < f1_score(y_true, y_pred, average="macro")
+
 # -- schedule ----------------------------------------------------------------------------
 def test_warmup_is_capped_to_a_fraction_of_the_stage(prepared, tmp_path):
     assert warmup_steps(2, 10, 20, 0.25) == 5  # 2 warm-up epochs in a 2-epoch stage: capped

@@ -10,7 +10,10 @@ def classification_metrics(y_true, probs, num_classes: int | None = None) -> dic
     """Accuracy, macro/weighted precision, recall, F1, the paper's F1 and one-vs-rest ROC AUC.
 
     Two F1s, because they differ a lot on small data:
-    - `macro_f1`: the mean over classes of each class's F1 (scikit-learn's macro average).
+    - `macro_f1`: the mean over all `num_classes` classes of each class's F1. Unlike
+      scikit-learn's default (`labels=None`: only classes seen in labels or predictions), a
+      class absent from both labels and predictions counts here as F1 = 0, as in the paper's
+      formula; so a split missing a class scores lower than sklearn's plain macro average.
     - `f1_macro_pr`: 2PR/(P+R) of macro precision P and macro recall R, the "F1" of the
       paper's official code (utils/metric.py); compare with the paper's figures on this one.
 
