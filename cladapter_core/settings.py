@@ -2,9 +2,10 @@
 
 Parameters of an experiment live in params.yaml (`param_models`); how this machine, pod
 or cluster runs it lives here: where MLflow is, which device, which image, the torchrun
-rank. `settings()` reads the environment now (tests and spawned workers change it, so
-nothing is cached) and validates it with pydantic-settings; an empty variable counts as
-unset, as Kubernetes Secrets keep every key and leave the unused ones empty.
+rank. `settings()` reads the environment now (tests and spawned workers change it) and
+validates it with pydantic-settings; an empty variable counts as unset, as Kubernetes
+Secrets keep every key and leave the unused ones empty. What it validated is kept for the
+same values of the variables (decoding asks for the pixel limit once per file).
 
 No other module of the core reads `os.environ`; `export` is how the core hands a
 setting on to the processes it starts (tuning workers, `mlflow models serve`).
@@ -21,6 +22,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_IMAGE = "ghcr.io/cladapter/cladapter:0.1.0"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# Pillow's own default (PIL.Image.MAX_IMAGE_PIXELS): about a 9,459 x 9,459 image.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 def _env(name: str, default, help: str, *also: str):
@@ -30,7 +33,7 @@ def _env(name: str, default, help: str, *also: str):
 class Settings(BaseSettings):
     """The environment, typed. Field names are ours; each alias is the variable's name."""
     model_config = SettingsConfigDict(extra="ignore", env_ignore_empty=True, populate_by_name=False,
-                                      case_sensitive=True)
+                                      case_sensitive=True, frozen=True)
 
     # -- the platform's own ------------------------------------------------------------------
     image: str = _env("CLADAPTER_IMAGE", DEFAULT_IMAGE,
@@ -47,6 +50,20 @@ class Settings(BaseSettings):
     checkpoint_sync_s: float = _env("CLADAPTER_CHECKPOINT_SYNC_S", 15.0,
                                     "seconds between mirrors of the trainer's checkpoint")
     tune_storage: str = _env("CLADAPTER_TUNE_STORAGE", "", "the Optuna storage URL of the tuning steps")
+    # -- hostile input: what a file or a request may hold (docs/security.md) -----------------
+    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, gt=0, validation_alias="CLADAPTER_MAX_IMAGE_PIXELS",
+                                  description="largest 2D image (width x height, read from its header "
+                                              "before decoding) that prepare, predict and serving decode")
+    max_volume_voxels: int = Field(4 * DEFAULT_MAX_IMAGE_PIXELS, gt=0,
+                                   validation_alias="CLADAPTER_MAX_VOLUME_VOXELS",
+                                   description="largest 3D item (frames x height x width of a .npy/.npz "
+                                               "array or a frame folder, read before decoding)")
+    serve_max_bytes: int = Field(32 * 2**20, gt=0, validation_alias="CLADAPTER_SERVE_MAX_BYTES",
+                                 description="largest request body the scoring server reads (413 above)")
+    serve_max_rows: int = Field(256, gt=0, validation_alias="CLADAPTER_SERVE_MAX_ROWS",
+                                description="most images (rows) one request may hold (400 above)")
+    serve_token: Optional[str] = _env("CLADAPTER_SERVE_TOKEN", None,
+                                      "set: /invocations needs 'Authorization: Bearer <token>'")
     # -- MLflow ------------------------------------------------------------------------------
     mlflow_tracking_uri: Optional[str] = _env("MLFLOW_TRACKING_URI", None, "the MLflow server or store")
     mlflow_registry_uri: Optional[str] = _env("MLFLOW_REGISTRY_URI", None, "a separate model registry")
@@ -72,10 +89,36 @@ class Settings(BaseSettings):
         return self.mlflow_tracking_uri or DEFAULT_TRACKING_URI
 
 
+def _variables() -> tuple[str, ...]:
+    names = []
+    for field in Settings.model_fields.values():
+        alias = field.validation_alias
+        names += alias.choices if isinstance(alias, AliasChoices) else [alias]
+    return tuple(names)
+
+
+_VARIABLES = _variables()
+_SEEN: dict[tuple, Settings] = {}  # the values of _VARIABLES -> what they validated to
+
+
 def settings() -> Settings:
-    """The settings as the environment holds them now."""
-    cuda = os.environ.get("CUDA_VISIBLE_DEVICES")  # "" means no GPU: not "unset"
-    return Settings(**({"CUDA_VISIBLE_DEVICES": cuda} if cuda == "" else {}))
+    """The settings as the environment holds them now (validated once per set of values:
+    about a millisecond, which prepare would otherwise spend on every file)."""
+    key = tuple(map(os.environ.get, _VARIABLES))
+    found = _SEEN.get(key)
+    if found is None:
+        cuda = os.environ.get("CUDA_VISIBLE_DEVICES")  # "" means no GPU: not "unset"
+        found = Settings(**({"CUDA_VISIBLE_DEVICES": cuda} if cuda == "" else {}))
+        if len(_SEEN) > 64:  # tests and workers change the environment: keep a few
+            _SEEN.clear()
+        _SEEN[key] = found
+    return found
+
+
+def child_environment(**variables: str) -> dict[str, str]:
+    """This process's environment plus `variables` (other programs' own variables, such as
+    MLflow's), for a process started with it (`os.execve`, `subprocess`)."""
+    return {**os.environ, **variables}
 
 
 def var(name: str) -> str:
