@@ -256,6 +256,11 @@ class Register(Section):
     metric: Literal[METRICS] = _f("macro_f1", "promotion compares this metric, on the validation split "
                                   "(the test split never decides)")
     margin: Number = _f(0.0, "a candidate must beat the champion by more than this")
+    confidence: Number = _f(0.95, "and be better by a paired test on the same images at this "
+                            "confidence (register.test)", gt=0, lt=1)
+    test: Literal["bootstrap", "mcnemar"] = _f(
+        "bootstrap", "the paired test on both models' per-image predictions: bootstrap (register.metric "
+        "over resampled images) or mcnemar (exact, on per-image correctness)")
     auto_promote: Flag = _f(False, "true: `register` (DVC, KFP) also promotes; false: promotion is "
                             "a separate, deliberate `cladapter promote`")
 
