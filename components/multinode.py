@@ -1,9 +1,11 @@
 """Stage 2 of a large model on many GPU nodes, as a Kubeflow Trainer TrainJob.
 
 A pipeline step with `train_nodes > 1` calls `stage2_task` (`launch` inside the step's
-MLflow stage run): `launch` renders the TrainJob from
-`infra/k8s/training/trainjob-stage2.yaml`, validates it against the Trainer's published API
-models, creates it, waits for it and fetches the trained model into the step's output.
+MLflow stage run): `launch` renders the TrainJob from `components/templates/trainjob-stage2.yaml`
+(package data: it is in the wheel and the image), validates it against the Trainer's
+published API models, creates it as the ServiceAccount `cladapter-trainjob-launcher` (its
+token mounted in this step only: infra/k8s/training), waits for it and fetches the trained
+model into the step's output.
 Single-node training (one GPU, or several through torchrun) stays in `runtime.train_task`.
 
 Every node of the TrainJob runs `python -m components.multinode node --spec-json ...`
@@ -27,7 +29,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +39,11 @@ from cladapter_core import storage
 from cladapter_core.errors import CLAdapterError, ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
-TEMPLATE = REPO / "infra" / "k8s" / "training" / "trainjob-stage2.yaml"
+TEMPLATE = Path(__file__).with_name("templates") / "trainjob-stage2.yaml"
+# The token of the ServiceAccount that may create TrainJobs (infra/k8s/training): a Secret
+# mounted into the stage-2 step only, so the runs' other steps cannot create pods' owners.
+LAUNCHER_SECRET = "cladapter-trainjob-launcher-token"
+LAUNCHER_TOKEN_DIR = Path("/var/run/secrets/cladapter.io/trainjob-launcher")
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 RDZV_PORT = "29400"
 STAGE = "train_stage2"
@@ -220,13 +225,27 @@ def stage2_task(params: dict, dataset_dir, init_from, out_dir, *, nodes: int, gp
     return summary
 
 
-def _custom_objects_api():
+def _custom_objects_api(token_dir: Path = LAUNCHER_TOKEN_DIR, environ=None):
+    """The Kubernetes API as the TrainJob launcher: in a pod, with the launcher's token
+    (`token_dir`: the mounted Secret LAUNCHER_SECRET, its `token` and `ca.crt`), never the
+    pod's own identity (the runner's, which may not create TrainJobs); outside a cluster,
+    the kubeconfig."""
     from kubernetes import client, config
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
+    from kubernetes.config.incluster_config import (SERVICE_HOST_ENV_NAME, InClusterConfigLoader)
+    environ = os.environ if environ is None else environ
+    token, ca = Path(token_dir) / "token", Path(token_dir) / "ca.crt"
+    if SERVICE_HOST_ENV_NAME not in environ:
         config.load_kube_config()
-    return client.CustomObjectsApi()
+        return client.CustomObjectsApi()
+    if not token.is_file():
+        raise CLAdapterError(
+            f"multi-node training: no launcher token at {token} (the Secret {LAUNCHER_SECRET}, "
+            f"made by infra/k8s/training, which the install overlays include): apply the install "
+            f"overlay in this namespace again, or run with train_nodes=1")
+    configuration = client.Configuration()
+    InClusterConfigLoader(token_filename=str(token), cert_filename=str(ca),
+                          environ=environ).load_and_set(configuration)
+    return client.CustomObjectsApi(client.ApiClient(configuration))
 
 
 def submit(api, doc: dict) -> None:
@@ -237,6 +256,11 @@ def submit(api, doc: dict) -> None:
         api.create_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, doc)
         print(f"TrainJob {meta['namespace']}/{meta['name']} created: {doc['spec']['trainer']['numNodes']} nodes")
     except ApiException as e:
+        if e.status == 403:
+            raise CLAdapterError(
+                f"cannot create TrainJob {meta['name']} in {meta['namespace']}: forbidden. The Role "
+                f"cladapter-trainjobs (infra/k8s/training, included by the install overlays) must be "
+                f"bound there to the ServiceAccount cladapter-trainjob-launcher: {e.body}") from e
         if e.status != 409:
             raise CLAdapterError(f"cannot create TrainJob {meta['name']}: {e.status} {e.reason}: {e.body}") from e
         print(f"TrainJob {meta['namespace']}/{meta['name']} exists (a retried step): waiting for it")
@@ -344,10 +368,9 @@ def main(argv=None) -> int:
     r.add_argument("--pipeline-id", default="example")
     args = ap.parse_args(argv)
     if args.command == "node":
-        scratch = Path(args.scratch)
-        if not os.access(scratch.parent if not scratch.exists() else scratch, os.W_OK):
-            scratch = Path(tempfile.mkdtemp(prefix="cladapter-node-"))
-        return node(json.loads(args.spec_json), scratch)
+        from components.step import check_writable
+        # the data and the model go there: an unwritable folder is an error, not the container's disk
+        return node(json.loads(args.spec_json), check_writable(args.scratch, create=True))
     doc = render({"params": {}, "stage": 2}, name=job_name(args.pipeline_id), namespace=args.namespace,
                  image=args.image, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
     print(yaml.safe_dump(doc, sort_keys=False))
