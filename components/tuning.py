@@ -5,8 +5,12 @@ The workers are pods that share one Optuna study, so the study's storage must be
 from all of them: a PostgreSQL URL, from the Secret `cladapter-tune` (`$CLADAPTER_TUNE_STORAGE`,
 so its password is never a run parameter) or `tune.storage` without a password. An absolute SQLite path is accepted too,
 for `kfp.local`, where every step runs on one machine. The study is named after the KFP
-run (`<tune.study_name>-<run id>`), so a run never adds trials to another run's study; a
-retried worker adds its trials to the same study. Nothing here imports kfp.
+run (`<tune.study_name>-<run id>`), so a run never adds trials to another run's study.
+
+A worker is safe to run again (a retry, a run retried from the KFP UI, which keeps its run
+id): its trials carry its index, so a rerun counts the trials of its share that already
+finished, runs only the rest, and marks FAIL the trials a killed attempt left RUNNING
+(`redo_share`). Nothing here imports kfp.
 """
 from __future__ import annotations
 
@@ -75,16 +79,43 @@ def tune_plan(params: dict, n_trials: int, n_workers: int, pipeline_id: str, tra
     return list(range(len(plan)))
 
 
+def redo_share(study, worker_index: int, share: int) -> tuple[int, dict]:
+    """(trials of `share` still to run, what earlier attempts of this worker finished). An
+    earlier attempt's trial still RUNNING died with its pod: it is marked FAIL and run again."""
+    from optuna.trial import TrialState
+    finished = {"complete": 0, "pruned": 0, "failed": 0, "epochs": 0, "trials": []}
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("worker") != worker_index:
+            continue
+        if t.state == TrialState.RUNNING:
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            continue
+        key = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}.get(t.state)
+        if key:
+            finished[key] += 1
+            finished["epochs"] += int(t.user_attrs.get("epochs", 0))
+            finished["trials"].append(t.number)
+    return max(0, share - len(finished["trials"])), finished
+
+
 def tune_worker(params: dict, prepared: Path, worker_index: int, n_trials: int, n_workers: int,
                 pipeline_id: str, track: bool) -> dict:
-    """This worker's share of the trials on the run's study."""
+    """This worker's share of the trials on the run's study, less what an earlier attempt
+    of it finished (`redo_share`)."""
     from cladapter_core import tune
     plan = shares(n_trials, n_workers)
     mine = plan[worker_index] if 0 <= worker_index < len(plan) else 0
-    if mine == 0:
-        return {"worker": worker_index, "trials": [], "complete": 0, "pruned": 0, "failed": 0, "epochs": 0}
-    return tune.tune_worker(params, prepared, study_name(params, pipeline_id), shared_storage(params),
-                            n_trials=mine, worker_index=worker_index, track=track)
+    name, storage = study_name(params, pipeline_id), shared_storage(params)
+    todo, before = (redo_share(tune.open_study(params, name, storage, worker_index), worker_index, mine)
+                    if mine else (0, {"complete": 0, "pruned": 0, "failed": 0, "epochs": 0, "trials": []}))
+    if before["trials"]:
+        print(f"worker {worker_index}: {len(before['trials'])} of its {mine} trials finished in an "
+              f"earlier attempt; running {todo}")
+    done = (tune.tune_worker(params, prepared, name, storage, n_trials=todo, worker_index=worker_index,
+                             track=track) if todo else {"trials": [], "complete": 0, "pruned": 0,
+                                                        "failed": 0, "epochs": 0})
+    return {"worker": worker_index, "trials": sorted(before["trials"] + done["trials"]),
+            **{k: before[k] + done[k] for k in ("complete", "pruned", "failed", "epochs")}}
 
 
 def tune_finish(params: dict, out_dir, pipeline_id: str, track: bool) -> tuple[dict, dict]:

@@ -3,7 +3,7 @@ executor's Kubernetes config (the YAML's second document, `platforms.kubernetes`
 kfp-kubernetes proto it was built with and rejects any field it does not know, so every
 step of a pipeline that uses a newer field fails before it starts.
 
-    python -m pipelines.backend_check pipelines/cladapter_pipeline.yaml --proto 1.5.0
+    python -m pipelines.backend_check pipelines/cladapter_pipeline.yaml --proto 2.14.0
 
 fetches that kfp-kubernetes sdist from PyPI once (`pip download --no-deps`, kept under
 the cache folder), and parses every executor's config with its
@@ -11,6 +11,12 @@ the cache folder), and parses every executor's config with its
 (`google.protobuf.json_format.ParseDict`, unknown fields refused), each proto version in
 a process of its own (two versions of one proto cannot share a descriptor pool). Prints
 one line per problem; exit code 1 when there is one.
+
+    python -m pipelines.backend_check --features [pipeline.yaml]
+
+lists the pipeline-spec features the compiled YAML uses (`FEATURES`: each with the first
+KFP backend release that runs it and the upstream change that added it) and fails when
+one is newer than the oldest backend the docs claim (`OLDEST_KFP_BACKEND`).
 """
 from __future__ import annotations
 
@@ -76,6 +82,119 @@ def fetch_proto(version: str, cache_dir=DEFAULT_CACHE) -> Path:
     return pb2
 
 
+# -- pipeline-spec features and the first backend that runs them ---------------------------
+# Checked against kubeflow/pipelines at its release tags (`git show <tag>:<file>`): the
+# first tag whose backend reads the field. KFP has no releases between 2.5.0 and 2.14.0.
+UPSTREAM = "https://github.com/kubeflow/pipelines"
+ARGO = "backend/src/v2/compiler/argocompiler"
+DRIVER = "backend/src/v2/driver/driver.go"
+FEATURES = {  # name -> (first backend release or None: no release yet, what shows it)
+    "exit handler": ("2.0.0", f"{ARGO}/dag.go, ALL_UPSTREAM_TASKS_COMPLETED ({UPSTREAM}/pull/7642)"),
+    "exit handler status (PipelineTaskFinalStatus input)": (
+        "2.14.0", f"{ARGO}/dag.go at 2.5.0 returns 'task final status not supported yet'; "
+                  f"support {UPSTREAM}/pull/11953"),
+    "condition (dsl.If / dsl.Else)": ("2.0.0", f"{ARGO}/dag.go, triggerPolicy.condition ({UPSTREAM}/pull/7173)"),
+    "ParallelFor": ("2.0.0", f"{ARGO}/dag.go, parameterIterator ({UPSTREAM}/pull/7173)"),
+    "ParallelFor parallelism": ("2.4.0", f"{ARGO}/dag.go, iteratorPolicy.parallelismLimit ({UPSTREAM}/pull/10798)"),
+    "dsl.OneOf (valueFromOneof)": ("2.4.0", f"{DRIVER}, sub-DAG output resolution ({UPSTREAM}/pull/11196)"),
+    "retry policy, task of the root DAG": ("2.5.0", f"{ARGO}/container.go ({UPSTREAM}/pull/11673)"),
+    "retry policy, task inside a DAG (exit handler, condition)": (
+        "2.14.0", f"{ARGO}/container.go at 2.5.0 reads retryPolicy of root-DAG tasks only; "
+                  f"nested: {UPSTREAM}/pull/11908"),
+    "retry policy, task inside ParallelFor": (
+        None, f"ignored by every release so far ({UPSTREAM}/issues/13897, {UPSTREAM}/issues/12389)"),
+    "k8s secretAsEnv": ("2.0.0", f"{DRIVER} ({UPSTREAM}/pull/9178)"),
+    "k8s secretAsEnv.secretNameParameter": ("2.5.0", f"{DRIVER} ({UPSTREAM}/pull/11770)"),
+    "k8s configMapAsEnv": ("2.1.0", f"{DRIVER} ({UPSTREAM}/pull/10483)"),
+    "k8s configMapAsEnv.configMapNameParameter": ("2.5.0", f"{DRIVER} ({UPSTREAM}/pull/11770)"),
+    "k8s tolerations": ("2.1.0", f"{DRIVER} ({UPSTREAM}/pull/10471)"),
+    "k8s podMetadata": ("2.1.0", f"{ARGO}/container.go ({UPSTREAM}/pull/10393)"),
+    "k8s activeDeadlineSeconds": ("2.1.0", f"{DRIVER} ({UPSTREAM}/pull/10481)"),
+    "k8s genericEphemeralVolume": ("2.2.0", f"{DRIVER} ({UPSTREAM}/pull/10605)"),
+    "k8s emptyDirMounts": ("2.3.0", f"{DRIVER} ({UPSTREAM}/pull/10913)"),
+}
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split("."))
+
+
+def _dag_tasks(spec: dict):
+    """(task name, task, inside: 'root' | 'dag' | 'loop') of every DAG in the pipeline spec."""
+    loops = set()
+    for comp in [spec["root"], *spec["components"].values()]:
+        for task in ((comp.get("dag") or {}).get("tasks") or {}).values():
+            if "parameterIterator" in task or "artifactIterator" in task:
+                loops.add(task["componentRef"]["name"])
+    yield from (("root", n, t) for n, t in spec["root"]["dag"]["tasks"].items())
+    for cname, comp in spec["components"].items():
+        for n, t in ((comp.get("dag") or {}).get("tasks") or {}).items():
+            yield ("loop" if cname in loops else "dag"), n, t
+
+
+def features_used(pipeline_yaml) -> dict[str, list[str]]:
+    """Feature name (a key of FEATURES) -> the tasks / executors of `pipeline_yaml` using it."""
+    import yaml
+    docs = list(yaml.safe_load_all(Path(pipeline_yaml).read_text()))
+    spec, used = docs[0], {}
+
+    def add(feature, where):
+        used.setdefault(feature, []).append(where)
+    for inside, name, task in _dag_tasks(spec):
+        params = (task.get("inputs") or {}).get("parameters") or {}
+        if any("taskFinalStatus" in p for p in params.values()):
+            add("exit handler status (PipelineTaskFinalStatus input)", name)
+        policy = task.get("triggerPolicy") or {}
+        if policy.get("strategy") == "ALL_UPSTREAM_TASKS_COMPLETED":
+            add("exit handler", name)
+        if policy.get("condition"):
+            add("condition (dsl.If / dsl.Else)", name)
+        if "parameterIterator" in task:
+            add("ParallelFor", name)
+        if (task.get("iteratorPolicy") or {}).get("parallelismLimit"):
+            add("ParallelFor parallelism", name)
+        if "retryPolicy" in task:
+            add({"root": "retry policy, task of the root DAG",
+                 "dag": "retry policy, task inside a DAG (exit handler, condition)",
+                 "loop": "retry policy, task inside ParallelFor"}[inside], name)
+    for cname, comp in spec["components"].items():
+        outputs = ((comp.get("dag") or {}).get("outputs") or {}).get("parameters") or {}
+        if any("valueFromOneof" in o for o in outputs.values()):
+            add("dsl.OneOf (valueFromOneof)", cname)
+    for name, config in (executor_configs(pipeline_yaml) if len(docs) > 1 else {}).items():
+        for key, value in config.items():
+            add(f"k8s {key}", name)
+            for entry in value if isinstance(value, list) else []:
+                for sub in entry if isinstance(entry, dict) else []:
+                    if f"k8s {key}.{sub}" in FEATURES:
+                        add(f"k8s {key}.{sub}", name)
+    return {k: sorted(set(v)) for k, v in used.items()}
+
+
+def backend_problems(pipeline_yaml, oldest: str) -> list[str]:
+    """What the KFP backend `oldest` would refuse or ignore in `pipeline_yaml`: a feature
+    newer than it, or one no table entry knows (add it to FEATURES with its source). A
+    feature no release runs yet (version None) is not counted: the pipeline must work
+    without it (see pipelines/README.md)."""
+    problems = []
+    for feature, where in features_used(pipeline_yaml).items():
+        if feature not in FEATURES:
+            problems.append(f"{feature} (used by {', '.join(where)}): not in the feature table; "
+                            "find the first KFP backend release that supports it")
+            continue
+        first, source = FEATURES[feature]
+        if first is not None and _version(first) > _version(oldest):
+            problems.append(f"{feature} (used by {', '.join(where)}) needs KFP backend >= {first}, "
+                            f"newer than {oldest}: {source}")
+    return problems
+
+
+def oldest_backend_needed(pipeline_yaml) -> str:
+    """The first KFP backend release that runs everything `pipeline_yaml` uses."""
+    versions = [FEATURES[f][0] for f in features_used(pipeline_yaml) if FEATURES.get(f, (None,))[0]]
+    return max(versions, key=_version, default="2.0.0")
+
+
 def executor_configs(pipeline_yaml) -> dict:
     """Executor name -> its Kubernetes config, from a compiled pipeline YAML."""
     import yaml
@@ -97,12 +216,23 @@ def check(pipeline_yaml, version: str, cache_dir=DEFAULT_CACHE, configs: dict | 
 
 
 def main(argv=None) -> int:
-    from pipelines.cladapter_pipeline import KFP_KUBERNETES_PROTO, PIPELINE_FILE
+    from pipelines.cladapter_pipeline import KFP_KUBERNETES_PROTO, OLDEST_KFP_BACKEND, PIPELINE_FILE
     ap = argparse.ArgumentParser(prog="python -m pipelines.backend_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("pipeline", nargs="?", default=str(PIPELINE_FILE))
     ap.add_argument("--proto", action="append", help=f"kfp-kubernetes version (default {KFP_KUBERNETES_PROTO})")
     ap.add_argument("--cache", default=str(DEFAULT_CACHE))
+    ap.add_argument("--features", action="store_true",
+                    help=f"check the pipeline-spec features against KFP {OLDEST_KFP_BACKEND} instead")
     args = ap.parse_args(argv)
+    if args.features:
+        for feature, where in sorted(features_used(args.pipeline).items()):
+            first = FEATURES.get(feature, ("?",))[0] or "no release (ignored)"
+            print(f"{feature}: KFP >= {first} ({', '.join(where)})")
+        problems = backend_problems(args.pipeline, OLDEST_KFP_BACKEND)
+        print(f"needs KFP backend >= {oldest_backend_needed(args.pipeline)}; claimed: {OLDEST_KFP_BACKEND}")
+        for line in problems:
+            print(f"  {line}")
+        return 1 if problems else 0
     bad = 0
     for version in args.proto or [KFP_KUBERNETES_PROTO]:
         problems = check(args.pipeline, version, args.cache)

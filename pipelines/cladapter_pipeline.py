@@ -53,11 +53,14 @@ GPU = "nvidia.com/gpu"
 RUNNER_SERVICE_ACCOUNT = "cladapter-pipeline-runner"
 DEFAULT_EXPERIMENT = "cladapter"
 
-# The oldest KFP backend the compiled pipeline runs on (Kubeflow platform 1.10 ships it),
-# and the kfp-kubernetes proto its driver parses each executor's Kubernetes config with.
-# Newer backends accept what this proto accepts (they parse older SDKs' pipelines).
-OLDEST_KFP_BACKEND = "2.5.0"
-KFP_KUBERNETES_PROTO = "1.5.0"
+# The oldest KFP backend the compiled pipeline runs on, and the kfp-kubernetes proto its
+# driver parses each executor's Kubernetes config with (the backend builds the proto of its
+# own tree: 2.14.0's is kfp-kubernetes 2.14.0). Newer backends accept what this proto
+# accepts (they parse older SDKs' pipelines). Not lower: the exit handler's status input
+# and retries of steps inside the exit handler first run on 2.14.0; 2.5.0 refuses every
+# run ("task final status not supported yet") - backend_check.FEATURES has the sources.
+OLDEST_KFP_BACKEND = "2.14.0"
+KFP_KUBERNETES_PROTO = "2.14.0"
 
 # Secret -> env vars it must hold. Every key is required: kfp-kubernetes <= 2.14 protos have
 # no `optional` on secretAsEnv, so the Secrets hold every key and an empty value means
@@ -97,7 +100,26 @@ RESOURCES = {
 TIMEOUTS = {"params": 600, "prepare": 4 * 3600, "tune": 24 * 3600, "train": 24 * 3600,
             "evaluate": 4 * 3600, "registry": 1800}
 TRAIN_RETRIES = 3
-TRAIN_BACKOFF = "60s"
+TRAIN_BACKOFF_S, BACKOFF_FACTOR = 60, 2
+
+
+def retry_max_duration(kind: str) -> int:
+    """Seconds for the retry policy's backoff_max_duration (KFP's default: 3600). KFP hands
+    it to Argo as `backoff.maxDuration`, and Argo retries no more once the first attempt
+    started more than that long ago, and cuts a retry's deadline to it
+    (workflow/controller/operator.go, processNodeRetries): so every attempt's full timeout
+    plus the backoffs between them."""
+    waits = sum(TRAIN_BACKOFF_S * BACKOFF_FACTOR ** i for i in range(TRAIN_RETRIES))
+    return (TRAIN_RETRIES + 1) * TIMEOUTS[kind] + waits
+
+
+def _retry(task, kind: str):
+    return task.set_retry(num_retries=TRAIN_RETRIES, backoff_duration=f"{TRAIN_BACKOFF_S}s",
+                          backoff_factor=float(BACKOFF_FACTOR),
+                          backoff_max_duration=f"{retry_max_duration(kind)}s")
+# At most this many tuning-worker pods (one GPU each) at once, whatever tune_workers says:
+# more workers wait for a free slot (the ParallelFor's parallelism).
+TUNE_PARALLELISM = 8
 SCRATCH_MOUNT = "/scratch"
 DEFAULT_SCRATCH = "100Gi"
 
@@ -272,7 +294,7 @@ def _steps(a: dict, base_params: str, train_gpus: int, scratch: str, run_id, run
                              nodes=a["train_nodes"], **common)
     for task, name in ((s1, "train stage 1"), (s2, "train stage 2")):
         task.set_display_name(name).set_caching_options(False)
-        task.set_retry(num_retries=TRAIN_RETRIES, backoff_duration=TRAIN_BACKOFF, backoff_factor=2.0)
+        _retry(task, "train")
         _settings(_secrets(_gpu(_resources(task, "train"), train_gpus, scratch), MLFLOW_SECRET, S3_SECRET))
     model = s2.outputs["model"]
 
@@ -299,11 +321,13 @@ def _tuning(a: dict, params, dataset, common: dict, scratch: str):
                                 pipeline_id=common["pipeline_id"])
         plan.set_display_name("tune plan").set_caching_options(False)
         _secrets(_resources(plan, "params"), MLFLOW_SECRET, TUNE_SECRET)
-        with dsl.ParallelFor(plan.output, name="tune workers") as index:
+        with dsl.ParallelFor(plan.output, name="tune workers", parallelism=TUNE_PARALLELISM) as index:
             worker = stages.tune_worker(params=params, dataset=dataset, worker_index=index,
                                         n_trials=a["tune_trials"], n_workers=a["tune_workers"], **common)
             worker.set_display_name("tune worker").set_caching_options(False)
-            worker.set_retry(num_retries=TRAIN_RETRIES, backoff_duration=TRAIN_BACKOFF, backoff_factor=2.0)
+            # Ignored by every KFP release so far inside a ParallelFor (kubeflow/pipelines#13897):
+            # kept for backends that honour it; a worker is safe to rerun (pipelines/README.md).
+            _retry(worker, "tune")
             _secrets(_gpu(_resources(worker, "tune"), 1, scratch), MLFLOW_SECRET, S3_SECRET, TUNE_SECRET)
         finish = stages.tune_finish(params=params, pipeline_id=common["pipeline_id"],
                                     pipeline_name=common["pipeline_name"]).after(worker)

@@ -149,6 +149,8 @@ def test_tuning_runs_parallel_workers_only_when_asked(compiled):
     loops = [t for t in tasks.values() if "parameterIterator" in t]
     assert len(loops) == 1
     assert loops[0]["parameterIterator"]["items"]["inputParameter"].endswith("tune-plan-Output")
+    # at most TUNE_PARALLELISM GPU pods at once, whatever tune_workers asks for
+    assert loops[0]["iteratorPolicy"] == {"parallelismLimit": kp.TUNE_PARALLELISM}
     assert [d for d in tasks["tune-finish"]["dependentTasks"] if d.startswith("for-loop")]
     assert tasks["tune-worker"]["inputs"]["parameters"]["worker_index"]["componentInputParameter"]
 
@@ -197,10 +199,19 @@ def test_gpu_cpu_memory_requests(compiled):
 
 def test_training_retries_prepare_is_cached(compiled):
     tasks = all_tasks(compiled["spec"])
+    executors = compiled["spec"]["deploymentSpec"]["executors"]
     for name in ("train-stage1", "train-stage2", "tune-worker"):
         policy = tasks[name]["retryPolicy"]
         assert policy["maxRetryCount"] >= 2 and policy["backoffDuration"], name
         assert not tasks[name]["cachingOptions"].get("enableCache"), name
+        # Argo stops retrying once the first attempt started backoffMaxDuration ago (KFP's
+        # default: 3600s): it must cover every attempt's full timeout and the backoffs
+        timeout = int(compiled["platform"][f"exec-{name}"]["activeDeadlineSeconds"])
+        attempts = policy["maxRetryCount"] + 1
+        waits = sum(int(policy["backoffDuration"].rstrip("s")) * policy["backoffFactor"] ** i
+                    for i in range(policy["maxRetryCount"]))
+        assert int(policy["backoffMaxDuration"].rstrip("s")) >= attempts * timeout + waits, (name, policy)
+        assert f"exec-{name}" in executors
     assert tasks["prepare"]["cachingOptions"] == {"enableCache": True}
     # steps that log to MLflow or change the registry are never skipped by the cache
     for name in ("evaluate", "register", "promote", "tune-plan", "tune-finish", "close-pipeline-run"):
@@ -675,6 +686,34 @@ def test_tuning_workers_share_one_postgresql_study(tiny_dataset, tmp_path, monke
     assert tuned["stage1"]["epochs"] == best["stage1.epochs"]
     assert {k: v for k, v in tuned.items() if k not in ("model", "stage1")} == \
         {k: v for k, v in params.items() if k not in ("model", "stage1")}
+
+
+def test_a_rerun_tuning_worker_runs_only_what_its_earlier_attempt_left(tmp_path, monkeypatch):
+    """A worker run again on the run's study (a retry; a run retried from the KFP UI keeps
+    its run id): the trials of its share that finished count, the one its killed attempt
+    left RUNNING becomes FAIL, and it runs only the rest - here nothing, so no training."""
+    import optuna
+    from components import tuning
+    from optuna.distributions import IntDistribution
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    monkeypatch.setenv("CLADAPTER_TUNE_STORAGE", storage)
+    params = runtime.resolve_params({}, "tune.space=[{param: model.num_centers, low: 2, high: 4}]")
+    study = optuna.create_study(study_name=tuning.study_name(params, "run-9"), storage=storage,
+                                direction="maximize")
+    dist = {"model.num_centers": IntDistribution(2, 4)}
+    for worker, value in ((0, 0.5), (0, 0.6), (1, 0.7)):  # worker 0 finished two, worker 1 one
+        study.add_trial(optuna.trial.create_trial(params={"model.num_centers": 3}, distributions=dist,
+                                                  value=value, user_attrs={"worker": worker, "epochs": 2}))
+    dead = study.ask()  # worker 0's killed attempt
+    dead.set_user_attr("worker", 0)
+    # 5 trials over 2 workers: worker 0's share is 3, of which 2 finished
+    todo, before = tuning.redo_share(study, 0, 3)
+    assert todo == 1 and before["complete"] == 2 and before["epochs"] == 4
+    assert study.get_trials()[dead.number].state == optuna.trial.TrialState.FAIL
+    # worker 1 with a share of 1 that finished: runs nothing, reports the earlier attempt
+    done = tuning.tune_worker(params, tmp_path / "unused", 1, 2, 2, "run-9", track=False)
+    assert done["trials"] == [2] and done["complete"] == 1 and done["epochs"] == 2
+    assert len(study.get_trials()) == 4  # no trial added
 
 
 # ---------------------------------------------------------------------------- run-local
