@@ -54,13 +54,78 @@ def test_template_and_renderings_are_valid_trainjobs():
     assert "valid integer" in problems or "name" in problems
 
 
-def test_rbac_for_the_pipeline_runner_is_a_valid_manifest():
+def test_trainjob_pods_are_let_in_by_the_mlflow_policy_and_keep_istio_out():
+    """Rank 0 logs its epochs to MLflow: the nodes' pods carry the labels the server's
+    NetworkPolicy admits from the runs' namespaces (as the pipeline's steps do), and opt
+    out of Istio's sidecar, which profile namespaces of multi-user Kubeflow inject."""
+    from pipelines import cladapter_pipeline as kp
+    from test_infra import policy_allows
+    doc = multinode.render({}, name="cladapter-stage2-x", namespace="kubeflow-user-example-com", image="i:1",
+                           nodes=2, gpus_per_node=1)
+    (job,) = doc["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    meta = job["template"]["spec"]["template"]["metadata"]
+    assert kp.POD_LABELS.items() <= meta["labels"].items()
+    assert meta["labels"][kp.MLFLOW_CLIENT_LABEL] == "true"
+    assert meta["annotations"]["sidecar.istio.io/inject"] == meta["labels"]["sidecar.istio.io/inject"] == "false"
+    policy = yaml.safe_load((REPO / "infra/k8s/base/networkpolicy.yaml").read_text())
+    profile = {"kubernetes.io/metadata.name": "kubeflow-user-example-com",
+               "app.kubernetes.io/part-of": "kubeflow-profile"}
+    for ns in (profile, {"kubernetes.io/metadata.name": "kubeflow"}):
+        assert policy_allows(policy, 5000, ns, meta["labels"], False)
+        unlabelled = {k: v for k, v in meta["labels"].items() if k != kp.MLFLOW_CLIENT_LABEL}
+        assert not policy_allows(policy, 5000, ns, unlabelled, False)  # what the pods were before
+
+
+@pytest.mark.parametrize("overlay,namespace", [("standalone", "kubeflow"),
+                                               ("multi-user", "kubeflow-user-example-com")])
+def test_only_the_launcher_may_create_trainjobs_in_the_runs_namespace(overlay, namespace, tmp_path):
+    """The install overlays include infra/k8s/training: in the runs' namespace (not a fixed
+    one), a Role to create and read TrainJobs bound to the launcher's ServiceAccount only,
+    whose token Secret the stage-2 step mounts; the runner (every step) gets none of it."""
     import kubernetes_validate
-    docs = list(yaml.safe_load_all((REPO / "infra/k8s/training/rbac.yaml").read_text()))
-    assert [d["kind"] for d in docs] == ["Role", "RoleBinding"]
-    for d in docs:
-        kubernetes_validate.validate(d, "1.30", strict=True)
-    assert docs[0]["rules"][0]["resources"] == ["trainjobs"]
+    from test_infra import find, render_overlay, role_grants
+    docs = render_overlay(overlay, tmp_path)
+    mine = [d for d in docs if d["metadata"]["name"].startswith(("cladapter-trainjob", "cladapter-trainjobs"))]
+    assert {(d["kind"], d["metadata"]["name"]) for d in mine} == {
+        ("ServiceAccount", "cladapter-trainjob-launcher"), ("Role", "cladapter-trainjobs"),
+        ("RoleBinding", "cladapter-trainjobs"), ("Secret", multinode.LAUNCHER_SECRET)}
+    for d in mine:
+        kubernetes_validate.validate(d, "1.29.0", strict=True)
+        assert d["metadata"]["namespace"] == namespace
+    assert role_grants(find(docs, "Role", "cladapter-trainjobs")) == {
+        ("trainer.kubeflow.org", "trainjobs"): [({"get", "create"}, None)]}
+    binding = find(docs, "RoleBinding", "cladapter-trainjobs")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cladapter-trainjob-launcher",
+                                    "namespace": namespace}]
+    token = find(docs, "Secret", multinode.LAUNCHER_SECRET)
+    assert token["type"] == "kubernetes.io/service-account-token" and not token.get("data")
+    assert token["metadata"]["annotations"]["kubernetes.io/service-account.name"] == "cladapter-trainjob-launcher"
+    assert find(docs, "ServiceAccount", "cladapter-trainjob-launcher")["automountServiceAccountToken"] is False
+    runner = role_grants(find(docs, "Role", "cladapter-pipeline-runner"))
+    assert not [key for key in runner if key[0] == "trainer.kubeflow.org"]
+    assert not (REPO / "infra/k8s/training/trainjob-stage2.yaml").exists()  # package data now
+
+
+def test_the_launcher_talks_to_the_api_with_its_own_token(tmp_path):
+    """In a pod: the mounted launcher token and CA, never the pod's own identity; no token
+    mounted: a clear error; a 403 names the Role to apply."""
+    from kubernetes.client.exceptions import ApiException
+    (tmp_path / "token").write_text("launcher-token")  # as the token controller writes it
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    pod_env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    api = multinode._custom_objects_api(tmp_path, environ=pod_env)
+    config = api.api_client.configuration
+    assert config.host == "https://10.96.0.1:443" and config.ssl_ca_cert == str(tmp_path / "ca.crt")
+    assert config.get_api_key_with_prefix("authorization") == "bearer launcher-token"
+    with pytest.raises(CLAdapterError, match=multinode.LAUNCHER_SECRET):
+        multinode._custom_objects_api(tmp_path / "not-mounted", environ=pod_env)
+
+    class Forbidden:
+        def create_namespaced_custom_object(self, *args):
+            raise ApiException(status=403, reason="Forbidden")
+    doc = multinode.render({}, name="cladapter-stage2-x", namespace="team-a", image="i:1", nodes=2, gpus_per_node=1)
+    with pytest.raises(CLAdapterError, match="forbidden.*cladapter-trainjobs.*cladapter-trainjob-launcher"):
+        multinode.submit(Forbidden(), doc)
 
 
 def test_torchrun_flags_follow_the_trainer_runtime_variables():
