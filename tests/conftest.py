@@ -100,6 +100,10 @@ INTEGRATION_TESTS = {
     # the KServe SDK's API types (a PyPI download on first use)
     "test_serving.py::test_the_inference_service_renders_and_validates",
     "test_serving.py::test_the_validator_refuses_broken_inference_services",
+    # decompression bombs: written in the test, refused in a measured child process
+    "test_hostile_input.py::test_the_bombs_are_small_on_disk_and_declare_what_they_say",
+    "test_hostile_input.py::test_load_array_and_predict_refuse_the_bombs_without_their_memory",
+    "test_hostile_input.py::test_prepare_refuses_a_bomb_in_the_folder_without_its_memory",
     # in-process, but tens of seconds of training
     "test_batchnorm.py::test_first_stage2_epoch_keeps_stage1_under_the_default_rule",
     "test_batchnorm.py::test_full_fine_tuning_follows_the_same_rule",

@@ -16,7 +16,7 @@ import torch
 from cladapter_core.errors import DataError
 from cladapter_core.data.files import _MISSING, IMAGE_EXTS, VOLUME_EXTS, DecodeError, frame_files, kind_of_file
 from cladapter_core.data.images import _to_tensor, decode_image
-from cladapter_core.data.volumes import _channels_last_3d, decode_volume
+from cladapter_core.data.volumes import _channels_last_3d, check_voxels, decode_volume, voxels
 
 # ---------------------------------------------------------------- checks and helpers
 
@@ -74,6 +74,7 @@ def _selected_frames(path: Path, frames: int) -> np.ndarray | None:
         if not files:
             return None
         picked = [decode_image(files[i]) for i in frame_indices(len(files), frames)]
+        check_voxels(sum(int(np.prod(a.shape[:2])) for a in picked), f"the {frames} frames taken")
         if picked[0].dtype.type not in FIXED_SCALE or any(a.shape != picked[0].shape for a in picked):
             return None
         return np.stack(picked)
@@ -84,6 +85,7 @@ def _selected_frames(path: Path, frames: int) -> np.ndarray | None:
         clip = _channels_last_3d(mapped)
     except (OSError, ValueError, DecodeError):
         return None  # the full read words the error
+    check_voxels(voxels(mapped.shape), f"array of shape {mapped.shape}")  # as `decode` would
     if clip.dtype.type not in FIXED_SCALE or 0 in clip.shape:
         return None
     return np.ascontiguousarray(clip[frame_indices(clip.shape[0], frames)])

@@ -1,5 +1,11 @@
 """Decoding 2D image files into numpy arrays (H, W, C) of their stored dtype, the pixel
-hash, scaling to [0, 1], channels, and the resized copies prepare writes."""
+hash, scaling to [0, 1], channels, and the resized copies prepare writes.
+
+Every file's size is read from its header before anything is decoded (PNG's IHDR, JPEG's
+frame header, the TIFF's first series, what Pillow's lazy open reads), and a file over
+`settings().max_image_pixels` ($CLADAPTER_MAX_IMAGE_PIXELS, Pillow's own default) is
+refused: a 177 KB PNG can declare 13,500 x 13,500 pixels, which decoders allocate at once
+(docs/security.md)."""
 from __future__ import annotations
 
 import hashlib
@@ -11,6 +17,20 @@ import torch
 
 from cladapter_core.errors import DataError
 from cladapter_core.data.files import TIFF_EXTS, DecodeError
+from cladapter_core.settings import settings, var
+
+# ---------------------------------------------------------------- sizes, before decoding
+
+
+def check_pixels(width: int, height: int, what: str = "image", pixels: int | None = None) -> None:
+    """Refuse an image of more pixels than the deployment allows, before it is decoded;
+    `pixels`: where it is more than one plane (a TIFF stack)."""
+    limit = settings().max_image_pixels
+    pixels = width * height if pixels is None else pixels
+    if pixels > limit:
+        raise DecodeError(f"{what} of {width:,} x {height:,} = {pixels:,} pixels, over the limit of "
+                          f"{limit:,} ({var('max_image_pixels')}); refused before decoding")
+
 
 # ---------------------------------------------------------------- 2D decoding
 
@@ -34,7 +54,16 @@ def _channels_last_2d(arr: np.ndarray) -> np.ndarray:
 def _decode_pil(path: Path) -> np.ndarray:
     from PIL import Image, ImageOps
 
-    with Image.open(path) as img:
+    limit = settings().max_image_pixels
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit  # a deployment that allows more: Pillow's check too
+    try:
+        img = Image.open(path)  # reads the header only
+    except Image.DecompressionBombError as exc:  # over twice Pillow's limit, so over ours
+        raise DecodeError(f"image over the limit of {limit:,} pixels ({var('max_image_pixels')}); "
+                          f"refused before decoding ({exc})") from None
+    with img:
+        check_pixels(*img.size)
         img.load()  # force the decode so truncated files fail here
         img = ImageOps.exif_transpose(img)
         mode = img.mode
@@ -58,14 +87,29 @@ def _decode_pil(path: Path) -> np.ndarray:
     return arr
 
 
+def _check_tiff(series) -> None:
+    """The pixels of the series tifffile.imread reads (all its pages; samples are channels)."""
+    dims = [int(n) for n, axis in zip(series.shape, series.axes) if axis != "S"]
+    height, width = (dims[-2], dims[-1]) if len(dims) >= 2 else (1, dims[0] if dims else 0)
+    planes = int(np.prod(dims[:-2])) if len(dims) > 2 else 1
+    check_pixels(width, height, f"TIFF ({planes} planes)" if planes > 1 else "TIFF", width * height * planes)
+
+
 def _decode_tiff(path: Path) -> np.ndarray:
     import tifffile
 
     try:
-        return np.asarray(tifffile.imread(path))
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]  # what tifffile.imread reads
+            _check_tiff(series)
+            return np.asarray(tif.asarray(series=0))
+    except DecodeError:
+        raise
     except Exception as tiff_exc:  # noqa: BLE001 - fall back to PIL, report both if both fail
         try:
             return _decode_pil(path)
+        except DecodeError:
+            raise  # over the limit: Pillow read the size tifffile could not
         except Exception:  # noqa: BLE001
             raise DecodeError(f"cannot decode TIFF: {tiff_exc}") from tiff_exc
 
@@ -112,6 +156,36 @@ def _plain_jpeg(data: bytearray) -> bool:
     return False
 
 
+def _png_size(data: bytearray) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk, the first after the signature."""
+    if data[:8] != _PNG_SIG or data[12:16] != b"IHDR" or len(data) < 24:
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def _jpeg_size(data: bytearray) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header (any SOF marker), read without decoding."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # segments without a length
+            i += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn, not DHT/JPG/DAC
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        if marker == 0xDA:  # a scan before any frame header
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
 def _plain_png(data: bytearray) -> bool:
     """8-bit grey/RGB/grey-alpha/RGBA or 16-bit grey, no transparency chunk, no EXIF/XMP."""
     if data[:8] != _PNG_SIG or data[12:16] != b"IHDR" or len(data) < 29:
@@ -145,6 +219,9 @@ def _decode_fast(path: Path) -> np.ndarray | None:
         data = _read_bytes(path)
     except OSError:
         return None  # PIL reports it
+    size = _png_size(data) or _jpeg_size(data)
+    if size is not None:
+        check_pixels(*size)  # before either decoder allocates
     if _plain_jpeg(data):
         op = "decode_jpeg"
     elif _plain_png(data):
