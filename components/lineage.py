@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 from cladapter_core.settings import settings, var
+from cladapter_core.tracking.store import redact
 
 GIT_ENV, IMAGE_ENV = var("git_commit"), var("image")
 RUN_NAME_TAG = "mlflow.runName"
@@ -37,7 +38,8 @@ def lineage_tags(pipeline_id: str = "", pipeline_name: str = "", data_hash: str 
     for key in ("uri", "rev"):
         if source and source.get(key):
             tags[f"dataset_{key}"] = str(source[key])
-    return {k: str(v) for k, v in tags.items() if v and "{{" not in str(v)}
+    # a DVC repository's git URL may carry a token: tags never hold a credential
+    return {k: redact(str(v)) for k, v in tags.items() if v and "{{" not in str(v)}
 
 
 def tag_stage_and_parent(run, tags: dict[str, str], pipeline_name: str = "") -> None:
@@ -90,7 +92,7 @@ def close_pipeline_run(pipeline_id: str, pipeline_name: str, state: str, error: 
             if failed:
                 client.set_terminated(r.info.run_id, status="FAILED")
                 if error:
-                    client.set_tag(r.info.run_id, "kfp.error", str(error)[:5000])
+                    client.set_tag(r.info.run_id, "kfp.error", redact(str(error))[:5000])
             if pipeline_name and "{{" not in pipeline_name:
                 client.set_tag(r.info.run_id, RUN_NAME_TAG, pipeline_name)
     return (f"pipeline run {pid} ended {state}: {len(parents)} parent run(s), "

@@ -36,6 +36,13 @@ What a run is called and what data it used
     (``data.source``, or the dataset URI of a pipeline run), so the UI's Dataset column
     shows them.
 
+Secrets
+    No credential reaches the store: every parameter, tag, run name and params file that
+    the platform logs goes through ``redact`` / ``redact_params`` (the password of
+    ``scheme://user:password@host``, secret query parameters such as ``password=``,
+    ``token=``, ``X-Amz-Signature=``). Only what is logged is redacted; the values the
+    stages run with (an Optuna storage URL they connect to) are untouched.
+
 Failure policy
     Problems a user can fix (unreachable server, bad credentials, missing files) raise
     ``TrackingError`` naming the URI or path (`errors` wraps the MLflow calls). Per-epoch
@@ -51,11 +58,11 @@ from .epoch_logger import EpochLogger
 from .runs import pipeline_id, pipeline_parent, run_tags, stage_run
 from .store import (CHECK_TIMEOUT_S, DEFAULT_EXPERIMENT, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, MODEL_ARTIFACT,
                     PIPELINE_ENV, PIPELINE_TAG, ROLE_TAG, check_store_exists, check_tracking, configure,
-                    errors, experiment_name, local_store_path, run_name, tracking_uri)
-from .store import _redact  # noqa: F401  (URIs without passwords in messages: tests check it)
+                    errors, experiment_name, local_store_path, redact, redact_params, run_name, tracking_uri)
+from .store import _redact  # noqa: F401  (the old name of `redact`)
 
 __all__ = ["CHECK_TIMEOUT_S", "DEFAULT_EXPERIMENT", "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "EpochLogger",
            "MODEL_ARTIFACT", "PIPELINE_ENV", "PIPELINE_TAG", "ROLE_TAG", "SOURCE_TAG", "SPLITS",
            "check_store_exists", "check_tracking", "configure", "data_inputs", "errors", "experiment_name",
            "local_store_path", "log_artifacts_dir", "log_data_inputs", "log_evaluation", "log_model",
-           "pipeline_id", "pipeline_parent", "run_name", "run_tags", "save_pyfunc", "stage_run", "tracking_uri"]
+           "pipeline_id", "pipeline_parent", "redact", "redact_params", "run_name", "run_tags", "save_pyfunc", "stage_run", "tracking_uri"]

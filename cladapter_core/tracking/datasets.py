@@ -7,7 +7,7 @@ from pathlib import Path
 from .. import identity
 from ..identity import dataset_name
 from .runs import _active_run_id
-from .store import errors
+from .store import errors, redact
 
 # -- the data a run used, as MLflow dataset inputs ------------------------------------------
 SPLITS = ("train", "val", "test")
@@ -32,7 +32,7 @@ def data_inputs(params: dict, prepared_dir: str | Path, splits=SPLITS, source: s
     prepared_dir = Path(prepared_dir)
     manifest = prepared_dir / "manifest.csv"
     digest = identity.data_hash(prepared_dir)[:DIGEST_CHARS]
-    where = str(source or (params.get("data") or {}).get("source") or prepared_dir)
+    where = redact(str(source or (params.get("data") or {}).get("source") or prepared_dir))
     with _warnings.catch_warnings():
         _warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for local paths
         origin = resolve_dataset_source(where)

@@ -11,7 +11,7 @@ from ..training import Callback
 from ..errors import TrackingError
 from .datasets import log_data_inputs
 from .runs import _active_run_id, _flat
-from .store import _redact, _short, tracking_uri
+from .store import _short, redact, redact_params, tracking_uri
 
 # -- what stages log -----------------------------------------------------------------------
 def _numeric(v: Any) -> bool:
@@ -56,7 +56,8 @@ class EpochLogger(Callback):
         metrics = {f"params_{k}": v for k, v in report.items() if _numeric(v)}
         self._log(metrics, step=0)
         if report:
-            self._safe(lambda: self._client().log_dict(self.run_id, report, "param_report.json"))
+            self._safe(lambda: self._client().log_dict(
+                self.run_id, redact_params(report), "param_report.json"))
         if info.get("mode") is not None:
             self._safe(lambda: self._client().set_tag(self.run_id, "mode", str(info["mode"])))
 
@@ -77,7 +78,7 @@ class EpochLogger(Callback):
         self._log({f"summary.{k}": v for k, v in flat.items() if _numeric(v)}, step=0)
         if isinstance(result, dict):
             self._safe(lambda: self._client().log_text(
-                self.run_id, json.dumps(result, indent=2, default=str), "train_summary.json"))
+                self.run_id, json.dumps(redact_params(result), indent=2, default=str), "train_summary.json"))
         for delay in self.FINAL_RETRIES:
             if not self._pending:
                 break
@@ -87,7 +88,7 @@ class EpochLogger(Callback):
             steps = sorted({m.step for m in self._pending})
             raise TrackingError(
                 f"MLflow: {len(self._pending)} metric values (steps {steps}) could not be logged "
-                f"to run {self.run_id} on {_redact(tracking_uri())}, unreachable until training "
+                f"to run {self.run_id} on {redact(tracking_uri())}, unreachable until training "
                 f"ended ({self._last_error}); the model in {self.out_dir} is complete - run the "
                 "stage again once the server is back to record its metrics")
 
@@ -117,7 +118,7 @@ class EpochLogger(Callback):
         except Exception as e:
             self._last_error = f"{type(e).__name__}: {_short(e)}"
             if not self._warned:
-                warnings.warn(f"MLflow logging to {_redact(tracking_uri())} failed "
+                warnings.warn(f"MLflow logging to {redact(tracking_uri())} failed "
                               f"({type(e).__name__}: {_short(e)}); training goes on")
                 self._warned = True
             return False

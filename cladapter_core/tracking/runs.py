@@ -12,7 +12,7 @@ from .. import identity
 from ..errors import TrackingError
 from ..identity import dataset_name, git_commit
 from ..settings import settings
-from .store import PIPELINE_TAG, ROLE_TAG, _PARAM_MAX, configure, errors, run_name
+from .store import PIPELINE_TAG, ROLE_TAG, _PARAM_MAX, configure, errors, redact, redact_params, run_name
 
 # -- grouping the runs of one pipeline execution -----------------------------------------
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
@@ -48,8 +48,9 @@ def run_tags(params: dict, stage: str, data_hash: str | None = None) -> dict[str
 
 
 def _param_value(v: Any) -> str:
+    """A parameter's value as MLflow stores it: text, without credentials (`redact`)."""
     text = json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
-    return text[:_PARAM_MAX]
+    return redact(text)[:_PARAM_MAX]
 
 
 def pipeline_parent(client, experiment_id: str, pid: str, params: dict, tags: dict, prepared=None) -> str:
@@ -70,9 +71,9 @@ def pipeline_parent(client, experiment_id: str, pid: str, params: dict, tags: di
     found = parents()
     if found:
         return found[0].info.run_id
-    parent_tags = {k: v for k, v in tags.items() if k not in ("stage",)}
+    parent_tags = redact_params({k: v for k, v in tags.items() if k not in ("stage",)})
     parent_tags.update({PIPELINE_TAG: pid, ROLE_TAG: "pipeline"})
-    mine = client.create_run(experiment_id, run_name=f"pipeline {dataset_name(params, prepared)} {pid[:12]}",
+    mine = client.create_run(experiment_id, run_name=redact(f"pipeline {dataset_name(params, prepared)} {pid[:12]}"),
                              tags=parent_tags)
     client.log_batch(mine.info.run_id, params=[Param(k, _param_value(v))
                                                for k, v in _flat(params).items()])
@@ -132,8 +133,8 @@ def stage_run(params: dict, stage: str, data_hash: str | None = None, prepared=N
             parent_id = pipeline_parent(client, experiment_id, pid, params, tags, prepared)
             client.update_run(parent_id, status="RUNNING")
         tags["mlflow.parentRunId"] = parent_id
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=name or run_name(params, stage, prepared=prepared),
-                               tags=tags,
+        shown = redact(name or run_name(params, stage, prepared=prepared))
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=shown, tags=redact_params(tags),
                                nested=active is not None)
     status = "FAILED"
     try:
@@ -141,7 +142,7 @@ def stage_run(params: dict, stage: str, data_hash: str | None = None, prepared=N
             with errors(f"logging the params of stage {stage!r}"):
                 client.log_batch(run.info.run_id, params=[
                     Param(k, _param_value(v)) for k, v in _flat(params).items()])
-                mlflow.log_dict(params, "params.json")
+                mlflow.log_dict(redact_params(params), "params.json")  # never a password
             yield run
             status = "FINISHED"
         finally:

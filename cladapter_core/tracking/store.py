@@ -65,9 +65,42 @@ def run_name(params: dict, stage: str, *, mode: str | None = None, model_dir=Non
     return " ".join(words)
 
 
-def _redact(uri: str) -> str:
-    """The URI without a password, for error messages."""
-    return re.sub(r"//([^/:@]+):[^/@]*@", r"//\1:***@", uri)
+# user:password@ in the authority of a URL of any scheme (the password may hold a raw '@':
+# the authority ends at the last '@' before the path, as SQLAlchemy and urllib read it).
+_USERINFO = re.compile(r"(?P<head>//[^/?#@:\s]*):[^/?#\s]*@")
+# Query-string (or DSN keyword) secrets: ?password=, &token=, X-Amz-Signature=, sig= (Azure
+# SAS), key= (API keys), X-Amz-Credential= and X-Amz-Security-Token= of presigned URLs, ...
+_SECRET_KEY = (r"[^=&#;\s?]*(?:password|passwd|pwd|token|secret|signature|credential)[^=&#;\s?]*"
+               r"|sig|key|api[_-]?key|access[_-]?key(?:[_-]?id)?|awsaccesskeyid")
+_QUERY_SECRET = re.compile(rf"(?P<head>(?:^|[?&;\s])(?:{_SECRET_KEY}))=[^&#;\s]*", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of every URL in it replaced by ``***``: the password of
+    ``scheme://user:password@host`` (the user name stays, to say who connects) and the
+    values of secret query parameters (``password=``, ``token=``, ``X-Amz-Signature=``,
+    ``sig=``, ``key=``, ...). The one redaction of the platform: applied to every parameter,
+    tag and params file sent to MLflow (`redact_params`) and to every URI in a message.
+    Anything that is not a string is returned as it is."""
+    if not isinstance(text, str) or ("@" not in text and "=" not in text):
+        return text
+    text = _USERINFO.sub(rf"\g<head>:{REDACTED}@", text)
+    return _QUERY_SECRET.sub(rf"\g<head>={REDACTED}", text)
+
+
+def redact_params(obj):
+    """A copy of `obj` (params, tags: nested dicts, lists, strings) with `redact` applied to
+    every string value; keys and other values unchanged. What is logged, never what runs:
+    the caller keeps using the original (e.g. the Optuna storage URL it connects with)."""
+    if isinstance(obj, dict):
+        return {k: redact_params(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact_params(v) for v in obj)
+    return redact(obj) if isinstance(obj, str) else obj
+
+
+_redact = redact  # the old private name (registry.model_cache, messages)
 
 
 def _short(e: BaseException) -> str:

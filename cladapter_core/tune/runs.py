@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 from .. import identity, tracking
+from ..tracking import redact_params
 from ..params import flatten
 from .storage import normalize_storage, redact
 
@@ -32,7 +33,7 @@ def study_key(study_name: str, storage: str) -> str:
 def _log_params(client, run_id: str, params: dict) -> None:
     from mlflow.entities import Param
     items = [Param(k, (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000])
-             for k, v in flatten(params).items()]
+             for k, v in flatten(redact_params(params)).items()]  # never the storage's password
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=items[i:i + 100])
 
@@ -82,7 +83,7 @@ def study_run(params: dict, study_name: str, storage: str, data_hash: str | None
                 client.delete_run(mine)
             else:
                 _log_params(client, run_id, params)
-                client.log_dict(run_id, params, "params.json")
+                client.log_dict(run_id, redact_params(params), "params.json")
         client.update_run(run_id, status="RUNNING")
     return run_id
 
@@ -169,7 +170,7 @@ class TrialRun:
             run = client.create_run(exp, run_name=name, tags=tags)
             self.run_id = run.info.run_id
             _log_params(client, self.run_id, params)
-            client.log_dict(self.run_id, values, "trial_params.json")
+            client.log_dict(self.run_id, redact_params(values), "trial_params.json")
             if prepared_dir is not None:
                 tracking.log_data_inputs(params, prepared_dir, ("train", "val"), run_id=self.run_id)
         self._safe(go)

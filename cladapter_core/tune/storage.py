@@ -3,22 +3,17 @@ PostgreSQL URL that workers on many machines share), and the study in it, create
 and resumed by name with its sampler and pruner."""
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 from ..param_models import Tune
 from ..errors import TuneError
+from ..tracking.store import redact  # noqa: F401  (the one redaction; tune.redact is this)
 
 DEFAULT_STORAGE = Tune.model_fields["storage"].default
 SQLITE_TIMEOUT_S = 60      # workers on one SQLite file wait for each other's writes
 PG_CONNECT_TIMEOUT_S = 10
-
-
-def redact(url: str) -> str:
-    """The storage URL without its password, for messages and tags."""
-    return re.sub(r"//([^/:@]+):[^/@]*@", r"//\1:***@", url)
 
 
 def normalize_storage(url: str) -> str:

@@ -138,7 +138,7 @@ def tune(params: dict, prepared_dir, out_dir, *, n_trials: int | None = None, ti
     _check_prepared(prepared_dir)
     check_space(params)
     if workers > 1 and ":memory:" in storage:
-        raise TuneError(f"tune.storage {storage}: an in-memory database cannot be shared by "
+        raise TuneError(f"tune.storage {redact(storage)}: an in-memory database cannot be shared by "
                         f"{workers} worker processes; use a file or a PostgreSQL URL")
     open_study(params, name, storage)  # fails fast on a bad storage, creates the study once
     run_id = None
