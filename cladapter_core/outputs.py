@@ -4,11 +4,17 @@ new one, never half of either.
 
 The one helper for directories (`atomic_dir`) and one for files (`atomic_write`). Both
 leave the permissions that `umask` gives: `mkdtemp`/`mkstemp` would keep 0700/0600, which
-a shared DVC cache or MLflow artifact store cannot read.
+a shared DVC cache or MLflow artifact store cannot read. Both fsync what they wrote before
+the rename and the folder after it: a rename reaches the disk before the data it names
+unless told otherwise, and a node or power loss then leaves zero-length files.
+
+CSV files a person may open in a spreadsheet go through `csv_cell` / `csv_path_cell`, so
+that no cell runs as a formula.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -27,6 +33,39 @@ def default_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~_umask()
 
 
+# -- durability ---------------------------------------------------------------------------
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file's data to the disk (an error here is data lost: it propagates)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (a rename into it, a new file) to the disk. A filesystem that
+    cannot fsync a folder (EINVAL) has nothing to flush."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file under `root`, then every folder, deepest first (links left alone)."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            p = os.path.join(folder, name)
+            if not os.path.islink(p):
+                fsync_file(p)
+        fsync_dir(folder)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | Path):
     """Yield a fresh temp dir beside `out_dir`; on success it replaces `out_dir`.
@@ -41,6 +80,7 @@ def atomic_dir(out_dir: str | Path):
     os.chmod(tmp, default_mode(directory=True))
     try:
         yield tmp
+        fsync_tree(tmp)  # the files are on the disk before the rename names them
         _swap_in(tmp, out_dir)
     finally:
         if tmp.exists():
@@ -59,6 +99,7 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
         if old is not None:
             os.replace(old, out_dir)  # put the previous output back
         raise
+    fsync_dir(out_dir.parent)  # the rename itself
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -71,8 +112,11 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())  # the data on the disk before the rename names it
         os.chmod(tmp, default_mode(directory=False))
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -84,3 +128,30 @@ def write_json(path: str | Path, obj) -> None:
     """JSON as every output of this project writes it: indented, sorted keys."""
     text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str)
     Path(path).write_text(text + "\n", encoding="utf-8")
+
+
+# -- CSV a spreadsheet may open ----------------------------------------------------------------
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what Excel, LibreOffice and Sheets evaluate
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def csv_cell(value):
+    """A text cell that a spreadsheet would run as a formula (``=cmd|...``, ``+``, ``-``,
+    ``@``, a tab or CR first), prefixed with a single quote as OWASP recommends; numbers
+    (``-0.5``) and anything not a string are returned as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_START) and not _number(value):
+        return "'" + value
+    return value
+
+
+def csv_path_cell(path: str) -> str:
+    """A relative path cell made safe the same way, but as the same path: ``./`` first
+    (``=x.png`` -> ``./=x.png``), so every reader of the file still finds it."""
+    return "./" + path if path.startswith(FORMULA_START) else path

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TrainingError
+from ..outputs import fsync_dir, fsync_file
 from ..params import flatten
 
 CKPT_NAME = "last.pt"
@@ -54,8 +55,14 @@ def save_checkpoint(obj: dict, path: Path) -> None:
     """torch.save through a temp file and a rename: a kill never leaves half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        fsync_file(tmp)  # on the disk before the rename: a power loss leaves the old one, not 0 bytes
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def load_checkpoint(path: Path) -> dict:
