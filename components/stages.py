@@ -8,12 +8,14 @@ KFP serialises each function's source, so the bodies import what they use.
 fills in): the MLflow parent run is found by the id and named after the name.
 """
 
+import linecache
 from typing import List, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 from cladapter_core.settings import settings
+from components.pipeline_params import params_step_inputs
 
 # No `from __future__ import annotations` here: KFP reads the real annotation types.
 # install_kfp_package=False: the image has kfp; its pods run offline and non-root.
@@ -21,12 +23,11 @@ IMAGE = settings().image  # $CLADAPTER_IMAGE where the pipeline is compiled
 _IN_IMAGE = dict(base_image=IMAGE, install_kfp_package=False)
 
 
-@dsl.component(**_IN_IMAGE)
-def resolve_params(
-    base_params: str, dataset_uri: str, seed: int, backbone: str, backbone_kwargs: dict,
-    pretrained: bool, checkpoint_uri: str, num_centers: int, batch_size: int,
-    stage1_epochs: int, stage1_lr: float, stage2_epochs: int, stage2_lr: float,
-    model_name: str, promotion_margin: float, auto_promote: bool, params_overrides: str,
+# The params step's inputs are the pipeline parameters that reach the params
+# (components.pipeline_params.PIPELINE_PARAMS): its source is written from that table, so
+# the function KFP serialises into the YAML, and runs in the pod, has one argument per
+# parameter (KFP's executor passes inputs by the function's own argument names).
+_RESOLVE_SOURCE = '''def resolve_params(base_params: str, {args},
 ) -> NamedTuple("ResolvedParams", [("params", str), ("data_params", str)]):
     """The params file the pipeline was compiled from (`base_params`), then the run's
     parameters -> the full, validated params (JSON); every problem at once."""
@@ -34,15 +35,37 @@ def resolve_params(
 
     from components import runtime
     runtime.start_step()
-    values = dict(dataset_uri=dataset_uri, seed=seed, backbone=backbone,
-                  backbone_kwargs=backbone_kwargs, pretrained=pretrained,
-                  checkpoint_uri=checkpoint_uri, num_centers=num_centers,
-                  batch_size=batch_size, stage1_epochs=stage1_epochs, stage1_lr=stage1_lr,
-                  stage2_epochs=stage2_epochs, stage2_lr=stage2_lr, model_name=model_name,
-                  promotion_margin=promotion_margin, auto_promote=auto_promote)
-    params = runtime.resolve_params(values, params_overrides, base=json.loads(base_params))
+    values = dict({names})
+    params = runtime.resolve_params(values, values.pop("params_overrides"), base=json.loads(base_params))
     print(json.dumps(params, indent=2, sort_keys=True))
     return (json.dumps(params, sort_keys=True), json.dumps(runtime.data_part(params), sort_keys=True))
+'''
+
+
+def _generated(name: str, source: str):
+    """The function `name` defined by `source`, whose source inspect.getsource (and so KFP)
+    can read: the text is registered in linecache under a name of its own."""
+    filename = f"<generated {__name__}.{name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {"NamedTuple": NamedTuple, "__name__": __name__}
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 (our own table's text)
+    func = namespace[name]
+    func.__module__ = __name__
+    return func
+
+
+def _resolve_params_source() -> str:
+    inputs = params_step_inputs()
+    if "params_overrides" not in dict(inputs):
+        raise TypeError("PIPELINE_PARAMS: params_overrides must reach the params step")
+    return _RESOLVE_SOURCE.format(args=", ".join(f"{n}: {t.__name__}" for n, t in inputs),
+                                  names=", ".join(f"{n}={n}" for n, _ in inputs))
+
+
+def make_resolve_params():
+    """The params step's component, from the table as it is now (the pipeline builds it)."""
+    return dsl.component(**_IN_IMAGE)(_generated("resolve_params", _resolve_params_source()))
+
 
 
 @dsl.component(**_IN_IMAGE)

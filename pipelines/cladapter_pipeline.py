@@ -35,14 +35,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import List
 
 import yaml
 from kfp import compiler, dsl, kubernetes
 
 from cladapter_core.errors import CLAdapterError
 from cladapter_core.params import load_params
-from components import stages
+from components import pipeline_params, stages
 
 PIPELINE_NAME = "cladapter-pipeline"
 PIPELINE_FILE = Path(__file__).with_name("cladapter_pipeline.yaml")
@@ -176,15 +175,6 @@ def _scratch(task, size: str):
     return task.set_env_variable("CLADAPTER_SCRATCH", SCRATCH_MOUNT)
 
 
-def dataset_default(source) -> str:
-    """The UI default of `dataset_uri` from the params' `data.source`: kept when it means
-    something inside a pod (`demo`, s3://, a git URL), else empty (the user must set it)."""
-    text = str(source or "")
-    if text == "demo" or text.startswith(("s3://", "git@", "git://", "ssh://", "http://", "https://")):
-        return text
-    return ""
-
-
 def load_pipeline_params(params_file=None) -> dict:
     """The resolved params a pipeline is compiled from (production defaults unless given)."""
     return load_params(str(params_file or PRODUCTION_PARAMS), use_best=False)
@@ -198,83 +188,36 @@ def build_pipeline(train_gpus: int = 1, params_file=None, scratch_size: str = DE
     if not isinstance(train_gpus, int) or train_gpus < 1:
         raise CLAdapterError(f"train_gpus must be an integer >= 1, got {train_gpus!r}")
     P = load_pipeline_params(params_file)
-    m, t, reg = P["model"], P["train"], P["register"]
     base_params = json.dumps(P, sort_keys=True)
+    names = list(pipeline_params.signature(P).parameters)
 
-    @dsl.pipeline(name=PIPELINE_NAME, description=(
-        "CLAdapter: adapt a pretrained vision backbone to a small dataset with a Cluster "
-        "Attention Adapter and Staged Fine-Tuning; evaluate, register and promote in MLflow."))
-    def cladapter_pipeline(
-        dataset_uri: str = dataset_default(P["data"]["source"]),
-        dataset_path: str = "",
-        dataset_rev: str = "",
-        backbone: str = m["backbone"],
-        backbone_kwargs: dict = m["backbone_kwargs"] or {},
-        pretrained: bool = m["pretrained"],
-        checkpoint_uri: str = m["checkpoint"] or "",
-        num_centers: int = m["num_centers"],
-        stage1_epochs: int = P["stage1"]["epochs"],
-        stage1_lr: float = float(t["lr"]),
-        stage2_epochs: int = P["stage2"]["epochs"],
-        stage2_lr: float = float(f"{t['lr'] * P['stage2']['lr_factor']:.12g}"),
-        batch_size: int = t["batch_size"],
-        seed: int = P["seed"],
-        model_name: str = reg["model_name"],
-        promotion_margin: float = float(reg["margin"]),
-        min_metric: float = 0.0,
-        auto_promote: bool = bool(reg.get("auto_promote", True)),
-        tune_trials: int = 0,
-        tune_workers: int = 2,
-        checkpoint_prefix: str = "",
-        train_nodes: int = 1,
-        params_overrides: str = "",
-    ):
-        """The CLAdapter pipeline (defaults: the params file it was compiled from).
-
-        Args:
-            dataset_uri: Required: s3://bucket/prefix or a DVC repository (git URL); `demo`: the bundled digits.
-            dataset_path: Path inside the S3 prefix or the DVC repository (DVC: required).
-            dataset_rev: DVC revision (branch, tag, commit); empty: the default branch. Recorded as its commit SHA.
-            backbone: timm model name.
-            backbone_kwargs: Arguments of timm.create_model; keep empty for the backbone's native input size.
-            pretrained: Download timm's pretrained weights (needs internet).
-            checkpoint_uri: Backbone weights from s3://, file:// or a path instead; empty: none.
-            num_centers: K, the number of cluster centers of the adapter.
-            stage1_epochs: Epochs of stage 1 (frozen backbone).
-            stage1_lr: Learning rate of stage 1.
-            stage2_epochs: Epochs of stage 2 (everything trained).
-            stage2_lr: Learning rate of stage 2.
-            batch_size: Training batch size.
-            seed: Seed of the splits, the initialisation and the sample order.
-            model_name: MLflow registered model.
-            promotion_margin: How much better on register.metric a new model must be than the champion.
-            min_metric: Register (and promote) only when the validation value of register.metric reaches this.
-            auto_promote: Move the champion alias when the new version wins; false: register only.
-            tune_trials: More than 0: an Optuna search of that many trials over tune.space first (needs a PostgreSQL tune.storage).
-            tune_workers: Parallel tuning workers (pods, one GPU each) sharing the study.
-            checkpoint_prefix: s3:// prefix for training checkpoints (run-scoped below it), so a retried step resumes; empty: the install's (ConfigMap cladapter-pipeline); none: a retry starts over.
-            train_nodes: More than 1: stage 2 runs on that many GPU nodes as a Kubeflow Trainer TrainJob (needs the Trainer, infra/k8s/training/, and an s3:// checkpoint_prefix the nodes share).
-            params_overrides: Further params fields, `section.key=value` separated by `;` or new lines.
-        """
+    def cladapter_pipeline(*args):
+        # KFP calls it with one channel per parameter, in the signature's order
+        a = dict(zip(names, args))
         run_id, run_name = dsl.PIPELINE_JOB_ID_PLACEHOLDER, dsl.PIPELINE_JOB_NAME_PLACEHOLDER
         closer = stages.close_pipeline_run(pipeline_id=run_id, pipeline_name=run_name)
         closer.set_display_name("close MLflow run").set_caching_options(False)
         _secrets(_resources(closer, "params"), MLFLOW_SECRET)
         with dsl.ExitHandler(closer, name="pipeline"):
-            _steps(locals(), base_params, train_gpus, scratch_size, run_id, run_name)
+            _steps(a, base_params, train_gpus, scratch_size, run_id, run_name)
 
-    return cladapter_pipeline
+    # Signature, types, defaults and UI descriptions from the one table
+    # (components.pipeline_params.PIPELINE_PARAMS); KFP reads them through inspect.
+    cladapter_pipeline.__signature__ = pipeline_params.signature(P)
+    cladapter_pipeline.__annotations__ = {n: p.annotation for n, p in
+                                          cladapter_pipeline.__signature__.parameters.items()}
+    cladapter_pipeline.__doc__ = pipeline_params.docstring(
+        "The CLAdapter pipeline (defaults: the params file it was compiled from).")
+    return dsl.pipeline(name=PIPELINE_NAME, description=(
+        "CLAdapter: adapt a pretrained vision backbone to a small dataset with a Cluster "
+        "Attention Adapter and Staged Fine-Tuning; evaluate, register and promote in MLflow."))(
+        cladapter_pipeline)
 
 
 def _steps(a: dict, base_params: str, train_gpus: int, scratch: str, run_id, run_name) -> None:
     """The steps inside the exit handler; `a`: the pipeline's parameters (channels)."""
-    cfg = stages.resolve_params(
-        base_params=base_params, dataset_uri=a["dataset_uri"], seed=a["seed"], backbone=a["backbone"],
-        backbone_kwargs=a["backbone_kwargs"], pretrained=a["pretrained"],
-        checkpoint_uri=a["checkpoint_uri"], num_centers=a["num_centers"], batch_size=a["batch_size"],
-        stage1_epochs=a["stage1_epochs"], stage1_lr=a["stage1_lr"], stage2_epochs=a["stage2_epochs"],
-        stage2_lr=a["stage2_lr"], model_name=a["model_name"], promotion_margin=a["promotion_margin"],
-        auto_promote=a["auto_promote"], params_overrides=a["params_overrides"])
+    cfg = stages.make_resolve_params()(base_params=base_params,
+                                **{name: a[name] for name, _ in pipeline_params.params_step_inputs()})
     _resources(cfg.set_display_name("params"), "params")
 
     data = stages.prepare(dataset_uri=a["dataset_uri"], dataset_path=a["dataset_path"],
@@ -412,6 +355,11 @@ def submit(host: str, arguments: dict | None = None, experiment: str = DEFAULT_E
     profile namespace) create with a least-privilege Role where the runs start; None or
     "" runs as the namespace's KFP default (`pipeline-runner`, `default-editor`)."""
     import kfp
+    missing = [n for n, p in parameters().items()
+               if p.default is inspect.Parameter.empty and n not in (arguments or {})]
+    if missing and not package:
+        raise CLAdapterError(f"pipeline argument(s) {', '.join(missing)} required: "
+                             f"-p {missing[0]}=... (e.g. -p dataset_uri=s3://bucket/prefix)")
     with tempfile.TemporaryDirectory(prefix="cladapter-kfp-") as tmp:
         path = Path(package) if package else compile_pipeline(Path(tmp) / "pipeline.yaml", train_gpus, params_file)
         if not path.is_file():
@@ -442,7 +390,9 @@ def run_local(out_dir="outputs/kfp-local", arguments: dict | None = None,
     from kfp import local
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    args = {"checkpoint_prefix": str(out / "checkpoints"), **(arguments or {})}
+    # dataset_uri has no UI default; here the params file's data.source stands in (a folder too)
+    source = str(load_pipeline_params(params_file)["data"]["source"])
+    args = {"checkpoint_prefix": str(out / "checkpoints"), "dataset_uri": source, **(arguments or {})}
     pipeline = build_pipeline(1, params_file) if params_file else cladapter_pipeline
     unknown = set(args) - set(parameters())
     if unknown:

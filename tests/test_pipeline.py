@@ -316,7 +316,7 @@ def test_pipeline_parameters_default_to_the_production_params(compiled):
         assert params[name]["defaultValue"] == value, name
     assert d["model"]["backbone"] != "test_vit" and d["model"]["pretrained"]
     assert params["backbone_kwargs"].get("defaultValue", {}) == {}  # the backbone's own input size
-    assert params["dataset_uri"].get("defaultValue", "") == ""      # no folder that means nothing in a pod
+    assert "defaultValue" not in params["dataset_uri"] and not params["dataset_uri"].get("isOptional")
     assert params["stage2_lr"]["defaultValue"] == pytest.approx(d["train"]["lr"] * d["stage2"]["lr_factor"])
     for name in ("dataset_path", "dataset_rev", "checkpoint_uri", "checkpoint_prefix",
                  "params_overrides", "min_metric", "seed", "auto_promote", "tune_workers"):
@@ -340,7 +340,7 @@ def test_a_params_file_change_reaches_the_compiled_yaml_and_the_steps(tmp_path):
     assert params["backbone"]["defaultValue"] == "vit_small_patch16_224"
     assert params["num_centers"]["defaultValue"] == 7 and params["stage1_epochs"]["defaultValue"] == 4
     assert params["stage1_lr"]["defaultValue"] == pytest.approx(3e-4)
-    assert params["dataset_uri"]["defaultValue"] == "s3://team/cells"
+    assert "defaultValue" not in params["dataset_uri"]  # required whatever the file says
     base = json.loads(all_tasks(spec)["resolve-params"]["inputs"]["parameters"]["base_params"]
                       ["runtimeValue"]["constant"])
     assert base["train"]["augment"]["vflip"] is True and base["data"]["shots_per_class"] == 9
@@ -370,6 +370,76 @@ def test_image_from_environment_and_gpus_per_training_step(tmp_path):
 
 
 # ---------------------------------------------------------------------------- parameters
+
+KFP_TYPES = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", bool: "BOOLEAN", dict: "STRUCT"}
+
+
+def declared_inputs(spec, P) -> None:
+    """The compiled pipeline's inputs and the params step's are exactly the table's
+    (components.pipeline_params.PIPELINE_PARAMS): names, types, defaults, descriptions."""
+    from components import pipeline_params as pp
+    compiled = spec["root"]["inputDefinitions"]["parameters"]
+    assert list(compiled) == sorted(p.name for p in pp.PIPELINE_PARAMS)
+    for p in pp.PIPELINE_PARAMS:
+        got = compiled[p.name]
+        assert got["parameterType"] == KFP_TYPES[pp.kind_of(p)], p.name
+        if p.default is pp.REQUIRED:
+            assert "defaultValue" not in got and not got.get("isOptional"), p.name
+        else:
+            assert got["defaultValue"] == pp.default_of(p, P) and got["isOptional"], p.name
+        assert got["description"] == " ".join(pp.help_of(p).split()), p.name
+        assert len(got["description"]) > 40, p.name
+    step = spec["components"]["comp-resolve-params"]["inputDefinitions"]["parameters"]
+    assert {n: v["parameterType"] for n, v in step.items()} == {
+        "base_params": "STRING", **{n: KFP_TYPES[t] for n, t in pp.params_step_inputs()}}
+
+
+def test_pipeline_parameters_are_declared_once(compiled):
+    """One table: each parameter that sets a params field takes its type, bounds and help
+    from param_models and its default from the compiled params file; the help says the
+    unit and effect."""
+    from cladapter_core.param_models import Model
+    from components import pipeline_params as pp
+    P = kp.load_pipeline_params()
+    declared_inputs(compiled["spec"], P)
+    (num_centers,) = [p for p in pp.PIPELINE_PARAMS if p.name == "num_centers"]
+    text = pp.help_of(num_centers)
+    assert text.startswith(Model.model_fields["num_centers"].description) and ">= 1" in text
+    assert pp.kind_of(num_centers) is int and pp.default_of(num_centers, P) == P["model"]["num_centers"]
+    assert pp.PARAM_FIELDS["stage1_lr"] == "train.lr" and pp.PARAM_FIELDS["dataset_uri"] == "data.source"
+
+
+def test_adding_a_parameter_to_the_table_is_all_it_takes(monkeypatch, tmp_path):
+    """A new entry reaches the compiled UI (name, type, default, description), the params
+    step's inputs, the step's code that KFP serialises, and the params it resolves."""
+    from components import pipeline_params as pp
+    from components import stages
+    rank = pp.UIParam("rank", "model.rank", "A count: larger, more adapter parameters.")
+    monkeypatch.setattr(pp, "PIPELINE_PARAMS", pp.PIPELINE_PARAMS + (rank,))
+    out = kp.compile_pipeline(tmp_path / "p.yaml", params_file=kp.DEMO_PARAMS)
+    spec = next(yaml.safe_load_all(out.read_text()))
+    P = kp.load_pipeline_params(kp.DEMO_PARAMS)
+    declared_inputs(spec, P)
+    assert spec["root"]["inputDefinitions"]["parameters"]["rank"]["defaultValue"] == P["model"]["rank"]
+    assert all_tasks(spec)["resolve-params"]["inputs"]["parameters"]["rank"] == {
+        "componentInputParameter": "pipelinechannel--rank"}
+    container = spec["deploymentSpec"]["executors"]["exec-resolve-params"]["container"]
+    code = " ".join(container["command"] + container["args"])
+    assert "rank: int" in code and "rank=rank" in code
+    # the step's function, as the pod runs it: the value lands in model.rank
+    step = stages.make_resolve_params().python_func
+    args = {n: kp.parameters()[n].default for n, _ in pp.params_step_inputs() if n != "rank"}
+    params, _ = step(base_params=json.dumps(P), **{**args, "dataset_uri": "demo", "rank": 12})
+    assert json.loads(params)["model"]["rank"] == 12
+    with pytest.raises(ParamsError, match="model.rank is set by the pipeline parameter 'rank'"):
+        runtime.resolve_params({"rank": 8}, "model.rank=3")
+
+
+def test_dataset_uri_is_required(tmp_path):
+    with pytest.raises(CLAdapterError, match="dataset_uri required"):
+        kp.submit("http://127.0.0.1:9", {"num_centers": 10})
+
+
 
 def test_pipeline_arguments_are_typed_and_checked():  # noqa: D103
     args = kp.parse_arguments(["num_centers=10", "stage1_lr=1e-3", "dataset_rev=1234",
@@ -412,7 +482,7 @@ def test_pipeline_parameters_become_params():
 
 def test_submit_without_a_server_fails_clearly():
     with pytest.raises(CLAdapterError, match=r"KFP API at http://127.0.0.1:9 failed.*Connection refused"):
-        kp.submit("http://127.0.0.1:9", {"num_centers": 10})
+        kp.submit("http://127.0.0.1:9", {"num_centers": 10, "dataset_uri": "s3://data/pets"})
 
 
 # ---------------------------------------------------------------------------- datasets
