@@ -22,7 +22,13 @@ remote); the demo digits regenerated locally; a local folder (run-local only) li
 not copied. With `data.resize`, prepare's resized copies are its output and travel in
 the artifact itself (`summary.json` `copied: true`); the artifact is then
 self-contained and `fetch` returns it as it is, as for artifacts of the older layout
-(`source/` inside). Nothing here imports kfp.
+(`source/` inside).
+
+Containment, copied or not: every file the artifact names or carries lies under the
+dataset (`dataset_uri`), symlinks followed; prepare's `summary.json` `outside_root` lists
+what `data.allow_outside_root` let it read from elsewhere, and the artifact refuses it.
+files.csv's cells are written spreadsheet-safe (`outputs.csv_path_cell`). Nothing here
+imports kfp.
 """
 from __future__ import annotations
 
@@ -49,19 +55,22 @@ def write(prepared: Path, base: Path, out_dir: Path, ref: dict, etags: dict | No
     the local copy of the source or the folder itself): prepared/ with its root pointing
     at `../source/<root>`, files.csv, and `ref` completed into source.json. Returns the
     completed ref."""
-    from cladapter_core.outputs import write_json
+    from cladapter_core.outputs import csv_path_cell, write_json
     prepared, out_dir = Path(prepared), Path(out_dir)
     summary = json.loads((prepared / "summary.json").read_text())
-    shutil.copytree(prepared, out_dir / PREPARED, dirs_exist_ok=True)
+    base_r = Path(base).resolve()
+    for path in summary.get("outside_root") or []:  # the same rule for copies as for references
+        _under(Path(path), base_r, "file")
     ref = dict(ref)
     if summary.get("copied"):  # data.resize: prepare's own resized copies, in the artifact
+        shutil.copytree(prepared, out_dir / PREPARED, dirs_exist_ok=True)
         ref.update(root=".", files=0, bytes=0, by_reference=False)
         write_json(out_dir / SOURCE_REF, ref)
         return ref
-    base_r = Path(base).resolve()
     root = Path(os.path.normpath((prepared / summary["root"]).resolve()))
     rel_root = _under(root, base_r, "the manifest's root")
-    rows = index(prepared, root, base_r, etags or {})
+    rows = index(prepared, root, base_r, etags or {})  # checked before anything is written
+    shutil.copytree(prepared, out_dir / PREPARED, dirs_exist_ok=True)
     summary["root"] = posixpath.normpath(f"../{SOURCE}/{rel_root}")
     if ref.get("kind") != "folder":  # not the prepare pod's scratch path, which is gone
         summary["source_root"] = "/".join(x for x in (ref.get("uri", "").rstrip("/"), rel_root) if x and x != ".")
@@ -69,7 +78,7 @@ def write(prepared: Path, base: Path, out_dir: Path, ref: dict, etags: dict | No
     with open(out_dir / FILES, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=FILE_COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**r, "item": csv_path_cell(r["item"]), "file": csv_path_cell(r["file"])} for r in rows)
     ref.update(root=rel_root, files=len(rows), bytes=sum(r["bytes"] for r in rows), by_reference=True)
     write_json(out_dir / SOURCE_REF, ref)
     return ref
@@ -79,8 +88,8 @@ def _under(path: Path, base: Path, what: str) -> str:
     try:
         return path.relative_to(base).as_posix()
     except ValueError:
-        raise DataError(f"{what} {path} lies outside the dataset ({base}): the artifact can only "
-                        "point to files under dataset_uri") from None
+        raise DataError(f"{what} {path} lies outside the dataset ({base}): a pipeline's Dataset "
+                        "artifact only names or carries files under dataset_uri") from None
 
 
 def index(prepared: Path, root: Path, base: Path, etags: dict) -> list[dict]:
@@ -91,7 +100,9 @@ def index(prepared: Path, root: Path, base: Path, etags: dict) -> list[dict]:
             item = Path(os.path.normpath(root / row["path"]))
             files = sorted(p for p in item.rglob("*") if p.is_file()) if item.is_dir() else [item]
             for f in files:
-                rel = _under(f, base, f"file {row['path']!r} of the manifest")
+                what = f"file {row['path']!r} of the manifest"
+                _under(f.resolve(), base, what)  # where the bytes are: a symlink must not lead out
+                rel = _under(f, base, what)
                 rows.append({"item": row["path"], "file": rel, "bytes": f.stat().st_size,
                              "etag": etags.get(rel, "")})
     return rows
@@ -115,7 +126,8 @@ def needed(dataset_dir, splits=None) -> list[dict]:
     with open(dataset_dir / PREPARED / "manifest.csv", newline="", encoding="utf-8") as fh:
         items = {r["path"] for r in csv.DictReader(fh) if splits is None or r["split"] in splits}
     with open(dataset_dir / FILES, newline="", encoding="utf-8") as fh:
-        return [r for r in csv.DictReader(fh) if r["item"] in items]
+        # `file` is a key under the source: './' (spreadsheet-safe cells) is not part of it
+        return [{**r, "file": posixpath.normpath(r["file"])} for r in csv.DictReader(fh) if r["item"] in items]
 
 
 def fetch(dataset_dir, splits, dest) -> tuple[Path, dict]:

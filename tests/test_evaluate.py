@@ -216,7 +216,8 @@ def test_class_absent_from_split(data, models, tmp_path):
             split = "train" if j < 3 or name == classes[2] else "test"
             lines.append(f'{f},"{name.replace(chr(34), chr(34) * 2)}",{split}')
     (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
-    prepare(tmp_path / "list.csv", tmp_path / "prepared", _params())
+    # the CSV names the images where they are, outside its own folder: allowed explicitly
+    prepare(tmp_path / "list.csv", tmp_path / "prepared", _params(**{"data.allow_outside_root": True}))
     assert load_classes(tmp_path / "prepared") == classes
     metrics = evaluate(models["cla"], tmp_path / "prepared", tmp_path / "ev", _params())
     assert "roc_auc" not in metrics and metrics["n_samples"] == 9

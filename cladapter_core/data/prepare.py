@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cladapter_core.outputs import atomic_dir, write_json
+from cladapter_core.outputs import atomic_dir, csv_path_cell, write_json
 from cladapter_core.data import intensity
 from cladapter_core.data.decoding import decode
 from cladapter_core.data.files import DecodeError
@@ -173,7 +173,7 @@ def prepare(source, out_dir, params: dict, workers: int | None = None, *, name: 
     dp, seed = checked_params["data"], checked_params["seed"]
     source, out_dir = Path(source), Path(out_dir)
     _check_no_overlap(source, out_dir)
-    listing = list_source(source)
+    listing = list_source(source, allow_outside_root=dp["allow_outside_root"])
     is_3d = _check_listing(source, listing)
     class_index = {name: i for i, name in enumerate(listing.class_names)}
 
@@ -207,6 +207,9 @@ def prepare(source, out_dir, params: dict, workers: int | None = None, *, name: 
             "duplicates_within_split": duplicates,
             "skipped": skipped,
             "ignored": listing.ignored,
+            # data.allow_outside_root: where the files outside the root are (a pipeline's
+            # Dataset artifact refuses those outside its dataset, copied or not)
+            "outside_root": listing.outside,
             **_pixel_summary(info),
             "intensity": intensity.summarise(info, dp["intensity"]),
             "seed": seed,
@@ -292,11 +295,13 @@ def _warn_leaks(leaks: list[dict]) -> None:
 
 def _write_manifest(path: Path, items: list[Item], info: list[dict], split: dict[int, str],
                     class_index: dict[str, int], copied: bool) -> None:
-    """manifest.csv: path,label,split,sha256; rows by split (train, val, test), then path."""
+    """manifest.csv: path,label,split,sha256; rows by split (train, val, test), then path. A
+    path a spreadsheet would run as a formula (``=cmd|...``) is written as ``./=cmd|...``:
+    the same file for every reader, inert text in a spreadsheet."""
     rows = []
     for i in sorted(split, key=lambda i: (SPLITS.index(split[i]), items[i].rel)):
         rel = info[i]["copy"] if copied else items[i].rel
-        rows.append((rel, class_index[items[i].label], split[i], info[i]["sha256"]))
+        rows.append((csv_path_cell(rel), class_index[items[i].label], split[i], info[i]["sha256"]))
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["path", "label", "split", "sha256"])

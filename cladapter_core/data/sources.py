@@ -3,13 +3,19 @@
 Nothing is decoded here; problems that concern one file (missing, unsupported type,
 listed twice) are returned as bad entries so `prepare` can report them together with
 the files that fail to decode. Problems with the source as a whole raise DataError.
+
+Containment: every listed file must resolve inside the data root (the folder, or the
+CSV's folder), symlinks followed. A CSV row `../other/x.png` or `/etc/x.png`, or a
+symlink out of the folder, is refused naming the row or link and the root, unless
+`data.allow_outside_root` is true (then `Listing.outside` names them): data outside the
+root would be read, and with `data.resize` copied into the prepared output.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cladapter_core.data.files import kind_of, kind_of_name
@@ -45,6 +51,35 @@ class Listing:
     class_names: list[str]        # all classes named by the source
     has_split: bool = False
     has_fold: bool = False
+    outside: list[str] = field(default_factory=list)  # where the files outside the root really are
+
+
+ALLOW_FLAG = "data.allow_outside_root"
+
+
+class _Containment:
+    """Which listed paths resolve outside the root (symlinks followed); the error naming
+    them, or with `allow` the list of where they lead."""
+
+    def __init__(self, root: Path, allow: bool):
+        self.root, self.real_root, self.allow = root, Path(os.path.realpath(root)), allow
+        self.problems: list[str] = []
+        self.outside: list[str] = []
+
+    def check(self, path: Path, what: str) -> None:
+        real = Path(os.path.realpath(path))
+        if real != self.real_root and not real.is_relative_to(self.real_root):
+            self.outside.append(str(real))
+            self.problems.append(f"{what} -> {real}")
+
+    def raise_unless_allowed(self, source: Path) -> list[str]:
+        if self.problems and not self.allow:
+            raise DataError(
+                f"{source}: {len(self.problems)} path(s) lead outside the data root {self.real_root}:\n"
+                + format_lines(self.problems)
+                + f"\nMove the files under {self.root}, or set {ALLOW_FLAG}: true (-S "
+                f"{ALLOW_FLAG}=true) to read them where they are.")
+        return sorted(set(self.outside))
 
 
 def format_lines(lines: list[str]) -> str:
@@ -62,7 +97,9 @@ def sort_classes(names) -> list[str]:
     return names
 
 
-def list_source(source: Path) -> Listing:
+def list_source(source: Path, allow_outside_root: bool = False) -> Listing:
+    """The items of `source` (a folder or a CSV manifest). Paths that resolve outside the
+    data root are refused unless `allow_outside_root` (`data.allow_outside_root`)."""
     if not source.exists():
         raise DataError(f"data source {source} does not exist")
     if source.is_file():
@@ -71,16 +108,17 @@ def list_source(source: Path) -> Listing:
                 f"data source {source} is a file but not a .csv manifest; give an ImageFolder "
                 "directory (one sub-folder per class) or a CSV with columns path,label"
             )
-        return _list_csv(source)
-    return _list_folder(source)
+        return _list_csv(source, allow_outside_root)
+    return _list_folder(source, allow_outside_root)
 
 
 # ---------------------------------------------------------------- ImageFolder tree
 
 
-def _scan(folder: Path) -> tuple[list[str], list[str]]:
+def _scan(folder: Path, links: list[str] | None = None) -> tuple[list[str], list[str]]:
     """Names of the files and of the folders directly in `folder`, hidden ones left out, in
-    name order: one directory read, no stat per entry (the kind comes with the entry)."""
+    name order: one directory read, no stat per entry (the kind comes with the entry).
+    `links` gets the names of those that are symlinks (to check where they lead)."""
     files, folders = [], []
     with os.scandir(folder) as entries:
         for entry in entries:
@@ -90,11 +128,29 @@ def _scan(folder: Path) -> tuple[list[str], list[str]]:
                 folders.append(entry.name)
             elif entry.is_file():
                 files.append(entry.name)
+            else:
+                continue
+            if links is not None and entry.is_symlink():
+                links.append(entry.name)
     return sorted(files), sorted(folders)
 
 
-def _list_folder(root: Path) -> Listing:
-    class_dirs = [root / name for name in _scan(root)[1]]
+def _check_links(folder: Path, links: list[str], rel: str, contained: _Containment) -> None:
+    for name in links:
+        contained.check(folder / name, f"symlink {rel}{name}")
+
+
+def _check_clip(clip: Path, rel: str, contained: _Containment) -> None:
+    """The frames of a 3D clip folder: any symlink among them must stay inside the root."""
+    links: list[str] = []
+    _scan(clip, links)
+    _check_links(clip, links, f"{rel}/", contained)
+
+
+def _list_folder(root: Path, allow_outside_root: bool = False) -> Listing:
+    contained, links = _Containment(root, allow_outside_root), []
+    class_dirs = [root / name for name in _scan(root, links)[1]]
+    _check_links(root, links, "", contained)
     if not class_dirs:
         raise DataError(
             f"{root}: no class folders found; expected one sub-folder per class "
@@ -104,7 +160,9 @@ def _list_folder(root: Path) -> Listing:
     ignored: list[str] = []
     empty: list[str] = []
     for class_dir in class_dirs:
-        files, clips = _scan(class_dir)
+        links = []
+        files, clips = _scan(class_dir, links)
+        _check_links(class_dir, links, f"{class_dir.name}/", contained)
         kinds = {name: kind_of_name(name) for name in files}
         usable = [name for name in files if kinds[name] is not None]
         ignored += [f"{class_dir.name}/{name}" for name in files if kinds[name] is None]
@@ -121,19 +179,24 @@ def _list_folder(root: Path) -> Listing:
         for name in members:
             items.append(Item(path=class_dir / name, rel=f"{class_dir.name}/{name}", label=class_dir.name,
                               kind=kinds.get(name, "3d")))  # not a file: a folder of frames
+        for name in clips:
+            _check_clip(class_dir / name, f"{class_dir.name}/{name}", contained)
+    outside = contained.raise_unless_allowed(root)
     if empty:
         raise DataError(
             "empty class folder(s) (no image, .npy/.npz file or frame folder):\n" + format_lines(empty)
         )
     names = sort_classes(d.name for d in class_dirs)
-    return Listing(kind="folder", root=root, items=items, bad=[], ignored=sorted(ignored), class_names=names)
+    return Listing(kind="folder", root=root, items=items, bad=[], ignored=sorted(ignored), class_names=names,
+                   outside=outside)
 
 
 # ---------------------------------------------------------------- CSV manifest
 
 
-def _list_csv(csv_path: Path) -> Listing:
+def _list_csv(csv_path: Path, allow_outside_root: bool = False) -> Listing:
     root = csv_path.parent
+    contained = _Containment(root, allow_outside_root)
     rows = _read_csv(csv_path)
     col = _csv_columns(csv_path, rows[0])
     has_split, has_fold = "split" in col, "fold" in col
@@ -150,6 +213,7 @@ def _list_csv(csv_path: Path) -> Listing:
             problems.append(parsed)
             continue
         item = _csv_item(root, line_no, *parsed)
+        contained.check(item.path, f"line {line_no}: {parsed[0]}")
         key = os.path.normpath(os.path.abspath(item.path))
         if key in first_line:
             bad.append((item, f"listed again on line {line_no} (first on line {first_line[key]})"))
@@ -163,13 +227,14 @@ def _list_csv(csv_path: Path) -> Listing:
             items.append(item)
     if problems:
         raise DataError(f"{csv_path}: bad rows in CSV manifest:\n" + format_lines(problems))
+    outside = contained.raise_unless_allowed(csv_path)
     listed = items + [it for it, _ in bad]
     if not listed:
         raise DataError(f"{csv_path}: CSV manifest has a header but no rows")
     names = _csv_class_names(csv_path, listed, has_split, has_fold)
     return Listing(
         kind="csv", root=root, items=items, bad=bad, ignored=[], class_names=names,
-        has_split=has_split, has_fold=has_fold,
+        has_split=has_split, has_fold=has_fold, outside=outside,
     )
 
 

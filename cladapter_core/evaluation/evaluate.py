@@ -32,7 +32,7 @@ from ..console import tracked
 from ..distributed import pick_device
 from ..errors import DataError, ParamsError
 from ..model import CLAdapterModel, load_model
-from ..outputs import atomic_dir, atomic_write, write_json
+from ..outputs import atomic_dir, atomic_write, csv_cell, csv_path_cell, write_json
 from ..params import checked
 
 TSNE_MAX_POINTS = 2000   # t-SNE is O(n log n) per iteration but slow on 2 CPU cores beyond this
@@ -243,7 +243,7 @@ def _write_evaluation(tmp: Path, ev: dict) -> None:
     with open(tmp / "plots" / "confusion.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["actual", "predicted"])
-        w.writerows((classes[a], classes[b]) for a, b in zip(y_true, y_pred))
+        w.writerows((csv_cell(classes[a]), csv_cell(classes[b])) for a, b in zip(y_true, y_pred))
     images = _evaluation_images(tmp, ev, matrix, notes)
     html = render_report(model.config_dict(), metrics, params_report, per_class, images, {
         "split": split, "model_dir": str(ev["model_dir"]), "prepared_dir": str(ev["prepared_dir"]),
@@ -275,11 +275,13 @@ def _prob_columns(classes: list[str]) -> list[str]:
 
 
 def _write_predictions(path: Path, paths, y_true, probs, classes) -> None:
+    """predictions.csv; no cell runs as a spreadsheet formula (a class named ``=cmd|...``)."""
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "label", "predicted", *_prob_columns(classes)])
+        w.writerow([csv_cell(c) for c in ("path", "label", "predicted", *_prob_columns(classes))])
         for p, t, pr in zip(paths, y_true, probs):
-            w.writerow([str(p), classes[int(t)], classes[int(pr.argmax())], *(f"{v:.6f}" for v in pr)])
+            w.writerow([csv_path_cell(str(p)), csv_cell(classes[int(t)]), csv_cell(classes[int(pr.argmax())]),
+                        *(f"{v:.6f}" for v in pr)])
 
 
 # -- prediction on new files ---------------------------------------------------------------
@@ -335,7 +337,8 @@ def _predictions_csv(rows: list[dict], classes: list[str]) -> str:
     w = csv.DictWriter(buf, fieldnames=["path", "predicted", *_prob_columns(classes)], lineterminator="\r\n")
     w.writeheader()
     for row in rows:
-        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else csv_path_cell(v) if k == "path" else csv_cell(v))
+                    for k, v in row.items()})
     return buf.getvalue()
 
 
