@@ -177,3 +177,9 @@ def test_the_artifact_follows_symlinks_when_it_indexes_files(layout):
     with pytest.raises(DataError, match=r"file .*odd/outside/y.png lies outside the dataset"):
         dataref.write(layout / "prepared", data, layout / "artifact",
                       {"kind": "folder", "uri": str(data), "path": "", "rev": ""})
+
+
+def test_the_tuning_table_writes_text_cells_inert_and_numbers_as_numbers():
+    from cladapter_core.tune.results import _table_csv
+    text = _table_csv([{"number": 0, "state": "COMPLETE", "value": -0.5, "worker": "=1+1", "param:train.lr": 1e-3}])
+    assert list(csv.reader(text.splitlines()))[1] == ["0", "COMPLETE", "-0.5", "'=1+1", "0.001"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from ..outputs import atomic_write
+from ..outputs import atomic_write, csv_cell
 from ..params import nest
 from ..errors import TuneError
 from .runs import end_study_run, log_results, study_run
@@ -58,7 +58,7 @@ def _table_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)  # no cell runs as a formula
     return buf.getvalue()
 
 
