@@ -72,7 +72,8 @@ def main() -> None:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cladapter-bench-cache-"))
     per_class = args.images // 10
-    base = [f"model.backbone={args.backbone}", "model.backbone_kwargs={}",
+    base = [f"model.backbone={args.backbone}", "model.backbone_kwargs={}", "model.pretrained=false",
+            "train.lr=0.002", "train.grad_clip=1.0",  # random weights: the settings its figures were taken with
             f"model.rank={args.rank}", f"model.num_centers={args.centers}",
             f"train.batch_size={args.batch_size}", NO_AUG, "train.warmup_epochs=1",
             f"data.shots_per_class={per_class}", "data.val_fraction=0.02", "data.test_fraction=0.02",

@@ -35,7 +35,7 @@ def step_fn(forward, params, x, y, device):
 
 def full_ft(name, device, channels_last=False):
     torch.manual_seed(0)
-    model = build_model(name, num_classes=10, mode="full").to(device).set_stage(2).train()
+    model = build_model(name, num_classes=10, mode="full", pretrained=False).to(device).set_stage(2).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model
@@ -73,7 +73,7 @@ def main() -> None:
         # The cached stage-1 step: adapter + head on stored tokens (ViT-S: 196 x 384).
         torch.manual_seed(0)
         cla = build_model("vit_small_patch16_224", num_classes=10, mode="cla", num_centers=20,
-                          rank=256).to(device).set_stage(1).train()
+                          rank=256, pretrained=False).to(device).set_stage(1).train()
         tokens = torch.randn(32, 196, cla.backbone.dim, device=device)
         targets.append(("vit_small_patch16_224", "cached stage-1 step (adapter + head on tokens, batch 32)",
                         cla.head_features,

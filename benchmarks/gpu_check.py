@@ -108,7 +108,8 @@ def stage1_cache(s: Sizes, device, work: Path) -> dict:
             f"model.rank={s.rank}", f"model.num_centers={s.centers}", f"train.batch_size={s.batch}", NO_AUG,
             "train.warmup_epochs=0", f"data.shots_per_class={s.stage1_images // 10}",
             "data.val_fraction=0.02", "data.test_fraction=0.02", f"data.resize={s.img}",
-            "train.cache.views=null", f"train.cache.dir={work / 'cache'}"]
+            "train.cache.views=null", f"train.cache.dir={work / 'cache'}",
+            "model.pretrained=false", "train.lr=0.002", "train.grad_clip=1.0"]  # random weights
     make_demo_data(work / "digits")
     prepare(work / "digits", work / "stage1-data", load_params(None, base))
     out = {}

@@ -36,7 +36,7 @@ def main() -> None:
     for name in args.backbones:
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as d:
-            save_model(build_model(name, num_classes=10, mode="cla", num_centers=20, rank=256), Path(d) / "m")
+            save_model(build_model(name, num_classes=10, mode="cla", num_centers=20, rank=256, pretrained=False), Path(d) / "m")
             cla = load_model(Path(d) / "m").to(device).eval()
         plain = timm.create_model(name, num_classes=10).to(device).eval()
         x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)

@@ -112,7 +112,7 @@ def main() -> None:
     t0 = time.time()
     make_photos(work / "photos", args.images, args.src_size)
     print(f"# wrote {args.images} photos in {time.time() - t0:.1f} s")
-    base = [f"model.backbone={args.backbone}", "model.backbone_kwargs={}", "model.rank=256",
+    base = [f"model.backbone={args.backbone}", "model.backbone_kwargs={}", "model.rank=256", "model.pretrained=false",
             f"train.batch_size={args.batch_size}", "data.val_fraction=0.05", "data.test_fraction=0.05"]
     prepared = {}
     prep_s = {}

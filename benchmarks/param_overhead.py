@@ -36,7 +36,7 @@ def main() -> None:
     rows, results = [], []
     for name in args.backbones:
         with torch.device("meta"):
-            model = build_model(name, num_classes=10, mode="cla", num_centers=args.centers, rank=args.rank)
+            model = build_model(name, num_classes=10, mode="cla", num_centers=args.centers, rank=args.rank, pretrained=False)
         rep = model.param_report()
         pct = rep["adapter_overhead_pct"]
         inside = PAPER_RANGE[0] <= pct <= PAPER_RANGE[1]

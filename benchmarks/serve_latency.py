@@ -78,7 +78,7 @@ def register_champion(root: Path, backbone: str, num_classes: int) -> str:
     from cladapter_core.params import load_params
     torch.manual_seed(0)
     model = build_model(backbone, num_classes, mode="cla", num_centers=20, rank=256,
-                        class_names=[f"c{i}" for i in range(num_classes)])
+                        class_names=[f"c{i}" for i in range(num_classes)], pretrained=False)
     save_model(model, root / "model")
     (root / "eval").mkdir()
     (root / "eval" / "metrics.json").write_text('{"macro_f1": 0.5}')

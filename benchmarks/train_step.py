@@ -71,7 +71,7 @@ def main() -> None:
     rows, results = [], []
     for name in args.backbones:
         torch.manual_seed(0)
-        model = build_model(name, num_classes=10, mode="cla", num_centers=args.centers, rank=args.rank).to(device)
+        model = build_model(name, num_classes=10, mode="cla", num_centers=args.centers, rank=args.rank, pretrained=False).to(device)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
         x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)

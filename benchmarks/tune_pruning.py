@@ -21,6 +21,7 @@ SETTINGS = [
     "model.backbone=vit_tiny_patch16_224",
     "model.backbone_kwargs={img_size: 16, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
     "model.rank=8", "train.batch_size=16", "train.warmup_epochs=0",
+    "model.pretrained=false", "train.grad_clip=1.0",  # random weights, as before the paper's defaults
     # stage 1 on one un-augmented cached backbone pass (tune.cache_views: 0)
     "train.cache.views=null", "tune.cache_views=0",
     "tune.startup_trials=4", "tune.pruner_startup_trials=3", "tune.pruner_warmup_steps=1",

@@ -1,6 +1,6 @@
 """`cladapter init`: look at a dataset and write a commented params.yaml for it.
 
-It starts from the paper's recipe (presets/paper.yaml): a pretrained backbone at its native
+It starts from the paper's recipe (the embedded defaults): a pretrained backbone at its native
 input size with empty backbone_kwargs, flips, fresh augmentation; and fills in what the data
 say: the source, a model and experiment name from the folder, `data.resize` when the images
 are large, the intensity handling for 12/14-bit or float data, and warnings for tiny classes.
@@ -21,7 +21,7 @@ from .data.files import DecodeError
 from .data.sources import list_source
 from .errors import DataError, ParamsError
 from .outputs import atomic_write
-from .params import load_params, preset_path
+from .params import defaults, load_params
 
 SAMPLE_PER_CLASS = 20   # files decoded per class to learn sizes, channels and range
 TINY_CLASS = 10         # fewer images than this in a class gets a warning
@@ -65,7 +65,7 @@ def _slug(source: Path) -> str:
 def params_for(found: dict, backbone: str | None = None, pretrained: bool = True,
                checkpoint: str | None = None, stage_epochs: tuple[int, int] | None = None) -> dict:
     """The paper's recipe with what the data say (a nested dict, checked by load_params)."""
-    p = yaml.safe_load(preset_path("paper").read_text())
+    p = defaults()  # the embedded defaults are the paper's recipe
     p["data"] = {"source": found["source"], "intensity": "auto"}
     if min(found["size_min"]) > LARGE_SIDE:
         p["data"]["resize"] = RESIZE_TO
@@ -100,7 +100,7 @@ def render(found: dict, p: dict) -> str:
             f"# intensity: {inten.get('dtype')}, values {inten.get('min', 0):g} to {inten.get('max', 0):g}"
             + (f" ({inten['bits']}-bit)" if inten.get("bits") else "")
             + f"; data.intensity auto maps {inten['range'] or 'the type range'} to [0, 1]",
-            "# Starting point: the paper's recipe (cladapter_core/presets/paper.yaml). Every field is",
+            "# Starting point: the paper's recipe (the embedded defaults). Every field is",
             "# documented in cladapter_core/param_models.py; run `dvc repro` to train, evaluate and register.",
             *[f"# WARNING: {w}" for w in warnings_for(found)], ""]
     order = ["seed", "data", "model", "train", "stage1", "stage2", "evaluate", "tracking", "register"]

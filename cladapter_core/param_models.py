@@ -133,15 +133,16 @@ class Data(Section):
 # -- model -----------------------------------------------------------------------------------
 class Model(Section):
     """`model:` the backbone and the adapter (`params.model_kwargs` -> `build_model`)."""
-    backbone: Text = _f("test_vit", "timm model name or torchvision video model (r3d_18, ...); the "
-                        "demo's timm test ViT is tiny and randomly initialised",
+    backbone: Text = _f("vit_base_patch16_clip_224.laion2b", "timm model name or torchvision video "
+                        "model (r3d_18, ...); the paper's main backbone is CLIP ViT-B/16 (LAION-2B)",
                         must="a timm or torchvision video model name")
     backbone_kwargs: Optional[dict[Any, Any]] = _f(dict, "passed to timm.create_model as they are",
                                                    must="a mapping")
     input_size: Optional[Union[PositiveInt, Annotated[list[PositiveInt], Field(min_length=1)]]] = _f(
         None, "H, [H, W] or 3D [T, H, W]; null: the backbone's pretrained config",
         must="null, H, [H, W] or [T, H, W]")
-    pretrained: Flag = _f(False, "true: timm/torchvision download the weights (needs internet)")
+    pretrained: Flag = _f(True, "true: timm/torchvision download the weights (needs internet; "
+                          "a checkpoint replaces the download); false: random initialisation")
     checkpoint: Optional[StrictStr] = _f(None, "local path, file:// or s3:// URI of backbone weights",
                                          must="a path or URI")
     num_centers: Int = _f(20, "K: the adapter's cluster centers", ge=1)
@@ -178,33 +179,37 @@ class Cache(Section):
 
 
 class Augment(Section):
-    """`train.augment:` training augmentations (cladapter_core/data/transforms.py)."""
-    hflip: Flag = _f(False, "horizontal flips (the demo digits: a flipped digit is another "
-                     "digit; true for most scientific images)")
-    vflip: Flag = _f(False, "vertical flips")
-    brightness: Number = _f(0.1, "brightness jitter", ge=0, lt=1)
-    contrast: Number = _f(0.1, "contrast jitter", ge=0, lt=1)
-    shift: Number = _f(0.0625, "random shift, as a fraction of the size", ge=0, lt=1)
-    scale: Number = _f(0.1, "random scale change", ge=0, lt=1)
-    rotate: Number = _f(15, "random rotation, in degrees", ge=0, lt=180)
+    """`train.augment:` training augmentations (cladapter_core/data/transforms.py), in the order
+    and with the probabilities of the paper's code (albumentations): flips, brightness/contrast,
+    then shift/scale/rotate with a black border."""
+    hflip: Flag = _f(True, "horizontal flips, p 0.5 (false for images whose mirror is another "
+                     "class, such as digits)")
+    vflip: Flag = _f(True, "vertical flips, p 0.5")
+    brightness: Number = _f(0.1, "brightness: + U(-b, b) (of the [0, 1] range)", ge=0, lt=1)
+    contrast: Number = _f(0.1, "contrast: x U(1 - c, 1 + c)", ge=0, lt=1)
+    color_p: Number = _f(0.5, "probability of the brightness/contrast change", ge=0, le=1)
+    shift: Number = _f(0.05, "random shift, as a fraction of the size", ge=0, lt=1)
+    scale: Number = _f(0.3, "random scale change: x U(1 - s, 1 + s)", ge=0, lt=1)
+    rotate: Number = _f(180, "random rotation, in degrees: U(-r, r)", ge=0, le=180)
+    affine_p: Number = _f(0.7, "probability of the shift/scale/rotation", ge=0, le=1)
 
 
 class Train(Section):
     """`train:` the staged trainer (cladapter_core/training/)."""
     mode: Text = _f("cla", "cla | linear | linear-mean | full | lp-ft (param_models.MODES)",
                     must="a training mode")
-    batch_size: Int = _f(32, "images per step", ge=1)
+    batch_size: Int = _f(8, "images per step", ge=1)
     num_workers: Union[Literal["auto"], Annotated[Int, Field(ge=0)]] = _f(
         "auto", "data loader processes; auto: from the cores and the device (data/workers.py)",
         must='"auto" or an integer >= 0')
     optimizer: Literal["adam", "adamw", "sgd"] = _f("adam", "the optimizer")
-    lr: Number = _f(0.002, "stage-1 learning rate (reference: 1e-4 at batch 8, pretrained)", gt=0)
+    lr: Number = _f(1e-4, "stage-1 learning rate", gt=0)
     weight_decay: Number = _f(0.001, "weight decay", ge=0)
-    warmup_epochs: Int = _f(1, "linear warm-up epochs before the cosine decay", ge=0)
+    warmup_epochs: Int = _f(2, "linear warm-up epochs before the cosine decay", ge=0)
     warmup_max_fraction: Number = _f(0.25, "warm-up takes at most this share of a stage's steps "
                                      "(2 warm-up epochs must not fill a 2-epoch stage)", gt=0, le=1)
     grad_accum: Int = _f(1, "steps whose gradients are accumulated per update", ge=1)
-    grad_clip: Number = _f(1.0, "max gradient norm, 0 = off", ge=0)
+    grad_clip: Number = _f(0.0, "max gradient norm, 0 = off (the paper's code does not clip)", ge=0)
     amp: Flag = _f(True, "mixed precision on GPUs (ignored on the CPU)")
     batchnorm: Literal["auto", "frozen", "train"] = _f(
         "auto", "the backbone's BatchNorm running statistics when it trains (stage 2, full, "
@@ -212,7 +217,10 @@ class Train(Section):
         "re-estimated from every batch; auto = frozen below batchnorm_min_batch images per device")
     batchnorm_min_batch: Int = _f(32, "auto: the per-device batch from which BatchNorm statistics "
                                   "are re-estimated", ge=2)
-    select_metric: Literal[METRICS] = _f("macro_f1", "best epoch by this validation metric")
+    select_metric: Literal[METRICS] = _f("macro_f1", "best epoch by this validation metric (the "
+                                         "paper's code: accuracy)")
+    select_ties: Literal["earlier", "later"] = _f("earlier", "which epoch a tie on the select metric "
+                                                  "keeps (the paper's code: later)")
     early_stopping: Int = _f(0, "patience in epochs, 0 = off", ge=0)
     channels_last: Flag = _f(False, "CNNs: NHWC memory format (benchmarks/README.md)")
     compile: Flag = _f(False, "torch.compile the training forward (slow first steps)")
@@ -229,12 +237,12 @@ class Train(Section):
 
 class Stage1(Section):
     """`stage1:` backbone frozen, adapter and head trained."""
-    epochs: Int = _f(8, "epochs of stage 1", ge=0)
+    epochs: Int = _f(30, "epochs of stage 1", ge=0)
 
 
 class Stage2(Section):
     """`stage2:` everything trained from the stage-1 weights."""
-    epochs: Int = _f(3, "epochs of stage 2", ge=0)
+    epochs: Int = _f(10, "epochs of stage 2", ge=0)
     lr_factor: Number = _f(0.1, "stage-2 lr = train.lr * lr_factor", gt=0)
 
 
@@ -337,9 +345,9 @@ class SpaceEntry(Section):
 
 def _default_space() -> list[SpaceEntry]:
     return [SpaceEntry(param="model.num_centers", choices=[5, 10, 20, 30, 50]),  # K, the paper's values
-            SpaceEntry(param="stage1.epochs", low=4, high=12),
-            SpaceEntry(param="stage2.epochs", low=0, high=4),
-            SpaceEntry(param="train.lr", low=5.0e-4, high=5.0e-3, log=True),
+            SpaceEntry(param="stage1.epochs", low=10, high=50),   # around the default 30
+            SpaceEntry(param="stage2.epochs", low=0, high=20),    # around the default 10
+            SpaceEntry(param="train.lr", low=1.0e-5, high=1.0e-3, log=True),  # default lr / 10 .. x 10
             SpaceEntry(param="stage2.lr_factor", choices=[0.03, 0.1, 0.3])]
 
 

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 import pytest
 from helpers import BIN, free_port
+from tiny import SMALL
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 CLIENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL",
@@ -256,7 +257,7 @@ def tiny_model_dirs(tmp_path_factory):
         torch.manual_seed(seed)
         model = build_model("vit_tiny_patch16_224", len(CLASS_NAMES), num_centers=4, rank=8,
                             img_size=32, patch_size=8, backbone_kwargs={"depth": 1},
-                            class_names=CLASS_NAMES)
+                            class_names=CLASS_NAMES, pretrained=False)
         dirs.append(save_model(model, root / f"model{seed}"))
     return dirs
 
@@ -279,7 +280,7 @@ def write_metrics(folder: Path, *, decision_split: str = "val", data_hash: str =
 def tracked_params(model_name: str, **register) -> dict:
     """Resolved params for the tiny models, registering under `model_name`."""
     from cladapter_core.params import load_params
-    params = load_params(None)
+    params = load_params(None, SMALL)
     params["model"].update(backbone="vit_tiny_patch16_224", num_centers=4, rank=8,
                            backbone_kwargs={"img_size": 32, "patch_size": 8, "depth": 1})
     params["register"].update(model_name=model_name, **register)

@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 from cladapter_core.model import batchnorm_layers, build_model, load_model
 from cladapter_core.params import load_params
 from cladapter_core.training import freezes_norm_stats, train
+from tiny import SMALL
 
-COMMON = ["model.backbone=test_resnet", "model.backbone_kwargs={}", "model.input_size=[32, 32]",
+COMMON = SMALL + ["model.backbone=test_resnet", "model.backbone_kwargs={}", "model.input_size=[32, 32]",
           "model.rank=8", "model.num_centers=4", "train.num_workers=0", "train.warmup_epochs=0"]
 
 
@@ -88,7 +89,7 @@ def test_full_fine_tuning_follows_the_same_rule(bn_setup, tmp_path):
                                          "train.batch_size=8", "stage1.epochs=1", "stage2.epochs=0"])
     summary = train(params, prepared, tmp_path / "full", progress=False)
     assert summary["batchnorm"] == "frozen"
-    fresh = build_model("test_resnet", 10, mode="full", checkpoint=str(checkpoint), input_size=[32, 32])
+    fresh = build_model("test_resnet", 10, mode="full", checkpoint=str(checkpoint), input_size=[32, 32], pretrained=False)
     got = _bn_buffers(tmp_path / "full")
     for k, v in fresh.state_dict().items():
         if k in got:
@@ -104,7 +105,7 @@ def test_the_rule_reads_the_per_device_batch(rule, batch, world, frozen):
 
 
 def test_frozen_statistics_in_a_training_backbone():
-    model = build_model("resnet18", 4, num_centers=3, rank=8).set_stage(2).train()
+    model = build_model("resnet18", 4, num_centers=3, rank=8, pretrained=False).set_stage(2).train()
     bns = batchnorm_layers(model.backbone)
     assert len(bns) == 20 and model.backbone.training and not any(b.training for b in bns)
     before = [b.running_mean.clone() for b in bns]

@@ -18,12 +18,13 @@ from cladapter_core import DataError, ParamsError, build_model, load_model, save
 from cladapter_core.data import load_classes, load_inputs, make_demo_data, make_loader, prepare, read_manifest
 from cladapter_core.evaluation.evaluate import evaluate, predict
 from cladapter_core.params import load_params
+from tiny import SMALL
 
 # A class name with markup in it: the report must show it as text, never as HTML.
 ODD = '3 <b>x & "q"'  # no slash: it is a folder name
 CLASSES = {"0": "0", "1": "1", "2": "2", "3": ODD}
 PER_CLASS = 16
-TINY = dict(num_centers=4, rank=8, img_size=32, patch_size=8, backbone_kwargs={"depth": 1})
+TINY = dict(num_centers=4, rank=8, img_size=32, patch_size=8, backbone_kwargs={"depth": 1}, pretrained=False)
 HISTORY = [{"stage": s, "epoch": e, "train_loss": 1.5 - 0.1 * i, "val_loss": 1.6 - 0.08 * i,
             "val_accuracy": 0.3 + 0.05 * i, "val_macro_f1": 0.25 + 0.05 * i, "lr": 1e-3, "seconds": 1.0}
            for i, (s, e) in enumerate([(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)])]
@@ -31,7 +32,7 @@ HISTORY = [{"stage": s, "epoch": e, "train_loss": 1.5 - 0.1 * i, "val_loss": 1.6
 
 def _params(**overrides):
     base = {"data.val_fraction": 0.25, "data.test_fraction": 0.4, "train.batch_size": 16}
-    return load_params(None, {**base, **overrides})
+    return load_params(None, SMALL + [f"{k}={json.dumps(v)}" for k, v in {**base, **overrides}.items()])
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from cladapter_core import CLAdapter, ModelError, build_model, load_model, save_model
 from cladapter_core.param_models import ADAPTER_FIELDS
 
-TINY_VIT = dict(img_size=32, patch_size=8, backbone_kwargs={"depth": 2})
+TINY_VIT = dict(img_size=32, patch_size=8, backbone_kwargs={"depth": 2}, pretrained=False)
 
 
 def reference_adapter(adapter: CLAdapter, h: torch.Tensor) -> torch.Tensor:
@@ -82,7 +82,7 @@ def test_identity_init_and_checkpointing_give_same_numbers():
     ("r3d_18", {}, (1, 3, 8, 32, 32), 1 * 2 * 2, 512),
 ])
 def test_token_shapes(name, kwargs, x, n_tokens, dim):
-    model = build_model(name, 3, num_centers=4, rank=8, **kwargs).eval()
+    model = build_model(name, 3, num_centers=4, rank=8, pretrained=False, **kwargs).eval()
     with torch.no_grad():
         tokens = model.backbone.forward_tokens(torch.randn(*x))
         assert tokens.shape == (x[0], n_tokens, dim)
@@ -91,7 +91,7 @@ def test_token_shapes(name, kwargs, x, n_tokens, dim):
 
 def test_vit_tokens_drop_every_prefix_token():
     model = build_model("vit_small_patch14_reg4_dinov2", 2, rank=8, num_centers=2, img_size=28,
-                        backbone_kwargs={"depth": 1}).eval()
+                        backbone_kwargs={"depth": 1}, pretrained=False).eval()
     x = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
         full = model.backbone.model.forward_features(x)   # 1 class + 4 registers + 4 patches
@@ -100,7 +100,7 @@ def test_vit_tokens_drop_every_prefix_token():
 
 
 def test_stage1_gradients_reach_only_adapter_and_head():
-    model = build_model("resnet18", 4, num_centers=3, rank=8).set_stage(1).train()
+    model = build_model("resnet18", 4, num_centers=3, rank=8, pretrained=False).set_stage(1).train()
     assert not model.backbone.training  # BatchNorm statistics frozen
     bn = model.backbone.model.bn1
     before = bn.running_mean.clone()
@@ -127,7 +127,7 @@ def test_linear_mode_uses_class_token_and_has_no_adapter():
 
 
 def test_param_report_vit_base_in_paper_range():
-    report = build_model("vit_base_patch16_224", 100, num_centers=20).param_report()
+    report = build_model("vit_base_patch16_224", 100, num_centers=20, pretrained=False).param_report()
     assert 7.0 <= report["adapter_overhead_pct"] <= 10.4
     assert report["total"] == report["backbone"] + report["adapter"] + report["head"]
     assert report["head"] == 768 * 100 + 100
@@ -152,7 +152,7 @@ def test_save_load_round_trip(tmp_path):
 
 def _backbone_state(**kw):
     torch.manual_seed(123)
-    return build_model("resnet18", 2, num_centers=2, rank=4, **kw).backbone.model.state_dict()
+    return build_model("resnet18", 2, num_centers=2, rank=4, pretrained=False, **kw).backbone.model.state_dict()
 
 
 def test_checkpoint_local_file_and_torch_formats(tmp_path):
@@ -162,7 +162,7 @@ def test_checkpoint_local_file_and_torch_formats(tmp_path):
     save_file(state, str(tmp_path / "w.safetensors"))
     torch.save({"state_dict": state_with_head}, tmp_path / "w.pth")
     for uri in (tmp_path / "w.safetensors", f"file://{tmp_path / 'w.pth'}"):
-        model = build_model("resnet18", 2, num_centers=2, rank=4, checkpoint=str(uri))
+        model = build_model("resnet18", 2, num_centers=2, rank=4, checkpoint=str(uri), pretrained=False)
         got = model.backbone.model.state_dict()
         assert all(torch.equal(got[k], state[k]) for k in state)
 
@@ -183,7 +183,7 @@ def test_vit_checkpoint_at_another_size_is_resampled_as_timm_does(tmp_path):
                                   interpolation="bicubic", antialias=True)
     for name in ("vit.safetensors", "prefixed.safetensors"):
         model = build_model("vit_tiny_patch16_224", 3, checkpoint=str(tmp_path / name),
-                            backbone_kwargs={"img_size": 64}, input_size=64)
+                            backbone_kwargs={"img_size": 64}, input_size=64, pretrained=False)
         got = model.backbone.model.state_dict()
         assert got["pos_embed"].shape == (1, 17, 192) and torch.equal(got["pos_embed"], want)
         assert all(torch.equal(got[k], state[k]) for k in state if k != "pos_embed")
@@ -196,10 +196,10 @@ def test_checkpoint_from_s3(tmp_path, bucket):
     state = _backbone_state()
     save_file(state, str(tmp_path / "w.safetensors"))
     boto3.client("s3").upload_file(str(tmp_path / "w.safetensors"), bucket, "ckpt/w.safetensors")
-    model = build_model("resnet18", 2, num_centers=2, rank=4, checkpoint=f"s3://{bucket}/ckpt/w.safetensors")
+    model = build_model("resnet18", 2, num_centers=2, rank=4, checkpoint=f"s3://{bucket}/ckpt/w.safetensors", pretrained=False)
     assert torch.equal(model.backbone.model.conv1.weight, state["conv1.weight"])
     with pytest.raises(ModelError, match="cannot download"):
-        build_model("resnet18", 2, checkpoint=f"s3://{bucket}/ckpt/missing.safetensors")
+        build_model("resnet18", 2, checkpoint=f"s3://{bucket}/ckpt/missing.safetensors", pretrained=False)
 
 
 def test_checkpoint_of_wrong_shapes_lists_keys(tmp_path):
@@ -210,7 +210,7 @@ def test_checkpoint_of_wrong_shapes_lists_keys(tmp_path):
     state["extra.thing"] = torch.zeros(1)
     save_file(state, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ModelError) as err:
-        build_model("resnet18", 2, checkpoint=str(tmp_path / "bad.safetensors"))
+        build_model("resnet18", 2, checkpoint=str(tmp_path / "bad.safetensors"), pretrained=False)
     msg = str(err.value)
     assert "conv1.weight: checkpoint (8, 3, 7, 7) vs model (64, 3, 7, 7)" in msg
     assert "layer4.1.bn2.bias" in msg and "extra.thing" in msg and "bad.safetensors" in msg
@@ -224,24 +224,24 @@ class Evil:
 def test_pickled_code_is_refused(tmp_path):
     torch.save({"conv1.weight": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(ModelError, match="refused or unreadable"):
-        build_model("resnet18", 2, checkpoint=str(tmp_path / "evil.pt"))
+        build_model("resnet18", 2, checkpoint=str(tmp_path / "evil.pt"), pretrained=False)
 
 
 def test_clear_errors():
     with pytest.raises(ModelError, match="vit_base_patch16_224"):
-        build_model("vit_base_patch16_244", 2)
+        build_model("vit_base_patch16_244", 2, pretrained=False)
     with pytest.raises(ModelError, match="model.num_centers: must be an integer >= 1, got 0"):
-        build_model("resnet18", 2, num_centers=0)
+        build_model("resnet18", 2, num_centers=0, pretrained=False)
     with pytest.raises(ModelError, match="model.rank: must be an integer >= 1, got 0"):
-        build_model("resnet18", 2, rank=0)
+        build_model("resnet18", 2, rank=0, pretrained=False)
     with pytest.raises(ModelError, match="model.rank: must be an integer >= 1, got 0"):
         CLAdapter(8, rank=0)
     with pytest.raises(ModelError, match="invalid adapter options: ranks"):
         CLAdapter(8, ranks=4)
     with pytest.raises(ModelError, match="no such file"):
-        build_model("resnet18", 2, checkpoint="/nonexistent/w.safetensors")
+        build_model("resnet18", 2, checkpoint="/nonexistent/w.safetensors", pretrained=False)
     with pytest.raises(ModelError, match="mode must be one of"):
-        build_model("resnet18", 2, mode="lora")
+        build_model("resnet18", 2, mode="lora", pretrained=False)
 
 
 def test_overhead_formula_scales_with_k():
@@ -258,7 +258,9 @@ def test_build_model_defaults_are_the_params_defaults():
     from the default params: the options' defaults are declared once (param_models)."""
     from cladapter_core.params import defaults, model_kwargs
     d = defaults()
-    plain = build_model(d["model"]["backbone"], 3, img_size=32)
+    assert d["model"]["pretrained"]  # the paper's recipe; no download here, on both sides
+    d["model"]["pretrained"] = False
+    plain = build_model(d["model"]["backbone"], 3, img_size=32, pretrained=False)
     from_params = build_model(num_classes=3, **{**model_kwargs(d), "backbone_kwargs": {"img_size": 32}})
     assert plain.config_dict() == from_params.config_dict()
     assert {k: plain.config_dict()[k] for k in ADAPTER_FIELDS} == {k: d["model"][k] for k in ADAPTER_FIELDS}

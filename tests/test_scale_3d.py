@@ -18,6 +18,7 @@ from cladapter_core.data.decoding import frame_indices, load_clip
 from cladapter_core.evaluation.evaluate import evaluate
 from cladapter_core.params import load_params
 from cladapter_core.training import train
+from tiny import SMALL
 
 CLIPS, CLASSES, FRAMES, SIZE = 1000, 4, 6, 16
 MODEL_3D = {"input_size": [3, 4, 16, 16], "mean": [0.45], "std": [0.225], "is_3d": True}
@@ -44,7 +45,7 @@ def moving_bars(root: Path) -> Path:
 
 def test_a_thousand_clips_prepare_train_both_stages_and_evaluate(tmp_path):
     t0 = time.time()
-    params = load_params(None, [
+    params = load_params(None, SMALL + [
         "model.backbone=mc3_18", "model.backbone_kwargs={}", "model.input_size=[4, 16, 16]",
         "model.rank=8", "model.num_centers=4", "train.batch_size=64", "train.lr=0.001",
         "stage1.epochs=1", "stage2.epochs=1", "train.warmup_epochs=0", "train.cache.views=null",

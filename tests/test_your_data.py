@@ -43,7 +43,7 @@ def test_intensities_are_normalised_by_the_real_range(tmp_path, dtype, values, m
         assert info["bits"] == (12 if values[-1][1] == 4095 else 14)
         assert any("of their uint16 range" in str(w.message) for w in caught)  # says so
     # the tensors a model gets: [0, 1] over the real range (not ~6 % of it), also after decode
-    model = build_model("test_vit", 3, backbone_kwargs={"img_size": 16}, input_size=16)
+    model = build_model("test_vit", 3, backbone_kwargs={"img_size": 16}, input_size=16, pretrained=False)
     model.intensity = rng
     ds = ManifestDataset(tmp_path / "prep", None, build_transform(model.config_dict(), False), in_chans=3)
     raw = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -63,14 +63,14 @@ def test_a_leftover_input_size_is_refused_with_pretrained_weights(tmp_path):
     save_file(timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict(), str(ckpt))
     # the demo's 32 px left in backbone_kwargs after changing only model.backbone
     with pytest.raises(ModelError, match=r"32x32 images.*pretrained configuration is 224x224.*model.input_size"):
-        build_model("vit_tiny_patch16_224", 3, checkpoint=str(ckpt), backbone_kwargs={"img_size": 32})
+        build_model("vit_tiny_patch16_224", 3, checkpoint=str(ckpt), backbone_kwargs={"img_size": 32}, pretrained=False)
     # a random backbone at another size is allowed, and said out loud
     with pytest.warns(UserWarning, match="32x32 images.*224x224"):
-        build_model("vit_tiny_patch16_224", 3, backbone_kwargs={"img_size": 32})
+        build_model("vit_tiny_patch16_224", 3, backbone_kwargs={"img_size": 32}, pretrained=False)
     # native size: fine, no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert build_model("vit_tiny_patch16_224", 3, checkpoint=str(ckpt)).config_dict()["input_size"] == [3, 224, 224]
+        assert build_model("vit_tiny_patch16_224", 3, checkpoint=str(ckpt), pretrained=False).config_dict()["input_size"] == [3, 224, 224]
 
 
 # -- the whole story, as a scientist runs it ---------------------------------------------------

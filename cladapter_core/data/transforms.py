@@ -1,8 +1,8 @@
 """Tensor transforms for training and evaluation (torchvision.transforms.v2 on float tensors).
 
 Inputs are float tensors in [0, 1] from `load_array`: (C, H, W) or, for 3D, (C, T, H, W).
-Eval: resize to the model's input size, normalise. Train adds the reference
-augmentations (flips, brightness/contrast, shift/scale/rotate) from `train.augment`.
+Eval: resize to the model's input size, normalise. Train adds the paper's augmentations
+(flips, brightness/contrast, shift/scale/rotate, each with its probability) from `train.augment`.
 A 3D clip goes through as one (T, C, H, W) batch, so every frame gets the same random
 parameters.
 """
@@ -22,23 +22,40 @@ def augment_params(augment: dict | None) -> dict:
     return checked({"train": {"augment": dict(augment or {})}}, "train")["train"]["augment"]
 
 
+class BrightnessContrast(torch.nn.Module):
+    """albumentations' RandomBrightnessContrast on [0, 1] data (the paper's code): with
+    probability `p`, x * U(1 - contrast, 1 + contrast) + U(-brightness, brightness), clipped to
+    [0, 1]; one draw per call, so the frames of a 3D clip change together."""
+
+    def __init__(self, brightness: float, contrast: float, p: float):
+        super().__init__()
+        self.brightness, self.contrast, self.p = float(brightness), float(contrast), float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p < 1 and torch.rand(()) >= self.p:
+            return x
+        alpha = 1 + (torch.rand(()) * 2 - 1) * self.contrast
+        beta = (torch.rand(()) * 2 - 1) * self.brightness
+        return (x * alpha + beta).clamp(0, 1)
+
+
 def _augmentations(aug: dict) -> list:
+    """The paper's order (albumentations in its code): flips, brightness/contrast, then
+    shift/scale/rotate with a black border, each with its probability."""
     steps = []
     if aug["hflip"]:
         steps.append(v2.RandomHorizontalFlip(p=0.5))
     if aug["vflip"]:
         steps.append(v2.RandomVerticalFlip(p=0.5))
-    if aug["rotate"] or aug["shift"] or aug["scale"]:
-        steps.append(v2.RandomAffine(
+    if (aug["brightness"] or aug["contrast"]) and aug["color_p"]:
+        steps.append(BrightnessContrast(aug["brightness"], aug["contrast"], aug["color_p"]))
+    if (aug["rotate"] or aug["shift"] or aug["scale"]) and aug["affine_p"]:
+        affine = v2.RandomAffine(
             degrees=float(aug["rotate"]),
             translate=(float(aug["shift"]), float(aug["shift"])) if aug["shift"] else None,
             scale=(1.0 - aug["scale"], 1.0 + aug["scale"]) if aug["scale"] else None,
-            interpolation=v2.InterpolationMode.BILINEAR,
-        ))
-    if aug["brightness"] or aug["contrast"]:
-        # Before normalisation: ColorJitter expects (and clamps to) [0, 1].
-        steps.append(v2.ColorJitter(brightness=float(aug["brightness"]) or None,
-                                    contrast=float(aug["contrast"]) or None))
+            interpolation=v2.InterpolationMode.BILINEAR, fill=0)
+        steps.append(affine if aug["affine_p"] >= 1 else v2.RandomApply([affine], p=float(aug["affine_p"])))
     return steps
 
 

@@ -34,6 +34,7 @@ class Backbone(nn.Module):
         check_backbone_name(name)
         self.name, self.kwargs = name, dict(kwargs)
         self.is_3d = name in VIDEO_MODELS
+        pretrained = pretrained and not checkpoint  # given weights replace the download
         if self.is_3d:
             self._build_video(name, pretrained, kwargs)
         else:

@@ -186,7 +186,7 @@ def load_model(model_dir: str | Path, map_location: str = "cpu") -> CLAdapterMod
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ModelError(f"{cfg_path}: not valid JSON ({e})") from e
-    model = build_model(cfg["backbone"], cfg["num_classes"], mode=cfg["mode"],
+    model = build_model(cfg["backbone"], cfg["num_classes"], mode=cfg["mode"], pretrained=False,
                         class_names=cfg["class_names"], backbone_kwargs=cfg.get("backbone_kwargs"),
                         input_size=cfg["input_size"][1:], **{k: cfg[k] for k in ADAPTER_FIELDS})
     state = load_file(str(w_path), device=map_location)

@@ -390,12 +390,14 @@ class Trainer:
 
         Epochs rank by (select metric is defined, metric value or else -val_loss): an
         undefined (NaN) metric never beats a defined one, and among undefined ones the
-        lower validation loss wins."""
+        lower validation loss wins; `train.select_ties` settles equal keys."""
         s = self.state
         record = s.history[-1]
         defined = math.isfinite(value)
         key = (defined, value if defined else -record.get("val_loss", math.inf))
-        improved = s.best_state is None or key > tuple(s.best_key)
+        best = tuple(s.best_key) if s.best_state is not None else None
+        # a tie keeps the earlier epoch, or the later one (the paper's code) by train.select_ties
+        improved = best is None or key > best or (key == best and self.t["select_ties"] == "later")
         if improved:
             s.best_key = key
             s.best_value, s.best_epoch, s.bad_epochs = value, epoch + 1, 0
