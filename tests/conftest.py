@@ -96,6 +96,12 @@ INTEGRATION_TESTS = {
     # services started inline: PostgreSQL, moto, the MLflow server of the manifest
     "test_pipeline.py::test_tuning_workers_share_one_postgresql_study",
     "test_infra.py::test_mlflow_server_starts_from_the_rendered_manifest",
+    # the wheel built and installed in a fresh virtualenv; a step run as UID 10001
+    "test_install.py::test_the_wheel_holds_every_file_the_code_reads",
+    "test_install.py::test_the_installed_copy_is_the_one_imported",
+    "test_install.py::test_the_installed_package_compiles_the_pipeline",
+    "test_install.py::test_the_installed_package_renders_every_template",
+    "test_install.py::test_a_step_as_uid_10001_stops_on_a_root_owned_scratch",
     "faults/test_fault_services.py::test_s3_errors_are_retried_with_backoff_then_reported",
     # the KServe SDK's API types (a PyPI download on first use)
     "test_serving.py::test_the_inference_service_renders_and_validates",

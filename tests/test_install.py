@@ -157,3 +157,67 @@ def test_the_installed_package_renders_every_template(installed, tmp_path):
                                 "print(load_params(None, preset='paper')['model']['backbone'])")
     path, backbone = preset.split()
     assert Path(path).resolve().is_relative_to(installed["site"].resolve()) and backbone
+
+
+# -- the scratch volume, as the image's user (UID 10001) -------------------------------------
+@pytest.fixture
+def request_cleanup():
+    """Folders to remove after the test."""
+    folders: list[Path] = []
+    yield folders
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_scratch_folder_that_cannot_be_written_is_a_clear_error(tmp_path, monkeypatch):
+    """No silent fallback to the container's disk: a scratch path that cannot hold files
+    stops the step, naming the variable, the folder and the fix; a writable one is used
+    for temporary files; one not mounted at all (kfp.local) is said in the log."""
+    import tempfile
+
+    from cladapter_core.errors import CLAdapterError
+    from components import step
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(CLAdapterError, match=r"CLADAPTER_SCRATCH=.*a-file/scratch is not writable.*emptyDir"):
+        step.check_writable(blocker / "scratch", create=True)  # even root cannot make a folder in a file
+    monkeypatch.setenv("CLADAPTER_SCRATCH", str(blocker))
+    with pytest.raises(CLAdapterError, match="is not a folder"):
+        step.use_scratch()
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    monkeypatch.setenv("CLADAPTER_SCRATCH", str(tmp_path))
+    assert step.use_scratch() == str(tmp_path) and tempfile.gettempdir() == str(tmp_path)
+    monkeypatch.setenv("CLADAPTER_SCRATCH", str(tmp_path / "not-mounted"))
+    assert step.use_scratch() is None
+
+
+def test_a_step_as_uid_10001_stops_on_a_root_owned_scratch(request_cleanup):
+    """What a block-storage volume without fsGroup gives the image's user: a root-owned
+    0755 root. A pipeline step's set-up and a TrainJob node, run as UID 10001 (setpriv),
+    stop with the clear error; an emptyDir-like folder (mode 1777) is taken."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a process as UID 10001 on a root-owned folder")
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="cladapter-uid-test-", dir="/tmp"))  # pytest's tmp is 0700
+    base.chmod(0o755)
+    request_cleanup.append(base)
+    root_owned, empty_dir, home = base / "scratch", base / "emptydir", base / "home"
+    for folder, mode in ((root_owned, 0o755), (empty_dir, 0o1777), (home, 0o1777)):
+        folder.mkdir()
+        folder.chmod(mode)
+    as_user = [shutil.which("setpriv") or "setpriv", "--reuid=10001", "--regid=10001", "--clear-groups"]
+    env = {**_env(), "HOME": str(home), "MPLCONFIGDIR": str(home), "TMPDIR": str(home)}
+    code = "from components.step import start_step; start_step(); import tempfile; print(tempfile.gettempdir())"
+    step = subprocess.run(as_user + [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**env, "CLADAPTER_SCRATCH": str(root_owned)})
+    assert step.returncode != 0
+    assert f"CLADAPTER_SCRATCH={root_owned} is not writable by this process (uid 10001" in step.stderr, step.stderr
+    assert "mode drwxr-xr-x" in step.stderr and "owner uid 0" in step.stderr
+    node = subprocess.run(as_user + [sys.executable, "-m", "components.multinode", "node", "--spec-json", "{}",
+                                     "--scratch", str(root_owned / "node")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert node.returncode != 0 and "is not writable by this process (uid 10001" in node.stderr, node.stderr
+    ok = subprocess.run(as_user + [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env={**env, "CLADAPTER_SCRATCH": str(empty_dir)})
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == str(empty_dir)
