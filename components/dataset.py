@@ -151,6 +151,57 @@ def source_ref(dataset_uri: str, dataset_path: str, dataset_rev: str) -> dict:
     return ref
 
 
+def _listing_version(kind: str, entries: dict) -> str:
+    """`<kind>:sha256:<hex>` of a listing {name: what changes with the content}."""
+    import hashlib
+    digest = hashlib.sha256("".join(f"{n}\t{entries[n]}\n" for n in sorted(entries)).encode())
+    return f"{kind}:sha256:{digest.hexdigest()}"
+
+
+def _folder_entries(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): f"{p.stat().st_size}:{p.stat().st_mtime_ns}"
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def data_version(dataset_uri: str, dataset_path: str, dataset_rev: str) -> str:
+    """What names the data a run reads, known before reading it, for prepare's cache key:
+    a DVC revision's commit SHA (`git:<sha>`), the hash of an S3 prefix's listing (every
+    object's name and ETag) or of a local folder's (names, sizes, mtimes), `demo`. A
+    changed dataset gives another version, so prepare is not served from an old cache entry."""
+    ref = source_ref(dataset_uri, dataset_path, dataset_rev)
+    if ref["kind"] == "demo":
+        return "demo"
+    if ref["kind"] == "dvc":
+        return f"git:{ref['rev']}"
+    if ref["kind"] == "s3":
+        try:
+            listing = storage.list_files(ref["uri"])
+        except storage.StorageError as e:
+            raise DataError(f"cannot list {e.uri}: {e.reason} (check the cladapter-s3 credentials "
+                            "and AWS_ENDPOINT_URL)") from e
+        if not listing:
+            raise DataError(f"no objects under {ref['uri']} (looked for {ref['uri'].rstrip('/')}/*)")
+        return _listing_version("s3", {n: e["etag"] for n, e in listing.items()})
+    folder = Path(storage.local_path(ref["uri"]))
+    if not folder.is_dir():
+        raise DataError(f"dataset_uri {ref['uri']}: not `demo`, an s3:// prefix, a DVC repository "
+                        "or an existing folder")
+    return _listing_version("folder", _folder_entries(folder))
+
+
+def _check_version(expected: str, ref: dict, etags: dict) -> None:
+    """Prepare read the data `expected` names, or stops: it changed after the version step."""
+    if not expected:
+        return
+    seen = {"demo": lambda: "demo", "dvc": lambda: f"git:{ref['rev']}",
+            "s3": lambda: _listing_version("s3", etags),
+            "folder": lambda: _listing_version("folder", _folder_entries(Path(storage.local_path(ref["uri"]))))}
+    got = seen[ref["kind"]]()
+    if got != expected:
+        raise DataError(f"dataset {ref['uri']} changed while the run started (version {expected}, "
+                        f"prepare read {got}): start the run again")
+
+
 def read_source_ref(dataset_dir) -> dict | None:
     return dataref.read_ref(dataset_dir)
 
@@ -165,20 +216,25 @@ def dataset_metadata(dataset_dir, summary: dict) -> dict:
 
 
 def prepare_task(dataset_uri: str, dataset_path: str, dataset_rev: str, params: dict,
-                 out_dir) -> dict:
+                 out_dir, data_version: str = "") -> dict:
     """Prepare the dataset into the Dataset artifact `out_dir` by reference
     (`components.dataref`): the files are fetched onto this step's scratch volume (a
     local folder is read where it is), prepared there, and only the manifest, classes,
     summary, the list of files and where they are (`source.json`: URI, path, a DVC
-    revision as its SHA) go into the artifact."""
+    revision as its SHA) go into the artifact. `data_version` (`data_version()`, the
+    cache key's): a DVC repository is read at that commit, and data that no longer
+    matches it is refused."""
     from cladapter_core.data import prepare
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if data_version.startswith("git:"):
+        dataset_rev = data_version[len("git:"):]
     ref = source_ref(dataset_uri, dataset_path, dataset_rev)
     with tempfile.TemporaryDirectory(prefix="cladapter-prepare-") as tmp:
         work = Path(tmp)
         base, source, etags = _fetch(dataset_uri, dataset_path, ref["rev"] or dataset_rev, work / SOURCE,
                                      copy_folder=False)
+        _check_version(data_version, ref, etags)
         summary = prepare(source, work / PREPARED, params,
                           name=identity.dataset_name(params))  # the run's dataset_uri, as every step names it
         ref = dataref.write(work / PREPARED, base, out_dir, ref, etags)

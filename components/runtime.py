@@ -27,9 +27,9 @@ from pathlib import Path
 
 from cladapter_core.errors import CLAdapterError, ParamsError
 from cladapter_core.settings import tracking_on
-from components.dataset import (PREPARED, SOURCE, SOURCE_REF, artifact_prepared, dataset_metadata,  # noqa: F401
-                                fetch_source, local_data, prepare_task, prepared_dir, read_source_ref,
-                                resolve_rev, source_ref)
+from components.dataset import (PREPARED, SOURCE, SOURCE_REF, artifact_prepared, data_version,  # noqa: F401
+                                dataset_metadata, fetch_source, local_data, prepare_task, prepared_dir,
+                                read_source_ref, resolve_rev, source_ref)
 from components.pipeline_params import (DERIVED_FIELDS, PARAM_FIELDS, data_part, params_from_json,  # noqa: F401
                                         resolve_params, split_overrides)
 from components.resume_mirror import CKPT_FILE, ResumeMirror, checkpoint_root  # noqa: F401
@@ -161,8 +161,8 @@ def evaluate_task(params: dict, dataset_dir, model_dir, out_dir, pipeline_id: st
     """Evaluate into `out_dir` (metrics.json, confusion_matrix.json, report.html, ...);
     logs the metrics (`<split>_<name>`) and the folder to the MLflow stage run."""
     from cladapter_core import tracking
-    from cladapter_core.evaluate import evaluate
-    from cladapter_core.evaluate import DECISION_SPLIT
+    from cladapter_core.evaluation.evaluate import evaluate
+    from cladapter_core.evaluation.evaluate import DECISION_SPLIT
     splits = sorted({params["evaluate"]["split"], DECISION_SPLIT})
     with stage_tracking(params, "evaluate", pipeline_id, data_hash,
                         pipeline_name, dataset_dir) as run, local_data(dataset_dir, splits) as prepared:

@@ -69,14 +69,28 @@ def make_resolve_params():
 
 
 @dsl.component(**_IN_IMAGE)
-def prepare(dataset_uri: str, dataset_path: str, dataset_rev: str, data_params: str,
-            dataset: Output[Dataset]) -> str:
+def dataset_version(dataset_uri: str, dataset_path: str, dataset_rev: str) -> str:
+    """The data's version before it is read (never cached): a DVC revision's commit SHA,
+    the hash of an S3 prefix's listing (names and ETags). An input of prepare, so a
+    changed dataset never hits prepare's old cache entry."""
+    from components import runtime
+    runtime.start_step()
+    version = runtime.data_version(dataset_uri, dataset_path, dataset_rev)
+    print(f"data version: {version}")
+    return version
+
+
+@dsl.component(**_IN_IMAGE)
+def prepare(dataset_uri: str, dataset_path: str, dataset_rev: str, data_version: str,
+            data_params: str, dataset: Output[Dataset]) -> str:
     """Validate and split the dataset; the artifact holds the manifest, classes, summary
-    and a reference to the files (not a copy). Returns the data hash."""
+    and a reference to the files (not a copy). Returns the data hash. `data_version`:
+    what the data must still be (the cache key's part that changes with the data)."""
     from components import runtime
     runtime.start_step()
     params = runtime.params_from_json(data_params)
-    summary = runtime.prepare_task(dataset_uri, dataset_path, dataset_rev, params, dataset.path)
+    summary = runtime.prepare_task(dataset_uri, dataset_path, dataset_rev, params, dataset.path,
+                                   data_version=data_version)
     dataset.metadata.update(runtime.dataset_metadata(dataset.path, summary))
     from cladapter_core import identity
     return identity.data_hash(runtime.artifact_prepared(dataset.path))

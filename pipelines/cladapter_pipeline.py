@@ -220,8 +220,11 @@ def _steps(a: dict, base_params: str, train_gpus: int, scratch: str, run_id, run
                                 **{name: a[name] for name, _ in pipeline_params.params_step_inputs()})
     _resources(cfg.set_display_name("params"), "params")
 
-    data = stages.prepare(dataset_uri=a["dataset_uri"], dataset_path=a["dataset_path"],
-                          dataset_rev=a["dataset_rev"], data_params=cfg.outputs["data_params"])
+    where = dict(dataset_uri=a["dataset_uri"], dataset_path=a["dataset_path"], dataset_rev=a["dataset_rev"])
+    version = stages.dataset_version(**where)  # never cached: it is what makes prepare's cache right
+    version.set_display_name("data version").set_caching_options(False)
+    _secrets(_resources(version, "params"), S3_SECRET)
+    data = stages.prepare(**where, data_version=version.output, data_params=cfg.outputs["data_params"])
     data.set_display_name("prepare").set_caching_options(True)
     _secrets(_scratch(_resources(data, "prepare"), scratch), S3_SECRET)
     dataset, data_hash = data.outputs["dataset"], data.outputs["Output"]

@@ -213,6 +213,13 @@ def test_training_retries_prepare_is_cached(compiled):
         assert int(policy["backoffMaxDuration"].rstrip("s")) >= attempts * timeout + waits, (name, policy)
         assert f"exec-{name}" in executors
     assert tasks["prepare"]["cachingOptions"] == {"enableCache": True}
+    # prepare's cache key holds the data's version, found by an uncached step each run
+    assert tasks["prepare"]["inputs"]["parameters"]["data_version"]["taskOutputParameter"] == {
+        "outputParameterKey": "Output", "producerTask": "dataset-version"}
+    assert not tasks["dataset-version"]["cachingOptions"].get("enableCache")
+    for name in ("dataset_uri", "dataset_path", "dataset_rev"):
+        assert tasks["dataset-version"]["inputs"]["parameters"][name]["componentInputParameter"] == \
+            f"pipelinechannel--{name}"
     # steps that log to MLflow or change the registry are never skipped by the cache
     for name in ("evaluate", "register", "promote", "tune-plan", "tune-finish", "close-pipeline-run"):
         assert not tasks[name]["cachingOptions"].get("enableCache"), name
@@ -242,6 +249,7 @@ def test_secrets_come_from_kubernetes(compiled):
         assert secret_keys(ex) == {**mlflow, **s3, **tune}, ex
     assert secret_keys("exec-tune-plan") == {**mlflow, **tune}
     assert secret_keys("exec-prepare") == s3
+    assert secret_keys("exec-dataset-version") == s3  # lists the S3 prefix
     assert secret_keys("exec-close-pipeline-run") == mlflow
     assert not platform["exec-resolve-params"].get("secretAsEnv")  # no credentials where none are needed
     # the checkpoint root: the install's ConfigMap, on the training steps only
@@ -514,6 +522,30 @@ def test_dataset_from_s3_prefix(digits, bucket, tmp_path):
         runtime.fetch_source(f"s3://{bucket}/nothing", "", "", tmp_path / "b")
     with pytest.raises(DataError, match="dataset_path 'labels.csv': not found"):
         runtime.fetch_source(f"s3://{bucket}/sets/digits", "labels.csv", "", tmp_path / "c")
+
+
+def test_a_changed_dataset_gets_a_new_version_and_no_stale_prepare(digits, bucket, tmp_path):
+    """prepare is cached on its inputs; the data version among them changes with any object
+    under the prefix (its ETag), so a changed dataset cannot reuse an old cache entry, and
+    data that changed after the version step is refused rather than prepared."""
+    import boto3
+    s3 = boto3.client("s3")
+    for c in ("0", "1"):
+        for f in sorted((digits / c).iterdir())[:6]:
+            s3.upload_file(str(f), bucket, f"v/{c}/{f.name}")
+    uri = f"s3://{bucket}/v"
+    first = runtime.data_version(uri, "", "")
+    assert first.startswith("s3:sha256:") and runtime.data_version(uri, "", "") == first
+    params = runtime.resolve_params({"dataset_uri": uri}, "data.val_fraction=0.2; data.test_fraction=0.2")
+    runtime.prepare_task(uri, "", "", runtime.data_part(params), tmp_path / "a", data_version=first)
+    s3.put_object(Bucket=bucket, Key="v/1/extra.txt", Body=b"a new file")
+    second = runtime.data_version(uri, "", "")
+    assert second != first
+    with pytest.raises(DataError, match=r"changed while the run started"):
+        runtime.prepare_task(uri, "", "", runtime.data_part(params), tmp_path / "b", data_version=first)
+    assert runtime.data_version("demo", "", "") == "demo"
+    folder = runtime.data_version(str(digits), "", "")
+    assert folder.startswith("folder:sha256:") and folder == runtime.data_version(str(digits), "", "")
 
 
 def test_dataset_from_a_dvc_repository(digits, tmp_path):
