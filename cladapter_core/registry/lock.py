@@ -11,52 +11,42 @@ slots: ``lock.<n>`` names the holder of the n-th promotion and the time it began
 To take the lock a promoter writes ``lock.<n+1>`` after the last slot ``n`` was released;
 only one writer gets a given slot. So two ``promote`` commands against the same server (or
 SQLite file) run one after the other, and the second compares against the champion the
-first left: the better model ends as the one champion. A lock older than
-``STALE_LOCK_S``, or one whose holder on this machine no longer runs (a killed promote),
-is broken. Should two first promotions of a model each create a lock run, both take every
-lock run they see, in order: the first run created is seen by all, so they still exclude
-each other. The plain-file store (``./mlruns``) cannot refuse a parameter atomically: use a
-database (``sqlite:///mlflow.db``, the default) or a server for concurrent promotions.
+first left: the better model ends as the one champion.
+
+A live holder renews its lock: a thread rewrites the run tag ``heartbeat.<n>`` (holder and
+time) every quarter of ``stale_after``, however long the promotion takes (re-scoring the
+champion on a large validation set). A lock whose last renewal is older than
+``stale_after`` (``STALE_LOCK_S``), or whose holder on this machine no longer runs (a
+killed promote), is broken. Before it changes anything, the holder confirms it still holds
+the lock (``HeldLock.confirm``: it renews, then checks that nobody released its slot), so a
+holder that stalled longer than ``stale_after`` and lost its lock stops instead of moving
+the alias; renewed just before, it has ``stale_after`` seconds to write. Staleness compares
+one machine's clock with another's: keep them synchronised (NTP), well within
+``stale_after``.
+
+Should two first promotions of a model each create a lock run, both take every lock run
+they see, in order: the first run created is seen by all, so they still exclude each other.
+The plain-file store (``./mlruns``) cannot refuse a parameter atomically: use a database
+(``sqlite:///mlflow.db``, the default) or a server for concurrent promotions.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-import os
 import random
-import socket
+import threading
 import time
-import uuid
 
 from .. import tracking
 from ..errors import TrackingError
+from .owners import holder_gone, new_owner
 from .versions import LOCK_EXPERIMENT, LOCK_FOR_TAG, STALE_LOCK_S, _client, _code
+
+log = logging.getLogger(__name__)
 
 
 # -- the lock ---------------------------------------------------------------------------
-def _host() -> str:
-    """This machine (and PID namespace: containers may share a host name)."""
-    try:
-        return f"{socket.gethostname()}#{os.stat('/proc/self/ns/pid').st_ino}"
-    except OSError:
-        return socket.gethostname()
-
-
-def _holder_gone(owner: str | None) -> bool:
-    """A lock taken on this machine by a process that no longer exists (a promote killed
-    while holding it) is broken at once instead of after ``STALE_LOCK_S``."""
-    host, _, rest = (owner or "").rpartition(":")[0].rpartition(":")
-    if host != _host() or not rest.isdigit():
-        return False
-    try:
-        os.kill(int(rest), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # alive, another user's
-        return False
-    return False
-
-
 def _lock_runs(client, name: str) -> list[str]:
     """Ids of the lock runs of registered model `name`, created when there is none."""
     from mlflow.entities import ViewType
@@ -105,54 +95,116 @@ def _write_once(client, run_id: str, key: str, value: str) -> bool:
         return held == value
 
 
-def _lock_state(params: dict) -> tuple[int, str | None, float]:
-    """(last slot n, its holder or None when released/never taken, when it was taken)."""
+def _lock_state(run) -> tuple[int, str | None, float]:
+    """(last slot n, its holder or None when released/never taken, when it was taken or
+    last renewed by that holder)."""
+    params, tags = run.data.params, run.data.tags
     slots = [int(k[5:]) for k in params if k.startswith("lock.") and k[5:].isdigit()]
     n = max(slots, default=0)
     if n == 0 or f"release.{n}" in params:
         return n, None, 0.0
-    holder, _, since = params[f"lock.{n}"].rpartition("@")
+    holder, since = _stamp(params[f"lock.{n}"])
+    renewer, renewed = _stamp(tags.get(f"heartbeat.{n}", ""))
+    return n, holder, max(since, renewed) if renewer == holder else since
+
+
+def _stamp(value: str) -> tuple[str, float]:
+    """``<owner>@<unix time>`` -> (owner, time); time 0 when unreadable."""
+    who, _, when = value.rpartition("@")
     try:
-        return n, holder, float(since)
+        return who, float(when)
     except ValueError:
-        return n, holder, 0.0
+        return who, 0.0
 
 
 def _take(client, run_id: str, name: str, owner: str, deadline: float,
           stale_after: float) -> int:
     """Take the lock run `run_id`; returns the slot taken."""
     while True:
-        n, holder, since = _lock_state(client.get_run(run_id).data.params)
+        n, holder, since = _lock_state(client.get_run(run_id))
         if holder is None:
             now = math.floor(time.time() * 1000) / 1000  # never after the clock: age >= 0
             if _write_once(client, run_id, f"lock.{n + 1}", f"{owner}@{now:.3f}"):
                 return n + 1
             continue  # another promoter took slot n + 1 first
         age = time.time() - since
-        if age >= stale_after or _holder_gone(holder):  # its holder died: break it
-            _write_once(client, run_id, f"release.{n}", f"broken by {owner} after {age:.0f}s")
+        if age >= stale_after or holder_gone(holder):  # its holder died or stalled: break it
+            _write_once(client, run_id, f"release.{n}", f"broken by {owner} after {age:.0f}s "
+                                                        "without renewal")
             continue
         if time.monotonic() > deadline:
             raise TrackingError(f"registered model {name!r}: another promotion holds the lock "
-                                f"({holder}, {age:.0f}s; run {run_id} of experiment "
+                                f"({holder}, renewed {age:.0f}s ago; run {run_id} of experiment "
                                 f"{LOCK_EXPERIMENT!r}, parameter lock.{n}); retry later, or "
                                 f"log parameter release.{n} on that run if no promote is running")
         time.sleep(0.2 + random.random() * 0.3)
 
 
+class HeldLock(str):
+    """The holder's name (a str, as written in ``lock.<n>``), renewed by a thread while held."""
+
+    def __new__(cls, owner: str, *args):
+        return super().__new__(cls, owner)
+
+    def __init__(self, owner: str, client, name: str, stale_after: float):
+        self.client, self.name, self.stale_after = client, name, stale_after
+        self.slots: list[tuple[str, int]] = []
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"promotion-lock-{name}", daemon=True)
+
+    def renew(self) -> None:
+        """Write this holder's heartbeat on each of its slots; then note any slot released
+        by someone else (the lock was broken: this holder lost it)."""
+        now = f"{self}@{time.time():.3f}"
+        for run_id, n in self.slots:
+            self.client.set_tag(run_id, f"heartbeat.{n}", now, synchronous=True)
+        for run_id, n in self.slots:
+            released = self.client.get_run(run_id).data.params.get(f"release.{n}")
+            if released is not None and released != self:
+                self.lost = f"slot lock.{n} of run {run_id} was released by another: {released!r}"
+
+    def confirm(self) -> None:
+        """Renew now and make sure the lock is still this holder's: call it right before
+        changing the registry. A TrackingError when it was lost (or cannot be renewed)."""
+        if self.lost is None:
+            try:
+                self.renew()
+            except Exception as e:  # noqa: BLE001  (not renewed: ownership unproven)
+                self.lost = f"it could not be renewed ({type(e).__name__}: {e})"
+        if self.lost is not None:
+            raise TrackingError(f"registered model {self.name!r}: this promotion no longer holds its "
+                                f"lock ({self.lost}; not renewed within {self.stale_after:g}s); "
+                                "nothing was changed: run promote again")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(max(self.stale_after / 4, 0.2)) and self.lost is None:
+            try:
+                self.renew()
+            except Exception as e:  # noqa: BLE001  (a missed beat: the next one may land)
+                log.warning("promotion lock of %r: renewal failed: %s", self.name, e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
 @contextlib.contextmanager
 def promotion_lock(name: str, timeout: float = 120.0, stale_after: float = STALE_LOCK_S):
-    """Hold the promotion lock of registered model ``name`` (see the module docstring)."""
+    """Hold the promotion lock of registered model ``name`` (see the module docstring);
+    yields the ``HeldLock``, renewed until the block ends."""
     client = _client()
-    owner = f"{_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    held = HeldLock(new_owner(), client, name, stale_after)
     deadline = time.monotonic() + timeout
-    held: list[tuple[str, int]] = []
     try:
         with tracking.errors(f"taking the promotion lock of {name!r}"):
             for run_id in _lock_runs(client, name):
-                held.append((run_id, _take(client, run_id, name, owner, deadline, stale_after)))
-        yield owner
+                held.slots.append((run_id, _take(client, run_id, name, held, deadline, stale_after)))
+        held._thread.start()
+        yield held
     finally:
-        for run_id, n in reversed(held):
+        held.stop()
+        for run_id, n in reversed(held.slots):
             with contextlib.suppress(Exception):
-                _write_once(client, run_id, f"release.{n}", owner)
+                _write_once(client, run_id, f"release.{n}", str(held))
