@@ -109,7 +109,9 @@ def test_every_method_gets_the_same_data_augmentation_seeds_and_epochs():
             epochs = sum(stage_plan(p, stage, mode)["epochs"] for mode, stage in PLANS[m])
             assert epochs == 5, m
             frozen = p["stage1"]["epochs"] if m != "full" else 0
-            assert p["train"]["cache"]["views"] >= frozen  # cached views = fresh draws every epoch
+            # cached views = fresh draws every epoch, and no more views than the frozen epochs read
+            assert p["train"]["cache"]["views"] == max(p["stage1"]["epochs"], 1)
+            assert p["train"]["cache"]["views"] >= frozen
             lrs = {stage: stage_plan(p, stage, mode)["lr"] for mode, stage in PLANS[m]}
             if m == "full":
                 assert lrs == {1: pytest.approx(0.0002)}  # the backbone's lr, like every stage 2

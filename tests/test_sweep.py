@@ -21,7 +21,18 @@ def test_k_study_table_plot_mlflow_and_resume(prepared, embedded_mlflow, tmp_pat
         assert abs(row["macro_f1_mean"] - sum(mine) / 2) < 1e-9 and row["macro_f1_std"] >= 0
     assert "| model.num_centers | seeds | val macro-F1" in (out / "summary.md").read_text()
     assert (out / "sweep.png").stat().st_size > 2000
-    assert json.loads((out / "sweep.json").read_text())["split"] == "val"
+    report = json.loads((out / "sweep.json").read_text())
+    assert report["split"] == "val"
+    # per-row intervals, every value against the best one paired on seeds, the verdict
+    best = max(table, key=lambda r: r["macro_f1_mean"])
+    assert report["comparisons"]["reference"] == best["value"]
+    assert sorted(c["name"] for c in report["comparisons"]["pairs"]) == sorted(
+        f"model.num_centers={r['value']}" for r in table if r is not best)
+    for r in report["summary"]:
+        assert (r["macro_f1_ci_low"] is None) == (r["macro_f1_std"] == 0 or r["macro_f1_std"] is None) or \
+            r["macro_f1_ci_low"] <= r["macro_f1_mean"] <= r["macro_f1_ci_high"]
+    assert all(c["n"] == 2 and c["verdict"] in report["verdict"] for c in report["comparisons"]["pairs"])
+    assert (out / "summary.md").read_text().rstrip().endswith(report["comparisons"]["pairs"][-1]["verdict"])
 
     client = MlflowClient()
     exp = client.get_experiment_by_name("k-study").experiment_id
@@ -41,3 +52,21 @@ def test_k_study_table_plot_mlflow_and_resume(prepared, embedded_mlflow, tmp_pat
     assert caplog.text.count("done before, reused") == 6
     assert [r["macro_f1_mean"] for r in again] == [r["macro_f1_mean"] for r in table]
     assert len(client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")) == 6
+
+
+def test_a_parameter_the_compare_budget_overrides_is_refused():
+    """Sweeping train.lr while compare.head_lr is set would train every cell alike."""
+    import pytest
+
+    from cladapter_core.errors import ParamsError
+    from cladapter_core.experiments.sweep import check_not_overridden
+    params = tiny_params("compare.head_lr=0.001")
+    with pytest.raises(ParamsError, match=r"sweep train.lr=0.01: cla-sft would train with train.lr=0.001.*"
+                                          r"compare.head_lr"):
+        check_not_overridden(params, "train.lr", [0.01, 0.02], "cla-sft")
+    check_not_overridden(tiny_params(), "train.lr", [0.01, 0.02], "cla-sft")  # head lr follows train.lr
+    with pytest.raises(ParamsError, match="stage2.lr_factor.*compare.backbone_lr"):
+        check_not_overridden(tiny_params("compare.backbone_lr=0.0001"), "stage2.lr_factor", [0.1, 0.5], "cla-sft")
+    with pytest.raises(ParamsError, match="stage1.epochs.*one-stage method"):
+        check_not_overridden(tiny_params(), "stage1.epochs", [1, 2], "cla-stage1")
+    check_not_overridden(tiny_params(), "model.num_centers", [2, 4], "cla-sft")

@@ -151,7 +151,8 @@ def cmd_compare(args):
         print(f"compare: tuned values from {params['tune']['best_params']} apply to train.mode "
               f"{params['train']['mode']!r} only: {', '.join(sorted(tuned)) or 'none'}")
     compare(params, args.prepared, args.out, seeds=args.seeds, methods=args.methods, split=args.split,
-            tuned=tuned, tuned_for=params["train"]["mode"], track=_tracking_on(args))
+            tuned=tuned, tuned_for=params["train"]["mode"], track=_tracking_on(args),
+            staged_selection=args.staged_selection, bootstrap=args.bootstrap, confidence=args.confidence)
 
 
 def _tracking_on(args) -> bool:
@@ -169,7 +170,8 @@ def cmd_sweep(args):
     name, values = parse_grid(args.grid)
     _use_device(args)
     sweep(params, args.prepared, args.out, name, values, seeds=args.seeds, method=args.method,
-          split=args.split, track=_tracking_on(args))
+          split=args.split, track=_tracking_on(args), staged_selection=args.staged_selection,
+          confidence=args.confidence)
 
 
 def cmd_demo(args):

@@ -131,7 +131,9 @@ def _add_compare(sub) -> None:
                                    "the head's lr (compare.head_lr) for frozen backbones, the "
                                    "backbone's (compare.backbone_lr) for full fine-tuning and every "
                                    "stage 2. Print and write a table of macro-F1, the paper's F1 and "
-                                   "accuracy (mean and spread), trainable parameters and wall time "
+                                   "accuracy (mean ± std [95 % CI] over seeds), trainable parameters and "
+                                   "wall time (the run order rotates per seed), every method against the "
+                                   "best baseline paired on seeds (paired t, Holm) and a verdict per pair "
                                    "(cache builds included). Tuned values (tune.use_best) reach only "
                                    "the methods of the mode they were tuned for. MLflow: one parent "
                                    "run with the table and plot, a child run per method and seed.")
@@ -142,14 +144,24 @@ def _add_compare(sub) -> None:
     p.add_argument("--methods", nargs="+", default=None,
                    help="subset of: linear linear-mean full lp-ft cla-stage1 cla-sft")
     p.add_argument("--split", default="test", choices=("val", "test"), help="split scored (default: test)")
+    _evidence_args(p)
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="also resample the scored images N times per comparison (e.g. 2000; default 0: off)")
     _device_arg(p)
+
+
+def _evidence_args(p) -> None:
+    p.add_argument("--confidence", type=float, default=0.95, help="of the intervals and tests (default 0.95)")
+    p.add_argument("--no-staged-selection", dest="staged_selection", action="store_false",
+                   help="score a staged method's stage-2 model even when stage 1 was better on validation")
 
 
 def _add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="sensitivity study: one parameter at several values over seeds",
                        description="Train one method (default cla-sft) for every value of one "
                                    "parameter and every seed, everything else fixed; write a table "
-                                   "(mean ± std per value), a plot with error bars, CSV/JSON, and one "
+                                   "(mean ± std [95 % CI] per value, each value against the best paired on "
+                                   "seeds, a verdict per pair), a plot with intervals, CSV/JSON, and one "
                                    "MLflow parent run with a child per (value, seed). Rerunning skips "
                                    "finished cells. Example: cladapter sweep model.num_centers=5,10,20,30,50")
     _common(p, track=True)
@@ -160,6 +172,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--method", default="cla-sft", help="one of: linear linear-mean full lp-ft cla-stage1 cla-sft")
     p.add_argument("--split", default="val", choices=("val", "test"),
                    help="split scored (default: val; a study that picks a value must not look at test)")
+    _evidence_args(p)
     _device_arg(p)
 
 
@@ -180,9 +193,13 @@ def _add_register(sub) -> None:
 
 def _add_promote(sub) -> None:
     p = sub.add_parser("promote", help="move `champion` to the challenger if it is better",
-                       description="Compare the challenger with the champion on register.metric; "
-                                   "promote only when better by at least register.margin. The first "
-                                   "model becomes champion. The decision is written on the version.")
+                       description="Compare the challenger with the champion on register.metric, on "
+                                   "the same validation images; promote only when better by more than "
+                                   "register.margin AND by a paired test on both models' per-image "
+                                   "predictions (register.test: bootstrap or mcnemar) at "
+                                   "register.confidence. A champion is never scored on images it was "
+                                   "trained on. The first model becomes champion. The decision, its "
+                                   "test and numbers are written on the version.")
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="show the decision, change nothing")
     p.add_argument("--prepared", help="the challenger's prepared data: a champion measured on other data "

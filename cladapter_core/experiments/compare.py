@@ -16,19 +16,29 @@ What makes the comparison fair (and is written into compare.json and the table's
 - Tuned values (best params of `cladapter tune`) reach only the methods of the mode they
   were tuned for (`tuned_for`), never the baselines.
 - Time is the wall clock of every stage of a method, the stage-1 cache build included: the
-  in-process cache is dropped before each method, so none rides on another's cache.
+  in-process cache is dropped before each method, so none rides on another's cache, and a
+  cache builds only the views its frozen stage reads (one per epoch). The order of the
+  methods rotates with the seed, so no method always runs first (or last) on a busy machine.
+- Staged selection (default on): a staged method (`lp-ft`, `cla-sft`) keeps its stage-1
+  model when stage 1 scored better on validation than stage 2, and says which stage won.
+
+What the numbers support (evaluation/statistics.py): mean ± std and a t-based confidence
+interval over seeds per method; every method against the best baseline, paired on shared
+seeds (paired t, Holm over the pairs), optionally with a bootstrap over the test images;
+the table ends with one verdict line per pair that claims no more than its interval.
 """
 from __future__ import annotations
 
 import logging
 import copy
 import csv
-import math
+import json
 import shutil
 import time
 from pathlib import Path
 
 from ..errors import ParamsError
+from ..evaluation import statistics as st
 from ..outputs import atomic_dir, write_json
 from ..params import set_dotted
 
@@ -40,6 +50,8 @@ PLANS = {"linear": [("linear", 1)], "linear-mean": [("linear-mean", 1)], "full":
          "lp-ft": [("lp-ft", 1), ("lp-ft", 2)], "cla-stage1": [("cla", 1)],
          "cla-sft": [("cla", 1), ("cla", 2)]}
 SCORES = ("macro_f1", "f1_macro_pr", "accuracy", "roc_auc")
+PRIMARY = "macro_f1"  # the score the paired comparisons and verdicts are about
+BASELINES = ("linear", "linear-mean", "full", "lp-ft")
 
 
 def budget(params: dict) -> dict:
@@ -72,24 +84,47 @@ def method_params(params: dict, method: str, seed: int, tuned: dict | None = Non
     if len(PLANS[method]) == 1 and mode != "full":  # one frozen stage: all the epochs
         p["stage1"]["epochs"], p["stage2"]["epochs"] = b["epochs"], 0
     cache = p["train"]["cache"]
-    if cache.get("views") is not None:  # views >= the frozen stage's epochs: same images as fresh draws
-        cache["views"] = max(int(cache["views"]), p["stage1"]["epochs"]) if cache["views"] else 0
+    if cache.get("views"):  # one view per frozen epoch: the same images as fresh draws, no more
+        cache["views"] = max(int(p["stage1"]["epochs"]), 1)
+        cache["storage"] = "memory"
+    elif cache.get("views") is not None:  # 0: no augmentation, one plain view
         cache["storage"] = "memory"
     return p
 
 
-def train_method(p: dict, prepared_dir: Path, work: Path, method: str, progress: bool = False) -> dict:
-    """Every stage of `method` from scratch; returns the scored model dir, summary and time."""
+def train_method(p: dict, prepared_dir: Path, work: Path, method: str, progress: bool = False,
+                 staged_selection: bool = False) -> dict:
+    """Every stage of `method` from scratch; returns the scored model dir, summary, time and
+    the stage whose model is scored (`staged_selection`: the better stage on validation)."""
     from ..training import feature_cache as cache
     from ..training import train
     cache.clear_memory()  # each method pays for its own cache build
-    t0, init, summary, model_dir = time.perf_counter(), None, None, None
+    t0, init, runs = time.perf_counter(), None, []
     for mode, stage in PLANS[method]:
         model_dir = work / f"{method}-stage{stage}"
         summary = train(p, prepared_dir, model_dir, stage=stage, mode=mode, init_from=init,
                         resume=False, progress=progress)
+        runs.append((stage, model_dir, summary))
         init = model_dir
-    return {"model_dir": model_dir, "summary": summary, "seconds": time.perf_counter() - t0}
+    won = best_stage(runs) if staged_selection and len(runs) > 1 else runs[-1]
+    return {"model_dir": won[1], "summary": runs[-1][2], "seconds": time.perf_counter() - t0,
+            "stage": won[0]}
+
+
+def best_stage(runs: list[tuple]) -> tuple:
+    """The (stage, model_dir, summary) whose selected epoch ranks best on validation, by the
+    trainer's own key (a defined select metric first, else -val_loss); a tie keeps the last
+    stage. Without validation records there is no evidence: the last stage."""
+    keys = []
+    for stage, model_dir, summary in runs:
+        history = json.loads((Path(model_dir) / "history.json").read_text())
+        rec = next((r for r in history if r.get("stage") == stage and r.get("epoch") == summary["best_epoch"]), None)
+        if rec is None or "val_loss" not in rec:
+            return runs[-1]
+        value = summary["best_value"] if summary["selected_by"] == summary["select_metric"] else None
+        keys.append((value is not None, value if value is not None else -rec["val_loss"]))
+    best = max(range(len(runs)), key=lambda i: (keys[i], i))
+    return runs[best]
 
 
 def score(model_dir: Path, prepared_dir: Path, params: dict, split: str) -> dict:
@@ -102,56 +137,70 @@ def score(model_dir: Path, prepared_dir: Path, params: dict, split: str) -> dict
     model = load_model(model_dir).to(device)
     loader = data.make_loader(prepared_dir, split, model.config_dict(), False, params)
     loss, labels, probs = run_eval(model, loader, device)
-    return {**classification_metrics(labels, probs, model.num_classes), "loss": loss}
+    return {**classification_metrics(labels, probs, model.num_classes), "loss": loss,
+            "_labels": [int(v) for v in labels], "_preds": [int(v) for v in probs.argmax(axis=1)],
+            "_classes": int(model.num_classes)}
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation of the defined values (NaN if none)."""
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return mean, std
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation of the defined values (NaN if none; std None for
+    one value: one seed has no spread to show)."""
+    d = st.describe(values)
+    return d["mean"], d["std"]
 
 
 def compare(params: dict, prepared_dir, out_dir, seeds=(0, 1, 2), methods=None,
             split: str = "test", progress: bool = False, tuned: dict | None = None,
-            tuned_for: str | None = None, track: bool = False) -> list[dict]:
+            tuned_for: str | None = None, track: bool = False, staged_selection: bool = True,
+            bootstrap: int = 0, confidence: float = st.CONFIDENCE) -> list[dict]:
     """Train every method for every seed on equal terms; write compare.csv (one row per
-    method and seed), summary.csv / summary.md / compare.json (mean and spread per method)
-    and compare.png into out_dir atomically, print the table and return the summary rows.
-    `track`: one MLflow parent run with the table and plot, a child run per method and seed."""
+    method and seed), summary.csv / summary.md / compare.json (mean, std and confidence
+    interval per method, the paired comparisons, the verdict) and compare.png into out_dir
+    atomically, print the table and return the summary rows.
+    `track`: one MLflow parent run with the table and plot, a child run per method and seed.
+    `bootstrap`: resamples of the test images for each comparison (0: seeds only)."""
     methods = list(methods or METHODS)
     unknown = [m for m in methods if m not in PLANS]
     if unknown:
         raise ParamsError(f"compare: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if not seeds:
         raise ParamsError("compare: give at least one seed")
+    if not 0 < confidence < 1:
+        raise ParamsError(f"compare: confidence must be between 0 and 1, got {confidence!r}")
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+        raise ParamsError(f"compare: bootstrap must be a number of resamples >= 0, got {bootstrap!r}")
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
     log = _tracker(params, prepared_dir, methods, seeds, split, tuned_for if tuned else None) if track else None
+    opts = {"split": split, "progress": progress, "tuned": tuned, "tuned_for": tuned_for,
+            "staged_selection": staged_selection}
     try:
         with atomic_dir(out_dir) as work:
             rows = []
-            for seed in seeds:
-                for method in methods:
+            for i, seed in enumerate(seeds):
+                for method in rotated(methods, i):
                     logger.info("[compare] seed %s: %s", seed, method)
-                    rows.append(_run_one(params, prepared_dir, work / f"seed{seed}", method, int(seed),
-                                         split, progress, tuned, tuned_for))
+                    rows.append(_run_one(params, prepared_dir, work / f"seed{seed}", method, int(seed), opts))
                     if log:
                         _log_row(log, rows[-1], split)
                 shutil.rmtree(work / f"seed{seed}", ignore_errors=True)
-            table = summarise(rows, methods)
-            _write_outputs(work, rows, table, params, split, tuned_for if tuned else None)
+            table = summarise(rows, methods, confidence)
+            stats = comparisons(rows, table, confidence, bootstrap)
+            _write_outputs(work, rows, table, stats, params, split, tuned_for if tuned else None)
     except BaseException:
         if log:
             log.fail()
         raise
     if log:
         log.finish([out_dir / f for f in ("summary.md", "summary.csv", "compare.csv", "compare.json", "compare.png")])
-    logger.info("%s", format_table(table, split, budget(params)))
+    logger.info("%s", format_table(table, split, budget(params), stats))
     logger.info("written to %s/ (summary.md, summary.csv, compare.csv, compare.json, compare.png)", out_dir)
     return table
+
+
+def rotated(items: list, i: int) -> list:
+    """`items` started at position i (mod len): the run order of the i-th seed."""
+    k = i % len(items)
+    return list(items[k:]) + list(items[:k])
 
 
 def _tracker(params: dict, prepared_dir: Path, methods, seeds, split: str, tuned_for):
@@ -165,39 +214,75 @@ def _tracker(params: dict, prepared_dir: Path, methods, seeds, split: str, tuned
 
 def _log_row(log, row: dict, split: str) -> None:
     name = f"{row['method']} seed {row['seed']}"
-    log.cell(name, name, {k: row[k] for k in ("method", "seed", "head_lr", "backbone_lr", "epochs", "tuned")},
+    log.cell(name, name, {k: row[k] for k in ("method", "seed", "head_lr", "backbone_lr", "epochs", "tuned",
+                                              "scored_stage")},
              {**{f"{split}_{k}": row[k] for k in SCORES}, "train_seconds": row["train_seconds"],
               "trainable_params": row["trainable_params"]})
 
 
-def _run_one(params, prepared_dir: Path, work: Path, method: str, seed: int, split: str,
-             progress: bool, tuned, tuned_for) -> dict:
+def _run_one(params, prepared_dir: Path, work: Path, method: str, seed: int, opts: dict) -> dict:
     from ..training import stage_plan
-    p = method_params(params, method, seed, tuned, tuned_for)
-    run = train_method(p, prepared_dir, work, method, progress)
-    m = score(run["model_dir"], prepared_dir, p, split)
+    p = method_params(params, method, seed, opts["tuned"], opts["tuned_for"])
+    run = train_method(p, prepared_dir, work, method, opts["progress"], opts["staged_selection"])
+    m = score(run["model_dir"], prepared_dir, p, opts["split"])
     rep = run["summary"]["param_report"]
     return {"method": method, "seed": seed, **{k: m.get(k, float("nan")) for k in SCORES},
             "trainable_params": rep["trainable"], "total_params": rep["total"],
             "epochs": sum(stage_plan(p, stage, mode)["epochs"] for mode, stage in PLANS[method]),
             "head_lr": p["train"]["lr"], "backbone_lr": p["train"]["lr"] * p["stage2"]["lr_factor"],
-            "tuned": bool(tuned) and tuned_for == PLANS[method][0][0],
-            "train_seconds": round(run["seconds"], 2)}
+            "tuned": bool(opts["tuned"]) and opts["tuned_for"] == PLANS[method][0][0],
+            "scored_stage": run["stage"], "train_seconds": round(run["seconds"], 2),
+            "_labels": m["_labels"], "_preds": m["_preds"], "_classes": m["_classes"]}
 
 
-def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
+def summarise(rows: list[dict], methods: list[str], confidence: float = st.CONFIDENCE) -> list[dict]:
     table = []
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         entry = {"method": method, "seeds": len(mine)}
         for k in SCORES:
-            entry[f"{k}_mean"], entry[f"{k}_std"] = mean_std([r[k] for r in mine])
+            d = st.describe([r[k] for r in mine], confidence)
+            entry.update({f"{k}_mean": d["mean"], f"{k}_std": d["std"], f"{k}_ci_low": d["ci_low"],
+                          f"{k}_ci_high": d["ci_high"]})
+        stages = [r["scored_stage"] for r in mine]
         entry.update({"trainable_params": mine[0]["trainable_params"],
                       "trainable_pct": 100.0 * mine[0]["trainable_params"] / mine[0]["total_params"],
                       "epochs": mine[0]["epochs"], "tuned": mine[0]["tuned"],
-                      "train_seconds_mean": mean_std([r["train_seconds"] for r in mine])[0]})
+                      "stage_won": {str(s): stages.count(s) for s in sorted(set(stages))},
+                      "train_seconds_mean": st.describe([r["train_seconds"] for r in mine])["mean"]})
         table.append(entry)
     return table
+
+
+def comparisons(rows: list[dict], table: list[dict], confidence: float = st.CONFIDENCE,
+                bootstrap: int = 0) -> dict:
+    """Every method against the reference (the best baseline by mean macro-F1, or the best
+    method when no baseline ran), paired on shared seeds, Holm-adjusted; with `bootstrap`
+    resamples, also the interval a different test set would give."""
+    ranked = sorted(table, key=lambda r: r[f"{PRIMARY}_mean"], reverse=True)
+    base = [r for r in ranked if r["method"] in BASELINES]
+    ref = (base or ranked)[0]["method"]
+    per = {r["method"]: {} for r in table}
+    for r in rows:
+        per[r["method"]][r["seed"]] = r[PRIMARY]
+    pairs = st.compare_to_reference(per, ref, confidence)
+    if bootstrap:
+        preds = {r["method"]: {} for r in table}
+        for r in rows:
+            preds[r["method"]][r["seed"]] = r["_preds"]
+        for c in pairs:
+            c["bootstrap"] = st.bootstrap_over_images(rows[0]["_labels"], preds[c["name"]], preds[ref],
+                                                      rows[0]["_classes"], PRIMARY, confidence, bootstrap)
+            b = c["bootstrap"]
+            c["verdict"] += (f"; over {b['images']} test images (bootstrap): {100 * confidence:g} % CI "
+                             f"[{b['ci_low']:+.4f}, {b['ci_high']:+.4f}]")
+    if len(table) == 1:
+        lines = [f"{ref}: one method, nothing to compare"]
+    else:
+        lines = [f"Paired on seeds, {PRIMARY}, each against {ref} ("
+                 + ("the best baseline" if base else "the best method") + "):"] + [c["verdict"] for c in pairs]
+    return {"metric": PRIMARY, "reference": ref, "confidence": confidence, "pairs": pairs,
+            "verdict": "\n".join(lines)}
 
 
 def budget_line(b: dict) -> str:
@@ -206,56 +291,73 @@ def budget_line(b: dict) -> str:
             "(full fine-tuning and every stage 2); time includes cache builds and every stage.")
 
 
-def format_table(table: list[dict], split: str = "test", b: dict | None = None) -> str:
+def format_table(table: list[dict], split: str = "test", b: dict | None = None, stats: dict | None = None) -> str:
+    pct = f"{100 * stats['confidence']:g} %" if stats else "95 %"
     head = (f"| method | seeds | {split} macro-F1 | {split} F1 of macro P,R (paper) | {split} accuracy | "
-            "trainable params | train time (s) |\n|---|---|---|---|---|---|---|")
-    lines = ([budget_line(b), ""] if b else []) + [head]
+            "scored stage | trainable params | train time (s) |\n|---|---|---|---|---|---|---|---|")
+    lines = ([budget_line(b), ""] if b else []) + [f"Cells: mean ± std [{pct} CI] over seeds; one seed: the value alone.",
+                                                    "", head]
     for r in table:
+        won = ", ".join(f"{s}: {n}" for s, n in r["stage_won"].items())
         lines.append(f"| {r['method']}{' (tuned)' if r['tuned'] else ''} | {r['seeds']} | "
-                     f"{r['macro_f1_mean']:.4f} ± {r['macro_f1_std']:.4f} | "
-                     f"{r['f1_macro_pr_mean']:.4f} ± {r['f1_macro_pr_std']:.4f} | "
-                     f"{r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f} | "
+                     f"{_cell(r, 'macro_f1')} | {_cell(r, 'f1_macro_pr')} | {_cell(r, 'accuracy')} | {won} | "
                      f"{r['trainable_params']:,} ({r['trainable_pct']:.1f} %) | {r['train_seconds_mean']:.1f} |")
+    if stats:
+        lines += ["", *stats["verdict"].splitlines()]
     return "\n".join(lines)
 
 
+def _cell(r: dict, k: str) -> str:
+    return st.format_mean({"n": r.get("seeds", 1), "mean": r[f"{k}_mean"], "std": r[f"{k}_std"],
+                           "ci_low": r[f"{k}_ci_low"], "ci_high": r[f"{k}_ci_high"]})
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
+    rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
 
 
-def _write_outputs(work: Path, rows, table, params: dict, split: str, tuned_for) -> None:
+def _write_outputs(work: Path, rows, table, stats: dict, params: dict, split: str, tuned_for) -> None:
     write_csv(work / "compare.csv", rows)
     write_csv(work / "summary.csv", table)
     m, b = params["model"], budget(params)
-    title = f"{m['backbone']}, K={m['num_centers']}, {split} split, mean ± std over seeds"
+    title = f"{m['backbone']}, K={m['num_centers']}, {split} split, over {table[0]['seeds']} seed(s)"
     metric_note = ("macro-F1: mean of per-class F1; paper F1: 2PR/(P+R) of macro precision P "
                    "and macro recall R.")
-    (work / "summary.md").write_text(f"# Method comparison\n\n{title}\n\n{format_table(table, split, b)}"
+    (work / "summary.md").write_text(f"# Method comparison\n\n{title}\n\n{format_table(table, split, b, stats)}"
                                      f"\n\n{metric_note}\n")
     write_json(work / "compare.json", {"backbone": m["backbone"], "split": split, "budget": b,
                                        "augment": params["train"]["augment"], "tuned_for": tuned_for,
-                                       "metrics": metric_note, "runs": rows, "summary": table})
-    _plot(work / "compare.png", table, title)
+                                       "metrics": metric_note,
+                                       "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+                                       "summary": table, "comparisons": stats, "verdict": stats["verdict"]})
+    _plot(work / "compare.png", table, title, stats["confidence"])
 
 
-def _plot(path: Path, table: list[dict], title: str) -> None:
+def ci_errors(table: list[dict], k: str) -> list[list[float]]:
+    """Asymmetric error bars from each row's confidence interval (0 where there is none)."""
+    lo = [r[f"{k}_mean"] - r[f"{k}_ci_low"] if r[f"{k}_ci_low"] is not None else 0.0 for r in table]
+    hi = [r[f"{k}_ci_high"] - r[f"{k}_mean"] if r[f"{k}_ci_high"] is not None else 0.0 for r in table]
+    return [lo, hi]
+
+
+def _plot(path: Path, table: list[dict], title: str, confidence: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 3.8), dpi=110)
     names = [r["method"] for r in table]
     means = [r["macro_f1_mean"] for r in table]
-    errs = [r["macro_f1_std"] for r in table]
     colors = ["#d9822b" if n.startswith("cla") else "#5b7fa6" for n in names]
-    bars = ax.bar(names, means, yerr=errs, capsize=4, color=colors)
+    bars = ax.bar(names, means, yerr=ci_errors(table, "macro_f1"), capsize=4, color=colors)
     for bar, r in zip(bars, table):
         ax.text(bar.get_x() + bar.get_width() / 2, 0.02, f"{r['trainable_pct']:.0f}%\ntrainable",
                 ha="center", va="bottom", fontsize=7, color="white")
     ax.set_ylim(0, 1)
-    ax.set_ylabel("macro-F1 (mean of per-class F1)")
+    ax.set_ylabel(f"macro-F1, mean and {100 * confidence:g} % CI")
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
