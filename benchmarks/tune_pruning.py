@@ -22,8 +22,9 @@ SETTINGS = [
     "model.backbone_kwargs={img_size: 16, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
     "model.rank=8", "train.batch_size=16", "train.warmup_epochs=0",
     "model.pretrained=false", "train.grad_clip=1.0",  # random weights, as before the paper's defaults
-    # stage 1 on one un-augmented cached backbone pass (tune.cache_views: 0)
-    "train.cache.views=null", "tune.cache_views=0",
+    # stage 1 on one un-augmented cached backbone pass, for the final run and every trial alike;
+    # no re-runs of the best trials (the same cost with and without the pruner)
+    "train.cache.views=0", "tune.rerun_top=0",
     "tune.startup_trials=4", "tune.pruner_startup_trials=3", "tune.pruner_warmup_steps=1",
     "tune.space=[{param: model.num_centers, choices: [5, 10, 20, 30, 50]}, "
     "{param: stage1.epochs, low: 2, high: 6}, {param: stage2.epochs, low: 0, high: 3}, "

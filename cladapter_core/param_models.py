@@ -368,12 +368,20 @@ class Tune(Section):
     startup_trials: Int = _f(5, "random trials before TPE models the results", ge=0)
     pruner: Literal[PRUNERS] = _f("median", "how trials that cannot win are stopped")
     pruner_startup_trials: Int = _f(3, "median/percentile: completed trials before any pruning", ge=0)
-    pruner_warmup_steps: Int = _f(2, "... and epochs a trial runs before it can be pruned", ge=0)
+    pruner_warmup_steps: Int = _f(2, "... and quarters of its stage-1 schedule a trial runs before "
+                                  "it can be pruned (trials are compared at 1/4, 2/4, 3/4 and the "
+                                  "end of stage 1, whatever its length)", ge=0)
     pruner_percentile: Number = _f(25.0, "percentile pruner: stop trials below this percentile",
                                    gt=0, lt=100)
-    cache_views: Optional[Int] = _f(0, "trials' stage-1 feature cache (train.cache.views when that "
-                                    "is null); null = off", ge=0,
-                                    must="null (cache off) or an integer >= 0")
+    cache_views: Optional[Int] = _f(None, "null: trials train as the final run does (train.cache."
+                                    "views); V: when train.cache.views is null, trials' stage 1 reads "
+                                    "max(V, its epochs) cached augmented views (the same images as no "
+                                    "cache, one backbone pass per view)", ge=1,
+                                    must="null (as the final run) or an integer >= 1")
+    rerun_top: Int = _f(3, "before best_params.yaml is written, the best this many trials train "
+                        "again on tune.rerun_seeds seeds and the best mean wins (0: off)", ge=0)
+    rerun_seeds: Int = _f(3, "seeds of each re-run: seed + 1, seed + 2, ... (not the search's own "
+                          "seed, whose value the selection biased upward)", ge=1)
     space: list[SpaceEntry] = _f(_default_space, "what a trial varies (empty: training needs none; "
                                  "`cladapter tune` refuses it)",
                                  must="a list of entries such as "

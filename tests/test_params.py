@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 # (15 is an int, 4.0 a float). Changed on purpose by "Honest experiments" (warm-up cap, cache
 # off by default, auto_promote, compare's learning rates), "Your own data" (data.intensity;
 # one experiment per dataset), "Trust the registry" (data.allow_outside_root), "A fair
-# verdict" (register.confidence, register.test) and "Declared
+# verdict" (register.confidence, register.test; tune.rerun_top, rerun_seeds, cache_views null:
+# trials in the final run's regime) and "Declared
 # once" (the defaults are the paper's recipe; the official augmentation's probabilities;
 # select_ties).
 SNAPSHOT = {
@@ -95,7 +96,9 @@ SNAPSHOT = {
              "pruner_startup_trials": 3,
              "pruner_warmup_steps": 2,
              "pruner_percentile": 25.0,
-             "cache_views": 0,
+             "cache_views": None,
+             "rerun_top": 3,
+             "rerun_seeds": 3,
              "space": [{"param": "model.num_centers", "choices": [5, 10, 20, 30, 50]},
                        {"param": "stage1.epochs", "low": 10, "high": 50},
                        {"param": "stage2.epochs", "low": 0, "high": 20},

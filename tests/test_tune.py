@@ -13,13 +13,15 @@ from cladapter_core.errors import ParamsError
 from cladapter_core.params import load_params, parse_overrides
 from cladapter_core.tune import (TuneError, check_space, finish_study, open_storage, open_study, suggest,
                                  trial_params, tune, tune_worker)
+from tiny import SMALL
 
-TINY = [
+TINY = SMALL + [
     "model.backbone=vit_tiny_patch16_224",
     "model.backbone_kwargs={img_size: 16, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
     "model.rank=8", "model.num_centers=4", "train.batch_size=16", "train.warmup_epochs=0",
     "train.lr=0.01", "stage1.epochs=2", "stage2.epochs=1", "train.cache.views=0",
     "tune.startup_trials=2", "tune.pruner_startup_trials=2", "tune.pruner_warmup_steps=1",
+    "tune.rerun_top=0",  # the re-runs have a test of their own
 ]
 SPACE = ("tune.space=[{param: model.num_centers, choices: [2, 4, 8]}, "
          "{param: stage1.epochs, low: 1, high: 2}, {param: stage2.lr_factor, choices: [0.1, 0.3]}]")
@@ -167,11 +169,11 @@ def test_median_pruner_stops_trials_that_cannot_win(prepared, workdir):
     trials = optuna.load_study(study_name="cladapter", storage=open_storage(params["tune"]["storage"])).trials
     states = [(t.params["train.lr"], t.state.name) for t in trials]
     assert states == [(0.01, "COMPLETE"), (0.01, "COMPLETE"), (1e-9, "PRUNED"), (1e-9, "PRUNED")]
-    # pruned at the first step after warm-up (0-based step 1: the second stage-1 epoch)
+    # pruned at the first step after warm-up (step 1: half of stage 1, its second epoch of 3)
     assert [t.user_attrs["epochs"] for t in trials] == [4, 4, 2, 2]
     assert all(max(t.intermediate_values) == 1 for t in trials[2:])
-    # the completed trials reported their 3 stage-1 epochs only: stage 2 never reaches the pruner
-    assert sorted(trials[0].intermediate_values) == [0, 1, 2]
+    # the completed trials reported the 4 quarters of stage 1 only: stage 2 never reaches the pruner
+    assert sorted(trials[0].intermediate_values) == [0, 1, 2, 3]
     assert result["pruned"] == 2 and result["epochs"] == 12
 
 
@@ -242,20 +244,83 @@ def test_space_choices_written_as_text_are_the_numbers_training_reads():
     assert p["train"]["lr"] in (1e-4, 1e-3) and load_params(None, p) == p
 
 
-def test_the_pruner_never_compares_a_stage_1_step_with_a_stage_2_step():
-    # Two trials whose stage 1 lasts 2 and 4 epochs: step k is always the (k+1)-th stage-1 epoch.
-    from cladapter_core.tune.trial import PruningCallback
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
-    for s1 in (2, 4):
+def test_the_pruner_compares_trials_at_the_same_fraction_of_stage_1():
+    """Step k is the k-th quarter of each trial's own stage 1, whatever its length, and
+    stage 2 never reports: a 12-epoch trial at its 2nd epoch (lr near the top of its cosine)
+    is not held against a 4-epoch one at its 2nd (half-way down)."""
+    from cladapter_core.tune.trial import PruningCallback, fraction_steps
+    assert [fraction_steps(e, 12) for e in range(1, 13)] == \
+        [[], [], [0], [], [], [1], [], [], [2], [], [], [3]]
+    assert [fraction_steps(e, 2) for e in (1, 2)] == [[0, 1], [2, 3]]
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    for s1 in (4, 12):  # both learn at the same pace per fraction of their schedule
         trial = study.ask()
         counter = {"epochs": 0}  # one per trial, shared by its stages (as run_trial does)
-        stage1 = PruningCallback(trial, 0, counter=counter)
+        stage1 = PruningCallback(trial, 0, counter=counter, epochs=s1)
         stage2 = PruningCallback(trial, s1, counter=counter, prune=False)
-        for e in range(1, s1 + 1):
-            stage1.on_epoch_end({"stage": 1, "epoch": e, "val_macro_f1": 0.1 * e})
+        for e in range(1, s1 + 1):  # TrialPruned here would fail the test
+            stage1.on_epoch_end({"stage": 1, "epoch": e, "val_macro_f1": e / s1})
         for e in range(1, 3):
-            stage2.on_epoch_end({"stage": 2, "epoch": e, "val_macro_f1": 0.9})
+            stage2.on_epoch_end({"stage": 2, "epoch": e, "val_macro_f1": 0.01})
         study.tell(trial, 0.9)
-    for t, s1 in zip(study.trials, (2, 4)):
-        assert t.intermediate_values == {k: pytest.approx(0.1 * (k + 1)) for k in range(s1)}
+    for t, s1 in zip(study.trials, (4, 12)):
+        assert t.state.name == "COMPLETE"
+        assert t.intermediate_values == {k: pytest.approx((k + 1) / 4) for k in range(4)}
         assert t.user_attrs["epochs"] == s1 + 2  # stage-2 epochs still count (and are logged)
+    # Reported by epoch index, as before, the long trial would have been pruned at its 2nd epoch.
+    old = optuna.create_study(direction="maximize", pruner=pruner)
+    short = old.ask()
+    for e in range(1, 5):
+        short.report(e / 4, e - 1)
+    old.tell(short, 0.9)
+    long = old.ask()
+    long.report(1 / 12, 0)
+    long.report(2 / 12, 1)
+    assert long.should_prune()
+
+
+def test_failed_trials_count_as_the_worst_value_and_the_worker_goes_on(prepared, workdir):
+    """A trial that diverges (a learning rate far too high) fails with the worst objective,
+    0, and its reason; the sampler learns from it and the worker runs the next trial."""
+    params = tiny("tune.space=[{param: train.lr, choices: [0.01, 1.0e+6]}]", "tune.pruner=none",
+                  "train.grad_clip=0.0", f"tune.storage=sqlite:///{workdir / 'study.db'}")
+    study = open_study(params)
+    for lr in (1.0e6, 0.01):
+        study.enqueue_trial({"train.lr": lr})
+    result = tune_worker(params, prepared, n_trials=2, track=False)
+    trials = optuna.load_study(study_name="cladapter", storage=open_storage(params["tune"]["storage"])).trials
+    assert trials[0].value == 0.0 and "non-finite" in trials[0].user_attrs["failed"]
+    assert trials[1].value > 0 and "failed" not in trials[1].user_attrs
+    assert result["failed"] == 1 and result["complete"] == 1
+    summary = finish_study(params, workdir / "out", track=False)
+    assert summary["best_trial"] == 1 and summary["failed"] == 1
+
+
+def test_the_best_trials_are_re_run_on_other_seeds_before_best_params_is_written(prepared, workdir):
+    params = tiny("tune.pruner=none", "tune.rerun_top=2", "tune.rerun_seeds=3", "seed=5",
+                  f"tune.storage=sqlite:///{workdir / 'study.db'}")
+    summary = tune(params, prepared, workdir / "out", n_trials=3, track=False)
+    reruns = summary["reruns"]
+    assert len(reruns) == 2 and all(r["seeds"] == [6, 7, 8] and len(r["values"]) == 3 for r in reruns)
+    for r in reruns:
+        assert r["mean"] == pytest.approx(sum(r["values"]) / 3) and r["std"] is not None
+    assert reruns[0]["mean"] >= reruns[1]["mean"] and summary["best_trial"] == reruns[0]["trial"]
+    text = (workdir / "out" / "best_params.yaml").read_text()
+    assert f"trial {reruns[0]['trial']}: search" in text and "seeds [6, 7, 8]: mean" in text
+    study = optuna.load_study(study_name="cladapter", storage=open_storage(params["tune"]["storage"]))
+    chosen = study.trials[summary["best_trial"]].params
+    assert yaml.safe_load(text)["model"]["num_centers"] == chosen["model.num_centers"]
+
+
+def test_trials_see_the_images_the_final_run_sees():
+    """tune.cache_views null (the default): a trial trains as the final run does; V: a cache
+    of at least one augmented view per stage-1 epoch; 0 (un-augmented features) is refused."""
+    assert load_params(None)["tune"]["cache_views"] is None
+    params = tiny("train.cache.views=null")
+    assert trial_params(params, {"stage1.epochs": 6})["train"]["cache"]["views"] is None
+    cached = tiny("train.cache.views=null", "tune.cache_views=2")
+    assert trial_params(cached, {"stage1.epochs": 6})["train"]["cache"]["views"] == 6
+    assert trial_params(cached, {"stage1.epochs": 1})["train"]["cache"]["views"] == 2
+    with pytest.raises(ParamsError, match=r"tune.cache_views: must be null \(as the final run\)"):
+        tiny("tune.cache_views=0")

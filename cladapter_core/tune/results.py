@@ -21,7 +21,7 @@ from .runs import end_study_run, log_results, study_run
 from ..settings import tracking_on
 from .space import format_value
 from .storage import load_study, normalize_storage, redact
-from .trial import OBJECTIVE
+from .trial import OBJECTIVE, outcome, rerun
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def study_table(study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         last = max(t.intermediate_values) if t.intermediate_values else None
-        rows.append({"number": t.number, "state": t.state.name, "value": t.value,
+        rows.append({"number": t.number, "state": outcome(t), "value": t.value,
                      "last_reported": t.intermediate_values.get(last) if last is not None else None,
                      "epochs": int(t.user_attrs.get("epochs", 0)), "worker": t.user_attrs.get("worker"),
                      "seconds": round(t.duration.total_seconds(), 3) if t.duration else None,
@@ -152,18 +152,54 @@ def write_figures(study, params: dict, out_dir: Path) -> dict:
 
 
 # -- the study's results -------------------------------------------------------------------------
-def _write_results(study, params: dict, out_dir: Path, rows: list[dict], count: dict, storage: str) -> dict:
-    """best_params.yaml, the pictures, summary.json and trials.csv; returns the summary."""
+def ranked(study) -> list:
+    """The completed trials, failed ones left out, best first."""
+    done = [t for t in study.get_trials(deepcopy=False) if outcome(t) == "COMPLETE" and t.value is not None]
+    return sorted(done, key=lambda t: (-t.value, t.number))
+
+
+def rerun_top(study, params: dict, prepared_dir) -> list[dict]:
+    """The best ``tune.rerun_top`` trials trained again on ``tune.rerun_seeds`` other
+    seeds: one search run per configuration partly picks noise (the winner's value is
+    biased upward), the mean of fresh seeds does not. Best mean first."""
+    import numpy as np
     t = params["tune"]
-    best = study.best_trial
-    header = (f"Best values of Optuna study '{study.study_name}' (trial {best.number} of {len(rows)}, "
-              f"validation macro-F1 {best.value:.4f}), written by `cladapter tune`.\n"
-              f"Training uses them when tune.use_best is true: "
+    seeds = [params["seed"] + i for i in range(1, t["rerun_seeds"] + 1)]
+    out = []
+    for trial in ranked(study)[:t["rerun_top"]]:
+        log.info("re-running trial %d on seeds %s", trial.number, seeds)
+        values = rerun(params, prepared_dir, dict(trial.params), seeds)
+        out.append({"trial": trial.number, "search_value": trial.value, "seeds": seeds, "values": values,
+                    "mean": float(np.mean(values)),
+                    "std": float(np.std(values, ddof=1)) if len(values) > 1 else None})
+    return sorted(out, key=lambda r: (-r["mean"], -r["search_value"]))
+
+
+def _rerun_lines(reruns: list[dict]) -> str:
+    return "".join(f"\n  trial {r['trial']}: search {r['search_value']:.4f}; seeds {r['seeds']}: mean "
+                   f"{r['mean']:.4f}" + (f" +- {r['std']:.4f} (std)" if r["std"] is not None else "")
+                   for r in reruns)
+
+
+def _write_results(study, params: dict, out_dir: Path, rows: list[dict], count: dict, storage: str,
+                   reruns) -> dict:
+    """best_params.yaml, the pictures, summary.json and trials.csv; returns the summary.
+    `reruns`: what `rerun_top` found (the best mean wins), or why there are none."""
+    t = params["tune"]
+    top = ranked(study)
+    rerun_ok = isinstance(reruns, list) and bool(reruns)
+    chosen = next(tr for tr in top if tr.number == reruns[0]["trial"]) if rerun_ok else top[0]
+    how = ("the best mean of the re-runs:" + _rerun_lines(reruns)) if rerun_ok else \
+        "the best search value (no re-runs)"
+    header = (f"Best values of Optuna study '{study.study_name}' (trial {chosen.number} of {len(rows)}, "
+              f"validation macro-F1 {chosen.value:.4f} in the search), written by `cladapter tune`, "
+              f"chosen by {how}\nTraining uses them when tune.use_best is true: "
               f"defaults < params.yaml < this file < -S flags.")
-    best_path = write_best_params(out_dir / BEST_FILE, dict(best.params), header)
+    best_path = write_best_params(out_dir / BEST_FILE, dict(chosen.params), header)
     figures = write_figures(study, params, out_dir)
     summary = {"study_name": study.study_name, "storage": redact(normalize_storage(storage)),
-               "best_value": best.value, "best_trial": best.number, "best_params": dict(best.params),
+               "best_value": chosen.value, "best_trial": chosen.number, "best_params": dict(chosen.params),
+               "reruns": reruns,
                "best_params_file": str(best_path), "objective": OBJECTIVE,
                "n_trials": len(rows), "complete": count["COMPLETE"], "pruned": count["PRUNED"],
                "failed": count["FAIL"], "running": count["RUNNING"],
@@ -175,12 +211,13 @@ def _write_results(study, params: dict, out_dir: Path, rows: list[dict], count: 
 
 
 def finish_study(params: dict, out_dir, study_name: str | None = None, storage: str | None = None, *,
-                 track: bool = True, study_run_id: str | None = None) -> dict:
+                 track: bool = True, study_run_id: str | None = None, prepared_dir=None) -> dict:
     """Write the study's results into `out_dir` (each file atomically):
     ``best_params.yaml`` (the best trial's values, the file training reads with
     ``tune.use_best``), ``summary.json``, ``trials.csv`` and the pictures; log them on the
-    session's study run and close it. Returns the summary. TuneError when no trial
-    completed."""
+    session's study run and close it. With `prepared_dir`, the best ``tune.rerun_top``
+    trials are first trained again on ``tune.rerun_seeds`` seeds and the best mean wins.
+    Returns the summary. TuneError when no trial completed."""
     name = study_name or params["tune"]["study_name"]
     storage = storage or params["tune"]["storage"]
     out_dir = Path(out_dir)
@@ -197,14 +234,20 @@ def finish_study(params: dict, out_dir, study_name: str | None = None, storage: 
         raise TuneError(f"study {name!r} on {redact(storage)}: no trial completed "
                         f"({count['PRUNED']} pruned, {count['FAIL']} failed, of {len(rows)}); "
                         "widen tune.space, lower tune.pruner_startup_trials' strictness or run more trials")
-    summary = _write_results(study, params, out_dir, rows, count, storage)
+    if not params["tune"]["rerun_top"]:
+        reruns = "off (tune.rerun_top: 0)"
+    elif prepared_dir is None:
+        reruns = "skipped: this step has no prepared data to train on"
+        log.warning("best trial chosen by its single search run: %s", reruns)
+    else:
+        reruns = rerun_top(study, params, prepared_dir)
+    summary = _write_results(study, params, out_dir, rows, count, storage, reruns)
     if run_id is not None:
         log_results(run_id, out_dir, summary)
         end_study_run(run_id, "FINISHED", close=True)
         summary["mlflow_run_id"] = run_id
-    best = study.best_trial
-    log.info("best: trial %d, val macro-F1 %.4f: %s", best.number, best.value,
-             ", ".join(f"{k}={format_value(v)}" for k, v in best.params.items()))
+    log.info("best: trial %d, val macro-F1 %.4f in the search: %s", summary["best_trial"],
+             summary["best_value"], ", ".join(f"{k}={format_value(v)}" for k, v in summary["best_params"].items()))
     log.info("%d trials (%d completed, %d pruned, %d failed), %s epochs; best params -> %s", len(rows),
              count["COMPLETE"], count["PRUNED"], count["FAIL"], summary["epochs"], summary["best_params_file"])
     return summary

@@ -16,15 +16,17 @@ from ..errors import TuneError
 
 
 def trial_params(params: dict, values: dict) -> dict:
-    """The params of one trial: a copy of `params` with the dotted `values` set and the
-    stage-1 feature cache on when ``tune.cache_views`` asks for it."""
+    """The params of one trial: a copy of `params` with the dotted `values` set and, when
+    ``tune.cache_views`` asks for it (and ``train.cache.views`` is null), the stage-1 feature
+    cache on with at least one augmented view per epoch: the trial sees the images the final
+    run sees, only cached."""
     p = copy.deepcopy(params)
     for k, v in values.items():
         set_dotted(p, k, v)
     views = (p.get("tune") or {}).get("cache_views")
     cache = p["train"].setdefault("cache", {})
     if views is not None and cache.get("views") is None:
-        cache["views"] = views
+        cache["views"] = max(views, p["stage1"]["epochs"])
     return p
 
 

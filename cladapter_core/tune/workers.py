@@ -19,7 +19,7 @@ from ..console import LOGGER, configure
 from ..settings import tracking_on
 from .space import check_space
 from .storage import open_study, redact
-from .trial import run_trial, trial_line
+from .trial import outcome, run_trial, trial_line
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def tune_worker(params: dict, prepared_dir, study_name: str | None = None, stora
     study.optimize(objective, n_trials=n_trials or params["tune"]["n_trials"], timeout=timeout,
                    catch=(TrainingError,), callbacks=[report])
     done = [t for t in study.get_trials(deepcopy=False) if t.number in set(mine)]
-    count = {s: sum(t.state.name == s for t in done) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    count = {s: sum(outcome(t) == s for t in done) for s in ("COMPLETE", "PRUNED", "FAIL")}
     return {"worker": worker_index, "trials": sorted(mine), "complete": count["COMPLETE"],
             "pruned": count["PRUNED"], "failed": count["FAIL"],
             "epochs": sum(int(t.user_attrs.get("epochs", 0)) for t in done)}
@@ -154,6 +154,7 @@ def tune(params: dict, prepared_dir, out_dir, *, n_trials: int | None = None, ti
         if run_id is not None:
             end_study_run(run_id, "FAILED", close=False)
         raise
-    summary = finish_study(params, out_dir, name, storage, track=track, study_run_id=run_id)
+    summary = finish_study(params, out_dir, name, storage, track=track, study_run_id=run_id,
+                           prepared_dir=prepared_dir)
     summary["workers"] = results
     return summary
