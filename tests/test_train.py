@@ -65,6 +65,29 @@ def test_baselines_through_the_same_loop(prepared, tmp_path, mode, stages):
         assert s["param_report"]["trainable"] == s["param_report"]["head"]
     if mode == "full":
         assert s["epochs_run"] == 3  # stage1 + stage2 epochs in one stage
+        # the backbone at its lr (as every stage 2), the new head at the head's (as every stage 1)
+        lr = params["train"]["lr"]
+        assert s["lr"] == pytest.approx(lr * params["stage2"]["lr_factor"]) and s["head_lr"] == lr
+
+
+def test_full_fine_tuning_trains_its_head_at_the_head_lr():
+    """`full` puts the backbone and the rest in two parameter groups: a random head at
+    lr / 10 (the backbone's) would tilt every comparison against it."""
+    from cladapter_core.model import build_model
+    from cladapter_core.params import model_kwargs
+    from cladapter_core.training import make_optimizer, stage_plan
+    params = tiny_params("train.lr=0.01", "stage2.lr_factor=0.1")
+    plan = stage_plan(params, 1, "full")
+    assert (plan["lr"], plan["head_lr"]) == (pytest.approx(0.001), 0.01)
+    model = build_model(num_classes=3, **{**model_kwargs(params), "mode": "full"}).set_stage(2)
+    opt = make_optimizer(params, model, plan["lr"], plan["head_lr"])
+    backbone, rest = opt.param_groups
+    assert backbone["lr"] == pytest.approx(0.001) and rest["lr"] == 0.01
+    ids = {id(p) for p in model.backbone.parameters()}
+    assert {id(p) for p in backbone["params"]} == ids and not {id(p) for p in rest["params"]} & ids
+    assert {id(p) for p in rest["params"]} >= {id(p) for p in model.head.parameters()}
+    for stage, mode in ((1, "cla"), (2, "cla"), (2, "lp-ft"), (1, "linear")):
+        assert "head_lr" not in stage_plan(params, stage, mode)  # one lr, as before
 
 
 def test_resume_mid_epoch_gives_identical_weights(prepared, tmp_path):

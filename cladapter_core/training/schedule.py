@@ -7,8 +7,10 @@ Modes and stages:
 - ``lp-ft`` the same two stages without an adapter (linear probe, then full fine-tuning).
 - ``linear`` one stage, backbone frozen, head on the pooled feature (stage1.epochs).
 - ``linear-mean`` the same on the mean of the backbone's tokens (CLAdapter's pooling).
-- ``full``  one stage, everything trained from the start (stage1.epochs + stage2.epochs),
-            at the backbone's learning rate lr * stage2.lr_factor, like every stage 2.
+- ``full``  one stage, everything trained from the start (stage1.epochs + stage2.epochs):
+            the backbone at its learning rate lr * stage2.lr_factor, like every stage 2, and
+            the new, random head at the head's ``train.lr``, like every stage 1 (two
+            parameter groups; one schedule scales both).
 """
 from __future__ import annotations
 
@@ -34,9 +36,11 @@ def stage_plan(params: dict, stage: int, mode: str) -> dict:
         return {"epochs": s2, "lr": lr * factor, "freeze": False}
     if mode in FROZEN_MODES:
         return {"epochs": s1, "lr": lr, "freeze": True}
-    # full: everything trains from the start, so the backbone's learning rate, the same as
-    # every stage 2's (a pretrained backbone at the head's lr would be unfair to it).
-    return {"epochs": s1 + s2, "lr": lr * factor, "freeze": False}
+    # full: everything trains from the start: the backbone at its learning rate, the same as
+    # every stage 2's (a pretrained backbone at the head's lr would be unfair to it), the
+    # random head at the head's, the same as every stage 1's (at lr / 10 it would be unfair
+    # to the head).
+    return {"epochs": s1 + s2, "lr": lr * factor, "head_lr": lr, "freeze": False}
 
 
 def freezes_norm_stats(t: dict, world: int = 1) -> bool:
@@ -64,13 +68,20 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
-def make_optimizer(params: dict, model: torch.nn.Module, lr: float):
+def make_optimizer(params: dict, model: torch.nn.Module, lr: float, head_lr: float | None = None):
+    """The optimizer over the trainable parameters at `lr`; with `head_lr`, two groups: the
+    backbone's at `lr` (group 0) and everything else (adapter, head) at `head_lr`."""
     t = params["train"]
     trainable = [p for p in model.parameters() if p.requires_grad]
+    groups: list = trainable
+    if head_lr is not None:
+        backbone = {id(p) for p in model.backbone.parameters()}
+        groups = [{"params": [p for p in trainable if id(p) in backbone], "lr": lr},
+                  {"params": [p for p in trainable if id(p) not in backbone], "lr": head_lr}]
     if t["optimizer"] == "sgd":
-        return torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=t["weight_decay"])
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=t["weight_decay"])
     cls = torch.optim.AdamW if t["optimizer"] == "adamw" else torch.optim.Adam
-    return cls(trainable, lr=lr, weight_decay=t["weight_decay"])
+    return cls(groups, lr=lr, weight_decay=t["weight_decay"])
 
 
 def check_request(stage: int, mode: str, init_from, prepared_dir: Path) -> None:

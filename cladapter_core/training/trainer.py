@@ -185,7 +185,7 @@ class Trainer:
                  info["views"], info["bytes"] / 2**20, info["seconds"])
 
     def build_optimizer(self) -> None:
-        self.optimizer = make_optimizer(self.params, self.model, self.plan["lr"])
+        self.optimizer = make_optimizer(self.params, self.model, self.plan["lr"], self.plan.get("head_lr"))
         steps_per_epoch = math.ceil(len(self.sampler) / self.t["grad_accum"])
         total_steps = max(1, self.plan["epochs"] * steps_per_epoch)
         self.warmup = warmup_steps(self.t["warmup_epochs"], steps_per_epoch, total_steps,
@@ -248,13 +248,15 @@ class Trainer:
         self.info = {"params": self.params, "stage": self.stage, "mode": self.mode, "out_dir": str(self.out_dir),
                      "prepared_dir": str(self.prepared_dir),
                      "param_report": self.model.param_report(), "epochs": self.plan["epochs"],
-                     "lr": self.plan["lr"], "device": str(self.device), "world_size": self.world,
+                     "lr": self.plan["lr"], "head_lr": self.plan.get("head_lr"),
+                     "device": str(self.device), "world_size": self.world,
                      "batchnorm": self._batchnorm_rule()}
         self._callbacks("on_train_start", self.info)
         if self.rank == 0:
             rep = self.info["param_report"]
-            log.info("stage %d (%s): %d epochs, lr %g, %s of %s parameters trainable, on %s%s", self.stage,
-                     self.mode, self.plan["epochs"], self.plan["lr"], f"{rep['trainable']:,}", f"{rep['total']:,}",
+            lr = f"{self.plan['lr']:g}" + (f" (head {self.plan['head_lr']:g})" if self.plan.get("head_lr") else "")
+            log.info("stage %d (%s): %d epochs, lr %s, %s of %s parameters trainable, on %s%s", self.stage,
+                     self.mode, self.plan["epochs"], lr, f"{rep['trainable']:,}", f"{rep['total']:,}",
                      self.device, f", BatchNorm statistics {self.info['batchnorm']}" if self.info["batchnorm"] else "")
 
     def _batchnorm_rule(self) -> str | None:
@@ -441,5 +443,6 @@ class Trainer:
                 "selected_by": self.t["select_metric"] if s.best_key[0] else "neg_loss (select metric undefined)",
                 "warmup_steps": self.warmup,
                 "stopped_early": s.stopped_early, "param_report": self.model.param_report(),
-                "lr": self.plan["lr"], "batchnorm": self.info["batchnorm"], "init_from": str(self.init_from) if self.init_from else None,
+                "lr": self.plan["lr"], "head_lr": self.plan.get("head_lr"), "batchnorm": self.info["batchnorm"],
+                "init_from": str(self.init_from) if self.init_from else None,
                 "seconds": round(sum(r["seconds"] for r in s.history), 3), "cache": self.cache_info}
