@@ -391,7 +391,7 @@ def test_skip_invalid_leaves_bad_files_out(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_source", "empty_class", "single_class", "no_class_folders", "mixed_2d_3d"])
-def test_bad_sources(tmp_path, case):
+def test_an_unusable_source_is_refused_with_what_is_wrong(tmp_path, case):
     src = tmp_path / "src"
     if case == "missing_source":
         expect = "does not exist"

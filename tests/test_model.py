@@ -227,7 +227,7 @@ def test_pickled_code_is_refused(tmp_path):
         build_model("resnet18", 2, checkpoint=str(tmp_path / "evil.pt"), pretrained=False)
 
 
-def test_clear_errors():
+def test_bad_model_options_are_refused_naming_the_option_and_the_value():
     with pytest.raises(ModelError, match="vit_base_patch16_224"):
         build_model("vit_base_patch16_244", 2, pretrained=False)
     with pytest.raises(ModelError, match="model.num_centers: must be an integer >= 1, got 0"):
