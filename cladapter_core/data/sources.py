@@ -63,13 +63,25 @@ class _Containment:
 
     def __init__(self, root: Path, allow: bool):
         self.root, self.real_root, self.allow = root, Path(os.path.realpath(root)), allow
+        self._inside = str(self.real_root).rstrip(os.sep) + os.sep
+        self._real_dirs: dict[str, str] = {}  # folder -> its real path: one resolve per folder
         self.problems: list[str] = []
         self.outside: list[str] = []
 
+    def _real(self, path: Path) -> str:
+        folder, name = os.path.split(str(path))
+        if name in ("", ".", ".."):
+            return os.path.realpath(path)
+        real_folder = self._real_dirs.get(folder)
+        if real_folder is None:
+            real_folder = self._real_dirs[folder] = os.path.realpath(folder or ".")
+        real = os.path.join(real_folder, name)
+        return os.path.realpath(real) if os.path.islink(real) else real
+
     def check(self, path: Path, what: str) -> None:
-        real = Path(os.path.realpath(path))
-        if real != self.real_root and not real.is_relative_to(self.real_root):
-            self.outside.append(str(real))
+        real = self._real(path)
+        if real != str(self.real_root) and not real.startswith(self._inside):
+            self.outside.append(real)
             self.problems.append(f"{what} -> {real}")
 
     def raise_unless_allowed(self, source: Path) -> list[str]:
