@@ -1,0 +1,96 @@
+"""`cladapter-auth`: MLflow's basic-auth app plus the promoter rule.
+
+Started as ``mlflow server --app-name cladapter-auth`` (the ``mlflow.app`` entry point).
+MLflow's basic-auth app authenticates every request (HTTP basic, users and per-resource
+permissions in its own database); it asks the same permission, EDIT on the registered
+model, to create a version and to move an alias, and gives the creator of a model MANAGE
+on it. So a pipeline identity able to register versions could also move ``champion``. This
+app adds one rule, checked after MLflow's own: the operations that change what is served
+are for promoters only (users named in ``CLADAPTER_PROMOTERS``, and MLflow admins):
+
+- set or delete a protected alias (``CLADAPTER_PROTECTED_ALIASES``, default ``champion``);
+- delete or rename a registered model;
+- delete, update, re-stage or (un)tag a version a protected alias points at, and write or
+  delete a ``promotion.*`` tag (the evidence of a promotion) on any version;
+- create (or rename an experiment into) the promotion-lock experiment
+  (``CLADAPTER_LOCK_EXPERIMENT``), so its creator, who gets MANAGE on it, is a promoter and
+  pipeline identities can only read the lock.
+
+Everyone else gets 403 with a message saying so, whatever their permission on the model.
+MLflow's GraphQL endpoint has no registry mutation (one test echo), so nothing to guard there.
+
+Settings (environment of the server process):
+``CLADAPTER_AUTH_DATABASE_URI``: the auth database, overriding ``database_uri`` of MLflow's
+auth config file (which holds no secret then, and the URI can come from a Secret);
+MLflow's own ``MLFLOW_AUTH_ADMIN_USERNAME``/``MLFLOW_AUTH_ADMIN_PASSWORD``,
+``MLFLOW_FLASK_SERVER_SECRET_KEY`` and ``MLFLOW_AUTH_CONFIG_PATH`` apply unchanged.
+
+This package imports MLflow only (it runs in the small server image, without torch) and
+nothing of `cladapter_core`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+PROMOTERS_ENV = "CLADAPTER_PROMOTERS"
+ALIASES_ENV = "CLADAPTER_PROTECTED_ALIASES"
+LOCK_EXPERIMENT_ENV = "CLADAPTER_LOCK_EXPERIMENT"
+DATABASE_URI_ENV = "CLADAPTER_AUTH_DATABASE_URI"
+# Equal to cladapter_core.registry.versions.CHAMPION / LOCK_EXPERIMENT (tests/test_auth.py).
+DEFAULT_ALIASES = "champion"
+DEFAULT_LOCK_EXPERIMENT = "cladapter-promotion-locks"
+EVIDENCE_TAG_PREFIX = "promotion."
+
+
+@dataclass(frozen=True)
+class Rules:
+    promoters: frozenset[str]
+    aliases: frozenset[str]          # casefolded: a case-insensitive database must not
+    lock_experiment: str             # let `Champion` through
+
+    @classmethod
+    def from_env(cls, env=None) -> "Rules":
+        env = os.environ if env is None else env
+
+        def names(key: str, default: str = "") -> list[str]:
+            return [n.strip() for n in env.get(key, default).split(",") if n.strip()]
+        aliases = names(ALIASES_ENV, DEFAULT_ALIASES)
+        if not aliases:
+            raise ValueError(f"{ALIASES_ENV} is set but names no alias: it must name the "
+                             "alias(es) only promoters may move, e.g. 'champion'")
+        return cls(promoters=frozenset(names(PROMOTERS_ENV)),
+                   aliases=frozenset(a.casefold() for a in aliases),
+                   lock_experiment=env.get(LOCK_EXPERIMENT_ENV, "").strip() or DEFAULT_LOCK_EXPERIMENT)
+
+    def protected(self, alias: str | None) -> bool:
+        return bool(alias) and alias.casefold() in self.aliases
+
+
+def _use_database_uri() -> None:
+    """Point MLflow's auth config at CLADAPTER_AUTH_DATABASE_URI (read before the store starts)."""
+    uri = os.environ.get(DATABASE_URI_ENV, "").strip()
+    if not uri:
+        return
+    from mlflow.server import auth
+    auth.auth_config = auth.auth_config._replace(database_uri=uri)
+
+
+def create_app(app=None):
+    """The MLflow server app: basic auth, then the promoter rule (a Flask before_request that
+    runs after MLflow's, so requests reaching it are authenticated)."""
+    rules = Rules.from_env()
+    _use_database_uri()
+    from mlflow.server import app as flask_app
+    from mlflow.server.auth import create_app as basic_auth_app
+
+    from .rules import guard
+    flask_app = app if app is not None else flask_app
+    served = basic_auth_app(flask_app)
+    flask_app.before_request(guard(rules))
+    log.info("cladapter-auth: promoters %s; protected aliases %s; lock experiment %r",
+             sorted(rules.promoters) or "(admins only)", sorted(rules.aliases), rules.lock_experiment)
+    return served
