@@ -103,6 +103,11 @@ INTEGRATION_TESTS = {
     "test_install.py::test_the_installed_package_renders_every_template",
     "test_install.py::test_a_step_as_uid_10001_stops_on_a_root_owned_scratch",
     "faults/test_fault_services.py::test_s3_errors_are_retried_with_backoff_then_reported",
+    # the registry: a lock held 3x its staleness by another process, registrations that wait
+    "test_registry.py::test_a_slow_holder_renews_its_lock_and_the_next_promoter_waits_or_fails_clearly",
+    "test_registry.py::test_a_registration_in_progress_is_waited_for_not_deleted",
+    "test_integrity.py::test_the_record_covers_every_file_and_is_what_sha256sum_checks",
+    "test_integrity.py::test_a_version_without_a_record_is_not_loaded",
     # the KServe SDK's API types (a PyPI download on first use)
     "test_serving.py::test_the_inference_service_renders_and_validates",
     "test_serving.py::test_the_validator_refuses_broken_inference_services",

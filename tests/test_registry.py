@@ -11,6 +11,7 @@ import pytest
 
 from cladapter_core import identity, registry, tracking
 from cladapter_core.errors import TrackingError
+from cladapter_core.registry import owners
 from fixtures_services import CLASS_NAMES, s3_client, tracked_params, write_metrics
 from helpers import REPO
 
@@ -79,18 +80,63 @@ def test_a_half_made_version_left_by_a_killed_process_is_replaced(embedded_mlflo
     name = _name("halfmade")
     params = tracked_params(name)
     ev = write_metrics(tmp_path / "eval", macro_f1=0.6)
-    # What a register killed after creating the version (before its alias) leaves behind.
+    # What a register killed after creating the version (before its alias) leaves behind:
+    # its maker, a process on this machine, is gone.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
     with tracking.stage_run(params, "register"):
         uri = tracking.log_model(tiny_model_dirs[2])
     mlflow.register_model(uri, name, tags={
         "model_hash": identity.content_hash(tiny_model_dirs[2]), registry.STATE_TAG: "pending",
-        "metric.macro_f1": "0.6"})
+        registry.OWNER_TAG: f"{owners.host()}:{dead}:0badf00d", "metric.macro_f1": "0.6"})
     with pytest.raises(TrackingError, match="half-made registration"):
         registry.promote(params, version=1)
     done = registry.register(tiny_model_dirs[2], ev, params)
     assert done["created"] and done["version"] == 2
     assert _versions(name) == [2]
     assert done["tags"][registry.STATE_TAG] == "complete" and done["aliases"] == ["challenger"]
+
+
+def test_a_registration_in_progress_is_waited_for_not_deleted(embedded_mlflow, tiny_model_dirs, tmp_path):
+    """Two runs of one commit register the same weights at once: the second finds the
+    first's version still pending, waits for it and returns it, instead of deleting it (which
+    failed the first run). A pending version whose maker is unknown is deleted only once
+    older than the configured age."""
+    import threading
+    import time
+
+    import mlflow
+    name = _name("twice")
+    params = tracked_params(name)
+    ev = write_metrics(tmp_path / "eval", macro_f1=0.6)
+    with tracking.stage_run(params, "register"):  # the first run, between its version and "complete"
+        uri = tracking.log_model(tiny_model_dirs[0])
+    mlflow.register_model(uri, name, tags={
+        "model_hash": identity.content_hash(tiny_model_dirs[0]), registry.STATE_TAG: "pending",
+        registry.OWNER_TAG: owners.new_owner(), "metric.macro_f1": "0.6"})  # alive: this process
+    second = {}
+    thread = threading.Thread(target=lambda: second.update(registry.register(tiny_model_dirs[0], ev, params)))
+    thread.start()
+    time.sleep(3)
+    assert thread.is_alive() and _versions(name) == [1]  # waiting, nothing deleted
+    _client().set_model_version_tag(name, "1", registry.STATE_TAG, "complete")  # the first one ends
+    thread.join(timeout=60)
+    assert (second["version"], second["created"]) == (1, False) and _versions(name) == [1]
+
+    # Left by a register of an older cladapter (no maker recorded): waited for while young...
+    other = _name("orphan")
+    with tracking.stage_run(params, "register"):
+        uri = tracking.log_model(tiny_model_dirs[1])
+    mlflow.register_model(uri, other, tags={"model_hash": identity.content_hash(tiny_model_dirs[1]),
+                                            registry.STATE_TAG: "pending"})
+    done = {}
+    thread = threading.Thread(target=lambda: done.update(registry.register(
+        tiny_model_dirs[1], ev, tracked_params(other), stale_pending_after=4.0)))
+    thread.start()
+    time.sleep(1.5)
+    assert thread.is_alive() and _versions(other) == [1]
+    thread.join(timeout=120)  # ...deleted once older than the configured age, and registered anew
+    assert done["created"] and done["version"] == 2 and _versions(other) == [2]
 
 
 # -- promote ----------------------------------------------------------------------------
@@ -170,6 +216,78 @@ def test_a_held_promotion_lock_blocks_and_a_stale_one_is_broken(embedded_mlflow,
     assert sorted(k for k in slots if k.startswith("lock.")) == ["lock.1", "lock.2", "lock.3"]
     assert all(f"release.{n}" in slots for n in (1, 2, 3)), slots
     assert slots["release.1"].startswith("broken by "), slots  # its holder's own release came late
+
+
+SLOW_HOLDER = textwrap.dedent("""
+    import sys, time
+    from cladapter_core import registry
+    name, stale = sys.argv[1], float(sys.argv[2])
+    with registry.promotion_lock(name, stale_after=stale) as held:
+        print("holding", held, flush=True)
+        time.sleep(3 * stale)   # a promotion three times longer than the staleness
+        held.confirm()          # what promote does before it writes: still ours
+        print("confirmed", flush=True)
+""")
+
+
+def _lock_slots(name) -> dict:
+    client = _client()
+    exp = client.get_experiment_by_name(registry.LOCK_EXPERIMENT)
+    (lock,) = client.search_runs([exp.experiment_id], f"tags.`{registry.LOCK_FOR_TAG}` = '{name}'")
+    return lock.data.params
+
+
+def test_a_slow_holder_renews_its_lock_and_the_next_promoter_waits_or_fails_clearly(
+        embedded_mlflow, tmp_path):
+    """The holder is another process that holds 3x the staleness (2 s here, 120 s by
+    default): its renewals keep the lock; a promoter that cannot wait fails naming it, one
+    that waits gets the lock once it is released, never by breaking it."""
+    import os
+    import time
+    name, stale = _name("slow"), 2.0
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
+    holder = subprocess.Popen([sys.executable, "-c", SLOW_HOLDER, name, str(stale)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        owner = holder.stdout.readline().split()[-1]  # it holds the lock now
+        assert owner, holder.stderr.read()[-3000:]
+        taken = time.monotonic()
+        with pytest.raises(TrackingError, match=rf"another promotion holds the lock \({owner}, renewed "
+                                                r"[0-9]s ago.*parameter lock\.1"):
+            with registry.promotion_lock(name, timeout=2 * stale, stale_after=stale):
+                pass
+        assert time.monotonic() - taken > stale  # it did wait past the staleness, in vain
+        with registry.promotion_lock(name, timeout=60, stale_after=stale) as second:
+            waited = time.monotonic() - taken
+            assert _lock_slots(name)["release.1"] == owner  # its holder had released it first
+        out, err = holder.communicate(timeout=60)
+    finally:
+        holder.kill()
+    assert holder.returncode == 0 and "confirmed" in out, err[-3000:]
+    assert waited >= 3 * stale - 1
+    slots = _lock_slots(name)
+    assert slots["release.1"] == owner  # released by its holder, not "broken by" anyone
+    assert slots["lock.2"].startswith(second) and slots["release.2"] == second
+
+
+def test_a_holder_that_lost_its_lock_is_stopped_before_it_writes(embedded_mlflow):
+    """A holder that stalled past another promoter's staleness (no renewal landed: here its
+    renewal interval is far longer) has lost the lock: `confirm`, which `promote` calls
+    before it changes anything, refuses."""
+    import contextlib
+    import time
+    name = _name("stolen")
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(registry.promotion_lock(name, stale_after=600))
+        first.confirm()  # held and renewed: fine
+        time.sleep(0.6)
+        with registry.promotion_lock(name, timeout=5, stale_after=0.5) as second:
+            with pytest.raises(TrackingError, match=r"no longer holds its lock \(slot lock\.1 .* "
+                                                    r"released by another: 'broken by .*nothing was changed"):
+                first.confirm()
+            second.confirm()
+    slots = _lock_slots(name)
+    assert slots["release.1"].startswith(f"broken by {second}") and slots["release.2"] == second
 
 
 # -- lineage ----------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def test_predict_from_the_champion_equals_predict_from_its_folder(champion, tiny
     assert len(by_folder.read_text().splitlines()) == 6
     # The version pinned: the same model, from the cache (downloaded once).
     folder, mv = registry.resolve_model(f"models:/{champion}/1")
-    assert mv["version"] == 1 and folder.parent == tmp_path / "model-cache"
+    assert mv["version"] == 1 and tmp_path / "model-cache" in folder.parents
     assert identity.content_hash(folder) == identity.content_hash(tiny_model_dirs[0])
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert cli.main(["predict", "--model", f"models:/{champion}/1", str(images), "--out", str(by_version)]) == 0
@@ -127,7 +127,10 @@ def test_evaluate_takes_a_registered_version(champion, tiny_model_dirs, tmp_path
 def test_serve_takes_a_model_folder_or_a_registered_version(champion, tiny_model_dirs, capsys):
     assert cli.main(["serve", "--model-uri", f"models:/{champion}@champion", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert f"is {champion} version 1" in out and f"--model-uri models:/{champion}/1" in out
+    # The verified copy serves: `mlflow models serve` downloads nothing the check did not see.
+    served = Path(out.split("verified copy: ")[1].split()[0])
+    assert f"is {champion} version 1" in out and f"--model-uri {served}" in out
+    assert served.parent == Path(registry.model_cache_dir()) and (served / "MLmodel").is_file()
     assert cli.main(["serve", "--model-uri", str(tiny_model_dirs[2]), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "is a model folder, served as the MLflow model" in out

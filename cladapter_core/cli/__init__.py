@@ -10,13 +10,14 @@ from .commands import (cmd_compare, cmd_demo, cmd_demo_data, cmd_evaluate, cmd_i
                        cmd_sweep, cmd_train, cmd_tune)
 from .parser import build_parser
 from .plugins import _HANDLER, PLUGIN_GROUP  # noqa: F401  (PLUGIN_GROUP: public)
-from .registry_commands import cmd_lineage, cmd_promote, cmd_register, cmd_serve, cmd_summary
+from .registry_commands import cmd_lineage, cmd_promote, cmd_register, cmd_serve, cmd_summary, cmd_verify_model
 
 
 COMMANDS = {"init": cmd_init, "summary": cmd_summary, "register": cmd_register, "promote": cmd_promote, "lineage": cmd_lineage,
             "demo-data": cmd_demo_data, "prepare": cmd_prepare, "train": cmd_train,
             "evaluate": cmd_evaluate, "predict": cmd_predict, "compare": cmd_compare,
-            "demo": cmd_demo, "tune": cmd_tune, "serve": cmd_serve, "sweep": cmd_sweep}
+            "demo": cmd_demo, "tune": cmd_tune, "serve": cmd_serve, "sweep": cmd_sweep,
+            "verify-model": cmd_verify_model}
 
 
 def main(argv=None) -> int:

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"cladapter {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_init, _add_demo_data, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_compare,
-                _add_sweep, _add_register, _add_promote, _add_lineage, _add_serve, _add_tune,
+                _add_sweep, _add_register, _add_promote, _add_lineage, _add_verify_model, _add_serve, _add_tune,
                 _add_summary, _add_demo):
         add(sub)
     add_plugins(sub)
@@ -212,6 +212,17 @@ def _add_lineage(sub) -> None:
     p = sub.add_parser("lineage", help="registered version -> run -> git commit, data hash, params")
     p.add_argument("model_uri", help="models:/<name>@<alias> or models:/<name>/<version>")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_verify_model(sub) -> None:
+    p = sub.add_parser("verify-model", help="check a registered version's files against its registration record",
+                       description="Download models:/<name>@<alias> or models:/<name>/<version>, check every "
+                                   "file (code, MLmodel, requirements, environment files, weights, config) "
+                                   "against the sha256 manifest recorded when it was registered, and exit 2 "
+                                   "naming each file changed, added or removed. With --out, the verified copy "
+                                   "is placed there for a server to load (docs/serving.md).")
+    p.add_argument("model_uri", help="models:/<name>@<alias> or models:/<name>/<version>")
+    p.add_argument("--out", help="a new (or empty) folder to place the verified MLflow model in")
 
 
 def _add_serve(sub) -> None:

@@ -72,20 +72,52 @@ def cmd_serve(args):
     if registry.is_model_uri(wanted):
         uri = tracking.check_tracking(existing=True)  # reads the registry: never create a store
         mlflow.set_tracking_uri(uri)
-        export(mlflow_tracking_uri=uri)  # the server resolves the model from the same store
-        mv = registry.lineage(wanted)["model"]
-        served = mv["model_uri"]
+        export(mlflow_tracking_uri=uri)
+        # Served from the verified local copy: the server never downloads (or runs) anything
+        # the integrity check did not see.
+        local, mv = registry.verified_model(wanted)
+        name, served = mv["model_uri"], str(local)
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(mv["metrics"].items()))
         print(f"{wanted} is {mv['name']} version {mv['version']} (run {mv['run_id']}"
               f"{'; ' + metrics if metrics else ''})")
+        print(f"its files match the record made at registration; verified copy: {served}")
     else:
-        served = str(registry.pyfunc_of_folder(wanted))
+        name = served = str(registry.pyfunc_of_folder(wanted))
         print(f"{wanted} is a model folder, served as the MLflow model {served} (not registered)")
     cmd = serving.serve_command(served, args.host, args.port, args.workers, args.env_manager)
-    print(f"serving {served} on http://{args.host}:{args.port}/invocations")
+    print(f"serving {name} on http://{args.host}:{args.port}/invocations")
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     if not args.dry_run:
         os.execv(cmd[0], cmd)  # the server replaces this process: signals reach it directly
+
+
+def cmd_verify_model(args):
+    """Download a registered version, check every file against its integrity record, and
+    with --out place the verified copy there (what a server then loads). Exit 2 when refused."""
+    import tempfile
+
+    import mlflow
+
+    from .. import registry, tracking
+    from ..errors import CLAdapterError
+    mlflow.set_tracking_uri(tracking.check_tracking(existing=True))
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CLAdapterError(f"--out {out}: exists and is not an empty folder; give a new one")
+    if out is None:
+        local, mv = registry.verified_model(args.model_uri)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
+            local, mv = registry.verified_model(args.model_uri, cache_dir=tmp)
+            if out.exists():
+                out.rmdir()
+            os.replace(local, out)  # in one step: a server never sees half a model
+        local = out
+    files = sum(1 for p in local.rglob("*") if p.is_file())
+    print(f"{args.model_uri} is {mv['name']} version {mv['version']}: its {files} files match the record "
+          f"made at registration (integrity.sha256 {mv['tags'].get('integrity.sha256', '')[:16]}...); "
+          f"verified copy: {local}")
 
 
 def cmd_summary(args):

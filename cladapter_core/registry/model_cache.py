@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -11,7 +12,10 @@ from pathlib import Path
 from .. import identity, tracking
 from ..errors import TrackingError
 from ..settings import settings, var
+from . import integrity
 from .versions import _alias, _client, _code, _describe
+
+log = logging.getLogger(__name__)
 
 
 # -- models:/ URIs and the local model cache ---------------------------------------------
@@ -74,54 +78,69 @@ def resolve_model(model: str | Path, cache_dir: str | Path | None = None) -> tup
     """A model folder for `model`, and the registered version it came from (None for a folder).
 
     A folder is returned as given. ``models:/<name>@<alias>`` or ``models:/<name>/<version>``
-    is looked up in the configured store (``tracking.tracking_uri()``; call
-    ``tracking.check_tracking(existing=True)`` first so a missing store is not created), and
-    the version's model folder (the pyfunc artifact ``model_dir``, ``serving.model_dir_in``)
-    is downloaded once into `cache_dir` (default ``model_cache_dir()``), keyed by store,
-    name, version and source, and checked against the version's ``model_hash`` tag.
+    gives the model folder (the pyfunc artifact ``model_dir``, ``serving.model_dir_in``) of
+    the version's verified copy (``verified_model``).
     """
-    import mlflow
+    from ..serving import pyfunc as serving
 
     if not is_model_uri(model):
         return Path(model), None
+    local, info = verified_model(model, cache_dir)
+    try:
+        return serving.model_dir_in(local), info
+    except ValueError as e:
+        raise TrackingError(f"{model}: {e}") from None
+
+
+def verified_model(model: str, cache_dir: str | Path | None = None) -> tuple[Path, dict]:
+    """The whole MLflow model of registered version `model` (``models:/<name>@<alias>`` or
+    ``models:/<name>/<version>``) as a local folder, checked against the version's integrity
+    record (``registry/integrity.py``) before anything loads it; and the version
+    (``_describe``).
+
+    It is looked up in the configured store (``tracking.tracking_uri()``; call
+    ``tracking.check_tracking(existing=True)`` first so a missing store is not created) and
+    downloaded once into `cache_dir` (default ``model_cache_dir()``), keyed by store, name,
+    version and source: into a temporary folder, verified there, then renamed into place, so
+    the cache holds only verified copies. A cached copy is verified again at every call; one
+    that was changed is replaced by a new download. A download that differs from the record
+    is refused with a TrackingError naming each file changed, added or removed.
+    """
     mv = model_version(str(model))
     info = _describe(mv)
     store = tracking.tracking_uri()
     key = hashlib.sha256("\0".join([tracking._redact(store), mv.name, str(mv.version), str(mv.source),
                                      str(mv.creation_timestamp)]).encode()).hexdigest()[:16]
     folder = Path(cache_dir or model_cache_dir()) / f"{_safe_name(mv.name)}-v{mv.version}-{key}"
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(folder, ignore_errors=True)  # a copy left half-made
-        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".download-") as tmp:
-            with tracking.errors(f"downloading {model} ({mv.name} v{mv.version})"):
-                local = Path(mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=tmp))
-            _place(local, folder, mv)
+    if (folder / "MLmodel").is_file():
+        try:
+            integrity.verify(folder, mv)
+            return folder, info
+        except TrackingError as e:
+            log.warning("the cached copy %s no longer matches its record, downloading it again: %s", folder, e)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)  # a copy of an older layout, or a changed one
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".download-") as tmp:
+        local = Path(tmp) / "model"
+        local.mkdir()
+        with tracking.errors(f"downloading {model} ({mv.name} v{mv.version})"):
+            _download(f"models:/{mv.name}/{mv.version}", local)
+        integrity.verify(local, mv)
+        try:
+            os.replace(local, folder)       # atomic: a reader never sees half a folder
+        except OSError as e:
+            if not (folder / "MLmodel").is_file():  # not another process's copy: a real error
+                raise TrackingError(f"cannot place the model in {folder}: {e}") from e
     return folder, info
+
+
+def _download(uri: str, dst: Path) -> Path:
+    import mlflow
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
 
 
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:80] or "model"
-
-
-def _place(local: Path, folder: Path, mv) -> None:
-    """Move the model folder of the downloaded MLflow model `local` to `folder`, once its
-    content matches the version's ``model_hash`` tag."""
-    from ..serving import pyfunc as serving
-    try:
-        found = serving.model_dir_in(local)
-    except ValueError as e:
-        raise TrackingError(f"models:/{mv.name}/{mv.version}: {e}") from None
-    want = mv.tags.get("model_hash")
-    if want and identity.content_hash(found) != want:
-        raise TrackingError(f"models:/{mv.name}/{mv.version}: the downloaded model folder does not "
-                            f"match the version's model_hash tag {want} (a changed or partial artifact)")
-    try:
-        os.replace(found, folder)       # atomic: a reader never sees half a folder
-    except OSError as e:
-        if not (folder / "model.safetensors").is_file():  # not another process's copy: a real error
-            raise TrackingError(f"cannot place the model folder in {folder}: {e}") from e
 
 
 def pyfunc_of_folder(folder) -> Path:

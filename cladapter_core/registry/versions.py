@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import identity, tracking
 from ..errors import TrackingError
+from . import integrity, owners
+
+log = logging.getLogger(__name__)
 
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -17,7 +22,11 @@ METRIC_TAG = "metric."
 TEST_METRIC_TAG = "test_metric."
 LOCK_EXPERIMENT = "cladapter-promotion-locks"
 LOCK_FOR_TAG = "cladapter.lock_for"       # on a lock run: the registered model it guards
-STALE_LOCK_S = 120.0
+STALE_LOCK_S = 120.0                      # a lock not renewed for this long is broken
+OWNER_TAG = "cladapter.registered_by"     # on a version: the `register` process that made it
+# A pending version (a registration in progress) older than this is taken for the leftover of
+# a register that died on another machine, and deleted; a younger one is waited for.
+STALE_PENDING_S = 600.0
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -122,7 +131,7 @@ def _now() -> str:
 
 # -- register --------------------------------------------------------------------------
 def register(model_dir: str | Path, eval_dir: str | Path, params: dict, *,
-             data_hash: str | None = None) -> dict:
+             data_hash: str | None = None, stale_pending_after: float = STALE_PENDING_S) -> dict:
     """Register a trained model directory as a new version of
     ``params["register"]["model_name"]`` with alias ``challenger``.
 
@@ -136,8 +145,15 @@ def register(model_dir: str | Path, eval_dir: str | Path, params: dict, *,
     Idempotent: a model directory whose content was already registered returns that
     version (``"created": False``) and logs nothing. If anything fails after the version
     was created, the version is deleted (and the previous challenger keeps its alias), so
-    no partial registration remains; a half-made version left by a killed process is
-    removed by the next ``register`` of the same model.
+    no partial registration remains. A version of the same weights still being made
+    (``cladapter.registration=pending``) by another live ``register`` is waited for and
+    then returned, so two concurrent registrations of one model both succeed; one left by
+    a killed process (on this machine: at once; elsewhere: once older than
+    `stale_pending_after` seconds) is deleted and the model registered anew.
+
+    The version also records every file of the logged model (``registry/integrity.py``:
+    tags ``integrity.sha256`` and ``integrity.manifest``), which every load from the
+    registry checks.
 
     Returns ``{"name", "version", "model_uri", "run_id", "source", "aliases", "metrics",
     "tags", "created"}``.
@@ -157,12 +173,9 @@ def register(model_dir: str | Path, eval_dir: str | Path, params: dict, *,
     client = _client()
 
     with tracking.errors(f"looking up registered model {name!r}"):
-        same = _versions_with_tag(client, name, "model_hash", model_hash)
-        done = [v for v in same if v.tags.get(STATE_TAG) == "complete"]
-        if done:
-            return _describe(client.get_model_version(name, done[0].version), created=False)
-        for stale in same:  # half-made by a process that died mid-registration
-            client.delete_model_version(name, stale.version)
+        done = _registered(client, name, model_hash, stale_pending_after)
+        if done is not None:
+            return _describe(done, created=False)
 
     active = mlflow.active_run()
     run_ctx = contextlib.nullcontext(active) if active is not None else \
@@ -174,8 +187,9 @@ def register(model_dir: str | Path, eval_dir: str | Path, params: dict, *,
             mlflow.log_metrics({f"{decision['split']}_{k}": v for k, v in decision["metrics"].items()})
         tracking.log_artifacts_dir(eval_dir, "evaluation")
         model_uri = tracking.log_model(model_dir)
+        recorded = integrity.record(client, run_id, model_uri, model_hash)
         run_tags = client.get_run(run_id).data.tags
-        tags = {"run_id": run_id, "model_hash": model_hash,
+        tags = {"run_id": run_id, "model_hash": model_hash, **recorded, OWNER_TAG: owners.new_owner(),
                 "data_hash": data_hash or run_tags.get("data_hash", "unknown"),
                 "git_commit": run_tags.get("git_commit", "unknown"),
                 "pipeline_id": run_tags.get(tracking.PIPELINE_TAG, "unknown"),
@@ -186,6 +200,40 @@ def register(model_dir: str | Path, eval_dir: str | Path, params: dict, *,
         description = (f"{run_tags.get('backbone')} K={run_tags.get('K')} mode={run_tags.get('mode')}; "
                        f"{decision['split']} {metric}={decision['metrics'][metric]:.4f}")
         return _create_version(client, name, model_uri, tags, description)
+
+
+def _registered(client, name: str, model_hash: str, stale_after: float, poll: float = 1.0):
+    """The complete version of the weights `model_hash`, or None when there is none (yet).
+    A pending one whose maker still runs is waited for; one whose maker is dead (or that is
+    older than `stale_after` seconds) is deleted."""
+    from mlflow.exceptions import MlflowException
+    said = False
+    while True:
+        same = _versions_with_tag(client, name, "model_hash", model_hash)
+        done = [v for v in same if v.tags.get(STATE_TAG) == "complete"]
+        if done:
+            return client.get_model_version(name, done[0].version)
+        waiting = []
+        for v in same:
+            age = time.time() - (v.creation_timestamp or 0) / 1000
+            maker = v.tags.get(OWNER_TAG)
+            if age < stale_after and not owners.holder_gone(maker):
+                waiting.append(f"v{v.version} ({maker or 'unknown maker'}, {age:.0f}s old)")
+                continue
+            log.warning("register: deleting %s v%s, a registration left half-made (%s, %.0fs old)",
+                        name, v.version, maker or "unknown maker", age)
+            try:  # half-made by a process that died mid-registration
+                client.delete_model_version(name, v.version)
+            except MlflowException as e:
+                if _code(e) != "RESOURCE_DOES_NOT_EXIST":  # another register deleted it first
+                    raise
+        if not waiting:
+            return None
+        if not said:
+            log.info("register: these weights of %s are being registered by another process: %s; "
+                     "waiting for it to finish", name, ", ".join(waiting))
+            said = True
+        time.sleep(poll)
 
 
 def _create_version(client, name: str, model_uri: str, tags: dict, description: str) -> dict:

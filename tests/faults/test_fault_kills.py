@@ -149,9 +149,14 @@ REGISTRATION_POINTS = [  # (function, when, argument text): each step of `regist
 CHAMPION_POINT = CLIENT + "set_registered_model_alias"  # promote, holding its lock
 
 
+# Tags that differ between any two runs: the run, the time, the registering process, and the
+# integrity record (the logged MLmodel holds its own id and creation time).
+VARYING_TAGS = ("run_id", "promotion.time", "cladapter.registered_by", "integrity.sha256",
+                "integrity.manifest")
+
+
 def registry_state(db) -> dict:
-    """Every registered model with its versions' aliases and tags (run ids and times left
-    out: they differ between any two runs)."""
+    """Every registered model with its versions' aliases and tags (VARYING_TAGS left out)."""
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     state = {}
@@ -160,7 +165,7 @@ def registry_state(db) -> dict:
                     for v in client.search_model_versions(f"name = '{model.name}'")]
         state[model.name] = sorted(
             (sorted(v.aliases or []),
-             sorted((k, val) for k, val in v.tags.items() if k not in ("run_id", "promotion.time")))
+             sorted((k, val) for k, val in v.tags.items() if k not in VARYING_TAGS))
             for v in versions)
     return state
 
