@@ -16,6 +16,10 @@ are for promoters only (users named in ``CLADAPTER_PROMOTERS``, and MLflow admin
   (``CLADAPTER_LOCK_EXPERIMENT``), so its creator, who gets MANAGE on it, is a promoter and
   pipeline identities can only read the lock.
 
+And, when ``CLADAPTER_WRITERS`` is set, only those users (and promoters and admins) may
+create experiments and registered models: without it MLflow lets every authenticated user
+create them (and own them), so a reader could write in resources of its own.
+
 Everyone else gets 403 with a message saying so, whatever their permission on the model.
 MLflow's GraphQL endpoint has no registry mutation (one test echo), so nothing to guard there.
 
@@ -37,6 +41,7 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 PROMOTERS_ENV = "CLADAPTER_PROMOTERS"
+WRITERS_ENV = "CLADAPTER_WRITERS"
 ALIASES_ENV = "CLADAPTER_PROTECTED_ALIASES"
 LOCK_EXPERIMENT_ENV = "CLADAPTER_LOCK_EXPERIMENT"
 DATABASE_URI_ENV = "CLADAPTER_AUTH_DATABASE_URI"
@@ -49,6 +54,7 @@ EVIDENCE_TAG_PREFIX = "promotion."
 @dataclass(frozen=True)
 class Rules:
     promoters: frozenset[str]
+    writers: frozenset[str] | None  # None: anyone authenticated may create (MLflow's default)
     aliases: frozenset[str]          # casefolded: a case-insensitive database must not
     lock_experiment: str             # let `Champion` through
 
@@ -62,7 +68,8 @@ class Rules:
         if not aliases:
             raise ValueError(f"{ALIASES_ENV} is set but names no alias: it must name the "
                              "alias(es) only promoters may move, e.g. 'champion'")
-        return cls(promoters=frozenset(names(PROMOTERS_ENV)),
+        writers = frozenset(names(WRITERS_ENV)) if env.get(WRITERS_ENV, "").strip() else None
+        return cls(promoters=frozenset(names(PROMOTERS_ENV)), writers=writers,
                    aliases=frozenset(a.casefold() for a in aliases),
                    lock_experiment=env.get(LOCK_EXPERIMENT_ENV, "").strip() or DEFAULT_LOCK_EXPERIMENT)
 
@@ -91,6 +98,11 @@ def create_app(app=None):
     flask_app = app if app is not None else flask_app
     served = basic_auth_app(flask_app)
     flask_app.before_request(guard(rules))
-    log.info("cladapter-auth: promoters %s; protected aliases %s; lock experiment %r",
-             sorted(rules.promoters) or "(admins only)", sorted(rules.aliases), rules.lock_experiment)
+    log.info("cladapter-auth: promoters %s; writers %s; protected aliases %s; lock experiment %r",
+             sorted(rules.promoters) or "(admins only)",
+             "(anyone authenticated)" if rules.writers is None else sorted(rules.writers),
+             sorted(rules.aliases), rules.lock_experiment)
+    if rules.writers is None:
+        log.warning("cladapter-auth: %s is not set: every authenticated user may create "
+                    "experiments and registered models", WRITERS_ENV)
     return served

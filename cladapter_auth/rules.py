@@ -19,13 +19,16 @@ from mlflow.server.handlers import _get_model_registry_store, _get_request_messa
 log = logging.getLogger(__name__)
 
 
-def _always(rules, msg) -> str | None:
-    return f"{type(msg).__name__} of registered model {msg.name!r}"
+PROMOTER, WRITER = "promoters", "writers"
 
 
-def _alias(rules, msg) -> str | None:
+def _always(rules, msg):
+    return PROMOTER, f"{type(msg).__name__} of registered model {msg.name!r}"
+
+
+def _alias(rules, msg):
     if rules.protected(msg.alias):
-        return f"{type(msg).__name__}: moving or removing alias {msg.alias!r} of {msg.name!r}"
+        return PROMOTER, f"{type(msg).__name__}: moving or removing alias {msg.alias!r} of {msg.name!r}"
     return None
 
 
@@ -38,23 +41,31 @@ def _served_version(rules, name: str, version: str) -> str | None:
     return next((a for a in mv.aliases if rules.protected(a)), None)
 
 
-def _version(rules, msg) -> str | None:
+def _version(rules, msg):
     alias = _served_version(rules, msg.name, msg.version)
     if alias:
-        return f"{type(msg).__name__} on {msg.name!r} v{msg.version}, the version {alias!r} points at"
+        return PROMOTER, f"{type(msg).__name__} on {msg.name!r} v{msg.version}, the version {alias!r} points at"
     return None
 
 
-def _version_tag(rules, msg) -> str | None:
+def _version_tag(rules, msg):
     if msg.key.startswith("promotion."):
-        return f"{type(msg).__name__} {msg.key!r}: promotion evidence is written by promoters"
+        return PROMOTER, f"{type(msg).__name__} {msg.key!r}: promotion evidence"
     return _version(rules, msg)
 
 
-def _experiment_name(rules, msg) -> str | None:
+def _experiment(rules, msg):
     name = msg.new_name if isinstance(msg, sv.UpdateExperiment) else msg.name
     if name and name.strip().casefold() == rules.lock_experiment.casefold():
-        return f"{type(msg).__name__} {name!r}: the promotion-lock experiment is the promoters'"
+        return PROMOTER, f"{type(msg).__name__} {name!r}: the promotion-lock experiment"
+    if isinstance(msg, sv.CreateExperiment) and rules.writers is not None:
+        return WRITER, f"creating experiment {name!r}"
+    return None
+
+
+def _new_model(rules, msg):
+    if rules.writers is not None:
+        return WRITER, f"creating registered model {msg.name!r}"
     return None
 
 
@@ -68,8 +79,9 @@ CHECKS = {
     mr.TransitionModelVersionStage: _version,
     mr.SetModelVersionTag: _version_tag,
     mr.DeleteModelVersionTag: _version_tag,
-    sv.CreateExperiment: _experiment_name,
-    sv.UpdateExperiment: _experiment_name,
+    mr.CreateRegisteredModel: _new_model,
+    sv.CreateExperiment: _experiment,
+    sv.UpdateExperiment: _experiment,
 }
 
 
@@ -84,10 +96,10 @@ def forbidden(message: str) -> Response:
     return Response(err.serialize_as_json(), status=403, mimetype="application/json")
 
 
-def _is_promoter(rules, username: str | None) -> bool:
+def _allowed(rules, level: str, username: str | None) -> bool:
     if not username:
         return False
-    if username in rules.promoters:
+    if username in rules.promoters or (level == WRITER and username in rules.writers):
         return True
     from mlflow.server.auth import store
     try:
@@ -106,19 +118,21 @@ def guard(rules):
         if cls is None:
             return None
         try:
-            what = CHECKS[cls](rules, _get_request_message(cls()))
+            found = CHECKS[cls](rules, _get_request_message(cls()))
         except MlflowException as e:  # a malformed request: its handler gives the same error
             return Response(e.serialize_as_json(), status=e.get_http_status_code(),
                             mimetype="application/json")
-        if what is None:
+        if found is None:
             return None
+        level, what = found
         user = getattr(g, "mlflow_authenticated_user", None)
-        if _is_promoter(rules, user):
-            log.info("cladapter-auth: %s by promoter %r", what, user)
+        if _allowed(rules, level, user):
+            log.info("cladapter-auth: %s by %r", what, user)
             return None
         log.warning("cladapter-auth: refused to %r: %s", user, what)
-        return forbidden(f"Permission denied: {what} is for promoters only (user {user!r} is "
-                         "not one: ask an admin to add it to CLADAPTER_PROMOTERS on the "
-                         "MLflow server, or run the promotion as a promoter)")
+        env = "CLADAPTER_PROMOTERS" if level == PROMOTER else "CLADAPTER_WRITERS"
+        return forbidden(f"Permission denied: {what} is for {level} only, and user {user!r} is "
+                         f"not one of them (the MLflow server's {env} names them; ask its "
+                         "administrator)")
 
     return cladapter_promoter_rule
