@@ -96,6 +96,10 @@ INTEGRATION_TESTS = {
     # services started inline: PostgreSQL, moto, the MLflow server of the manifest
     "test_pipeline.py::test_tuning_workers_share_one_postgresql_study",
     "test_infra.py::test_mlflow_server_starts_from_the_rendered_manifest",
+    # the dev init SQL run with psql on PostgreSQL; MLflow's and Optuna's schemas made by their roles
+    "test_least_privilege.py::test_init_sql_gives_each_service_a_role_that_owns_only_its_database",
+    "test_least_privilege.py::test_optuna_cannot_reach_the_registry_and_mlflow_works_unprivileged",
+    "test_least_privilege.py::test_init_sql_stops_without_a_password_and_leaves_no_role",
     # the wheel built and installed in a fresh virtualenv; a step run as UID 10001
     "test_install.py::test_the_wheel_holds_every_file_the_code_reads",
     "test_install.py::test_the_installed_copy_is_the_one_imported",

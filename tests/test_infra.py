@@ -803,8 +803,10 @@ def test_dev_services_are_wired_together(rendered):
     db = urlsplit(secret_data(dev, "cladapter-mlflow-db")["MLFLOW_BACKEND_STORE_URI"])
     postgres = secret_data(dev, "cladapter-postgres")
     assert (db.hostname, db.port) == ("cladapter-postgres", service_port("cladapter-postgres"))
+    # the server's own role (roles.psql makes it), not the admin: tests/test_least_privilege.py
     assert (db.username, db.password, db.path.lstrip("/")) == (
-        postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"], postgres["POSTGRES_DB"])
+        "mlflow", postgres["MLFLOW_DB_PASSWORD"], "mlflow")
+    assert postgres["POSTGRES_USER"] != db.username
     # The server answers the Host header its clients send, and not a stranger's.
     deployment = find(dev, "Deployment", "cladapter-mlflow")
     container = mlflow_container(dev)

@@ -1,0 +1,188 @@
+"""Least privilege below MLflow: what each identity of the install can do in PostgreSQL
+and in S3, whatever MLflow's own authentication says.
+
+PostgreSQL: the dev overlay's init SQL (infra/k8s/overlays/dev/postgres-init/roles.psql)
+is run with psql, as its entrypoint runs it, on the machine's PostgreSQL under
+throw-away names, and the roles are then used for real: MLflow's role builds MLflow's
+schema, Optuna's its study tables, and neither reaches the other's database.
+
+S3: the policy documents the dev overlay's MinIO gets (JSON, AWS IAM syntax, the same
+for an AWS install) are attached to users of a moto S3 server that checks IAM, and each
+identity is tried on each bucket for real. The manifests (kustomize, as
+tests/test_infra.py renders them) wire those identities and close MinIO to other pods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlsplit
+
+import pytest
+from helpers import BIN, REPO, free_port
+from test_infra import (INSTALL_MODES, K8S, find, pod_specs, policy_allows, render_overlay,
+                        secret_data)
+
+DEV = K8S / "overlays" / "dev"
+INIT_SQL = DEV / "postgres-init" / "roles.psql"
+INIT_SH = DEV / "postgres-init" / "10-roles.sh"
+POLICIES = DEV / "minio-policies"
+PG_HOST, PG_PORT, PG_ADMIN = "127.0.0.1", 5432, "postgres"
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+def psql(*args: str, user: str = PG_ADMIN, db: str = "postgres", env: dict | None = None,
+         check: bool = True) -> subprocess.CompletedProcess:
+    exe = shutil.which("psql")
+    if exe is None:
+        pytest.fail("psql is not on PATH: install PostgreSQL's client (Debian: postgresql-client)")
+    proc = subprocess.run([exe, "-X", "-q", "-At", "-h", PG_HOST, "-p", str(PG_PORT), "-U", user,
+                           "-d", db, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pg_roles():
+    """The init SQL run once under names of its own (`h7lp_<random>_*`), all dropped after."""
+    import psycopg2
+    try:
+        admin = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_ADMIN, dbname="postgres",
+                                 connect_timeout=10)
+    except psycopg2.OperationalError as e:
+        pytest.skip(f"PostgreSQL at {PG_HOST}:{PG_PORT} unavailable: {e}")
+    admin.autocommit = True
+    prefix = f"h7lp_{uuid.uuid4().hex[:8]}"
+    names = SimpleNamespace(mlflow_role=f"{prefix}_mlflow", mlflow_db=f"{prefix}_mlflow",
+                            optuna_role=f"{prefix}_optuna", optuna_db=f"{prefix}_optuna",
+                            admin_db=f"{prefix}_admin", template_db=f"{prefix}_template")
+    with admin.cursor() as cur:  # stand-ins for the admin's database and template1
+        cur.execute(f'CREATE DATABASE "{names.admin_db}"')
+        cur.execute(f'CREATE DATABASE "{names.template_db}"')
+    try:
+        variables = [f"--variable={k}={getattr(names, k)}" for k in
+                     ("mlflow_role", "mlflow_db", "optuna_role", "optuna_db", "template_db")]
+        proc = psql("-v", "ON_ERROR_STOP=1", *variables, "-f", str(INIT_SQL), db=names.admin_db,
+                    env={"MLFLOW_DB_PASSWORD": "mlflow-pw-1", "OPTUNA_DB_PASSWORD": "optuna-pw-2"},
+                    check=False)
+        assert proc.returncode == 0, f"the init SQL failed:\n{proc.stderr}"
+        yield names
+    finally:
+        with admin.cursor() as cur:
+            for db in (names.mlflow_db, names.optuna_db, names.admin_db, names.template_db):
+                cur.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+            for role in (names.mlflow_role, names.optuna_role):
+                cur.execute(f'DROP ROLE IF EXISTS "{role}"')
+        admin.close()
+
+
+def url(role: str, db: str) -> str:
+    # trust auth on this server: the role is who connects; CONNECT privileges still apply
+    return f"postgresql+psycopg2://{role}@{PG_HOST}:{PG_PORT}/{db}"
+
+
+def test_init_sql_gives_each_service_a_role_that_owns_only_its_database(pg_roles):
+    r = pg_roles
+    rows = psql("-c", "SELECT rolname, rolsuper, rolcreatedb, rolcreaterole, rolreplication, "
+                      "rolbypassrls, rolcanlogin, rolpassword IS NOT NULL FROM pg_authid "
+                      f"WHERE rolname IN ('{r.mlflow_role}', '{r.optuna_role}') ORDER BY 1").stdout
+    # no superuser, no CREATEDB/CREATEROLE/REPLICATION/BYPASSRLS; a password each
+    assert rows.split() == [f"{r.mlflow_role}|f|f|f|f|f|t|t", f"{r.optuna_role}|f|f|f|f|f|t|t"]
+    owners = psql("-c", "SELECT datname, pg_get_userbyid(datdba) FROM pg_database "
+                        f"WHERE datname LIKE '{r.mlflow_db.rsplit('_', 1)[0]}%' ORDER BY 1").stdout
+    assert f"{r.mlflow_db}|{r.mlflow_role}" in owners.split()
+    assert f"{r.optuna_db}|{r.optuna_role}" in owners.split()
+    # PUBLIC has no CONNECT on any database the script touched: an ACL without "=c"
+    for db in (r.mlflow_db, r.optuna_db, r.admin_db, r.template_db):
+        acl = psql("-c", f"SELECT datacl FROM pg_database WHERE datname = '{db}'").stdout.strip()
+        assert acl and not re.search(r"(^|[{,])=[A-Za-z]*c", acl), f"{db}: PUBLIC still has CONNECT ({acl})"
+        for role in (r.mlflow_role, r.optuna_role):
+            owner = (db == r.mlflow_db and role == r.mlflow_role) or (db == r.optuna_db and role == r.optuna_role)
+            allowed = psql("-c", f"SELECT has_database_privilege('{role}', '{db}', 'CONNECT')").stdout.strip()
+            assert allowed == ("t" if owner else "f"), (role, db, allowed)
+
+
+def test_optuna_cannot_reach_the_registry_and_mlflow_works_unprivileged(pg_roles):
+    """MLflow's own schema made by its unprivileged role; Optuna's study by its own; the
+    tuning role can neither connect to MLflow's database nor read registered_model_aliases."""
+    import optuna
+    import sqlalchemy
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    r = pg_roles
+    store = SqlAlchemyStore(url(r.mlflow_role, r.mlflow_db), "file:///nonexistent-artifacts")
+    store.engine.dispose()
+    tables = psql("-c", "SELECT tablename FROM pg_tables WHERE schemaname = 'public'",
+                  db=r.mlflow_db).stdout.split()
+    assert "registered_model_aliases" in tables and "model_versions" in tables
+    assert psql("-c", "SELECT has_table_privilege('{}', 'registered_model_aliases', 'SELECT,UPDATE')"
+                .format(r.optuna_role), db=r.mlflow_db).stdout.strip() == "f"
+
+    # the tuning workers' storage, as the tuning role: works in its own database
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(url(r.optuna_role, r.optuna_db))
+    study = optuna.create_study(study_name="h7", storage=storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert len(study.trials) == 2
+    storage.engine.dispose()
+
+    # ... and nowhere else: MLflow's database refuses the connection itself
+    denied = psql("-c", "UPDATE registered_model_aliases SET version = 1", user=r.optuna_role,
+                  db=r.mlflow_db, check=False)
+    assert denied.returncode != 0 and "permission denied for database" in denied.stderr, denied.stderr
+    engine = sqlalchemy.create_engine(url(r.optuna_role, r.mlflow_db))
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="permission denied for database"):
+        engine.connect()
+    engine.dispose()
+    # nor can MLflow's role open the study database, nor either role the admin's
+    for role, db in ((r.mlflow_role, r.optuna_db), (r.optuna_role, r.admin_db), (r.mlflow_role, r.admin_db)):
+        proc = psql("-c", "SELECT 1", user=role, db=db, check=False)
+        assert proc.returncode != 0 and "permission denied for database" in proc.stderr, (role, db)
+
+
+def test_init_sql_stops_without_a_password_and_leaves_no_role():
+    """An unset password variable stops the script at the first role (ON_ERROR_STOP) and
+    the entrypoint's wrapper names the missing key before psql even starts."""
+    prefix = f"h7lp_{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_DB_PASSWORD")}
+    proc = subprocess.run([shutil.which("psql") or "psql", "-X", "-q", "-h", PG_HOST, "-U", PG_ADMIN,
+                           "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-v", f"mlflow_role={prefix}_m",
+                           "-v", f"optuna_role={prefix}_o", "-v", f"mlflow_db={prefix}_m",
+                           "-v", f"optuna_db={prefix}_o", "-f", str(INIT_SQL)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode != 0 and "syntax error" in proc.stderr, proc.stderr
+    left = psql("-c", f"SELECT count(*) FROM pg_roles WHERE rolname LIKE '{prefix}%'").stdout.strip()
+    assert left == "0"
+    wrapper = subprocess.run(["sh", "-c", f'. "{INIT_SH}"'], capture_output=True, text=True,
+                             timeout=30, env={"PATH": os.environ["PATH"], "POSTGRES_USER": "x",
+                                              "POSTGRES_DB": "x"})
+    assert wrapper.returncode != 0 and "MLFLOW_DB_PASSWORD" in wrapper.stderr, wrapper.stderr
+
+
+def test_dev_secrets_give_mlflow_and_optuna_their_own_roles(tmp_path):
+    """The Secret templates agree with the init SQL: the server connects as `mlflow`,
+    the tuning workers as `optuna` to `optuna`, the admin is neither."""
+    dev = render_overlay("dev", tmp_path / "dev")
+    postgres = secret_data(dev, "cladapter-postgres")
+    db = urlsplit(secret_data(dev, "cladapter-mlflow-db")["MLFLOW_BACKEND_STORE_URI"])
+    assert (db.username, db.path) == ("mlflow", "/mlflow")
+    assert postgres["POSTGRES_USER"] not in ("mlflow", "optuna")
+    assert {"MLFLOW_DB_PASSWORD", "OPTUNA_DB_PASSWORD"} <= postgres.keys()
+    init = find(dev, "ConfigMap", [d["metadata"]["name"] for d in dev
+                                   if d["metadata"]["name"].startswith("cladapter-postgres-init")][0])
+    assert set(init["data"]) == {"10-roles.sh", "roles.psql"}
+    assert init["data"]["roles.psql"] == INIT_SQL.read_text()
+    for mode in INSTALL_MODES:
+        text = (K8S / "overlays" / mode / "secrets" / "tune.env.example").read_text()
+        (line,) = [ln for ln in text.splitlines() if ln.startswith("CLADAPTER_TUNE_STORAGE=")]
+        tune = urlsplit(line.split("=", 1)[1])
+        assert (tune.username, tune.path) == ("optuna", "/optuna"), line
