@@ -160,7 +160,8 @@ def evaluate(model_dir, prepared_dir, out_dir, params: dict, *, device: str | No
           "classes": classes, "paths": [p for p, _ in items], "y_true": y_true, "probs": probs,
           "select_metric": select_metric, "seed": seed, "metrics": metrics,
           "tsne": (without, with_) if want_tsne else None}
-    decision = decision_metrics(model, prepared_dir, params, dev, split, metrics)
+    decision = decision_metrics(model, prepared_dir, params, dev, split, metrics,
+                                evaluated_predictions=(y_true, probs.argmax(axis=1)))
     with atomic_dir(out_dir) as tmp:
         _write_evaluation(tmp, ev)
         write_json(tmp / DECISION_FILE, decision)
@@ -175,12 +176,17 @@ DECISION_SPLIT = "val"
 
 def decision_metrics(model, prepared_dir: Path, params: dict, dev: torch.device,
                      evaluated_split: str | None = None, evaluated: dict | None = None,
-                     split: str = DECISION_SPLIT) -> dict:
+                     split: str = DECISION_SPLIT, evaluated_predictions: tuple | None = None) -> dict:
     """Metrics on the validation split, which promotion decides on: the test split is for
-    reporting, never for choosing a model."""
+    reporting, never for choosing a model. With them, the per-image predictions
+    (`predictions`: image ids - the manifest's sha256 -, labels, predicted labels), which
+    promotion's paired test compares image by image."""
     from ..data import read_manifest
+    y = pred = None
     if split == evaluated_split and evaluated is not None:
         metrics = evaluated
+        if evaluated_predictions is not None:
+            y, pred = evaluated_predictions
     else:
         if not read_manifest(prepared_dir, split):
             raise DataError(f"{prepared_dir}: the {split!r} split is empty; promotion decides on it: "
@@ -188,7 +194,26 @@ def decision_metrics(model, prepared_dir: Path, params: dict, dev: torch.device,
         y, probs, _, _ = _predict_split(model, prepared_dir, split, params,
                                         int(params["train"]["batch_size"]), dev, False)
         metrics = _split_metrics(y, probs, model.num_classes)
-    return {"split": split, "data_hash": identity.data_hash(prepared_dir), "metrics": metrics}
+        pred = probs.argmax(axis=1)
+    out = {"split": split, "data_hash": identity.data_hash(prepared_dir), "metrics": metrics}
+    if y is not None:
+        images = image_ids(prepared_dir, split)
+        if len(images) != len(y):
+            raise DataError(f"{prepared_dir}: {len(images)} {split} rows in manifest.csv but {len(y)} predictions")
+        out["predictions"] = {"image": images, "label": [int(v) for v in y], "predicted": [int(v) for v in pred],
+                              "num_classes": int(model.num_classes)}
+        # the training images of this data: promotion refuses to score this model, once it
+        # is champion, on another data's split that overlaps them
+        out["train_images"] = image_ids(prepared_dir, "train")
+    return out
+
+
+def image_ids(prepared_dir: Path, split: str) -> list[str]:
+    """Each image of `split` in manifest order, by content (its sha256; the path where the
+    manifest has no sha256 column): what makes two models' predictions comparable image by
+    image, and a split comparable with another model's training images."""
+    with open(Path(prepared_dir) / "manifest.csv", newline="", encoding="utf-8") as fh:
+        return [row.get("sha256") or f"path:{row['path']}" for row in csv.DictReader(fh) if row["split"] == split]
 
 
 def _predict_split(model, prepared_dir: Path, split: str, params: dict, batch_size: int,
