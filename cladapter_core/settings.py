@@ -115,12 +115,6 @@ def settings() -> Settings:
     return found
 
 
-def child_environment(**variables: str) -> dict[str, str]:
-    """This process's environment plus `variables` (other programs' own variables, such as
-    MLflow's), for a process started with it (`os.execve`, `subprocess`)."""
-    return {**os.environ, **variables}
-
-
 def var(name: str) -> str:
     """The environment variable of a setting: var("device") -> "CLADAPTER_DEVICE"."""
     alias = Settings.model_fields[name].validation_alias

@@ -10,9 +10,12 @@ import hashlib
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zipfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -106,3 +109,45 @@ def assert_same_training(reference: Path, ddp: Path) -> None:
     sa = json.loads((reference / "train_summary.json").read_text())
     sb = json.loads((ddp / "train_summary.json").read_text())
     assert sa["best_epoch"] == sb["best_epoch"] and sa["epochs_run"] == sb["epochs_run"]
+
+
+# ------------------------------------------- decompression bombs (test_hostile_input, test_serving)
+BOMB_SIDE = 13_500               # 182,250,000 pixels: twice Pillow's default limit
+BOMB_VOLUME = (400, 1000, 1000)  # 400 M voxels: over the default voxel limit
+
+
+def png_bomb(path: Path, width: int = BOMB_SIDE, height: int = BOMB_SIDE) -> Path:
+    """An 8-bit grey PNG of zeros, compressed row by row (never held whole): ~177 KB."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    comp = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte + pixels
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def tiff_bomb(path: Path, side: int = BOMB_SIDE, tile: int = 1024) -> Path:
+    """A zlib-compressed tiled TIFF of zeros, written tile by tile: ~200 KB."""
+    import numpy as np
+    import tifffile
+    block = np.zeros((tile, tile), np.uint8)
+    count = (-(-side // tile)) ** 2
+    tifffile.imwrite(path, (block for _ in range(count)), shape=(side, side), dtype=np.uint8,
+                     tile=(tile, tile), compression="zlib")
+    return path
+
+
+def npz_bomb(path: Path, shape: tuple = BOMB_VOLUME) -> Path:
+    """An .npz whose one uint8 array is streamed into the deflated member: ~400 KB."""
+    import numpy as np
+    header = {"descr": "|u1", "fortran_order": False, "shape": shape}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        with zf.open("data.npy", "w", force_zip64=True) as fh:
+            np.lib.format.write_array_header_1_0(fh, header)
+            plane = bytes(int(np.prod(shape[1:])))
+            for _ in range(shape[0]):
+                fh.write(plane)
+    return path

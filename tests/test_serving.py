@@ -4,11 +4,17 @@ infra/k8s/serving/), with real processes and real HTTP:
 - The logged model is self-contained: a fresh virtual environment built from the model's
   own requirements.txt alone (pip; cached under $CLADAPTER_TEST_CACHE, default
   ~/.cache/cladapter-tests, keyed by those requirements) cannot import this repository,
-  yet serves `models:/<name>@champion` from an MLflow server (PostgreSQL + S3) with
-  `mlflow models serve`, started from the InferenceService manifest's own command line
-  (only the address changed to loopback). PNG, JPEG and TIFF images posted over HTTP get
-  the labels and probabilities `cladapter predict` gives for the same files (1e-5); a
-  request with a truncated image is refused whole, with a 400 that names the row.
+  yet serves `models:/<name>@champion` from an MLflow server (PostgreSQL + S3) with the
+  InferenceService manifest's own command line (`python -m cladapter_core.serving.server`:
+  `mlflow models serve` with limits; the package from the model's own code/ folder, as
+  the platform image has it installed; only the address changed to loopback). PNG, JPEG
+  and TIFF images posted over HTTP get the labels and probabilities `cladapter predict`
+  gives for the same files (1e-5); a request with a truncated image is refused whole,
+  with a 400 that names the row.
+- Hostile requests to that server (docs/security.md): a body over the size limit gets 413
+  (declared or chunked) and the server stays up; too many rows a 400; no token a 401
+  (probes stay open); error bodies carry no traceback; PNG and TIFF decompression bombs
+  a 400 naming the row and the size, while the worker's peak memory grows < 100 MB.
 - `cladapter serve` resolves the alias to a version, says which, and serves it.
 - The promotion lock is no registered model.
 - The InferenceService manifest renders with kustomize and validates: its KServe fields
@@ -44,7 +50,7 @@ import requests
 import yaml
 
 from fixtures_services import CLASS_NAMES, reset_mlflow_globals, tracked_params, write_metrics
-from helpers import BIN, REPO, free_port
+from helpers import BIN, REPO, free_port, png_bomb, tiff_bomb
 SERVING = REPO / "infra" / "k8s" / "serving"
 MANIFEST = SERVING / "inferenceservice.yaml"
 CACHE = Path(os.environ.get("CLADAPTER_TEST_CACHE") or Path.home() / ".cache" / "cladapter-tests")
@@ -52,6 +58,9 @@ KSERVE_SDK = "0.21.0"          # the KServe SDK whose API types the manifest is 
 K8S_VERSION = "1.29.0"         # as tests/test_infra.py: the oldest Kubernetes supported
 IMAGE_REPO = "ghcr.io/cladapter/cladapter"
 CLIENT_ENV = ("MLFLOW_", "AWS_")
+TOKEN = "a-test-token"               # the served fixture's CLADAPTER_SERVE_TOKEN
+LIMITS = {"CLADAPTER_SERVE_MAX_BYTES": str(4 * 2**20), "CLADAPTER_SERVE_MAX_ROWS": "16",
+          "CLADAPTER_SERVE_TOKEN": TOKEN}  # smaller than the manifest's: cheaper requests
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -98,8 +107,10 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _post(port: int, body: dict) -> requests.Response:
-    return requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120)
+def _post(port: int, body: dict, token: str | None = TOKEN) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.post(f"http://127.0.0.1:{port}/invocations", json=body, headers=headers,
+                         timeout=120)
 
 
 def _images_request(blobs: list[bytes]) -> dict:
@@ -217,10 +228,18 @@ def champion(mlflow_server, tiny_model_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(champion):
-    """`mlflow models serve` for models:/<name>@champion in the fresh environment, started
+    """The scoring server for models:/<name>@champion in the fresh environment, started
     with the InferenceService's command, arguments and literal environment (host and port
-    set to a loopback address after them)."""
+    set to a loopback address after them; LIMITS added). The image has cladapter_core
+    installed; here it comes from the model's own code/ folder, nothing of this checkout."""
+    import mlflow
     env_dir = serve_env(champion.requirements)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", champion.uri)
+        carried = Path(mlflow.artifacts.download_artifacts(
+            f"models:/{champion.name}@champion", dst_path=str(champion.root / "carried"))) / "code"
+        reset_mlflow_globals()
+    assert (carried / "cladapter_core" / "serving" / "server.py").is_file()
     container = _isvc(list(yaml.safe_load_all(MANIFEST.read_text())))["spec"]["predictor"][
         "containers"][0]
     literal = {e["name"]: e["value"] for e in container["env"] if "value" in e}
@@ -229,14 +248,15 @@ def served(champion):
     cmd = [str(env_dir / "bin" / container["command"][0]), *container["command"][1:],
            *(_expand(a, literal) for a in container.get("args", [])),
            "--host", "127.0.0.1", "--port", str(port)]
-    env = _clean_env(**{k: v for k, v in literal.items() if k != "TMPDIR"},
-                     MLFLOW_TRACKING_URI=champion.uri)
+    env = _clean_env(**{**{k: v for k, v in literal.items() if k != "TMPDIR"}, **LIMITS,
+                        "MLFLOW_TRACKING_URI": champion.uri, "PYTHONPATH": str(carried)})
     env["PATH"] = f"{env_dir / 'bin'}{os.pathsep}{env['PATH']}"  # mlflow runs `uvicorn` from PATH
     log_dir = champion.root / "served"
     log_dir.mkdir()
     proc = _start(cmd, env, log_dir / "server.log", port)
     try:
-        yield types.SimpleNamespace(port=port, env_dir=env_dir, cmd=cmd, log=log_dir / "server.log")
+        yield types.SimpleNamespace(port=port, env_dir=env_dir, cmd=cmd, log=log_dir / "server.log",
+                                    pid=proc.pid, literal=literal)
     finally:
         _stop(proc)
 
@@ -348,7 +368,7 @@ def test_cladapter_serve_says_which_version_serves_and_serves_it(champion, tmp_p
     assert (f"models:/{champion.name}@champion is {champion.name} version {champion.version}"
             in dry.stdout), dry.stdout
     assert f"serving models:/{champion.name}/{champion.version} on http://127.0.0.1:{port}" in dry.stdout
-    assert "-m mlflow models serve --model-uri" in dry.stdout
+    assert "-m cladapter_core.serving.server --model-uri" in dry.stdout
     proc = _start(cmd, env, tmp_path / "serve.log", port)
     try:
         r = _post(port, _images_request([champion.files["photo.jpg"].read_bytes()]))
@@ -382,6 +402,94 @@ def test_the_promotion_lock_is_no_registered_model(champion):
         params = client.get_run(runs[0].info.run_id).data.params
         assert params[f"release.{slot}"] == owner
         reset_mlflow_globals()
+
+
+# --------------------------------------------------------------------------- hostile requests
+def _peak_kb(pid: int) -> int:
+    """The largest peak RSS (VmHWM) of the server process and its descendants."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, peak = [pid], 0
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+    return peak
+
+
+def test_an_oversized_request_gets_413_and_the_server_stays_up(champion, served):
+    url = f"http://127.0.0.1:{served.port}/invocations"
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    limit = int(LIMITS["CLADAPTER_SERVE_MAX_BYTES"])
+    before = _peak_kb(served.pid)
+    body = json.dumps(_images_request([b"\0" * limit])).encode()   # declared: refused unread
+    r = requests.post(url, data=body, headers=auth, timeout=120)
+    assert r.status_code == 413, r.text[:500]
+    assert r.json()["error_code"] == "REQUEST_LIMIT_EXCEEDED"
+    assert f"over the limit of {limit:,} bytes (CLADAPTER_SERVE_MAX_BYTES)" in r.json()["message"]
+    chunks = (b"x" * 2**16 for _ in range(limit // 2**16 + 2))       # chunked: no length to read
+    r = requests.post(url, data=chunks, headers=auth, timeout=120)
+    assert r.status_code == 413, r.text[:500]
+    assert _peak_kb(served.pid) - before < 100 * 1024
+    png = champion.files["rgb.png"].read_bytes()                    # still up, still right
+    assert requests.get(f"http://127.0.0.1:{served.port}/ping", timeout=10).status_code == 200
+    r = _post(served.port, _images_request([png]))
+    assert r.status_code == 200, r.text[:2000]
+    _assert_same_as_predict(r.json()["predictions"], ["rgb.png"], champion.predicted)
+
+
+def test_too_many_rows_get_a_clear_400_and_a_missing_token_401(champion, served):
+    png = champion.files["rgb.png"].read_bytes()
+    rows = int(LIMITS["CLADAPTER_SERVE_MAX_ROWS"])
+    r = _post(served.port, _images_request([png] * (rows + 1)))
+    assert r.status_code == 400, r.text[:500]
+    assert r.json()["message"] == (f"{rows + 1} rows in one request, more than {rows} "
+                                   f"(CLADAPTER_SERVE_MAX_ROWS); send them in requests of at most {rows} rows")
+    r = _post(served.port, {"inputs": np.zeros((rows + 1, 3, 32, 32)).tolist()})
+    assert r.status_code == 400 and "rows in one request" in r.json()["message"]
+    assert _post(served.port, _images_request([png] * rows)).status_code == 200
+    for token in (None, "wrong"):
+        r = _post(served.port, _images_request([png]), token=token)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text[:500]
+    for path in ("/ping", "/health"):  # the probes need no token
+        assert requests.get(f"http://127.0.0.1:{served.port}{path}", timeout=10).status_code == 200
+
+
+def test_error_bodies_carry_no_traceback_nor_the_request(served):
+    url = f"http://127.0.0.1:{served.port}/invocations"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    # Parquet that is not: MLflow's own error carries `stack_trace`; bad JSON echoes the body.
+    for body, content_type in ((b"PAR1 not parquet", "application/vnd.apache.parquet"),
+                               (b'{"dataframe_split": secret-request-text', "application/json")):
+        r = requests.post(url, data=body, headers={**auth, "Content-Type": content_type}, timeout=60)
+        assert r.status_code == 400, r.text[:500]
+        err = r.json()
+        assert set(err) <= {"error_code", "message", "sqlstate", "error_class"}, err
+        assert "Traceback" not in r.text and "site-packages" not in r.text and ".py" not in r.text
+        assert "secret-request-text" not in r.text
+    r = _post(served.port, _images_request([b"GIF89a not an image"]))
+    assert r.status_code == 400 and "Failed to predict data" not in r.json()["message"]
+
+
+def test_decompression_bombs_get_a_400_without_their_memory(champion, served, tmp_path):
+    png = champion.files["rgb.png"].read_bytes()
+    assert _post(served.port, _images_request([png])).status_code == 200  # a warm worker
+    limit = int(served.literal["CLADAPTER_MAX_IMAGE_PIXELS"])
+    for bomb, kind in ((png_bomb(tmp_path / "b.png"), "image"),
+                       (tiff_bomb(tmp_path / "b.tif"), "TIFF")):
+        before = _peak_kb(served.pid)
+        r = _post(served.port, _images_request([png, bomb.read_bytes()]))
+        grew = _peak_kb(served.pid) - before
+        assert r.status_code == 400, r.text[:500]
+        assert (f"row 1: {kind} of 13,500 x 13,500 = 182,250,000 pixels, over the limit of "
+                f"{limit:,} (CLADAPTER_MAX_IMAGE_PIXELS)") in r.json()["message"], r.text[:1000]
+        assert grew < 100 * 1024, f"{bomb.name}: the worker's peak grew {grew / 1024:.0f} MB"
 
 
 # ------------------------------------------------------------------------------ the manifest
@@ -482,7 +590,7 @@ def rendered(tmp_path_factory) -> list[dict]:
 
 def test_the_inference_service_renders_and_validates(rendered):
     import kubernetes_validate
-    assert sorted(d["kind"] for d in rendered) == ["InferenceService", "ServiceAccount"]
+    assert sorted(d["kind"] for d in rendered) == ["InferenceService", "NetworkPolicy", "ServiceAccount"]
     for doc in rendered:
         assert doc["metadata"]["namespace"] == "cladapter"
         if doc["kind"] != "InferenceService":
@@ -522,10 +630,10 @@ def test_the_inference_service_pins_a_version_and_runs_safely(rendered):
     uri = c["env"][0]["value"]
     assert re.fullmatch(rf"models:/{re.escape(model)}/\d+", uri), uri
     assert isvc["metadata"]["annotations"]["cladapter.io/model-uri"] == uri
-    # MLflow's scoring server on the container port, probed on its health paths.
-    assert c["command"] == ["mlflow", "models", "serve"]
+    # MLflow's scoring server behind the limits on the container port, probed on its health paths.
+    assert c["command"] == ["python", "-m", "cladapter_core.serving.server"]
     args = dict(a.lstrip("-").split("=", 1) for a in c["args"])
-    assert args["model-uri"] == "$(MODEL_URI)" and args["env-manager"] == "local"
+    assert args["model-uri"] == "$(MODEL_URI)"
     assert int(args["port"]) == c["ports"][0]["containerPort"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["httpGet"]["path"] in ("/ping", "/health")
@@ -535,7 +643,8 @@ def test_the_inference_service_pins_a_version_and_runs_safely(rendered):
         template = REPO / "infra" / "k8s" / "overlays" / overlay / "secrets" / "mlflow.env.example"
         keys = {ln.split("=", 1)[0] for ln in template.read_text().splitlines()
                 if ln and not ln.startswith("#")}
-        refs = [e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e]
+        refs = [e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e
+                and e["name"] != "CLADAPTER_SERVE_TOKEN"]
         assert refs and all(r["name"] == "cladapter-mlflow" and r["key"] in keys for r in refs)
     assert not [e for e in c["env"] if "value" in e and re.search("PASSWORD|SECRET|TOKEN", e["name"])]
     # Unprivileged, bounded.
@@ -580,3 +689,24 @@ def test_the_runbook_shows_how_a_promotion_reaches_serving(rendered):
     assert container["env"][0] == {"name": "MODEL_URI", "value": "models:/cladapter-demo/7"}
     assert isvc["metadata"]["annotations"]["cladapter.io/model-uri"] == "models:/cladapter-demo/7"
     assert validate_inference_service(isvc) == []
+
+
+def test_the_predictor_is_cluster_local_fenced_and_limited(rendered):
+    isvc = _isvc(rendered)
+    assert isvc["metadata"]["labels"]["networking.kserve.io/visibility"] == "cluster-local"
+    (policy,) = [d for d in rendered if d["kind"] == "NetworkPolicy"]
+    # KServe's labels on the predictor's pods: the InferenceService's name and the component.
+    assert policy["spec"]["podSelector"]["matchLabels"] == {
+        "serving.kserve.io/inferenceservice": isvc["metadata"]["name"], "component": "predictor"}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    c = isvc["spec"]["predictor"]["containers"][0]
+    assert [p["port"] for p in rule["ports"]] == [c["ports"][0]["containerPort"]]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"cladapter.io/serving-client": "true"}}}]
+    env = {e["name"]: e for e in c["env"]}
+    for name in ("CLADAPTER_SERVE_MAX_BYTES", "CLADAPTER_SERVE_MAX_ROWS", "CLADAPTER_MAX_IMAGE_PIXELS"):
+        assert int(env[name]["value"]) > 0, name
+    token = env["CLADAPTER_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert token == {"name": "cladapter-serving", "key": "token", "optional": True}
+    docs = (REPO / "docs" / "serving.md").read_text()
+    assert "kubectl -n cladapter create secret generic cladapter-serving" in docs

@@ -25,7 +25,10 @@ Output: one row per input: ``label`` (class name) and ``prob_<class>`` per class
 probabilities summing to 1).
 
 Errors: an input that cannot be used is refused with ``INVALID_PARAMETER_VALUE`` (HTTP 400
-from the scoring server). A request with undecodable images is refused **whole**, naming
+from the scoring server), as is a request of more than $CLADAPTER_SERVE_MAX_ROWS rows
+(before anything is decoded) or an image over the pixel limit (read from its header); an
+unexpected failure is an ``INTERNAL_ERROR`` (500) whose traceback goes to the server's log,
+not to the client. A request with undecodable images is refused **whole**, naming
 every bad row (rows count from 0, in request order): nothing is predicted for the other
 rows, so a client can never take a partial answer for a complete one - it drops or fixes
 the named rows and sends again.
@@ -39,12 +42,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+
+log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]    # cladapter_core, carried as code_paths
 MODEL_CODE = Path(__file__).resolve().with_name("model_code.py")  # models-from-code entry
@@ -78,6 +85,15 @@ def _refuse(message: str) -> MlflowException:
     return MlflowException.invalid_parameter_value(message)
 
 
+def _check_rows(rows: int) -> None:
+    """Refuse a request of more rows than $CLADAPTER_SERVE_MAX_ROWS, before any is decoded."""
+    from ..settings import settings, var
+    limit = settings().serve_max_rows
+    if rows > limit:
+        raise _refuse(f"{rows} rows in one request, more than {limit} ({var('serve_max_rows')}); "
+                      f"send them in requests of at most {limit} rows")
+
+
 class CLAdapterPyfunc(mlflow.pyfunc.PythonModel):
     """A CLAdapter model directory served as an MLflow pyfunc (see the module docstring for
     the input and output)."""
@@ -94,12 +110,22 @@ class CLAdapterPyfunc(mlflow.pyfunc.PythonModel):
         self.transform = build_transform(self.config, train=False)
 
     def predict(self, context, model_input, params=None):
-        images = _image_column(model_input)
-        if images is not None:
-            x = self._preprocess(images)
-        else:
-            x = self._normalise(_tensor(model_input, self.config["input_size"]))
-        return self._classify(x)
+        try:
+            images = _image_column(model_input)
+            if images is not None:
+                _check_rows(len(images))
+                x = self._preprocess(images)
+            else:
+                x = _tensor(model_input, self.config["input_size"])
+                _check_rows(len(x))
+                x = self._normalise(x)
+            return self._classify(x)
+        except MlflowException:
+            raise
+        except Exception:  # noqa: BLE001 - a bug or no memory: the log has it, the client not
+            log.exception("predict failed")
+            raise MlflowException("internal error while predicting; the server's log has the "
+                                  "details", error_code=INTERNAL_ERROR) from None
 
     # -- the two input forms -------------------------------------------------------------
     def _preprocess(self, images: list):
@@ -278,9 +304,17 @@ def model_dir_in(local_model: str | Path) -> Path:
 
 def serve_command(model_uri: str, host: str = "127.0.0.1", port: int = 5001, workers: int = 1,
                   env_manager: str = "local", python: str | None = None) -> list[str]:
-    """The ``mlflow models serve`` command line for ``model_uri`` (``--env-manager local``:
-    in the environment of ``python``, which must hold the model's requirements)."""
+    """The command that serves `model_uri`: with `env_manager` local (the environment of
+    `python`, which must hold the model's requirements), `serving/server.py`, which is
+    `mlflow models serve` with a request-size limit, an optional token and error bodies
+    without tracebacks; otherwise `mlflow models serve --env-manager <it>`, which builds an
+    environment from the model's requirements and has none of those three (the model's
+    own row and pixel limits hold in both)."""
     import sys
-    return [python or sys.executable, "-m", "mlflow", "models", "serve", "--model-uri", model_uri,
+    python = python or sys.executable
+    if env_manager == "local":
+        return [python, "-m", "cladapter_core.serving.server", "--model-uri", model_uri,
+                "--host", host, "--port", str(port), "--workers", str(workers)]
+    return [python, "-m", "mlflow", "models", "serve", "--model-uri", model_uri,
             "--host", host, "--port", str(port), "--workers", str(workers),
             "--env-manager", env_manager]
