@@ -100,6 +100,7 @@ INTEGRATION_TESTS = {
     "test_least_privilege.py::test_init_sql_gives_each_service_a_role_that_owns_only_its_database",
     "test_least_privilege.py::test_optuna_cannot_reach_the_registry_and_mlflow_works_unprivileged",
     "test_least_privilege.py::test_init_sql_stops_without_a_password_and_leaves_no_role",
+    "test_least_privilege.py::test_s3_enforces_the_policies_per_identity",  # a moto server checking IAM
     # the wheel built and installed in a fresh virtualenv; a step run as UID 10001
     "test_install.py::test_the_wheel_holds_every_file_the_code_reads",
     "test_install.py::test_the_installed_copy_is_the_one_imported",

@@ -186,3 +186,203 @@ def test_dev_secrets_give_mlflow_and_optuna_their_own_roles(tmp_path):
         (line,) = [ln for ln in text.splitlines() if ln.startswith("CLADAPTER_TUNE_STORAGE=")]
         tune = urlsplit(line.split("=", 1)[1])
         assert (tune.username, tune.path) == ("optuna", "/optuna"), line
+
+
+# ----------------------------------------------------------------------------- S3
+
+IDENTITIES = {"cladapter-mlflow-server", "cladapter-runs", "cladapter-data-writer"}
+
+
+def policy(name: str) -> dict:
+    return json.loads((POLICIES / f"{name}.json").read_text())
+
+
+def buckets_of(doc: dict, effect: str = "Allow", write: bool | None = None) -> set[str]:
+    """Buckets a policy's statements of `effect` name (write=True: only statements that
+    put or delete objects; False: only those that read them)."""
+    out = set()
+    for st in doc["Statement"]:
+        if st["Effect"] != effect:
+            continue
+        actions = set(st["Action"])
+        writes = bool(actions & {"s3:PutObject", "s3:DeleteObject", "s3:*"})
+        if write is not None and writes != write:
+            continue
+        out |= {re.match(r"arn:aws:s3:::([^/]+)", r).group(1) for r in st["Resource"]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def dev_rendered(tmp_path_factory):
+    base = tmp_path_factory.mktemp("lp-k8s")
+    return {o: render_overlay(o, base / o) for o in ("dev", "standalone")}
+
+
+def test_each_identity_reaches_only_its_buckets():
+    """The policy documents: the server alone writes the registry's bucket; the runs read
+    datasets and write checkpoints and are denied the registry outright."""
+    assert {p.stem for p in POLICIES.glob("*.json")} == IDENTITIES
+    server, runs, writer = (policy(n) for n in ("cladapter-mlflow-server", "cladapter-runs",
+                                                "cladapter-data-writer"))
+    for doc in (server, runs, writer):
+        for st in doc["Statement"]:
+            if st["Effect"] == "Allow":  # no wildcard grants, no "every bucket"
+                assert not [a for a in st["Action"] if "*" in a], st
+                assert not [r for r in st["Resource"] if r in ("*", "arn:aws:s3:::*")], st
+    assert buckets_of(server) == buckets_of(server, write=True) == {"mlflow"}
+    assert buckets_of(runs, write=True) == {"checkpoints"}
+    assert buckets_of(runs) == {"checkpoints", "datasets"}
+    assert buckets_of(runs, "Deny") == buckets_of(writer, "Deny") == {"mlflow"}
+    assert buckets_of(writer) == buckets_of(writer, write=True) == {"datasets"}
+
+
+def test_manifests_wire_one_identity_per_job(dev_rendered):
+    dev, runs = dev_rendered["dev"], dev_rendered["standalone"]
+    # MinIO's root: MinIO and its setup Job only
+    readers = {}
+    for owner, spec in pod_specs(dev):
+        for c in spec["containers"]:
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef", {}).get("name")
+                if ref:
+                    readers.setdefault(ref, set()).add(owner["metadata"]["name"])
+            for ref in c.get("envFrom", []):
+                if "secretRef" in ref:
+                    readers.setdefault(ref["secretRef"]["name"], set()).add(owner["metadata"]["name"])
+    assert readers["cladapter-minio-root"] == {"cladapter-minio", "cladapter-minio-buckets"}
+    assert readers["cladapter-minio-users"] == {"cladapter-minio-buckets"}
+    assert "cladapter-minio" not in readers["cladapter-s3"]  # the server's key is not MinIO's root
+    # the setup Job attaches each policy file, made from these very files
+    job = find(dev, "Job", "cladapter-minio-buckets")
+    script = job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    attached = set(re.findall(r"^user .* (cladapter-[a-z-]+)$", script, re.M))
+    assert attached == IDENTITIES
+    cm = [d for d in dev if d["kind"] == "ConfigMap"
+          and d["metadata"]["name"].startswith("cladapter-minio-policies")]
+    assert len(cm) == 1 and {k: json.loads(v) for k, v in cm[0]["data"].items()} == \
+        {f"{n}.json": policy(n) for n in IDENTITIES}
+    (volume,) = [v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "policies"]
+    assert volume["configMap"]["name"] == cm[0]["metadata"]["name"]
+    # every bucket a policy names is created; the registry's is the server's destination
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    server_cm = find(dev, "ConfigMap", [d["metadata"]["name"] for d in dev if d["kind"] == "ConfigMap"
+                                        and d["metadata"]["name"].startswith("cladapter-mlflow-server")][0])
+    registry = urlsplit(server_cm["data"]["MLFLOW_ARTIFACTS_DESTINATION"]).netloc
+    created = {registry, *env["BUCKETS"].split()}
+    named = set().union(*(buckets_of(policy(n)) | buckets_of(policy(n), "Deny") for n in IDENTITIES))
+    assert named <= created and buckets_of(policy("cladapter-mlflow-server"), write=True) == {registry}
+    # the runs' checkpoints go to a bucket they may write, which is not the registry's
+    root = find(runs, "ConfigMap", "cladapter-pipeline")["data"]["CLADAPTER_CHECKPOINT_ROOT"]
+    bucket = urlsplit(root).netloc
+    assert bucket in buckets_of(policy("cladapter-runs"), write=True) and bucket != registry
+
+
+def test_minio_is_closed_to_all_but_its_clients(dev_rendered, compiled_labels):
+    dev = dev_rendered["dev"]
+    np_ = find(dev, "NetworkPolicy", "cladapter-minio")
+    minio = find(dev, "Deployment", "cladapter-minio")["spec"]["template"]["metadata"]["labels"]
+    assert np_["spec"]["podSelector"]["matchLabels"].items() <= minio.items()
+    assert np_["spec"]["policyTypes"] == ["Ingress"]
+    labels = {name: find(dev, kind, name)["spec"]["template"]["metadata"]["labels"]
+              for kind, name in (("Deployment", "cladapter-mlflow"), ("Job", "cladapter-minio-buckets"),
+                                 ("StatefulSet", "cladapter-postgres"))}
+    standalone = {"kubernetes.io/metadata.name": "kubeflow"}
+    profile = {"kubernetes.io/metadata.name": "kubeflow-user-example-com",
+               "app.kubernetes.io/part-of": "kubeflow-profile"}
+    elsewhere = {"kubernetes.io/metadata.name": "default"}
+    train = compiled_labels["exec-train-stage1"]
+    assert policy_allows(np_, 9000, {}, labels["cladapter-mlflow"], True)
+    assert policy_allows(np_, 9000, {}, labels["cladapter-minio-buckets"], True)
+    assert not policy_allows(np_, 9000, {}, labels["cladapter-postgres"], True)
+    assert not policy_allows(np_, 9000, {}, {"app": "anything"}, True)
+    for ns in (standalone, profile):
+        assert policy_allows(np_, 9000, ns, train, False)
+        assert not policy_allows(np_, 9000, ns, {}, False)
+    assert not policy_allows(np_, 9000, elsewhere, train, False)
+    # the console: nobody, and the Service does not even offer it
+    for ns, pod, same in (({}, labels["cladapter-mlflow"], True), (standalone, train, False),
+                          ({}, {"app": "anything"}, True)):
+        assert not policy_allows(np_, 9001, ns, pod, same)
+    assert [p["port"] for p in find(dev, "Service", "cladapter-minio")["spec"]["ports"]] == [9000]
+
+
+@pytest.fixture(scope="module")
+def compiled_labels():
+    import yaml
+    platform = yaml.safe_load_all((REPO / "pipelines" / "cladapter_pipeline.yaml").read_text())
+    executors = list(platform)[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return {name: (ex.get("podMetadata") or {}).get("labels", {}) for name, ex in executors.items()}
+
+
+@pytest.fixture(scope="module")
+def s3_policies(tmp_path_factory):
+    """A moto S3 server that checks IAM: one user per policy document, the three buckets
+    with one object each, made before authentication is switched on."""
+    import boto3
+    import requests
+    from fixtures_services import _stop, _wait_http
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto_policies") / "moto.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(endpoint + "/moto-api/", proc, log, timeout=60)
+        setup = dict(endpoint_url=endpoint, region_name="us-east-1",
+                     aws_access_key_id="setup", aws_secret_access_key="setup")
+        iam, s3 = boto3.client("iam", **setup), boto3.client("s3", **setup)
+        clients = {}
+        for name in sorted(IDENTITIES):
+            iam.create_user(UserName=name)
+            key = iam.create_access_key(UserName=name)["AccessKey"]
+            iam.put_user_policy(UserName=name, PolicyName=name,
+                                PolicyDocument=(POLICIES / f"{name}.json").read_text())
+            clients[name] = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                                         aws_access_key_id=key["AccessKeyId"],
+                                         aws_secret_access_key=key["SecretAccessKey"])
+        for bucket in ("mlflow", "checkpoints", "datasets"):
+            s3.create_bucket(Bucket=bucket)
+            s3.put_object(Bucket=bucket, Key="seed", Body=b"x")
+        requests.post(endpoint + "/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()
+        yield clients
+    finally:
+        _stop(proc)
+
+
+def can(client, op: str, bucket: str) -> bool:
+    from botocore.exceptions import ClientError
+    try:
+        if op == "get":
+            client.get_object(Bucket=bucket, Key="seed")["Body"].read()
+        elif op == "list":
+            client.list_objects_v2(Bucket=bucket)
+        elif op == "put":
+            client.put_object(Bucket=bucket, Key=f"probe-{uuid.uuid4().hex[:6]}", Body=b"y")
+        elif op == "delete":
+            client.delete_object(Bucket=bucket, Key="seed-to-delete")
+        return True
+    except ClientError as e:
+        assert e.response["Error"]["Code"] == "AccessDenied", e.response["Error"]
+        return False
+
+
+def test_s3_enforces_the_policies_per_identity(s3_policies):
+    """Each identity tried on each bucket against an S3 server that evaluates the
+    attached IAM policies (moto): what is allowed works, the rest is AccessDenied."""
+    expected = {
+        "cladapter-mlflow-server": {"mlflow": {"get", "list", "put", "delete"}},
+        "cladapter-runs": {"datasets": {"get", "list"}, "checkpoints": {"get", "list", "put", "delete"}},
+        "cladapter-data-writer": {"datasets": {"get", "list", "put", "delete"}},
+    }
+    seen = {}
+    for name, client in s3_policies.items():
+        for bucket in ("mlflow", "checkpoints", "datasets"):
+            for op in ("get", "list", "put", "delete"):
+                seen.setdefault(name, {}).setdefault(bucket, set())
+                if can(client, op, bucket):
+                    seen[name][bucket].add(op)
+        seen[name] = {b: ops for b, ops in seen[name].items() if ops}
+    assert seen == expected
