@@ -112,6 +112,9 @@ FEATURES = {  # name -> (first backend release or None: no release yet, what sho
     "k8s activeDeadlineSeconds": ("2.1.0", f"{DRIVER} ({UPSTREAM}/pull/10481)"),
     "k8s genericEphemeralVolume": ("2.2.0", f"{DRIVER} ({UPSTREAM}/pull/10605)"),
     "k8s emptyDirMounts": ("2.3.0", f"{DRIVER} ({UPSTREAM}/pull/10913)"),
+    "k8s emptyDirMounts.sizeLimit": ("2.3.0", f"{DRIVER} ({UPSTREAM}/pull/10913)"),
+    "k8s secretAsVolume": ("2.0.0", f"{DRIVER} ({UPSTREAM}/pull/9178)"),
+    "k8s secretAsVolume.optional": ("2.2.0", f"{DRIVER} ({UPSTREAM}/pull/10550)"),
 }
 
 

@@ -41,7 +41,7 @@ from kfp import compiler, dsl, kubernetes
 
 from cladapter_core.errors import CLAdapterError
 from cladapter_core.params import load_params
-from components import pipeline_params, stages
+from components import multinode, pipeline_params, stages
 
 PIPELINE_NAME = "cladapter-pipeline"
 PIPELINE_FILE = Path(__file__).with_name("cladapter_pipeline.yaml")
@@ -169,9 +169,11 @@ def _gpu(task, count: int, scratch: str):
 
 
 def _scratch(task, size: str):
-    """A generic ephemeral volume for the step's local copy of the data (deleted with the pod)."""
-    kubernetes.add_ephemeral_volume(task, volume_name="scratch", mount_path=SCRATCH_MOUNT,
-                                    access_modes=["ReadWriteOnce"], size=size)
+    """An emptyDir of at most `size` for the step's local copy of the data (deleted with
+    the pod). Not a generic ephemeral volume: on block-storage CSI drivers its root is
+    root-owned, the steps run as UID 10001 and KFP cannot set an fsGroup; an emptyDir is
+    writable by any user (components/step.py stops a step whose scratch is not)."""
+    kubernetes.empty_dir_mount(task, volume_name="scratch", mount_path=SCRATCH_MOUNT, size_limit=size)
     return task.set_env_variable("CLADAPTER_SCRATCH", SCRATCH_MOUNT)
 
 
@@ -242,6 +244,10 @@ def _steps(a: dict, base_params: str, train_gpus: int, scratch: str, run_id, run
         task.set_display_name(name).set_caching_options(False)
         _retry(task, "train")
         _settings(_secrets(_gpu(_resources(task, "train"), train_gpus, scratch), MLFLOW_SECRET, S3_SECRET))
+    # train_nodes > 1: the TrainJob is created with the launcher's token (infra/k8s/training),
+    # mounted in this step only; optional, so installs without it still train on one node.
+    kubernetes.use_secret_as_volume(s2, secret_name=multinode.LAUNCHER_SECRET,
+                                    mount_path=str(multinode.LAUNCHER_TOKEN_DIR), optional=True)
     model = s2.outputs["model"]
 
     ev = stages.evaluate(params=params, dataset=dataset, model=model, **common)

@@ -28,7 +28,7 @@ def test_oldest_supported_backend_accepts_the_committed_pipeline(configs):
     assert backend_check.check(COMMITTED, kp.KFP_KUBERNETES_PROTO, configs=configs) == []
     # what it uses from that proto: secrets, GPU tolerations, /dev/shm, scratch volume, timeouts
     used = {key for c in configs.values() for key in c}
-    assert {"secretAsEnv", "tolerations", "emptyDirMounts", "genericEphemeralVolume",
+    assert {"secretAsEnv", "tolerations", "emptyDirMounts", "secretAsVolume",
             "activeDeadlineSeconds"} <= used, used
 
 
@@ -63,7 +63,8 @@ def test_every_feature_of_the_committed_pipeline_runs_on_the_claimed_backend():
     assert set(used) <= set(backend_check.FEATURES), set(used) - set(backend_check.FEATURES)
     for feature in ("exit handler status (PipelineTaskFinalStatus input)", "dsl.OneOf (valueFromOneof)",
                     "ParallelFor parallelism", "retry policy, task inside a DAG (exit handler, condition)",
-                    "k8s secretAsEnv.secretNameParameter", "k8s genericEphemeralVolume"):
+                    "k8s secretAsEnv.secretNameParameter", "k8s emptyDirMounts.sizeLimit",
+                    "k8s secretAsVolume.optional"):
         assert feature in used, feature
     assert backend_check.backend_problems(COMMITTED, kp.OLDEST_KFP_BACKEND) == []
     assert backend_check.oldest_backend_needed(COMMITTED) == kp.OLDEST_KFP_BACKEND
