@@ -312,7 +312,7 @@ def test_dockerfile_is_pinned_non_root_secret_free_and_copies_what_exists():
             continue
         assert re.search(r":[^:/]*\d", image) and not image.endswith(":latest"), \
             f"base image {image} must carry a pinned version tag"
-    cuda = [s[0][1].split()[0] for s in all_stages if s[0][1].startswith("nvidia/cuda:")]
+    cuda = [s[0][1].split()[0].split("@")[0] for s in all_stages if s[0][1].startswith("nvidia/cuda:")]
     assert cuda and re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-[a-z-]+-ubuntu22\.04", cuda[0]), cuda
 
     final = all_stages[-1]
@@ -330,12 +330,18 @@ def test_dockerfile_is_pinned_non_root_secret_free_and_copies_what_exists():
                 f"{kw} {args}: no secrets in the image"
 
     runs = " ".join(args for kw, args in instructions if kw == "RUN")
-    assert "pip install --no-cache-dir -c constraints.txt ." in runs
+    # every dependency by hash, then the project without fetching (tests/test_supply_chain.py)
+    assert "pip install --no-cache-dir --require-hashes --no-deps -r requirements.lock" in runs
+    assert "pip install --no-cache-dir --no-deps --no-build-isolation ." in runs
     # What the build copies exists in the context (the repository root).
     for kw, args in instructions:
         if kw == "COPY" and not args.startswith("--from"):
             for source in args.split()[:-1]:
                 assert source == "." or (REPO / source).exists(), f"COPY {source}: no such file"
+                patterns = [ln.strip() for ln in DOCKERIGNORE.read_text().splitlines()
+                            if ln.strip() and not ln.startswith("#")]
+                assert source == "." or not dockerignore_excludes(source, patterns), \
+                    f"COPY {source}: left out of the build context by {DOCKERIGNORE.name}"
     # The Python the image installs satisfies the project's requires-python.
     python = re.search(r"uv python install (\d+\.\d+)\.\d+", runs)
     requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
@@ -357,23 +363,21 @@ def test_image_carries_its_git_commit():
     assert '--build-arg GIT_COMMIT="$(git rev-parse HEAD)"' in (INFRA / "README.md").read_text()
 
 
-def test_dockerfile_dependency_layer_installs_the_pyproject_pins(tmp_path):
-    # Run the Dockerfile's own extraction command on the real pyproject.toml.
+def test_dockerfile_dependency_layer_installs_the_pyproject_pins():
+    """The image's dependency layer is the hashed lock; the lock pins torch and torchvision
+    as pyproject.toml and constraints.txt do, at the versions the tests run (the rest of
+    the lock: tests/test_supply_chain.py)."""
     runs = [args for kw, args in dockerfile_instructions(DOCKERFILE.read_text()) if kw == "RUN"]
-    (command,) = [r for r in runs if "tomllib" in r]
-    snippet = re.search(r'python -c "(.+?)" > /tmp/requirements\.txt', command).group(1)
-    shutil.copyfile(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
-    proc = run([sys.executable, "-c", snippet], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    requirements = proc.stdout.splitlines()
+    assert any("--require-hashes" in r and "-r requirements.lock" in r for r in runs), runs
+    lock = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (INFRA / "docker" / "requirements.lock").read_text(), re.M))
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert requirements == project["dependencies"]
-    pins = {r.split("==")[0]: r.split("==")[1] for r in requirements if "==" in r}
+    pins = {r.split("==")[0]: r.split("==")[1] for r in project["dependencies"] if "==" in r}
     constraints = dict(line.split("==", 1) for line in
                        (REPO / "constraints.txt").read_text().splitlines() if "==" in line)
     for package in ("torch", "torchvision"):
         assert package in pins, f"pyproject.toml must pin {package} exactly"
-        assert constraints.get(package) == pins[package], f"constraints.txt disagrees on {package}"
+        assert constraints.get(package) == pins[package] == lock.get(package), \
+            f"constraints.txt or the lock disagrees on {package}"
         installed = importlib.metadata.version(package).split("+")[0]
         assert installed == pins[package], f"{package}: tests run {installed}, image gets {pins[package]}"
 
@@ -411,7 +415,8 @@ def test_mlflow_server_image_is_slim_pinned_and_lint_clean():
     all_stages = stages(instructions)
     aliases = {s[0][1].split()[-1] for s in all_stages if " AS " in s[0][1].upper()}
     bases = [s[0][1].split()[0] for s in all_stages if s[0][1].split()[0] not in aliases]
-    assert bases and all(re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+", b) for b in bases), bases
+    assert bases and all(re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", b)
+                         for b in bases), bases
     final = all_stages[-1]
     uid = [a for kw, a in final if kw == "USER"][-1].split(":")[0]
     assert uid.isdigit() and int(uid) != 0

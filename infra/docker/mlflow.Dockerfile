@@ -1,4 +1,4 @@
-# syntax=docker/dockerfile:1
+# syntax=docker/dockerfile:1.19@sha256:b6afd42430b15f2d2a4c5a02b919e98a525b785b1aaff16747d2f623364e39b6
 # The MLflow tracking server of infra/k8s (Deployment cladapter-mlflow): Python, MLflow,
 # psycopg2 and boto3, nothing of the training stack (no torch, no CUDA): a few hundred
 # MB instead of the multi-GB GPU image. Build from the repository root:
@@ -6,7 +6,7 @@
 # The versions are the clients' (constraints.txt, the same file the platform image and
 # the tests install from), so the server speaks the clients' MLflow.
 
-FROM python:3.11.14-slim-bookworm AS build
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
@@ -16,7 +16,7 @@ RUN python -m venv /opt/venv \
     && /opt/venv/bin/mlflow --version \
     && /opt/venv/bin/python -c "import psycopg2, boto3, sqlalchemy"
 
-FROM python:3.11.14-slim-bookworm AS runtime
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS runtime
 ARG VERSION=0.1.0
 ARG GIT_COMMIT=unknown
 LABEL org.opencontainers.image.title="cladapter-mlflow" \
