@@ -20,14 +20,13 @@ import re
 import shutil
 import subprocess
 import uuid
-from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import pytest
-from helpers import BIN, REPO, free_port
-from test_infra import (INSTALL_MODES, K8S, find, pod_specs, policy_allows, render_overlay,
-                        secret_data)
+from helpers import BIN, free_port
+from infra_helpers import (INSTALL_MODES, K8S, compiled_pod_labels, find, generated, pod_specs,
+                           policy_allows, render_overlay, secret_data)
 
 DEV = K8S / "overlays" / "dev"
 INIT_SQL = DEV / "postgres-init" / "roles.psql"
@@ -177,8 +176,7 @@ def test_dev_secrets_give_mlflow_and_optuna_their_own_roles(tmp_path):
     assert (db.username, db.path) == ("mlflow", "/mlflow")
     assert postgres["POSTGRES_USER"] not in ("mlflow", "optuna")
     assert {"MLFLOW_DB_PASSWORD", "OPTUNA_DB_PASSWORD"} <= postgres.keys()
-    init = find(dev, "ConfigMap", [d["metadata"]["name"] for d in dev
-                                   if d["metadata"]["name"].startswith("cladapter-postgres-init")][0])
+    init = generated(dev, "ConfigMap", "cladapter-postgres-init")
     assert set(init["data"]) == {"10-roles.sh", "roles.psql"}
     assert init["data"]["roles.psql"] == INIT_SQL.read_text()
     for mode in INSTALL_MODES:
@@ -257,16 +255,13 @@ def test_manifests_wire_one_identity_per_job(dev_rendered):
     script = job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
     attached = set(re.findall(r"^user .* (cladapter-[a-z-]+)$", script, re.M))
     assert attached == IDENTITIES
-    cm = [d for d in dev if d["kind"] == "ConfigMap"
-          and d["metadata"]["name"].startswith("cladapter-minio-policies")]
-    assert len(cm) == 1 and {k: json.loads(v) for k, v in cm[0]["data"].items()} == \
-        {f"{n}.json": policy(n) for n in IDENTITIES}
+    cm = generated(dev, "ConfigMap", "cladapter-minio-policies")
+    assert {k: json.loads(v) for k, v in cm["data"].items()} == {f"{n}.json": policy(n) for n in IDENTITIES}
     (volume,) = [v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "policies"]
-    assert volume["configMap"]["name"] == cm[0]["metadata"]["name"]
+    assert volume["configMap"]["name"] == cm["metadata"]["name"]
     # every bucket a policy names is created; the registry's is the server's destination
     env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
-    server_cm = find(dev, "ConfigMap", [d["metadata"]["name"] for d in dev if d["kind"] == "ConfigMap"
-                                        and d["metadata"]["name"].startswith("cladapter-mlflow-server")][0])
+    server_cm = generated(dev, "ConfigMap", "cladapter-mlflow-server")
     registry = urlsplit(server_cm["data"]["MLFLOW_ARTIFACTS_DESTINATION"]).netloc
     created = {registry, *env["BUCKETS"].split()}
     named = set().union(*(buckets_of(policy(n)) | buckets_of(policy(n), "Deny") for n in IDENTITIES))
@@ -308,10 +303,7 @@ def test_minio_is_closed_to_all_but_its_clients(dev_rendered, compiled_labels):
 
 @pytest.fixture(scope="module")
 def compiled_labels():
-    import yaml
-    platform = yaml.safe_load_all((REPO / "pipelines" / "cladapter_pipeline.yaml").read_text())
-    executors = list(platform)[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    return {name: (ex.get("podMetadata") or {}).get("labels", {}) for name, ex in executors.items()}
+    return compiled_pod_labels()
 
 
 @pytest.fixture(scope="module")

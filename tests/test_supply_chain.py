@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO
-from test_infra import DOCKERFILE, dockerfile_instructions, dockerignore_excludes
+from infra_helpers import DOCKERFILE, dockerfile_instructions, dockerignore_excludes, ignore_patterns
 
 INFRA = REPO / "infra"
 LOCK = INFRA / "docker" / "requirements.lock"
@@ -122,8 +122,7 @@ def test_the_image_installs_only_hashed_packages():
             assert ("--require-hashes" in part and "-r requirements.lock" in part) or \
                    part.endswith("pip install --no-cache-dir --no-deps --no-build-isolation ."), part
     assert any(kw == "COPY" and "infra/docker/requirements.lock" in a for kw, a in instructions)
-    patterns = [ln.strip() for ln in (INFRA / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
-                if ln.strip() and not ln.startswith("#")]
+    patterns = ignore_patterns(INFRA / "docker" / "Dockerfile.dockerignore")
     assert not dockerignore_excludes("infra/docker/requirements.lock", patterns)
     assert any("pip check" in a for kw, a in instructions if kw == "RUN")
 
@@ -190,7 +189,7 @@ def test_dvc_local_config_stays_out_of_every_build_context():
     ignores += sorted(REPO.glob("*.dockerignore")) + ([REPO / ".dockerignore"] if (REPO / ".dockerignore").exists() else [])
     assert {p.name for p in ignores} >= {"Dockerfile.dockerignore", "mlflow.Dockerfile.dockerignore"}
     for path in ignores:
-        patterns = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        patterns = ignore_patterns(path)
         for secret in (".dvc/config.local", "infra/k8s/overlays/dev/secrets/minio-root.env"):
             assert dockerignore_excludes(secret, patterns), f"{path.relative_to(REPO)} lets {secret} in"
     # every Dockerfile has its own ignore file (BuildKit reads <Dockerfile>.dockerignore)
