@@ -90,6 +90,8 @@ INTEGRATION_TESTS = {
     "test_kfp_backend.py::test_oldest_supported_backend_accepts_the_committed_pipeline",
     "test_kfp_backend.py::test_installed_kfp_kubernetes_accepts_it_too",
     "test_kfp_backend.py::test_the_check_refuses_a_field_the_old_proto_does_not_know",
+    "test_pipeline.py::test_adding_a_parameter_to_the_table_is_all_it_takes",  # compiles again
+    "test_pipeline.py::test_a_rerun_tuning_worker_runs_only_what_its_earlier_attempt_left",  # Optuna, SQLite
     # DVC commands
     "test_pipeline.py::test_dataset_from_a_dvc_repository",
     "test_tracking.py::test_source_hash_uses_dvc_records_else_a_deterministic_content_hash",
