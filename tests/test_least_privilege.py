@@ -167,10 +167,10 @@ def test_init_sql_stops_without_a_password_and_leaves_no_role():
     assert wrapper.returncode != 0 and "MLFLOW_DB_PASSWORD" in wrapper.stderr, wrapper.stderr
 
 
-def test_dev_secrets_give_mlflow_and_optuna_their_own_roles(tmp_path):
+def test_dev_secrets_give_mlflow_and_optuna_their_own_roles(dev_rendered):
     """The Secret templates agree with the init SQL: the server connects as `mlflow`,
     the tuning workers as `optuna` to `optuna`, the admin is neither."""
-    dev = render_overlay("dev", tmp_path / "dev")
+    dev = dev_rendered["dev"]
     postgres = secret_data(dev, "cladapter-postgres")
     db = urlsplit(secret_data(dev, "cladapter-mlflow-db")["MLFLOW_BACKEND_STORE_URI"])
     assert (db.username, db.path) == ("mlflow", "/mlflow")
