@@ -135,10 +135,16 @@ def _dag_tasks(spec: dict):
             yield ("loop" if cname in loops else "dag"), n, t
 
 
+def _documents(pipeline_yaml) -> list:
+    """The YAML's documents (pipeline spec, platform spec); libyaml's parser when present."""
+    import yaml
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return list(yaml.load_all(Path(pipeline_yaml).read_text(), Loader=loader))
+
+
 def features_used(pipeline_yaml) -> dict[str, list[str]]:
     """Feature name (a key of FEATURES) -> the tasks / executors of `pipeline_yaml` using it."""
-    import yaml
-    docs = list(yaml.safe_load_all(Path(pipeline_yaml).read_text()))
+    docs = _documents(pipeline_yaml)
     spec, used = docs[0], {}
 
     def add(feature, where):
@@ -164,7 +170,8 @@ def features_used(pipeline_yaml) -> dict[str, list[str]]:
         outputs = ((comp.get("dag") or {}).get("outputs") or {}).get("parameters") or {}
         if any("valueFromOneof" in o for o in outputs.values()):
             add("dsl.OneOf (valueFromOneof)", cname)
-    for name, config in (executor_configs(pipeline_yaml) if len(docs) > 1 else {}).items():
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {}
+    for name, config in platform.items():
         for key, value in config.items():
             add(f"k8s {key}", name)
             for entry in value if isinstance(value, list) else []:
@@ -174,13 +181,13 @@ def features_used(pipeline_yaml) -> dict[str, list[str]]:
     return {k: sorted(set(v)) for k, v in used.items()}
 
 
-def backend_problems(pipeline_yaml, oldest: str) -> list[str]:
-    """What the KFP backend `oldest` would refuse or ignore in `pipeline_yaml`: a feature
-    newer than it, or one no table entry knows (add it to FEATURES with its source). A
-    feature no release runs yet (version None) is not counted: the pipeline must work
-    without it (see pipelines/README.md)."""
+def backend_problems(pipeline_yaml, oldest: str, used: dict | None = None) -> list[str]:
+    """What the KFP backend `oldest` would refuse or ignore in `pipeline_yaml` (or in the
+    features `used`, from `features_used`): a feature newer than it, or one no table entry
+    knows (add it to FEATURES with its source). A feature no release runs yet (version
+    None) is not counted: the pipeline must work without it (see pipelines/README.md)."""
     problems = []
-    for feature, where in features_used(pipeline_yaml).items():
+    for feature, where in (used or features_used(pipeline_yaml)).items():
         if feature not in FEATURES:
             problems.append(f"{feature} (used by {', '.join(where)}): not in the feature table; "
                             "find the first KFP backend release that supports it")
@@ -192,9 +199,9 @@ def backend_problems(pipeline_yaml, oldest: str) -> list[str]:
     return problems
 
 
-def oldest_backend_needed(pipeline_yaml) -> str:
+def oldest_backend_needed(pipeline_yaml, used: dict | None = None) -> str:
     """The first KFP backend release that runs everything `pipeline_yaml` uses."""
-    versions = [FEATURES[f][0] for f in features_used(pipeline_yaml) if FEATURES.get(f, (None,))[0]]
+    versions = [FEATURES[f][0] for f in (used or features_used(pipeline_yaml)) if FEATURES.get(f, (None,))[0]]
     return max(versions, key=_version, default="2.0.0")
 
 
@@ -228,11 +235,12 @@ def main(argv=None) -> int:
                     help=f"check the pipeline-spec features against KFP {OLDEST_KFP_BACKEND} instead")
     args = ap.parse_args(argv)
     if args.features:
-        for feature, where in sorted(features_used(args.pipeline).items()):
+        used = features_used(args.pipeline)
+        for feature, where in sorted(used.items()):
             first = FEATURES.get(feature, ("?",))[0] or "no release (ignored)"
             print(f"{feature}: KFP >= {first} ({', '.join(where)})")
-        problems = backend_problems(args.pipeline, OLDEST_KFP_BACKEND)
-        print(f"needs KFP backend >= {oldest_backend_needed(args.pipeline)}; claimed: {OLDEST_KFP_BACKEND}")
+        problems = backend_problems(args.pipeline, OLDEST_KFP_BACKEND, used)
+        print(f"needs KFP backend >= {oldest_backend_needed(args.pipeline, used)}; claimed: {OLDEST_KFP_BACKEND}")
         for line in problems:
             print(f"  {line}")
         return 1 if problems else 0

@@ -65,8 +65,13 @@ KFP_KUBERNETES_PROTO = "2.14.0"
 # no `optional` on secretAsEnv, so the Secrets hold every key and an empty value means
 # "not set" (components.runtime.drop_empty_env unsets it in the step).
 MLFLOW_SECRET, S3_SECRET = "cladapter-mlflow", "cladapter-s3"
+# MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD=false: artifacts download through the MLflow server;
+# otherwise MLflow 3 clients fetch presigned URLs signed for the server's S3 endpoint
+# (mlflow/store/artifact/mlflow_artifacts_repo.py, _download_file), which pods outside the
+# server's namespace may not resolve.
 SECRET_KEYS = {
-    MLFLOW_SECRET: ["MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"],
+    MLFLOW_SECRET: ["MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"],
     S3_SECRET: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
                 "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION"],
 }

@@ -66,9 +66,9 @@ def test_every_feature_of_the_committed_pipeline_runs_on_the_claimed_backend():
                     "k8s secretAsEnv.secretNameParameter", "k8s emptyDirMounts.sizeLimit",
                     "k8s secretAsVolume.optional"):
         assert feature in used, feature
-    assert backend_check.backend_problems(COMMITTED, kp.OLDEST_KFP_BACKEND) == []
-    assert backend_check.oldest_backend_needed(COMMITTED) == kp.OLDEST_KFP_BACKEND
-    refused = backend_check.backend_problems(COMMITTED, "2.5.0")
+    assert backend_check.backend_problems(COMMITTED, kp.OLDEST_KFP_BACKEND, used) == []
+    assert backend_check.oldest_backend_needed(COMMITTED, used) == kp.OLDEST_KFP_BACKEND
+    refused = backend_check.backend_problems(COMMITTED, "2.5.0", used)
     assert len(refused) == 2, refused
     assert "close-pipeline-run" in refused[0] and "pull/11953" in refused[0]
     assert "train-stage1" in refused[1] and "pull/11908" in refused[1]

@@ -278,6 +278,78 @@ def test_secrets_come_from_kubernetes(compiled):
             assert f"`{secret}`" in readme and all(f"`{k}`" in readme for k in kp.REQUIRED_KEYS[secret])
 
 
+# The server's own name for S3 (the dev install's MinIO Service): it resolves inside the
+# server's namespace, not in the run's. The server process here resolves it to loopback
+# (a sitecustomize on its PYTHONPATH); this test process cannot resolve it at all.
+IN_CLUSTER_S3 = "cladapter-minio"
+_RESOLVER = f"""
+import socket
+_real = socket.getaddrinfo
+def _getaddrinfo(host, *args, **kwargs):
+    return _real("127.0.0.1" if host == {IN_CLUSTER_S3!r} else host, *args, **kwargs)
+socket.getaddrinfo = _getaddrinfo
+"""
+_DOWNLOAD = ("import sys, mlflow; print(open(mlflow.artifacts.download_artifacts("
+             "run_id=sys.argv[1], artifact_path='note.txt', dst_path=sys.argv[2])).read())")
+
+
+def test_artifact_downloads_work_where_the_servers_s3_name_does_not_resolve(s3_server, tmp_path):
+    """MLflow 3 clients download artifacts of an S3-backed server through presigned URLs
+    signed for the server's MLFLOW_S3_ENDPOINT_URL, a host a pipeline pod may not resolve;
+    MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD=false (in every Secret template and SECRET_KEYS)
+    makes the client download through the server instead."""
+    import boto3
+    from fixtures_services import _stop, _wait_http
+    from helpers import free_port
+    import socket
+    port = int(s3_server.rsplit(":", 1)[1])
+    with pytest.raises(OSError):  # the premise: this machine cannot resolve the server's S3 name
+        socket.getaddrinfo(IN_CLUSTER_S3, port)
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="presigned")
+    (tmp_path / "resolver").mkdir()
+    (tmp_path / "resolver" / "sitecustomize.py").write_text(_RESOLVER)
+    env = {k: v for k, v in child_env().items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    server_env = dict(env, PYTHONPATH=str(tmp_path / "resolver"), AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                      MLFLOW_S3_ENDPOINT_URL=f"http://{IN_CLUSTER_S3}:{port}",
+                      MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE="path")  # as with MinIO
+    mport = free_port()
+    log = tmp_path / "server.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mport),
+                                 "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                                 "--artifacts-destination", "s3://presigned/mlflow", "--serve-artifacts"],
+                                stdout=fh, stderr=subprocess.STDOUT, env=server_env, cwd=tmp_path,
+                                start_new_session=True)
+    try:
+        uri = f"http://127.0.0.1:{mport}"
+        _wait_http(uri + "/health", proc, log)
+        client_env = dict(env, MLFLOW_TRACKING_URI=uri)
+        log_one = ("import mlflow\nwith mlflow.start_run() as r:\n    mlflow.log_text('hello', 'note.txt')\n"
+                   "print(r.info.run_id)")
+        made = subprocess.run([sys.executable, "-c", log_one], env=client_env, capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path)
+        assert made.returncode == 0, made.stderr[-2000:]  # the upload goes through the server
+        run_id = made.stdout.strip().splitlines()[-1]
+        before = subprocess.run([sys.executable, "-c", _DOWNLOAD, run_id, str(tmp_path / "a")],
+                                env=dict(client_env, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"),
+                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        # the presigned URL names the server's S3 host, which this client cannot resolve
+        assert before.returncode != 0 and "Failed to download artifacts" in before.stderr, before.stderr[-2000:]
+        (secret,) = [k for k in kp.SECRET_KEYS[kp.MLFLOW_SECRET] if k == "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"]
+        after = subprocess.run([sys.executable, "-c", _DOWNLOAD, run_id, str(tmp_path / "b")],
+                               env=dict(client_env, **{secret: "false"}), capture_output=True, text=True,
+                               timeout=300, cwd=tmp_path)
+        assert after.returncode == 0 and after.stdout.strip() == "hello", after.stderr[-2000:]
+    finally:
+        _stop(proc)
+    # every Secret template sets it, so every step's pod gets it
+    for overlay in ("standalone", "multi-user"):
+        text = (REPO / "infra" / "k8s" / "overlays" / overlay / "secrets" / "mlflow.env.example").read_text()
+        assert "\nMLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD=false\n" in f"\n{text}", overlay
+
+
 def test_git_commit_outside_a_checkout_is_the_images(tmp_path):
     """The image has no .git: every run's git commit is the one it was built from
     ($CLADAPTER_GIT_COMMIT, the Dockerfile's GIT_COMMIT), not "unknown"."""
