@@ -704,7 +704,7 @@ def test_pipeline_runner_role_is_least_privilege(rendered, overlay):
     """What KFP 2.5+ on Argo 3.4+ needs of the runs' identity, and nothing else: named
     Secrets and ConfigMaps only; pods read, never created, changed or deleted (Argo's
     controller does that under its own identity); no PVCs (the scratch volumes are
-    generic ephemeral volumes); no wildcard."""
+    emptyDirs); no wildcard; no TrainJobs (the launcher's own ServiceAccount creates them)."""
     docs = rendered[overlay]
     role = find(docs, "Role", "cladapter-pipeline-runner")
     grants = role_grants(role)
