@@ -144,6 +144,13 @@ def test_the_record_covers_every_file_and_is_what_sha256sum_checks(embedded_mlfl
     assert f"verified copy: {local}" in out and f"--model-uri {local}" in out
     assert f"serving models:/{name}/1 on http://" in out
 
+    # Bytecode a server wrote into the copy's code/ is dropped, not taken for a change.
+    stamp = (local / "MLmodel").stat().st_mtime_ns
+    pyc = local / "code" / "cladapter_core" / "__pycache__" / "pyfunc.cpython-311.pyc"
+    pyc.parent.mkdir()
+    pyc.write_bytes(b"\x00" * 16)
+    assert registry.verified_model(f"models:/{name}/1")[0] == local and not pyc.parent.exists()
+    assert (local / "MLmodel").stat().st_mtime_ns == stamp  # not downloaded again
     # A changed cached copy is not used: it is downloaded again, and verified.
     (local / "model_code.py").write_text("raise SystemExit('changed in the cache')\n")
     again, _ = registry.verified_model(f"models:/{name}/1")

@@ -113,6 +113,10 @@ def verified_model(model: str, cache_dir: str | Path | None = None) -> tuple[Pat
                                      str(mv.creation_timestamp)]).encode()).hexdigest()[:16]
     folder = Path(cache_dir or model_cache_dir()) / f"{_safe_name(mv.name)}-v{mv.version}-{key}"
     if (folder / "MLmodel").is_file():
+        # Bytecode written by local loads of the copy (a server imports its code/): gone
+        # before the check, so neither it nor any planted .pyc is ever used unchecked.
+        for cache in list(folder.rglob("__pycache__")):
+            shutil.rmtree(cache, ignore_errors=True)
         try:
             integrity.verify(folder, mv)
             return folder, info
