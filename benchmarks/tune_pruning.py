@@ -22,6 +22,9 @@ SETTINGS = [
     "model.backbone_kwargs={img_size: 16, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
     "model.rank=8", "train.batch_size=16", "train.warmup_epochs=0",
     "model.pretrained=false", "train.grad_clip=1.0",  # random weights, as before the paper's defaults
+    # stage 2's augmentation: the demo's (a flipped or upturned digit is another digit)
+    "train.augment={hflip: false, vflip: false, brightness: 0.1, contrast: 0.1, color_p: 1.0, "
+    "shift: 0.0625, scale: 0.1, rotate: 15, affine_p: 1.0}",
     # stage 1 on one un-augmented cached backbone pass, for the final run and every trial alike;
     # no re-runs of the best trials (the same cost with and without the pruner)
     "train.cache.views=0", "tune.rerun_top=0",
