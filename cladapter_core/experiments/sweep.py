@@ -224,7 +224,7 @@ def _write_outputs(out_dir: Path, cells, table, study: dict, stats: dict) -> Non
         (tmp / "summary.md").write_text(f"# Sensitivity to {study['param']}\n\n{format_table(table, study, stats)}\n")
         write_json(tmp / "sweep.json", {**study, "metrics": METRIC_NOTE, "cells": rows, "summary": table,
                                         "comparisons": stats, "verdict": stats["verdict"]})
-        plot(tmp / "sweep.png", table, study)
+        plot(tmp / "sweep.png", table, study, stats["confidence"])
         for f in tmp.iterdir():
             os.chmod(f, default_mode(directory=False))
             os.replace(f, out_dir / f.name)
@@ -232,7 +232,7 @@ def _write_outputs(out_dir: Path, cells, table, study: dict, stats: dict) -> Non
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def plot(path: Path, table: list[dict], study: dict) -> None:
+def plot(path: Path, table: list[dict], study: dict, confidence: float = st.CONFIDENCE) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -246,7 +246,7 @@ def plot(path: Path, table: list[dict], study: dict) -> None:
     if not numeric:
         ax.set_xticks(xs, [str(r["value"]) for r in table])
     ax.set_xlabel(study["param"])
-    ax.set_ylabel(f"{study['split']} score, mean and 95 % CI over {len(study['seeds'])} seeds")
+    ax.set_ylabel(f"{study['split']} score, mean and {100 * confidence:g} % CI over {len(study['seeds'])} seeds")
     ax.set_title(f"{study['method']}: sensitivity to {study['param']} (everything else fixed)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
