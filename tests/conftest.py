@@ -113,6 +113,10 @@ INTEGRATION_TESTS = {
     # the registry: a lock held 3x its staleness by another process, registrations that wait
     "test_registry.py::test_a_slow_holder_renews_its_lock_and_the_next_promoter_waits_or_fails_clearly",
     "test_registry.py::test_a_registration_in_progress_is_waited_for_not_deleted",
+    # promotion through a registry: models logged and downloaded, a champion re-scored (~15 s each)
+    "test_promotion.py::test_test_metrics_never_decide",
+    "test_promotion.py::test_a_champion_from_other_data_is_reevaluated_before_it_can_be_replaced",
+    "test_promotion.py::test_promote_records_the_test_and_refuses_an_overlapping_split",
     "test_integrity.py::test_the_record_covers_every_file_and_is_what_sha256sum_checks",
     "test_integrity.py::test_a_version_without_a_record_is_not_loaded",
     # the KServe SDK's API types (a PyPI download on first use)
