@@ -89,14 +89,16 @@ def test_the_pin_rule_refuses_tags_and_placeholders(tmp_path):
         assert not pin.is_pinned(bad), bad
     dockerfile = tmp_path / "infra" / "docker" / "Dockerfile"
     dockerfile.parent.mkdir(parents=True)
-    dockerfile.write_text("# syntax=docker/dockerfile:1\nFROM python:3.11 AS build\nFROM build AS final\n"
+    dockerfile.write_text("# syntax=docker/dockerfile:1\nFROM python:3.11 AS build\n"
+                          "RUN python -c \"import sys; \\\nfrom os import sep\"\n"  # a continuation, not FROM
+                          "\nFROM build AS final\n"
                           "FROM --platform=linux/amd64 ghcr.io/cladapter/cladapter:0.1.0\n"
                           "COPY --from=build /x /x\n")
     manifest = tmp_path / "infra" / "k8s" / "x.yaml"
     manifest.parent.mkdir(parents=True)
     manifest.write_text("spec:\n  containers:\n    - image: \"postgres:16\"\n    - name: y\n      image: redis\n")
-    assert [ref for _, ref in pin.references(dockerfile)] == ["docker/dockerfile:1", "python:3.11"]
-    assert [ref for _, ref in pin.references(manifest)] == ["postgres:16", "redis"]
+    assert pin.references(dockerfile) == [(1, "docker/dockerfile:1"), (2, "python:3.11")]
+    assert pin.references(manifest) == [(3, "postgres:16"), (5, "redis")]
     assert [p.name for p in pin.files(tmp_path / "infra")] == ["Dockerfile", "x.yaml"]
 
 

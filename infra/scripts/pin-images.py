@@ -27,9 +27,9 @@ OWN = "ghcr.io/cladapter/"  # built here: pinned by digest when released, not in
 PINNED = re.compile(r"(?P<name>[^\s@:]+(?::\d+)?(?:/[^\s@:]+)*):(?P<tag>[\w][\w.-]*)"
                     r"@sha256:(?P<digest>[0-9a-f]{64})")
 # A reference in a Dockerfile (FROM, the BuildKit `# syntax=` frontend) or a manifest (image:).
-_PATTERNS = (re.compile(r"^\s*FROM\s+(?:--platform=\S+\s+)?(?P<ref>\S+)", re.I | re.M),
-             re.compile(r"^#\s*syntax=(?P<ref>\S+)", re.M),
-             re.compile(r"^\s*-?\s*image:\s*[\"']?(?P<ref>[^\s\"']+)", re.M))
+_PATTERNS = (re.compile(r"^[ \t]*FROM[ \t]+(?:--platform=\S+[ \t]+)?(?P<ref>\S+)", re.I | re.M),
+             re.compile(r"^#[ \t]*syntax=(?P<ref>\S+)", re.M),
+             re.compile(r"^[ \t]*-?[ \t]*image:[ \t]*[\"']?(?P<ref>[^\s\"']+)", re.M))
 
 
 def files(root: Path = INFRA) -> list[Path]:
@@ -37,11 +37,25 @@ def files(root: Path = INFRA) -> list[Path]:
     return docker + sorted((root / "k8s").rglob("*.yaml"))
 
 
+def _instruction_starts(text: str) -> str:
+    """The text with every continuation line blanked: a RUN's `\\`-continued lines (a
+    Python `from x import y`, say) are not instructions."""
+    lines, continued = [], False
+    for line in text.split("\n"):
+        is_comment = line.lstrip().startswith("#")
+        lines.append("" if continued and not is_comment else line)
+        if not is_comment:
+            continued = line.rstrip().endswith("\\")
+    return "\n".join(lines)
+
+
 def references(path: Path) -> list[tuple[int, str]]:
     """(line number, image reference) of every image the file pulls, stage aliases and
     the images this repository builds left out."""
     text = path.read_text()
-    aliases = {m.group(1).lower() for m in re.finditer(r"^\s*FROM\s+\S+\s+AS\s+(\S+)", text, re.I | re.M)}
+    if path.name.endswith("Dockerfile"):
+        text = _instruction_starts(text)
+    aliases = {m.group(1).lower() for m in re.finditer(r"^[ \t]*FROM[ \t]+\S+[ \t]+AS[ \t]+(\S+)", text, re.I | re.M)}
     out = []
     for pattern in _PATTERNS:
         for m in pattern.finditer(text):
