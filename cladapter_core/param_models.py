@@ -278,6 +278,10 @@ class Compare(Section):
     head_lr: Optional[Number] = _f(None, "frozen-backbone methods and every stage 1 (null: train.lr)", gt=0)
     backbone_lr: Optional[Number] = _f(None, "full fine-tuning and every stage 2 (null: train.lr * "
                                        "stage2.lr_factor)", gt=0)
+    lr_grid: Int = _f(1, "learning rates each method tries per seed, the one best on validation "
+                      "scored: its role's lr(s) times factors log-spaced over [1/lr_span, lr_span], the "
+                      "same grid size for every method (1: the role's lr alone, no choice)", ge=1)
+    lr_span: Number = _f(10, "how far the grid reaches either side of the role's lr (a factor)", gt=1)
 
 
 # -- tune ------------------------------------------------------------------------------------
