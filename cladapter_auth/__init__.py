@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,17 @@ def _use_database_uri() -> None:
     auth.auth_config = auth.auth_config._replace(database_uri=uri)
 
 
+def _stop_the_server() -> None:
+    """A bad setting (no admin password, no CSRF key, an unreachable users' database) fails
+    every worker alike. `mlflow server` checks these before starting workers only for its
+    own `basic-auth` app; for this one uvicorn's supervisor would restart the failing
+    workers for ever, so stop it: the server stops, its log naming the error (exit status 0:
+    uvicorn's on SIGTERM; Kubernetes restarts the container all the same)."""
+    log.critical("cladapter-auth: the server cannot start (the error follows); stopping it")
+    if os.environ.get("_MLFLOW_SGI_NAME") == "uvicorn":
+        os.kill(os.getppid(), signal.SIGTERM)
+
+
 def create_app(app=None):
     """The MLflow server app: basic auth, then the promoter rule (a Flask before_request that
     runs after MLflow's, so requests reaching it are authenticated)."""
@@ -96,7 +108,11 @@ def create_app(app=None):
 
     from .rules import guard
     flask_app = app if app is not None else flask_app
-    served = basic_auth_app(flask_app)
+    try:
+        served = basic_auth_app(flask_app)
+    except Exception:
+        _stop_the_server()
+        raise
     flask_app.before_request(guard(rules))
     log.info("cladapter-auth: promoters %s; writers %s; protected aliases %s; lock experiment %r",
              sorted(rules.promoters) or "(admins only)",
