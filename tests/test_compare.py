@@ -158,3 +158,35 @@ def test_a_staged_method_keeps_the_stage_that_won_on_validation(tmp_path):
     assert best_stage([one, two])[0] == 1
     assert best_stage([one, stage(2, 0.8, _json.loads((two[1] / "history.json").read_text()))])[0] == 2  # tie: stage 2
     assert best_stage([one, stage(2, 0.9, [{"stage": 2, "epoch": 1}])])[0] == 2  # no validation: the last stage
+
+
+def test_the_lr_grid_is_the_same_log_spaced_factors_for_every_method():
+    from cladapter_core.experiments.compare import METHODS, budget, budget_line, lr_factors, method_params
+    from tiny import tiny_params
+    assert lr_factors(tiny_params()) == [1.0]  # the default: the role lrs alone
+    params = tiny_params("compare.lr_grid=3", "compare.lr_span=10", "train.lr=0.01", "stage2.lr_factor=0.1")
+    assert lr_factors(params) == [0.1, 1.0, 10.0]
+    assert lr_factors(tiny_params("compare.lr_grid=5", "compare.lr_span=100")) == [0.01, 0.1, 1.0, 10.0, 100.0]
+    for m in METHODS:  # both role lrs scale together; their ratio stays the params'
+        p = method_params(params, m, 0, None, 10.0)
+        assert p["train"]["lr"] == pytest.approx(0.1) and p["stage2"]["lr_factor"] == pytest.approx(0.1)
+    line = budget_line(budget(params))
+    assert "chosen on validation, per seed, from these times 0.1, 1, 10 (the same 3 points" in line
+
+
+def test_each_method_picks_its_lr_on_validation_from_the_same_grid(prepared, tmp_path):
+    """compare.lr_grid 3: every method trains at the three points, the best on validation is
+    scored, and compare.json records the grid, each point's validation score and the pick."""
+    from cladapter_core.experiments.compare import compare
+    from tiny import tiny_params
+    params = tiny_params("stage1.epochs=1", "stage2.epochs=1", "train.cache.views=0", "compare.lr_grid=3",
+                         "train.lr=0.01")
+    compare(params, prepared, tmp_path / "cmp", seeds=(0,), methods=["linear", "cla-sft"], track=False)
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert report["budget"]["lr_factors"] == [0.1, 1.0, 10.0]
+    for r in report["runs"]:
+        assert r["lr_grid"] == [0.1, 1.0, 10.0] and len(r["lr_grid_val"]) == 3
+        vals = [v if v is not None else float("-inf") for v in r["lr_grid_val"]]
+        assert r["lr_factor"] == r["lr_grid"][vals.index(max(vals))]  # the first best on validation
+        assert r["head_lr"] == pytest.approx(0.01 * r["lr_factor"])
+    assert "lr x (picked)" in (tmp_path / "cmp" / "summary.md").read_text()

@@ -121,14 +121,21 @@ def test_every_method_gets_the_same_data_augmentation_seeds_and_epochs():
                 assert lrs == {1: pytest.approx(0.002)}
 
 
-def test_values_tuned_for_cladapter_never_reach_the_baselines():
+def test_tuned_values_reach_every_method_and_every_row_trains_the_same_epochs():
+    """A best-params file applies to every method that has the parameter (num_centers to
+    the CLAdapter methods only, as only they have an adapter), or to none: the budget, the
+    epochs of every row, comes from the tuned values."""
     params = tiny_params()
     tuned = {"model.num_centers": 30, "train.lr": 0.0123, "stage1.epochs": 7}
+    epochs = set()
     for m in METHODS:
-        p = method_params(params, m, 0, tuned, tuned_for="cla")
-        mine = PLANS[m][0][0] == "cla"
-        assert (p["model"]["num_centers"] == 30) is mine, m
-        assert (p["train"]["lr"] == 0.0123) is mine, m
+        p = method_params(params, m, 0, tuned)
+        assert p["train"]["lr"] == 0.0123, m
+        epochs.add(sum(stage_plan(p, stage, mode)["epochs"] for mode, stage in PLANS[m]))
+    assert epochs == {7 + params["stage2"]["epochs"]}
+    untuned = {sum(stage_plan(method_params(params, m, 0), st, mo)["epochs"] for mo, st in PLANS[m])
+               for m in METHODS}
+    assert untuned == {params["stage1"]["epochs"] + params["stage2"]["epochs"]}
 
 
 def test_reported_time_includes_the_cache_build_and_no_method_rides_another_cache(prepared, tmp_path):

@@ -143,15 +143,15 @@ def cmd_predict(args):
 def cmd_compare(args):
     from ..experiments.compare import compare
     from ..params import flatten, read_best_params
-    params = _load(args, use_best=False)  # tuned values go only to the method they were tuned for
+    params = _load(args, use_best=False)  # tuned values: to every method alike, below
     _use_device(args)
     tuned = None
     if params["tune"]["use_best"] and Path(params["tune"]["best_params"]).is_file():
         tuned = flatten(read_best_params(params["tune"]["best_params"]))
-        print(f"compare: tuned values from {params['tune']['best_params']} apply to train.mode "
-              f"{params['train']['mode']!r} only: {', '.join(sorted(tuned)) or 'none'}")
+        print(f"compare: tuned values from {params['tune']['best_params']} apply to every method "
+              f"that has the parameter (epochs: to every row): {', '.join(sorted(tuned)) or 'none'}")
     compare(params, args.prepared, args.out, seeds=args.seeds, methods=args.methods, split=args.split,
-            tuned=tuned, tuned_for=params["train"]["mode"], track=_tracking_on(args),
+            tuned=tuned, track=_tracking_on(args),
             staged_selection=args.staged_selection, bootstrap=args.bootstrap, confidence=args.confidence)
 
 

@@ -11,10 +11,15 @@ What makes the comparison fair (and is written into compare.json and the table's
 - Same budget: every method trains `stage1.epochs + stage2.epochs` epochs in all; one-stage
   frozen methods run all of them, staged methods split them as the params say.
 - Learning rates per role, explicit: the head's (`compare.head_lr`, default `train.lr`) for
-  every frozen-backbone stage, the backbone's (`compare.backbone_lr`, default
-  `train.lr * stage2.lr_factor`) for full fine-tuning and every stage 2.
-- Tuned values (best params of `cladapter tune`) reach only the methods of the mode they
-  were tuned for (`tuned_for`), never the baselines.
+  every frozen-backbone stage and `full`'s head, the backbone's (`compare.backbone_lr`,
+  default `train.lr * stage2.lr_factor`) for full fine-tuning and every stage 2.
+- Equal tuning effort: with `compare.lr_grid` = n > 1 every method, every seed, trains at n
+  learning-rate factors log-spaced over [1/lr_span, lr_span] (both role lrs scaled together)
+  and the one best on validation is scored; the same n for every method, so no ranking rests
+  on which method suits one fixed lr. A frozen stage's feature cache is built once per method
+  and seed and shared by its grid points. n = 1 (the default): the role lrs alone, no choice.
+- Tuned values (best params of `cladapter tune`) apply to every method that has the
+  parameter, and the epochs of every row come from them: all rows train the same epochs.
 - Time is the wall clock of every stage of a method, the stage-1 cache build included: the
   in-process cache is dropped before each method, so none rides on another's cache, and a
   cache builds only the views its frozen stage reads (one per epoch). The order of the
@@ -61,25 +66,34 @@ def budget(params: dict) -> dict:
     head = c.get("head_lr") or lr
     backbone = c.get("backbone_lr") or lr * params["stage2"]["lr_factor"]
     return {"epochs": params["stage1"]["epochs"] + params["stage2"]["epochs"],
-            "head_lr": head, "backbone_lr": backbone}
+            "head_lr": head, "backbone_lr": backbone, "lr_factors": lr_factors(params)}
+
+
+def lr_factors(params: dict) -> list[float]:
+    """The learning-rate factors every method tries: `compare.lr_grid` of them, log-spaced
+    over [1/lr_span, lr_span] ([1.0] for a grid of one)."""
+    c = params.get("compare") or {}
+    n, span = int(c.get("lr_grid") or 1), float(c.get("lr_span") or 10)
+    if n == 1:
+        return [1.0]
+    return [float(f"{span ** (2 * i / (n - 1) - 1):.6g}") for i in range(n)]
 
 
 def method_params(params: dict, method: str, seed: int, tuned: dict | None = None,
-                  tuned_for: str | None = None) -> dict:
-    """The params one method trains with: the shared budget, its seed, and tuned values
-    only when they were tuned for this method's mode."""
+                  lr_factor: float = 1.0) -> dict:
+    """The params one method trains with: the tuned values (for every method: each uses
+    those of its parameters it has), the shared budget computed after them, its seed, and
+    both role lrs times `lr_factor` (a point of the lr grid)."""
     if method not in PLANS:
         raise ParamsError(f"compare: unknown method {method!r}; choose from {', '.join(METHODS)}")
-    b = budget(params)
     p = copy.deepcopy(params)
+    for name, value in (tuned or {}).items():
+        set_dotted(p, name, value)
+    b = budget(p)
     mode = PLANS[method][0][0]
-    if tuned and tuned_for == mode:
-        for name, value in tuned.items():
-            set_dotted(p, name, value)
-        b = {**budget(p), "epochs": p["stage1"]["epochs"] + p["stage2"]["epochs"]}
     p["seed"] = int(seed)
     p["train"]["mode"] = mode
-    p["train"]["lr"] = b["head_lr"]
+    p["train"]["lr"] = b["head_lr"] * lr_factor
     p["stage2"]["lr_factor"] = b["backbone_lr"] / b["head_lr"]
     if len(PLANS[method]) == 1 and mode != "full":  # one frozen stage: all the epochs
         p["stage1"]["epochs"], p["stage2"]["epochs"] = b["epochs"], 0
@@ -93,12 +107,16 @@ def method_params(params: dict, method: str, seed: int, tuned: dict | None = Non
 
 
 def train_method(p: dict, prepared_dir: Path, work: Path, method: str, progress: bool = False,
-                 staged_selection: bool = False) -> dict:
-    """Every stage of `method` from scratch; returns the scored model dir, summary, time and
-    the stage whose model is scored (`staged_selection`: the better stage on validation)."""
+                 staged_selection: bool = False, fresh_cache: bool = True) -> dict:
+    """Every stage of `method` from scratch; returns the scored model dir, summary, time,
+    the stage whose model is scored (`staged_selection`: the better stage on validation)
+    and its validation key (`val_key`, as `best_stage` ranks). `fresh_cache`: drop the
+    in-process feature cache first (each method pays for its own; the points of one
+    method's lr grid share it: the frozen backbone's features do not depend on the lr)."""
     from ..training import feature_cache as cache
     from ..training import train
-    cache.clear_memory()  # each method pays for its own cache build
+    if fresh_cache:
+        cache.clear_memory()
     t0, init, runs = time.perf_counter(), None, []
     for mode, stage in PLANS[method]:
         model_dir = work / f"{method}-stage{stage}"
@@ -108,23 +126,29 @@ def train_method(p: dict, prepared_dir: Path, work: Path, method: str, progress:
         init = model_dir
     won = best_stage(runs) if staged_selection and len(runs) > 1 else runs[-1]
     return {"model_dir": won[1], "summary": runs[-1][2], "seconds": time.perf_counter() - t0,
-            "stage": won[0]}
+            "stage": won[0], "val_key": val_key(*won)}
 
 
 def best_stage(runs: list[tuple]) -> tuple:
     """The (stage, model_dir, summary) whose selected epoch ranks best on validation, by the
     trainer's own key (a defined select metric first, else -val_loss); a tie keeps the last
     stage. Without validation records there is no evidence: the last stage."""
-    keys = []
-    for stage, model_dir, summary in runs:
-        history = json.loads((Path(model_dir) / "history.json").read_text())
-        rec = next((r for r in history if r.get("stage") == stage and r.get("epoch") == summary["best_epoch"]), None)
-        if rec is None or "val_loss" not in rec:
-            return runs[-1]
-        value = summary["best_value"] if summary["selected_by"] == summary["select_metric"] else None
-        keys.append((value is not None, value if value is not None else -rec["val_loss"]))
+    keys = [val_key(*run) for run in runs]
+    if any(k is None for k in keys):
+        return runs[-1]
     best = max(range(len(runs)), key=lambda i: (keys[i], i))
     return runs[best]
+
+
+def val_key(stage: int, model_dir, summary: dict) -> tuple | None:
+    """How the selected epoch of a stage ranks on validation (the trainer's own key: a
+    defined select metric first, else -val_loss); None without validation records."""
+    history = json.loads((Path(model_dir) / "history.json").read_text())
+    rec = next((r for r in history if r.get("stage") == stage and r.get("epoch") == summary["best_epoch"]), None)
+    if rec is None or "val_loss" not in rec:
+        return None
+    value = summary["best_value"] if summary["selected_by"] == summary["select_metric"] else None
+    return (value is not None, value if value is not None else -rec["val_loss"])
 
 
 def score(model_dir: Path, prepared_dir: Path, params: dict, split: str) -> dict:
@@ -151,7 +175,7 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 def compare(params: dict, prepared_dir, out_dir, seeds=(0, 1, 2), methods=None,
             split: str = "test", progress: bool = False, tuned: dict | None = None,
-            tuned_for: str | None = None, track: bool = False, staged_selection: bool = True,
+            track: bool = False, staged_selection: bool = True,
             bootstrap: int = 0, confidence: float = st.CONFIDENCE) -> list[dict]:
     """Train every method for every seed on equal terms; write compare.csv (one row per
     method and seed), summary.csv / summary.md / compare.json (mean, std and confidence
@@ -170,9 +194,8 @@ def compare(params: dict, prepared_dir, out_dir, seeds=(0, 1, 2), methods=None,
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
         raise ParamsError(f"compare: bootstrap must be a number of resamples >= 0, got {bootstrap!r}")
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
-    log = _tracker(params, prepared_dir, methods, seeds, split, tuned_for if tuned else None) if track else None
-    opts = {"split": split, "progress": progress, "tuned": tuned, "tuned_for": tuned_for,
-            "staged_selection": staged_selection}
+    log = _tracker(params, prepared_dir, methods, seeds, split, sorted(tuned or {})) if track else None
+    opts = {"split": split, "progress": progress, "tuned": tuned, "staged_selection": staged_selection}
     try:
         with atomic_dir(out_dir) as work:
             rows = []
@@ -185,7 +208,7 @@ def compare(params: dict, prepared_dir, out_dir, seeds=(0, 1, 2), methods=None,
                 shutil.rmtree(work / f"seed{seed}", ignore_errors=True)
             table = summarise(rows, methods, confidence)
             stats = comparisons(rows, table, confidence, bootstrap)
-            _write_outputs(work, rows, table, stats, params, split, tuned_for if tuned else None)
+            _write_outputs(work, rows, table, stats, params, split, sorted(tuned or {}))
     except BaseException:
         if log:
             log.fail()
@@ -203,9 +226,9 @@ def rotated(items: list, i: int) -> list:
     return list(items[k:]) + list(items[:k])
 
 
-def _tracker(params: dict, prepared_dir: Path, methods, seeds, split: str, tuned_for):
+def _tracker(params: dict, prepared_dir: Path, methods, seeds, split: str, tuned: list[str]):
     from .study_runs import StudyRuns
-    study = {"methods": methods, "seeds": [int(s) for s in seeds], "split": split, "tuned_for": tuned_for,
+    study = {"methods": methods, "seeds": [int(s) for s in seeds], "split": split, "tuned": tuned,
              **{f"budget.{k}": v for k, v in budget(params).items()}}
     # scored on `split` (test for the final report); trained on train with val for selection
     return StudyRuns(params, study, prepared_dir, kind="compare", run_name=f"compare-{split}",
@@ -214,24 +237,39 @@ def _tracker(params: dict, prepared_dir: Path, methods, seeds, split: str, tuned
 
 def _log_row(log, row: dict, split: str) -> None:
     name = f"{row['method']} seed {row['seed']}"
-    log.cell(name, name, {k: row[k] for k in ("method", "seed", "head_lr", "backbone_lr", "epochs", "tuned",
-                                              "scored_stage")},
+    log.cell(name, name, {k: row[k] for k in ("method", "seed", "head_lr", "backbone_lr", "lr_factor", "epochs",
+                                              "tuned", "scored_stage")},
              {**{f"{split}_{k}": row[k] for k in SCORES}, "train_seconds": row["train_seconds"],
               "trainable_params": row["trainable_params"]})
 
 
 def _run_one(params, prepared_dir: Path, work: Path, method: str, seed: int, opts: dict) -> dict:
+    """One method, one seed: every point of the lr grid trained (a frozen stage's cache
+    shared by them), the one best on validation scored on the split. Its time counts them all."""
     from ..training import stage_plan
-    p = method_params(params, method, seed, opts["tuned"], opts["tuned_for"])
-    run = train_method(p, prepared_dir, work, method, opts["progress"], opts["staged_selection"])
+    factors, best, seconds, vals = lr_factors(params), None, 0.0, []
+    for i, factor in enumerate(factors):
+        p = method_params(params, method, seed, opts["tuned"], factor)
+        run = train_method(p, prepared_dir, work / f"lr{i}", method, opts["progress"], opts["staged_selection"],
+                           fresh_cache=i == 0)
+        seconds += run["seconds"]
+        key = run["val_key"] or (False, float("-inf"))
+        vals.append(key[1] if key[0] else None)  # the validation select metric of this point
+        if best is None or key > best[0]:
+            if best is not None:
+                shutil.rmtree(best[2], ignore_errors=True)
+            best = (key, factor, work / f"lr{i}", p, run)
+        else:
+            shutil.rmtree(work / f"lr{i}", ignore_errors=True)
+    _, factor, _, p, run = best
     m = score(run["model_dir"], prepared_dir, p, opts["split"])
     rep = run["summary"]["param_report"]
     return {"method": method, "seed": seed, **{k: m.get(k, float("nan")) for k in SCORES},
             "trainable_params": rep["trainable"], "total_params": rep["total"],
             "epochs": sum(stage_plan(p, stage, mode)["epochs"] for mode, stage in PLANS[method]),
             "head_lr": p["train"]["lr"], "backbone_lr": p["train"]["lr"] * p["stage2"]["lr_factor"],
-            "tuned": bool(opts["tuned"]) and opts["tuned_for"] == PLANS[method][0][0],
-            "scored_stage": run["stage"], "train_seconds": round(run["seconds"], 2),
+            "lr_factor": factor, "lr_grid": factors, "lr_grid_val": vals, "tuned": bool(opts["tuned"]),
+            "scored_stage": run["stage"], "train_seconds": round(seconds, 2),
             "_labels": m["_labels"], "_preds": m["_preds"], "_classes": m["_classes"]}
 
 
@@ -245,10 +283,12 @@ def summarise(rows: list[dict], methods: list[str], confidence: float = st.CONFI
             entry.update({f"{k}_mean": d["mean"], f"{k}_std": d["std"], f"{k}_ci_low": d["ci_low"],
                           f"{k}_ci_high": d["ci_high"]})
         stages = [r["scored_stage"] for r in mine]
+        picks = [f"{r.get('lr_factor', 1.0):g}" for r in mine]
         entry.update({"trainable_params": mine[0]["trainable_params"],
                       "trainable_pct": 100.0 * mine[0]["trainable_params"] / mine[0]["total_params"],
                       "epochs": mine[0]["epochs"], "tuned": mine[0]["tuned"],
                       "stage_won": {str(s): stages.count(s) for s in sorted(set(stages))},
+                      "lr_picks": {f: picks.count(f) for f in sorted(set(picks), key=float)},
                       "train_seconds_mean": st.describe([r["train_seconds"] for r in mine])["mean"]})
         table.append(entry)
     return table
@@ -286,21 +326,28 @@ def comparisons(rows: list[dict], table: list[dict], confidence: float = st.CONF
 
 
 def budget_line(b: dict) -> str:
+    factors = b.get("lr_factors") or [1.0]
+    grid = ("each method's lrs chosen on validation, per seed, from these times "
+            f"{', '.join(f'{f:g}' for f in factors)} (the same {len(factors)} points for every method)"
+            if len(factors) > 1 else "one lr per role for every method (compare.lr_grid: 1, no choice)")
     return (f"Equal budget: {b['epochs']} epochs per method, same data, augmentation and seeds; "
-            f"head lr {b['head_lr']:g} (frozen backbone), backbone lr {b['backbone_lr']:g} "
-            "(full fine-tuning and every stage 2); time includes cache builds and every stage.")
+            f"head lr {b['head_lr']:g} (frozen backbone, full's head), backbone lr {b['backbone_lr']:g} "
+            f"(full fine-tuning and every stage 2); {grid}; time includes cache builds, every stage "
+            "and every grid point.")
 
 
 def format_table(table: list[dict], split: str = "test", b: dict | None = None, stats: dict | None = None) -> str:
     pct = f"{100 * stats['confidence']:g} %" if stats else "95 %"
     head = (f"| method | seeds | {split} macro-F1 | {split} F1 of macro P,R (paper) | {split} accuracy | "
-            "scored stage | trainable params | train time (s) |\n|---|---|---|---|---|---|---|---|")
+            "scored stage | lr x (picked) | trainable params | train time (s) |\n"
+            "|---|---|---|---|---|---|---|---|---|")
     lines = ([budget_line(b), ""] if b else []) + [f"Cells: mean ± std [{pct} CI] over seeds; one seed: the value alone.",
                                                     "", head]
     for r in table:
         won = ", ".join(f"{s}: {n}" for s, n in r["stage_won"].items())
+        picks = ", ".join(f"{f}: {n}" for f, n in (r.get("lr_picks") or {"1": r["seeds"]}).items())
         lines.append(f"| {r['method']}{' (tuned)' if r['tuned'] else ''} | {r['seeds']} | "
-                     f"{_cell(r, 'macro_f1')} | {_cell(r, 'f1_macro_pr')} | {_cell(r, 'accuracy')} | {won} | "
+                     f"{_cell(r, 'macro_f1')} | {_cell(r, 'f1_macro_pr')} | {_cell(r, 'accuracy')} | {won} | {picks} | "
                      f"{r['trainable_params']:,} ({r['trainable_pct']:.1f} %) | {r['train_seconds_mean']:.1f} |")
     if stats:
         lines += ["", *stats["verdict"].splitlines()]
@@ -320,7 +367,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def _write_outputs(work: Path, rows, table, stats: dict, params: dict, split: str, tuned_for) -> None:
+def _write_outputs(work: Path, rows, table, stats: dict, params: dict, split: str, tuned: list[str]) -> None:
     write_csv(work / "compare.csv", rows)
     write_csv(work / "summary.csv", table)
     m, b = params["model"], budget(params)
@@ -330,7 +377,7 @@ def _write_outputs(work: Path, rows, table, stats: dict, params: dict, split: st
     (work / "summary.md").write_text(f"# Method comparison\n\n{title}\n\n{format_table(table, split, b, stats)}"
                                      f"\n\n{metric_note}\n")
     write_json(work / "compare.json", {"backbone": m["backbone"], "split": split, "budget": b,
-                                       "augment": params["train"]["augment"], "tuned_for": tuned_for,
+                                       "augment": params["train"]["augment"], "tuned": tuned,
                                        "metrics": metric_note,
                                        "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
                                        "summary": table, "comparisons": stats, "verdict": stats["verdict"]})
