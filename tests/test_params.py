@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 # off by default, auto_promote, compare's learning rates), "Your own data" (data.intensity;
 # one experiment per dataset), "Trust the registry" (data.allow_outside_root), "A fair
 # verdict" (register.confidence, register.test; tune.rerun_top, rerun_seeds, cache_views null:
-# trials in the final run's regime) and "Declared
+# trials in the final run's regime; compare.lr_grid, lr_span) and "Declared
 # once" (the defaults are the paper's recipe; the official augmentation's probabilities;
 # select_ties).
 SNAPSHOT = {
@@ -84,7 +84,7 @@ SNAPSHOT = {
                  "confidence": 0.95,
                  "test": "bootstrap",
                  "auto_promote": False},
-    "compare": {"head_lr": None, "backbone_lr": None},
+    "compare": {"head_lr": None, "backbone_lr": None, "lr_grid": 1, "lr_span": 10},
     "tune": {"study_name": "cladapter",
              "storage": "sqlite:///outputs/tune/optuna.db",
              "n_trials": 20,
