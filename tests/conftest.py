@@ -136,6 +136,7 @@ INTEGRATION_TESTS = {
     "test_tune.py::test_failed_trials_count_as_the_worst_value_and_the_worker_goes_on",
     "test_compare.py::test_each_method_picks_its_lr_on_validation_from_the_same_grid",
     "test_tune.py::test_the_best_trials_are_re_run_on_other_seeds_before_best_params_is_written",
+    "test_secrets.py::test_a_compare_or_sweep_study_logs_no_credential",
     "test_secrets.py::test_a_stage_run_logs_no_credential_of_any_url_parameter",  # an MLflow store made
 }
 # xdist groups of more than one module (else each module is a group of its own).

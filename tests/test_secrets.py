@@ -137,3 +137,22 @@ def test_a_stage_run_logs_no_credential_of_any_url_parameter(workdir):
     assert "token=***" in r.data.params["data.source"]
     sources = [json.loads(d.dataset.source) for d in r.inputs.dataset_inputs]
     assert sources and all("token=***" in json.dumps(s) for s in sources)
+
+
+def test_a_compare_or_sweep_study_logs_no_credential(workdir):
+    """`compare` and `sweep` log their params on a parent run and each cell's on a child
+    (experiments/study_runs.py): the same redaction as every stage run."""
+    from cladapter_core.experiments.study_runs import StudyRuns
+    prepared = workdir / "prepared"
+    prepared.mkdir()
+    (prepared / "manifest.csv").write_text("path,label,split,sha256\na.png,0,train,00\nb.png,1,val,11\n")
+    (prepared / "classes.json").write_text('["a", "b"]')
+    (prepared / "summary.json").write_text('{"dataset": "digits"}')
+    params = load_params(None, [f"tune.storage=postgresql://optuna:{PASSWORD}@db:5432/optuna"])
+    runs = StudyRuns(params, {"methods": ["linear"]}, prepared, kind="compare", run_name="compare-test",
+                     splits=("train", "val"), resume=False)
+    runs.cell("linear seed 0", "linear seed 0", {"storage": params["tune"]["storage"]}, {"macro_f1": 0.5})
+    runs.finish([])
+    assert _leaks(workdir, PASSWORD) == []
+    from mlflow import MlflowClient
+    assert MlflowClient().get_run(runs.run_id).data.params["tune.storage"] == "postgresql://optuna:***@db:5432/optuna"

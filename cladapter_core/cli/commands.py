@@ -124,7 +124,7 @@ def cmd_evaluate(args):
         if run is not None and model != args.model:  # a registered version: say which
             import mlflow
             with tracking.errors("tagging the evaluate run with its model"):
-                mlflow.set_tag("cladapter.model_uri", args.model)
+                mlflow.set_tag("cladapter.model_uri", tracking.redact(args.model))
         metrics = evaluate(model, args.prepared, args.out, params, device=device)
         if run is not None:
             tracking.log_evaluation(args.out, metrics, split=params["evaluate"]["split"],

@@ -37,7 +37,8 @@ class StudyRuns:
             return
         self.run_id = self.client.create_run(self.exp, run_name=run_name, tags={tag_name: tag}).info.run_id
         try:
-            for k, v in {**{f"{kind}.{k}": v for k, v in study.items()}, **flatten(params)}.items():
+            logged = tracking.redact_params({**{f"{kind}.{k}": v for k, v in study.items()}, **flatten(params)})
+            for k, v in logged.items():  # no credential of a URL-valued parameter (tune.storage)
                 self.client.log_param(self.run_id, k, str(v)[:6000])
             # what every cell trained on and was scored on
             tracking.log_data_inputs(params, prepared_dir, splits, run_id=self.run_id)
@@ -51,7 +52,8 @@ class StudyRuns:
             return
         rid = self.client.create_run(self.exp, run_name=name, tags={
             "mlflow.parentRunId": self.run_id, CELL_TAG: key}).info.run_id
-        for k, v in params.items():
+        from .. import tracking
+        for k, v in tracking.redact_params(params).items():
             self.client.log_param(rid, k, str(v))
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and v == v:  # NaN (an undefined score) is left out
