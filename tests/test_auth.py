@@ -135,7 +135,7 @@ def test_anonymous_requests_are_refused(auth_server):
     ]
     for method, url, kwargs in calls:
         assert getattr(anon, method)(url, timeout=30, **kwargs).status_code == 401, url
-    wrong = SimpleNamespace(username="pipeline", password="not-the-password")
+    wrong = SimpleNamespace(username="pipeline", password="not-the-password")  # pragma: allowlist secret
     assert _as(wrong).post(f"{api}/runs/create", json={"experiment_id": "0"},
                            timeout=30).status_code == 401
     assert requests.get(f"{uri}/health", timeout=30).status_code == 200  # probes still pass
