@@ -57,7 +57,7 @@ def tree_digest(root: Path) -> str:
 # -- data-parallel training (tests/test_ddp.py, tests/test_multinode.py) -------------------
 # The fixtures `ddp_dataset` and `stage1_reference` are in tests/conftest.py.
 DDP_TINY = {
-    "backbone": "vit_tiny_patch16_224", "num_centers": 4, "batch_size": 17,
+    "backbone": "vit_tiny_patch16_224", "pretrained": False, "num_centers": 4, "batch_size": 17,
     "backbone_kwargs": {"img_size": 16, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2},
     "stage1_epochs": 2, "stage2_epochs": 1,
 }

@@ -14,8 +14,9 @@ from cladapter_core.errors import ParamsError
 from cladapter_core.model import build_model
 from cladapter_core.params import load_params, model_kwargs
 from cladapter_core.training import Preempted, train
+from tiny import SMALL
 
-TINY = [
+TINY = SMALL + [
     "model.backbone=vit_tiny_patch16_224",
     "model.backbone_kwargs={img_size: 16, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
     "model.rank=8", "model.num_centers=4", "train.batch_size=16",

@@ -34,7 +34,7 @@ TUNE_STEPS = ["tune-plan", "tune-worker", "tune-finish"]
 GPU_EXECUTORS = ["exec-tune-worker", "exec-train-stage1", "exec-train-stage2", "exec-evaluate"]
 TINY_KWARGS = {"img_size": 16, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
 TINY_ARGS = {
-    "backbone": "vit_tiny_patch16_224", "backbone_kwargs": TINY_KWARGS, "num_centers": 4,
+    "backbone": "vit_tiny_patch16_224", "backbone_kwargs": TINY_KWARGS, "pretrained": False, "num_centers": 4,
     "batch_size": 16, "stage1_epochs": 2, "stage2_epochs": 1,
     "params_overrides": "model.rank=8; train.warmup_epochs=1; data.shots_per_class=12; "
                         "data.val_fraction=0.1; data.test_fraction=0.1",
