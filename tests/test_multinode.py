@@ -59,7 +59,7 @@ def test_trainjob_pods_are_let_in_by_the_mlflow_policy_and_keep_istio_out():
     NetworkPolicy admits from the runs' namespaces (as the pipeline's steps do), and opt
     out of Istio's sidecar, which profile namespaces of multi-user Kubeflow inject."""
     from pipelines import cladapter_pipeline as kp
-    from test_infra import policy_allows
+    from infra_helpers import policy_allows
     doc = multinode.render({}, name="cladapter-stage2-x", namespace="kubeflow-user-example-com", image="i:1",
                            nodes=2, gpus_per_node=1)
     (job,) = doc["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
@@ -76,6 +76,17 @@ def test_trainjob_pods_are_let_in_by_the_mlflow_policy_and_keep_istio_out():
         assert not policy_allows(policy, 5000, ns, unlabelled, False)  # what the pods were before
 
 
+def role_grants(role: dict) -> dict:
+    """(apiGroup, resource) -> [(verbs, resourceNames or None: every object)]."""
+    out: dict = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                names = set(rule["resourceNames"]) if rule.get("resourceNames") else None
+                out.setdefault((group, resource), []).append((set(rule["verbs"]), names))
+    return out
+
+
 @pytest.mark.parametrize("overlay,namespace", [("standalone", "kubeflow"),
                                                ("multi-user", "kubeflow-user-example-com")])
 def test_only_the_launcher_may_create_trainjobs_in_the_runs_namespace(overlay, namespace, tmp_path):
@@ -83,7 +94,7 @@ def test_only_the_launcher_may_create_trainjobs_in_the_runs_namespace(overlay, n
     one), a Role to create and read TrainJobs bound to the launcher's ServiceAccount only,
     whose token Secret the stage-2 step mounts; the runner (every step) gets none of it."""
     import kubernetes_validate
-    from test_infra import find, render_overlay, role_grants
+    from infra_helpers import find, render_overlay
     docs = render_overlay(overlay, tmp_path)
     mine = [d for d in docs if d["metadata"]["name"].startswith(("cladapter-trainjob", "cladapter-trainjobs"))]
     assert {(d["kind"], d["metadata"]["name"]) for d in mine} == {
