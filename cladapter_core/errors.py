@@ -14,7 +14,7 @@ class DataError(CLAdapterError):
 
 
 class ModelError(CLAdapterError):
-    """A backbone name, adapter option, checkpoint or model directory is wrong."""
+    """A backbone name, adapter option, weights file or model directory is wrong."""
 
 
 class TrackingError(CLAdapterError):

@@ -63,7 +63,7 @@ def _slug(source: Path) -> str:
 
 
 def params_for(found: dict, backbone: str | None = None, pretrained: bool = True,
-               checkpoint: str | None = None, stage_epochs: tuple[int, int] | None = None) -> dict:
+               weights: str | None = None, stage_epochs: tuple[int, int] | None = None) -> dict:
     """The paper's recipe with what the data say (a nested dict, checked by load_params)."""
     p = defaults()  # the embedded defaults are the paper's recipe
     p["data"] = {"source": found["source"], "intensity": "auto"}
@@ -72,7 +72,7 @@ def params_for(found: dict, backbone: str | None = None, pretrained: bool = True
     m = p["model"]
     if backbone:
         m["backbone"] = backbone
-    m["pretrained"], m["checkpoint"] = bool(pretrained and not checkpoint), checkpoint
+    m["pretrained"], m["weights"] = bool(pretrained and not weights), weights
     if stage_epochs:
         p["stage1"]["epochs"], p["stage2"]["epochs"] = stage_epochs
     p["tracking"] = {"experiment": f"cladapter-{found['name']}"}
@@ -114,7 +114,7 @@ COMMENTS = {  # (section, key) -> a short reason, appended to that line
     ("data", "resize"): "the images are large: resized once at prepare time",
     ("model", "backbone"): "any timm name; torchvision video models for 3D",
     ("model", "backbone_kwargs"): "empty: the backbone's native input size",
-    ("model", "pretrained"): "true: timm downloads the weights; offline: set checkpoint",
+    ("model", "pretrained"): "true: timm downloads the weights; offline: set weights",
     ("model", "num_centers"): "K; `cladapter sweep model.num_centers=5,10,20,30,50` shows the sensitivity",
     ("model", "rank"): "r, the paper's default",
     ("train", "lr"): "stage 1; stage 2 uses lr * stage2.lr_factor",
@@ -137,14 +137,14 @@ def _commented(body: str) -> str:
 
 
 def init(source, out="params.yaml", *, backbone: str | None = None, pretrained: bool = True,
-         checkpoint: str | None = None, stage_epochs=None, force: bool = False) -> dict:
+         weights: str | None = None, stage_epochs=None, force: bool = False) -> dict:
     """Inspect `source`, write the params file `out` (refusing to overwrite unless `force`),
     check that it loads, and return what was found."""
     out = Path(out)
     if out.exists() and not force:
         raise ParamsError(f"{out} exists: pass --force to replace it (or --out another file)")
     found = inspect(source)
-    partial = params_for(found, backbone, pretrained, checkpoint, stage_epochs)
+    partial = params_for(found, backbone, pretrained, weights, stage_epochs)
     check = out.with_name(f".{out.name}.check.yaml")
     try:  # every field, resolved and checked: DVC reads each section the stages name
         atomic_write(check, yaml.safe_dump(partial, sort_keys=False))

@@ -142,8 +142,8 @@ class Model(Section):
         None, "H, [H, W] or 3D [T, H, W]; null: the backbone's pretrained config",
         must="null, H, [H, W] or [T, H, W]")
     pretrained: Flag = _f(True, "true: timm/torchvision download the weights (needs internet; "
-                          "a checkpoint replaces the download); false: random initialisation")
-    checkpoint: Optional[StrictStr] = _f(None, "local path, file:// or s3:// URI of backbone weights",
+                          "given weights replace the download); false: random initialisation")
+    weights: Optional[StrictStr] = _f(None, "local path, file:// or s3:// URI of backbone weights",
                                          must="a path or URI")
     num_centers: Int = _f(20, "K: the adapter's cluster centers", ge=1)
     rank: Int = _f(256, "r: size of the K transformation matrices (the reference code's 256)", ge=1)

@@ -51,7 +51,7 @@ PIPELINE_PARAMS: tuple[UIParam, ...] = (
             "backbone's native input size."),
     UIParam("pretrained", "model.pretrained", "Effect: the backbone's starting weights; the "
             "download happens inside the pod."),
-    UIParam("checkpoint_uri", "model.checkpoint", "Empty: none (pretrained decides)."),
+    UIParam("weights_uri", "model.weights", "Empty: none (pretrained decides)."),
     UIParam("num_centers", "model.num_centers", "A count: more centers, finer clusters and more "
             "adapter parameters."),
     UIParam("stage1_epochs", "stage1.epochs", "Full passes over the training split with the "

@@ -33,7 +33,7 @@ def _bn_buffers(model_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def bn_setup(tmp_path_factory):
-    """(prepared digits, a BatchNorm backbone checkpoint pretrained on inverted digits)."""
+    """(prepared digits, BatchNorm backbone weights pretrained on inverted digits)."""
     from cladapter_core.data import make_demo_data, prepare
     root = tmp_path_factory.mktemp("bn")
     make_demo_data(root / "digits")
@@ -57,7 +57,7 @@ def bn_setup(tmp_path_factory):
 
 def test_first_stage2_epoch_keeps_stage1_under_the_default_rule(bn_setup, tmp_path):
     prepared, checkpoint = bn_setup
-    base = COMMON + [f"model.checkpoint={checkpoint}", "train.batch_size=8", "stage1.epochs=6",
+    base = COMMON + [f"model.weights={checkpoint}", "train.batch_size=8", "stage1.epochs=6",
                      "stage2.epochs=1", "train.lr=0.01", "stage2.lr_factor=0.01"]
     train(load_params(None, base), prepared, tmp_path / "s1", progress=False)
     s1 = _history(tmp_path / "s1")
@@ -85,11 +85,11 @@ def test_first_stage2_epoch_keeps_stage1_under_the_default_rule(bn_setup, tmp_pa
 
 def test_full_fine_tuning_follows_the_same_rule(bn_setup, tmp_path):
     prepared, checkpoint = bn_setup
-    params = load_params(None, COMMON + [f"model.checkpoint={checkpoint}", "train.mode=full",
+    params = load_params(None, COMMON + [f"model.weights={checkpoint}", "train.mode=full",
                                          "train.batch_size=8", "stage1.epochs=1", "stage2.epochs=0"])
     summary = train(params, prepared, tmp_path / "full", progress=False)
     assert summary["batchnorm"] == "frozen"
-    fresh = build_model("test_resnet", 10, mode="full", checkpoint=str(checkpoint), input_size=[32, 32], pretrained=False)
+    fresh = build_model("test_resnet", 10, mode="full", weights=str(checkpoint), input_size=[32, 32], pretrained=False)
     got = _bn_buffers(tmp_path / "full")
     for k, v in fresh.state_dict().items():
         if k in got:

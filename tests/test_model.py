@@ -155,22 +155,22 @@ def _backbone_state(**kw):
     return build_model("resnet18", 2, num_centers=2, rank=4, pretrained=False, **kw).backbone.model.state_dict()
 
 
-def test_checkpoint_local_file_and_torch_formats(tmp_path):
+def test_weights_from_a_local_file_in_both_formats(tmp_path):
     from safetensors.torch import save_file
     state = _backbone_state()
     state_with_head = {**state, "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
     save_file(state, str(tmp_path / "w.safetensors"))
     torch.save({"state_dict": state_with_head}, tmp_path / "w.pth")
     for uri in (tmp_path / "w.safetensors", f"file://{tmp_path / 'w.pth'}"):
-        model = build_model("resnet18", 2, num_centers=2, rank=4, checkpoint=str(uri), pretrained=False)
+        model = build_model("resnet18", 2, num_centers=2, rank=4, weights=str(uri), pretrained=False)
         got = model.backbone.model.state_dict()
         assert all(torch.equal(got[k], state[k]) for k in state)
 
 
-def test_vit_checkpoint_at_another_size_is_resampled_as_timm_does(tmp_path):
-    """A 224 px ViT checkpoint on disk, the model built at 64 px on purpose (model.input_size):
+def test_vit_weights_at_another_size_are_resampled_as_timm_does(tmp_path):
+    """224 px ViT weights on disk, the model built at 64 px on purpose (model.input_size):
     the position embeddings are resampled by timm's own conversion, as `pretrained=True`
-    would, and every other weight is the checkpoint's. The same from a saved CLAdapter
+    would, and every other weight is the file's. The same from a saved CLAdapter
     model's keys (`backbone.model.` prefix)."""
     import timm
     from safetensors.torch import save_file
@@ -182,7 +182,7 @@ def test_vit_checkpoint_at_another_size_is_resampled_as_timm_does(tmp_path):
     want = resample_abs_pos_embed(state["pos_embed"], new_size=[4, 4], num_prefix_tokens=1,
                                   interpolation="bicubic", antialias=True)
     for name in ("vit.safetensors", "prefixed.safetensors"):
-        model = build_model("vit_tiny_patch16_224", 3, checkpoint=str(tmp_path / name),
+        model = build_model("vit_tiny_patch16_224", 3, weights=str(tmp_path / name),
                             backbone_kwargs={"img_size": 64}, input_size=64, pretrained=False)
         got = model.backbone.model.state_dict()
         assert got["pos_embed"].shape == (1, 17, 192) and torch.equal(got["pos_embed"], want)
@@ -190,19 +190,19 @@ def test_vit_checkpoint_at_another_size_is_resampled_as_timm_does(tmp_path):
         assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
 
 
-def test_checkpoint_from_s3(tmp_path, bucket):
+def test_weights_from_s3(tmp_path, bucket):
     import boto3
     from safetensors.torch import save_file
     state = _backbone_state()
     save_file(state, str(tmp_path / "w.safetensors"))
     boto3.client("s3").upload_file(str(tmp_path / "w.safetensors"), bucket, "ckpt/w.safetensors")
-    model = build_model("resnet18", 2, num_centers=2, rank=4, checkpoint=f"s3://{bucket}/ckpt/w.safetensors", pretrained=False)
+    model = build_model("resnet18", 2, num_centers=2, rank=4, weights=f"s3://{bucket}/ckpt/w.safetensors", pretrained=False)
     assert torch.equal(model.backbone.model.conv1.weight, state["conv1.weight"])
     with pytest.raises(ModelError, match="cannot download"):
-        build_model("resnet18", 2, checkpoint=f"s3://{bucket}/ckpt/missing.safetensors", pretrained=False)
+        build_model("resnet18", 2, weights=f"s3://{bucket}/ckpt/missing.safetensors", pretrained=False)
 
 
-def test_checkpoint_of_wrong_shapes_lists_keys(tmp_path):
+def test_weights_of_wrong_shapes_list_the_keys(tmp_path):
     from safetensors.torch import save_file
     state = _backbone_state()
     state["conv1.weight"] = torch.zeros(8, 3, 7, 7)
@@ -210,9 +210,9 @@ def test_checkpoint_of_wrong_shapes_lists_keys(tmp_path):
     state["extra.thing"] = torch.zeros(1)
     save_file(state, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ModelError) as err:
-        build_model("resnet18", 2, checkpoint=str(tmp_path / "bad.safetensors"), pretrained=False)
+        build_model("resnet18", 2, weights=str(tmp_path / "bad.safetensors"), pretrained=False)
     msg = str(err.value)
-    assert "conv1.weight: checkpoint (8, 3, 7, 7) vs model (64, 3, 7, 7)" in msg
+    assert "conv1.weight: weights (8, 3, 7, 7) vs model (64, 3, 7, 7)" in msg
     assert "layer4.1.bn2.bias" in msg and "extra.thing" in msg and "bad.safetensors" in msg
 
 
@@ -224,7 +224,7 @@ class Evil:
 def test_pickled_code_is_refused(tmp_path):
     torch.save({"conv1.weight": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(ModelError, match="refused or unreadable"):
-        build_model("resnet18", 2, checkpoint=str(tmp_path / "evil.pt"), pretrained=False)
+        build_model("resnet18", 2, weights=str(tmp_path / "evil.pt"), pretrained=False)
 
 
 def test_bad_model_options_are_refused_naming_the_option_and_the_value():
@@ -239,7 +239,7 @@ def test_bad_model_options_are_refused_naming_the_option_and_the_value():
     with pytest.raises(ModelError, match="invalid adapter options: ranks"):
         CLAdapter(8, ranks=4)
     with pytest.raises(ModelError, match="no such file"):
-        build_model("resnet18", 2, checkpoint="/nonexistent/w.safetensors", pretrained=False)
+        build_model("resnet18", 2, weights="/nonexistent/w.safetensors", pretrained=False)
     with pytest.raises(ModelError, match="mode must be one of"):
         build_model("resnet18", 2, mode="lora", pretrained=False)
 

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # verdict" (register.confidence, register.test; tune.rerun_top, rerun_seeds, cache_views null:
 # trials in the final run's regime; compare.lr_grid, lr_span) and "Declared
 # once" (the defaults are the paper's recipe; the official augmentation's probabilities;
-# select_ties).
+# select_ties; model.checkpoint renamed model.weights: "checkpoint" is the trainer's resume file).
 SNAPSHOT = {
     "seed": 0,
     "data": {"source": "data/demo",
@@ -38,7 +38,7 @@ SNAPSHOT = {
               "backbone_kwargs": {},
               "input_size": None,
               "pretrained": True,
-              "checkpoint": None,
+              "weights": None,
               "num_centers": 20,
               "rank": 256,
               "depth": 1,

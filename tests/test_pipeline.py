@@ -398,7 +398,7 @@ def test_pipeline_parameters_default_to_the_production_params(compiled):
     assert params["backbone_kwargs"].get("defaultValue", {}) == {}  # the backbone's own input size
     assert "defaultValue" not in params["dataset_uri"] and not params["dataset_uri"].get("isOptional")
     assert params["stage2_lr"]["defaultValue"] == pytest.approx(d["train"]["lr"] * d["stage2"]["lr_factor"])
-    for name in ("dataset_path", "dataset_rev", "checkpoint_uri", "checkpoint_prefix",
+    for name in ("dataset_path", "dataset_rev", "weights_uri", "checkpoint_prefix",
                  "params_overrides", "min_metric", "seed", "auto_promote", "tune_workers"):
         assert name in params
 
@@ -538,10 +538,10 @@ def test_pipeline_parameters_become_params():
     p = runtime.resolve_params(
         {"dataset_uri": "s3://data/pets", "backbone": "vit_tiny_patch16_224",
          "backbone_kwargs": {"img_size": 16.0, "patch_size": 8.0, "drop_rate": 0.5},  # a KFP Struct
-         "num_centers": 7, "stage1_lr": 1e-3, "stage2_lr": 1e-4, "checkpoint_uri": "",
+         "num_centers": 7, "stage1_lr": 1e-3, "stage2_lr": 1e-4, "weights_uri": "",
          "model_name": "pets", "promotion_margin": 0.01},
         "data.shots_per_class=5; train.augment.hflip=true\nmodel.rank=16")
-    assert p["model"]["num_centers"] == 7 and p["model"]["checkpoint"] is None
+    assert p["model"]["num_centers"] == 7 and p["model"]["weights"] is None
     assert p["model"]["backbone_kwargs"] == {"img_size": 16, "patch_size": 8, "drop_rate": 0.5}
     assert isinstance(p["model"]["backbone_kwargs"]["img_size"], int)
     assert p["stage2"]["lr_factor"] == 0.1 and p["train"]["lr"] == 1e-3

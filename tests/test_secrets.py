@@ -41,7 +41,7 @@ def test_redact_hides_passwords_and_query_secrets_and_keeps_the_rest():
                  "s3://bucket/data/train.csv", "db:5432", "lr=0.1", "a@b.org", "https://h/x?keyword=1&monkey=2"):
         assert r(same) == same
     params = {"tune": {"storage": "postgresql://u:pw@h/d", "space": [{"param": "x", "choices": [1, 2]}]},  # pragma: allowlist secret
-              "data": {"source": "data/demo", "val_fraction": 0.15}, "model": {"checkpoint": None}}
+              "data": {"source": "data/demo", "val_fraction": 0.15}, "model": {"weights": None}}
     redacted = tracking.redact_params(params)
     assert redacted["tune"]["storage"] == "postgresql://u:***@h/d"
     assert redacted["tune"]["space"] == params["tune"]["space"] and redacted["data"] == params["data"]
@@ -123,7 +123,7 @@ def test_a_stage_run_logs_no_credential_of_any_url_parameter(workdir):
     (prepared / "summary.json").write_text('{"dataset": "digits"}')
     params = load_params(None, [
         f"tune.storage=postgresql://optuna:{PASSWORD}@db:5432/optuna",
-        f"model.checkpoint=https://b.s3.amazonaws.com/w.safetensors?X-Amz-Signature={SIGNATURE}&X-Amz-Expires=60",
+        f"model.weights=https://b.s3.amazonaws.com/w.safetensors?X-Amz-Signature={SIGNATURE}&X-Amz-Expires=60",
         f"data.source=https://data.example.org/digits.csv?token={TOKEN}"])
     with tracking.stage_run(params, "train_stage1", prepared=prepared) as run:
         tracking.log_data_inputs(params, prepared, ("train", "val"))
@@ -133,7 +133,7 @@ def test_a_stage_run_logs_no_credential_of_any_url_parameter(workdir):
     from mlflow import MlflowClient
     r = MlflowClient().get_run(run_id)
     assert r.data.params["tune.storage"] == "postgresql://optuna:***@db:5432/optuna"
-    assert r.data.params["model.checkpoint"].endswith("X-Amz-Signature=***&X-Amz-Expires=60")
+    assert r.data.params["model.weights"].endswith("X-Amz-Signature=***&X-Amz-Expires=60")
     assert "token=***" in r.data.params["data.source"]
     sources = [json.loads(d.dataset.source) for d in r.inputs.dataset_inputs]
     assert sources and all("token=***" in json.dumps(s) for s in sources)

@@ -203,9 +203,9 @@ def test_the_runbook_says_how_to_pin_and_mirror():
     readme = (INFRA / "README.md").read_text()
     for needle in ("## Supply chain", "infra/scripts/pin-images.py --check", "infra/scripts/lock-image.sh",
                    "--require-hashes", "kustomize edit set image", "hf_hub_download", "revision=",
-                   "checkpoint_uri=s3://", ".dvc/config.local",
+                   "weights_uri=s3://", ".dvc/config.local",
                    "### S3: one identity per job", "minio-policies/", "aws iam create-policy",
                    "### PostgreSQL: one role per service", "postgres-init/roles.psql"):
         assert needle in readme, f"infra/README.md lacks {needle!r}"
     from components.pipeline_params import PIPELINE_PARAMS
-    assert "checkpoint_uri" in {p.name for p in PIPELINE_PARAMS}  # the run parameter the runbook names
+    assert "weights_uri" in {p.name for p in PIPELINE_PARAMS}  # the run parameter the runbook names

@@ -63,14 +63,14 @@ def test_a_leftover_input_size_is_refused_with_pretrained_weights(tmp_path):
     save_file(timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict(), str(ckpt))
     # the demo's 32 px left in backbone_kwargs after changing only model.backbone
     with pytest.raises(ModelError, match=r"32x32 images.*pretrained configuration is 224x224.*model.input_size"):
-        build_model("vit_tiny_patch16_224", 3, checkpoint=str(ckpt), backbone_kwargs={"img_size": 32}, pretrained=False)
+        build_model("vit_tiny_patch16_224", 3, weights=str(ckpt), backbone_kwargs={"img_size": 32}, pretrained=False)
     # a random backbone at another size is allowed, and said out loud
     with pytest.warns(UserWarning, match="32x32 images.*224x224"):
         build_model("vit_tiny_patch16_224", 3, backbone_kwargs={"img_size": 32}, pretrained=False)
     # native size: fine, no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert build_model("vit_tiny_patch16_224", 3, checkpoint=str(ckpt), pretrained=False).config_dict()["input_size"] == [3, 224, 224]
+        assert build_model("vit_tiny_patch16_224", 3, weights=str(ckpt), pretrained=False).config_dict()["input_size"] == [3, 224, 224]
 
 
 # -- the whole story, as a scientist runs it ---------------------------------------------------

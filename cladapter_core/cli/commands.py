@@ -24,7 +24,7 @@ def _print_metrics(metrics: dict, title: str) -> None:
 def cmd_init(args):
     from ..init_params import init
     found = init(args.source, args.out, backbone=args.backbone, pretrained=not args.no_pretrained,
-                 checkpoint=args.checkpoint, stage_epochs=args.stage_epochs, force=args.force)
+                 weights=args.weights, stage_epochs=args.stage_epochs, force=args.force)
     print(f"{args.out}: {len(found['classes'])} classes, {sum(found['counts'].values())} files "
           f"(sampled {found['sampled']}), sizes {found['size_min']} to {found['size_max']}, "
           f"intensity range {found['intensity'].get('range') or 'of the file type'}")

@@ -60,7 +60,7 @@ def _add_init(sub) -> None:
     p.add_argument("--source", required=True, help="ImageFolder tree (one folder per class) or CSV manifest")
     p.add_argument("--out", default="params.yaml", help="params file to write (default: params.yaml)")
     p.add_argument("--backbone", help="timm name (default: the paper's vit_base_patch16_clip_224.laion2b)")
-    p.add_argument("--checkpoint", help="backbone weights file or s3:// URI (offline; else timm downloads)")
+    p.add_argument("--weights", help="backbone weights file or s3:// URI (offline; else timm downloads)")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (a dry run)")
     p.add_argument("--stage-epochs", type=int, nargs=2, metavar=("STAGE1", "STAGE2"),
                    help="epochs of stage 1 and stage 2 (default: the preset's 30 and 10)")

@@ -28,25 +28,25 @@ class Backbone(nn.Module):
     `is_3d`, `data_config` (input_size, mean, std, interpolation).
     """
 
-    def __init__(self, name: str, pretrained: bool = False, checkpoint: str | None = None,
+    def __init__(self, name: str, pretrained: bool = False, weights: str | None = None,
                  input_size: int | list[int] | None = None, **kwargs):
         super().__init__()
         check_backbone_name(name)
         self.name, self.kwargs = name, dict(kwargs)
         self.is_3d = name in VIDEO_MODELS
-        pretrained = pretrained and not checkpoint  # given weights replace the download
+        pretrained = pretrained and not weights  # given weights replace the download
         if self.is_3d:
             self._build_video(name, pretrained, kwargs)
         else:
             self._build_timm(name, pretrained, kwargs)
-            self._check_native_size(bool(pretrained or checkpoint), explicit=input_size is not None)
+            self._check_native_size(bool(pretrained or weights), explicit=input_size is not None)
         if input_size is not None:
             self._set_input_size(input_size)
-        if checkpoint:
-            state = read_state_dict(checkpoint)
+        if weights:
+            state = read_state_dict(weights)
             if not self.is_3d:
-                state = self._timm_filtered(state, str(checkpoint))
-            load_into(self.model, state, source=str(checkpoint), ignore=self._classifier_keys())
+                state = self._timm_filtered(state, str(weights))
+            load_into(self.model, state, source=str(weights), ignore=self._classifier_keys())
 
     # -- construction ------------------------------------------------------------------
     def _build_timm(self, name, pretrained, kwargs):
@@ -128,10 +128,10 @@ class Backbone(nn.Module):
         self.data_config["input_size"] = self.data_config["input_size"][:1] + size
 
     def _timm_filtered(self, state: dict, source: str) -> dict:
-        """A local or S3 checkpoint through timm's own conversion for this architecture, as
+        """Local or S3 weights through timm's own conversion for this architecture, as
         `pretrained=True` does: position embeddings (and a Swin's bias tables) resampled to this
         img_size, the original repositories' key names mapped. Architectures without one
-        (ResNets) take the checkpoint as it is."""
+        (ResNets) take the weights as they are."""
         module = sys.modules.get(type(self.model).__module__)
         convert = getattr(module, "checkpoint_filter_fn", None)
         if convert is None:
@@ -191,6 +191,6 @@ class Backbone(nn.Module):
         return self.forward_tokens(x)
 
 
-def create_backbone(name: str, pretrained: bool = False, checkpoint: str | None = None,
+def create_backbone(name: str, pretrained: bool = False, weights: str | None = None,
                     **kwargs) -> Backbone:
-    return Backbone(name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+    return Backbone(name, pretrained=pretrained, weights=weights, **kwargs)

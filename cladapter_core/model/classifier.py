@@ -133,12 +133,12 @@ def build_model(backbone: str, num_classes: int, mode: str = Train.model_fields[
     """Build a backbone (timm name or torchvision video model) with a CLAdapter and head.
 
     `options`: any field of params.yaml's `model:` section (`param_models.Model` declares
-    each with its default: pretrained, checkpoint, backbone_kwargs, input_size, num_centers,
+    each with its default: pretrained, weights, backbone_kwargs, input_size, num_centers,
     rank, depth, mlp_ratio, temperature, init, dropout), validated as params.yaml is; other
     keywords go to `timm.create_model` (img_size, patch_size, in_chans...), and
     `backbone_kwargs` carries those whose names clash with the adapter's (timm's `depth`).
     `pretrained=True` uses timm's/torchvision's normal download (needs internet);
-    `checkpoint` loads backbone weights from a path, file:// or s3:// URI instead.
+    `weights` loads backbone weights from a path, file:// or s3:// URI instead.
     `input_size` (H, [H, W] or [T, H, W]) sets what images are resized to; by default the
     backbone's pretrained configuration (or timm's `img_size`).
     """
@@ -152,7 +152,7 @@ def build_model(backbone: str, num_classes: int, mode: str = Train.model_fields[
         raise ModelError("invalid model options: " + "; ".join(problems))
     m = resolved.model
     adapter_config = AdapterConfig(**{name: getattr(m, name) for name in ADAPTER_FIELDS})
-    bb = Backbone(backbone, pretrained=m.pretrained, checkpoint=m.checkpoint, input_size=m.input_size,
+    bb = Backbone(backbone, pretrained=m.pretrained, weights=m.weights, input_size=m.input_size,
                   **{**(m.backbone_kwargs or {}), **timm_kwargs})
     model = CLAdapterModel(bb, num_classes, mode, adapter_config, class_names)
     if model.adapter is not None:

@@ -24,18 +24,18 @@ def fetch_uri(uri: str, dest_dir: str | Path) -> Path:
     """A local Path for `uri` (downloading s3:// objects into dest_dir)."""
     uri = str(uri)
     if storage.scheme(uri) not in ("", "file", "s3"):
-        raise ModelError(f"checkpoint {uri}: unsupported scheme {storage.scheme(uri)!r} "
+        raise ModelError(f"weights {uri}: unsupported scheme {storage.scheme(uri)!r} "
                          "(use a path, file:// or s3://)")
     if storage.is_remote(uri):
         dest = Path(dest_dir) / (PurePosixPath(urlparse(uri).path).name or "weights")
         try:
             storage.download(uri, dest)
         except storage.StorageError as e:
-            raise ModelError(f"cannot download checkpoint {uri}: {e.reason}") from e
+            raise ModelError(f"cannot download weights {uri}: {e.reason}") from e
         return dest
     path = Path(storage.local_path(uri))
     if not path.is_file():
-        raise ModelError(f"checkpoint {uri}: no such file")
+        raise ModelError(f"weights {uri}: no such file")
     return path
 
 
@@ -43,18 +43,18 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     with open(path, "rb") as f:
         head = f.read(16)
     if not head:
-        raise ModelError(f"checkpoint {path}: empty file")
+        raise ModelError(f"weights {path}: empty file")
     # safetensors starts with an 8-byte little-endian header length, then '{'.
     if path.suffix == ".safetensors" or head[8:9] == b"{":
         from safetensors.torch import load_file
         try:
             return load_file(str(path))
         except Exception as e:
-            raise ModelError(f"checkpoint {path}: not a readable safetensors file ({e})") from e
+            raise ModelError(f"weights {path}: not a readable safetensors file ({e})") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelError(f"checkpoint {path}: refused or unreadable: only safetensors and "
+        raise ModelError(f"weights {path}: refused or unreadable: only safetensors and "
                          f"weights-only torch files are loaded ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
     for key in _WRAPPERS:
@@ -62,7 +62,7 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(f"checkpoint {path}: expected a state dict of tensors")
+        raise ModelError(f"weights {path}: expected a state dict of tensors")
     return obj
 
 
@@ -77,7 +77,7 @@ def read_state_dict(uri: str | Path) -> dict[str, torch.Tensor]:
 
 
 def strip_model_prefix(own: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A checkpoint saved from a CLAdapter model directory carries a `backbone.model.` prefix:
+    """Weights saved from a CLAdapter model directory carries a `backbone.model.` prefix:
     the keys without it, when none of them fits `own` (a state dict) as they are."""
     for prefix in ("backbone.model.", "backbone."):
         if state and not any(k in own for k in state) and all(k.startswith(prefix) for k in state):
@@ -85,7 +85,7 @@ def strip_model_prefix(own: dict, state: dict[str, torch.Tensor]) -> dict[str, t
     return state
 
 
-def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str = "weights",
               ignore: tuple[str, ...] = ()) -> None:
     """Load `state` into `module`; any missing, unexpected or mis-shaped key is an error
     that lists them all (keys starting with a prefix in `ignore` are dropped first)."""
@@ -94,7 +94,7 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str = "
     state = {k: v for k, v in state.items() if not (k.startswith(ignore) and k not in own)}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+    shapes = sorted(f"{k}: weights {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in set(own) & set(state) if state[k].shape != own[k].shape)
     if missing or unexpected or shapes:
         def few(items):

@@ -200,7 +200,7 @@ def test_s3_errors_are_retried_with_backoff_then_reported(tmp_path, monkeypatch,
         _stop(moto)
 
     caplog.set_level(logging.DEBUG, logger="botocore.retries")
-    with pytest.raises(ModelError, match=r"cannot download checkpoint s3://weights/w\.safetensors"
+    with pytest.raises(ModelError, match=r"cannot download weights s3://weights/w\.safetensors"
                                          r".*Could not connect to the endpoint"):
         read_state_dict("s3://weights/w.safetensors")
     delays = [float(m.group(1)) for m in (
