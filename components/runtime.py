@@ -148,11 +148,16 @@ def tune_worker_task(params: dict, dataset_dir, worker_index: int, n_trials: int
     return done
 
 
-def tune_finish_task(params: dict, out_dir, pipeline_id: str = "", pipeline_name: str = "") -> tuple[dict, dict]:
-    """The study's results (`tuning.tune_finish`); returns (tuned params, summary)."""
+def tune_finish_task(params: dict, out_dir, pipeline_id: str = "", pipeline_name: str = "",
+                     dataset_dir=None) -> tuple[dict, dict]:
+    """The study's results (`tuning.tune_finish`: the best trials re-run on other seeds on
+    the dataset's train and val files first); returns (tuned params, summary)."""
     from components import tuning
     with pipeline_env(pipeline_id):
-        return tuning.tune_finish(params, out_dir, pipeline_id, tracking_on())
+        if dataset_dir is None or not params["tune"]["rerun_top"]:
+            return tuning.tune_finish(params, out_dir, pipeline_id, tracking_on())
+        with local_data(dataset_dir, TRAIN_SPLITS) as prepared:
+            return tuning.tune_finish(params, out_dir, pipeline_id, tracking_on(), prepared)
 
 
 # -- evaluation, registry ------------------------------------------------------------------

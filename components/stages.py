@@ -119,16 +119,17 @@ def tune_worker(params: str, dataset: Input[Dataset], worker_index: int, n_trial
 
 
 @dsl.component(**_IN_IMAGE)
-def tune_finish(params: str, pipeline_id: str, pipeline_name: str, tuning: Output[Artifact],
-                metrics: Output[Metrics]) -> str:
-    """The study's results (best_params.yaml, trials, figures); returns the params to
-    train with: the best trial's values applied."""
+def tune_finish(params: str, dataset: Input[Dataset], pipeline_id: str, pipeline_name: str,
+                tuning: Output[Artifact], metrics: Output[Metrics]) -> str:
+    """The study's results (best_params.yaml, trials, figures), the best trials re-run on
+    other seeds first (tune.rerun_top); returns the params to train with: the chosen
+    trial's values applied."""
     import json
 
     from components import runtime
     runtime.start_step()
     tuned, summary = runtime.tune_finish_task(runtime.params_from_json(params), tuning.path,
-                                              pipeline_id, pipeline_name)
+                                              pipeline_id, pipeline_name, dataset.path)
     metrics.log_metric("best_val_macro_f1", float(summary["best_value"]))
     for key in ("n_trials", "complete", "pruned", "failed"):
         metrics.log_metric(key, float(summary[key]))

@@ -118,11 +118,12 @@ def tune_worker(params: dict, prepared: Path, worker_index: int, n_trials: int, 
             **{k: before[k] + done[k] for k in ("complete", "pruned", "failed", "epochs")}}
 
 
-def tune_finish(params: dict, out_dir, pipeline_id: str, track: bool) -> tuple[dict, dict]:
-    """best_params.yaml, summary.json, trials.csv and the figures into `out_dir`; returns
-    the params with the best trial's values applied, and the summary."""
+def tune_finish(params: dict, out_dir, pipeline_id: str, track: bool, prepared=None) -> tuple[dict, dict]:
+    """best_params.yaml, summary.json, trials.csv and the figures into `out_dir` (the best
+    ``tune.rerun_top`` trials re-run on other seeds first, on `prepared`); returns the params
+    with the chosen trial's values applied, and the summary."""
     from cladapter_core import tune
     out = Path(out_dir)
     summary = tune.finish_study(params, out, study_name(params, pipeline_id), shared_storage(params),
-                                track=track)
+                                track=track, prepared_dir=prepared)
     return tune.apply_best(params, out / tune.BEST_FILE), summary

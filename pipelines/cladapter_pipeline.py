@@ -286,10 +286,11 @@ def _tuning(a: dict, params, dataset, common: dict, scratch: str):
             # kept for backends that honour it; a worker is safe to rerun (pipelines/README.md).
             _retry(worker, "tune")
             _secrets(_gpu(_resources(worker, "tune"), 1, scratch), MLFLOW_SECRET, S3_SECRET, TUNE_SECRET)
-        finish = stages.tune_finish(params=params, pipeline_id=common["pipeline_id"],
+        finish = stages.tune_finish(params=params, dataset=dataset, pipeline_id=common["pipeline_id"],
                                     pipeline_name=common["pipeline_name"]).after(worker)
         finish.set_display_name("tune finish").set_caching_options(False)
-        _secrets(_resources(finish, "registry"), MLFLOW_SECRET, S3_SECRET, TUNE_SECRET)
+        # a GPU: the best trials train again on other seeds (tune.rerun_top) before the pick
+        _secrets(_gpu(_resources(finish, "tune"), 1, scratch), MLFLOW_SECRET, S3_SECRET, TUNE_SECRET)
     with dsl.Else(name="no tuning"):
         same = stages.untuned(params=params)
         _resources(same.set_display_name("untuned").set_caching_options(False), "params")

@@ -31,7 +31,7 @@ DEFAULT_IMAGE = "ghcr.io/cladapter/cladapter:0.1.0"
 STAGE_ORDER = ["resolve-params", "prepare", "train-stage1", "train-stage2", "evaluate",
                "register", "promote"]
 TUNE_STEPS = ["tune-plan", "tune-worker", "tune-finish"]
-GPU_EXECUTORS = ["exec-tune-worker", "exec-train-stage1", "exec-train-stage2", "exec-evaluate"]
+GPU_EXECUTORS = ["exec-tune-worker", "exec-tune-finish", "exec-train-stage1", "exec-train-stage2", "exec-evaluate"]
 TINY_KWARGS = {"img_size": 16, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
 TINY_ARGS = {
     "backbone": "vit_tiny_patch16_224", "backbone_kwargs": TINY_KWARGS, "pretrained": False, "num_centers": 4,
@@ -936,7 +936,8 @@ def test_run_local_end_to_end_with_parallel_tuning(tmp_path):
         proc, out = run_local(
             tmp_path, uri, "model_name=digits-kfp", "min_metric=0.0", "tune_trials=2", "tune_workers=2",
             "params_overrides=" + TINY_ARGS["params_overrides"] + f"; tune.storage={storage}; "
-            "tune.startup_trials=1; tune.space=[{param: model.num_centers, choices: [3, 4]}]",
+            "tune.startup_trials=1; tune.space=[{param: model.num_centers, choices: [3, 4]}]; "
+            "tune.rerun_top=1; tune.rerun_seeds=2",
             env={"CLADAPTER_GIT_COMMIT": "0123456789abcdef0123456789abcdef01234567"})
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
@@ -960,6 +961,9 @@ def test_run_local_end_to_end_with_parallel_tuning(tmp_path):
     tuned = json.loads(executor_output(run_dir, "tune-finish")["parameterValues"]["Output"])
     best = artifact_meta(run_dir, "tune-finish", "tuning")["best_params"]
     assert tuned["model"]["num_centers"] == best["model.num_centers"]
+    # the finish step re-ran the best trial on two other seeds, on the run's dataset
+    reruns = json.loads(next((run_dir / "tune-finish").rglob("summary.json")).read_text())["reruns"]
+    assert len(reruns) == 1 and len(reruns[0]["values"]) == 2
     for stage in (1, 2):
         model = run_dir / f"train-stage{stage}" / "model"
         assert {"model.safetensors", "config.json", "history.json"} <= {p.name for p in model.iterdir()}
