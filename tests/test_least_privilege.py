@@ -62,6 +62,7 @@ def pg_roles():
     admin.autocommit = True
     prefix = f"h7lp_{uuid.uuid4().hex[:8]}"
     names = SimpleNamespace(mlflow_role=f"{prefix}_mlflow", mlflow_db=f"{prefix}_mlflow",
+                            mlflow_auth_db=f"{prefix}_mlflow_auth",
                             optuna_role=f"{prefix}_optuna", optuna_db=f"{prefix}_optuna",
                             admin_db=f"{prefix}_admin", template_db=f"{prefix}_template")
     with admin.cursor() as cur:  # stand-ins for the admin's database and template1
@@ -69,7 +70,7 @@ def pg_roles():
         cur.execute(f'CREATE DATABASE "{names.template_db}"')
     try:
         variables = [f"--variable={k}={getattr(names, k)}" for k in
-                     ("mlflow_role", "mlflow_db", "optuna_role", "optuna_db", "template_db")]
+                     ("mlflow_role", "mlflow_db", "mlflow_auth_db", "optuna_role", "optuna_db", "template_db")]
         proc = psql("-v", "ON_ERROR_STOP=1", *variables, "-f", str(INIT_SQL), db=names.admin_db,
                     env={"MLFLOW_DB_PASSWORD": "mlflow-pw-1", "OPTUNA_DB_PASSWORD": "optuna-pw-2"},  # pragma: allowlist secret
                     check=False)
@@ -77,7 +78,7 @@ def pg_roles():
         yield names
     finally:
         with admin.cursor() as cur:
-            for db in (names.mlflow_db, names.optuna_db, names.admin_db, names.template_db):
+            for db in (names.mlflow_db, names.mlflow_auth_db, names.optuna_db, names.admin_db, names.template_db):
                 cur.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
             for role in (names.mlflow_role, names.optuna_role):
                 cur.execute(f'DROP ROLE IF EXISTS "{role}"')
@@ -99,13 +100,15 @@ def test_init_sql_gives_each_service_a_role_that_owns_only_its_database(pg_roles
     owners = psql("-c", "SELECT datname, pg_get_userbyid(datdba) FROM pg_database "
                         f"WHERE datname LIKE '{r.mlflow_db.rsplit('_', 1)[0]}%' ORDER BY 1").stdout
     assert f"{r.mlflow_db}|{r.mlflow_role}" in owners.split()
+    assert f"{r.mlflow_auth_db}|{r.mlflow_role}" in owners.split()  # the auth app's users
     assert f"{r.optuna_db}|{r.optuna_role}" in owners.split()
     # PUBLIC has no CONNECT on any database the script touched: an ACL without "=c"
-    for db in (r.mlflow_db, r.optuna_db, r.admin_db, r.template_db):
+    for db in (r.mlflow_db, r.mlflow_auth_db, r.optuna_db, r.admin_db, r.template_db):
         acl = psql("-c", f"SELECT datacl FROM pg_database WHERE datname = '{db}'").stdout.strip()
         assert acl and not re.search(r"(^|[{,])=[A-Za-z]*c", acl), f"{db}: PUBLIC still has CONNECT ({acl})"
         for role in (r.mlflow_role, r.optuna_role):
-            owner = (db == r.mlflow_db and role == r.mlflow_role) or (db == r.optuna_db and role == r.optuna_role)
+            owner = (db in (r.mlflow_db, r.mlflow_auth_db) and role == r.mlflow_role) or \
+                (db == r.optuna_db and role == r.optuna_role)
             allowed = psql("-c", f"SELECT has_database_privilege('{role}', '{db}', 'CONNECT')").stdout.strip()
             assert allowed == ("t" if owner else "f"), (role, db, allowed)
 
