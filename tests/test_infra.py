@@ -55,7 +55,8 @@ PLACEHOLDER = "REPLACE_ME"
 # Every key the pipeline maps must be in the Secret (no `optional` on the oldest supported
 # KFP backend: a missing key stops the pod); pipelines/cladapter_pipeline.py SECRET_KEYS.
 PIPELINE_SECRETS = {
-    "cladapter-mlflow": {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
+    "cladapter-mlflow": {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                         "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"},
     "cladapter-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
                      "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION"},
     "cladapter-tune": {"CLADAPTER_TUNE_STORAGE"},
