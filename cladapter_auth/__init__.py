@@ -34,6 +34,7 @@ nothing of `cladapter_core`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -98,18 +99,49 @@ def _stop_the_server() -> None:
         os.kill(os.getppid(), signal.SIGTERM)
 
 
+INIT_LOCK_KEY = 0x636C6164  # "clad": the advisory lock the workers take around the auth store's init
+
+
+@contextlib.contextmanager
+def _one_worker_at_a_time(uri: str):
+    """MLflow's auth app creates and migrates its users' tables when a worker starts: on a
+    fresh database two workers (or replicas) race on alembic's version table and one dies,
+    which stops the server. Serialize that start: a PostgreSQL advisory lock (every replica
+    shares it), else a lock file (SQLite is one machine's)."""
+    if uri.startswith("postgresql"):
+        import sqlalchemy
+        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": INIT_LOCK_KEY})
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": INIT_LOCK_KEY})
+        finally:
+            engine.dispose()
+        return
+    import fcntl
+    import tempfile
+    with open(os.path.join(tempfile.gettempdir(), "cladapter-auth-init.lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
 def create_app(app=None):
     """The MLflow server app: basic auth, then the promoter rule (a Flask before_request that
     runs after MLflow's, so requests reaching it are authenticated)."""
     rules = Rules.from_env()
     _use_database_uri()
     from mlflow.server import app as flask_app
+    from mlflow.server import auth
     from mlflow.server.auth import create_app as basic_auth_app
 
     from .rules import guard
     flask_app = app if app is not None else flask_app
     try:
-        served = basic_auth_app(flask_app)
+        with _one_worker_at_a_time(auth.auth_config.database_uri):
+            served = basic_auth_app(flask_app)
     except Exception:
         _stop_the_server()
         raise

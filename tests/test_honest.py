@@ -100,7 +100,7 @@ def test_every_method_gets_the_same_data_augmentation_seeds_and_epochs():
     params = tiny_params("stage1.epochs=3", "stage2.epochs=2", "train.lr=0.002", "stage2.lr_factor=0.1",
                          "train.cache.views=2")
     b = budget(params)
-    assert b == {"epochs": 5, "head_lr": 0.002, "backbone_lr": pytest.approx(0.0002)}
+    assert b == {"epochs": 5, "head_lr": 0.002, "backbone_lr": pytest.approx(0.0002), "lr_factors": [1.0]}
     for seed in (0, 1):
         ps = {m: method_params(params, m, seed) for m in METHODS}
         for m, p in ps.items():

@@ -273,10 +273,13 @@ def stop_process_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def http_get(port: int, path: str, host: str) -> tuple[int, str]:
+def http_get(port: int, path: str, host: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Host": host}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
     try:
-        conn.request("GET", path, headers={"Host": host})
+        conn.request("GET", path, headers=headers)
         response = conn.getresponse()
         return response.status, response.read().decode(errors="replace")
     finally:
@@ -848,8 +851,13 @@ def test_mlflow_server_starts_from_the_rendered_manifest(rendered, tmp_path):
                     "set CLADAPTER_TEST_POSTGRES to an admin URI")
     conn.autocommit = True
     conn.cursor().execute(f'CREATE DATABASE "{database}"')
+    conn.cursor().execute(f'CREATE DATABASE "{database}_auth"')  # the auth app's users
     env["MLFLOW_BACKEND_STORE_URI"] = urlunsplit(
         (template.scheme, admin.netloc, f"/{database}", "", ""))
+    env["CLADAPTER_AUTH_DATABASE_URI"] = urlunsplit(
+        (urlsplit(env["CLADAPTER_AUTH_DATABASE_URI"]).scheme, admin.netloc, f"/{database}_auth", "", ""))
+    admin_login = (env["MLFLOW_AUTH_ADMIN_USERNAME"], "infra-test-admin-pw")  # pragma: allowlist secret
+    env["MLFLOW_AUTH_ADMIN_PASSWORD"] = admin_login[1]  # the template's REPLACE_ME is too short
     port = free_port()
     env.update(HOME=str(tmp_path), TMPDIR=str(tmp_path),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -876,14 +884,16 @@ def test_mlflow_server_starts_from_the_rendered_manifest(rendered, tmp_path):
             assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-4000:]
             time.sleep(1)
         api = "/api/2.0/mlflow/experiments/search?max_results=5"
-        status, body = http_get(port, api, tracking_host)
+        assert http_get(port, api, tracking_host)[0] == 401  # no login, no answer (cladapter-auth)
+        status, body = http_get(port, api, tracking_host, admin_login)
         assert status == 200, body
         assert "Default" in body  # the schema was created in PostgreSQL
-        assert http_get(port, api, "attacker.example.com")[0] == 403
+        assert http_get(port, api, "attacker.example.com", admin_login)[0] == 403
     finally:
         stop_process_group(server)
         log.close()
-        conn.cursor().execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        for name in (database, f"{database}_auth"):
+            conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.close()
 
 
