@@ -75,12 +75,17 @@ SECRET_KEYS = {
     S3_SECRET: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
                 "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION"],
 }
+# The promote step's MLflow identity: only a promoter may move `champion` when the server
+# runs cladapter-auth (every other step is the `pipeline` user of cladapter-mlflow). The
+# same keys; without authentication it may hold the same values.
+MLFLOW_PROMOTER_SECRET = "cladapter-mlflow-promoter"
+SECRET_KEYS[MLFLOW_PROMOTER_SECRET] = list(SECRET_KEYS[MLFLOW_SECRET])
 # The tuning steps' study storage (a PostgreSQL URL with its password): a Secret, never a
 # run parameter. Needed only when a run tunes (tune_trials > 0).
 TUNE_SECRET = "cladapter-tune"
 SECRET_KEYS[TUNE_SECRET] = ["CLADAPTER_TUNE_STORAGE"]
 # Keys that must hold a value (the others may be empty).
-REQUIRED_KEYS = {MLFLOW_SECRET: ["MLFLOW_TRACKING_URI"],
+REQUIRED_KEYS = {MLFLOW_SECRET: ["MLFLOW_TRACKING_URI"], MLFLOW_PROMOTER_SECRET: ["MLFLOW_TRACKING_URI"],
                  S3_SECRET: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
                  TUNE_SECRET: ["CLADAPTER_TUNE_STORAGE"]}
 # Not secret: the install's settings for its runs (created by each install overlay in the
@@ -141,7 +146,7 @@ def _resources(task, kind: str):
 def _secrets(task, *names: str):
     for name in names:
         kubernetes.use_secret_as_env(task, name, {k: k for k in SECRET_KEYS[name]})
-    if MLFLOW_SECRET in names:  # the MLflow server's NetworkPolicy lets these pods in
+    if {MLFLOW_SECRET, MLFLOW_PROMOTER_SECRET} & set(names):  # the MLflow server's NetworkPolicy lets these in
         kubernetes.add_pod_label(task, MLFLOW_CLIENT_LABEL, "true")
     if TUNE_SECRET in names:  # ... and the study database's, these
         kubernetes.add_pod_label(task, DATABASE_CLIENT_LABEL, "true")
@@ -267,7 +272,8 @@ def _steps(a: dict, base_params: str, train_gpus: int, scratch: str, run_id, run
         with dsl.If(a["auto_promote"] == True, name="auto_promote"):  # noqa: E712 (a KFP condition)
             pro = stages.promote(params=params, version=reg_task.outputs["version"], dataset=dataset)
             pro.set_display_name("promote").set_caching_options(False)
-            _secrets(_resources(pro, "registry"), MLFLOW_SECRET, S3_SECRET)  # S3: a champion re-evaluated
+            # the promoter's identity; S3: a champion re-evaluated
+            _secrets(_resources(pro, "registry"), MLFLOW_PROMOTER_SECRET, S3_SECRET)
 
 
 def _tuning(a: dict, params, dataset, common: dict, scratch: str):

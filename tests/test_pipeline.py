@@ -242,9 +242,11 @@ def test_secrets_come_from_kubernetes(compiled):
     mlflow_keys, s3_keys = set(kp.SECRET_KEYS["cladapter-mlflow"]), set(kp.SECRET_KEYS["cladapter-s3"])
     tune_keys = set(kp.SECRET_KEYS["cladapter-tune"])
     mlflow, s3, tune = {"cladapter-mlflow": mlflow_keys}, {"cladapter-s3": s3_keys}, {"cladapter-tune": tune_keys}
-    for ex in ("exec-train-stage1", "exec-train-stage2", "exec-evaluate",
-               "exec-register", "exec-promote"):  # promote: S3 for the validation files when it re-evaluates a champion
+    for ex in ("exec-train-stage1", "exec-train-stage2", "exec-evaluate", "exec-register"):
         assert secret_keys(ex) == {**mlflow, **s3}, ex
+    # promote: the promoter's MLflow identity, the only one that may move champion; S3 for
+    # the validation files when it re-evaluates a champion
+    assert secret_keys("exec-promote") == {"cladapter-mlflow-promoter": mlflow_keys, **s3}
     for ex in ("exec-tune-worker", "exec-tune-finish"):  # the study storage from its Secret
         assert secret_keys(ex) == {**mlflow, **s3, **tune}, ex
     assert secret_keys("exec-tune-plan") == {**mlflow, **tune}
@@ -262,7 +264,8 @@ def test_secrets_come_from_kubernetes(compiled):
         # the labels the install's NetworkPolicies select on
         labels = config["podMetadata"]["labels"]
         assert labels["app.kubernetes.io/part-of"] == "cladapter", ex
-        assert (labels.get(kp.MLFLOW_CLIENT_LABEL) == "true") == ("cladapter-mlflow" in secret_keys(ex)), ex
+        mlflow_client = {"cladapter-mlflow", "cladapter-mlflow-promoter"} & set(secret_keys(ex))
+        assert (labels.get(kp.MLFLOW_CLIENT_LABEL) == "true") == bool(mlflow_client), ex
         assert (labels.get(kp.DATABASE_CLIENT_LABEL) == "true") == ("cladapter-tune" in secret_keys(ex)), ex
     # Every key is in both install modes' Secret templates (a missing key would stop the
     # pod), the required ones documented.
@@ -270,6 +273,7 @@ def test_secrets_come_from_kubernetes(compiled):
     for overlay in ("standalone", "multi-user"):
         folder = REPO / "infra" / "k8s" / "overlays" / overlay / "secrets"
         for secret, template, keys in (("cladapter-mlflow", "mlflow.env.example", mlflow_keys),
+                                       ("cladapter-mlflow-promoter", "mlflow-promoter.env.example", mlflow_keys),
                                        ("cladapter-s3", "s3.env.example", s3_keys),
                                        ("cladapter-tune", "tune.env.example", tune_keys)):
             lines = (folder / template).read_text().splitlines()
