@@ -77,7 +77,7 @@ TINY = Sizes(backbone="vit_tiny_patch16_224", img=32, centers=4, rank=8, batch=8
 def _model(s: Sizes, device, mode: str = "cla"):
     torch.manual_seed(0)
     kwargs = dict(s.backbone_kwargs)
-    return build_model(s.backbone, 10, mode=mode, num_centers=s.centers, rank=s.rank,
+    return build_model(s.backbone, 10, mode=mode, num_centers=s.centers, rank=s.rank, pretrained=False,
                        backbone_kwargs={k: v for k, v in kwargs.items() if k != "img_size"},
                        **({"img_size": kwargs["img_size"]} if "img_size" in kwargs else {})).to(device)
 

@@ -19,7 +19,7 @@ from components import runtime
 def test_torchrun_two_processes_match_one_process(ddp_dataset, stage1_reference, tmp_path):
     flags = []
     p = params()
-    for key, value in (("model.backbone", p["model"]["backbone"]),
+    for key, value in (("model.backbone", p["model"]["backbone"]), ("model.pretrained", "false"),
                        ("model.backbone_kwargs", json.dumps(p["model"]["backbone_kwargs"])),
                        ("model.num_centers", 4), ("model.rank", 8), ("model.dropout", 0.0),
                        ("train.batch_size", 17), ("train.warmup_epochs", 1),
