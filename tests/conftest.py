@@ -135,6 +135,13 @@ INTEGRATION_TESTS = {
     "test_tune.py::test_median_pruner_stops_trials_that_cannot_win",
     "test_tune.py::test_failed_trials_count_as_the_worst_value_and_the_worker_goes_on",
     "test_compare.py::test_each_method_picks_its_lr_on_validation_from_the_same_grid",
+    # seconds of real training each (the slowest of the unit tier: make test-fast under 2 min)
+    "test_cache.py::test_views_replay_the_trainers_augmentations",
+    "test_cache.py::test_k_search_reuses_one_cache_and_stage2_does_not_use_it",
+    "test_cache.py::test_resume_mid_epoch_with_the_cache",
+    "test_train.py::test_resume_mid_epoch_gives_identical_weights",
+    "test_train.py::test_callbacks_are_typed_and_hear_of_a_failure",
+    "test_train.py::test_baselines_through_the_same_loop",
     "test_tune.py::test_the_best_trials_are_re_run_on_other_seeds_before_best_params_is_written",
     "test_secrets.py::test_a_compare_or_sweep_study_logs_no_credential",
     "test_secrets.py::test_a_stage_run_logs_no_credential_of_any_url_parameter",  # an MLflow store made
