@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     mlflow_username: Optional[str] = _env("MLFLOW_TRACKING_USERNAME", None, "basic-auth user")
     mlflow_password: str = _env("MLFLOW_TRACKING_PASSWORD", "", "basic-auth password")
     mlflow_insecure_tls: bool = _env("MLFLOW_TRACKING_INSECURE_TLS", False, "true: skip TLS verification")
+    mlflow_run_id: Optional[str] = _env("MLFLOW_RUN_ID", None,
+                                        "a run its launcher opened for this process (KFP 2.17's MLflow "
+                                        "integration, `mlflow run`)")
+    outer_run: Literal["auto", "own"] = _env("CLADAPTER_OUTER_RUN", "auto",
+                                             "auto: with $MLFLOW_RUN_ID set, runs nest under that run, in its "
+                                             "experiment; own: the platform's own parent run, that run untouched")
     # -- S3 ----------------------------------------------------------------------------------
     s3_endpoint: Optional[str] = _env("AWS_ENDPOINT_URL", None, "an S3-compatible endpoint (MinIO)",
                                       "MLFLOW_S3_ENDPOINT_URL")

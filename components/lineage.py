@@ -43,14 +43,17 @@ def lineage_tags(pipeline_id: str = "", pipeline_name: str = "", data_hash: str 
 
 
 def tag_stage_and_parent(run, tags: dict[str, str], pipeline_name: str = "") -> None:
-    """Tag the active stage run and its parent; the parent is named after the KFP run."""
+    """Tag the active stage run and its parent; the parent is named after the KFP run. A
+    parent that KFP's MLflow integration opened (`tracking.outer_run`) is KFP's to name."""
     import mlflow
     from mlflow import MlflowClient
+
+    from cladapter_core import tracking
     if tags:
         mlflow.set_tags(tags)
     parent = run.data.tags.get("mlflow.parentRunId")
-    if parent:
-        client = MlflowClient()
+    client = MlflowClient()
+    if parent and tracking.is_ours(client, parent):
         for key, value in tags.items():
             client.set_tag(parent, key, value)
         if pipeline_name and "{{" not in pipeline_name:

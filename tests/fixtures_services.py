@@ -33,7 +33,8 @@ from tiny import SMALL
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 CLIENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL",
               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "CLADAPTER_PIPELINE_ID",
-              "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_REGISTRY_URI")
+              "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_REGISTRY_URI",
+              "MLFLOW_RUN_ID", "CLADAPTER_OUTER_RUN")
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:

@@ -56,9 +56,9 @@ PLACEHOLDER = "REPLACE_ME"
 # KFP backend: a missing key stops the pod); pipelines/cladapter_pipeline.py SECRET_KEYS.
 PIPELINE_SECRETS = {
     "cladapter-mlflow": {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                         "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"},
+                         "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "CLADAPTER_OUTER_RUN"},
     "cladapter-mlflow-promoter": {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                                  "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"},
+                                  "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "CLADAPTER_OUTER_RUN"},
     "cladapter-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
                      "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION"},
     "cladapter-tune": {"CLADAPTER_TUNE_STORAGE"},

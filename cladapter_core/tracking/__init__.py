@@ -55,7 +55,7 @@ from __future__ import annotations
 from .artifacts import log_artifacts_dir, log_evaluation, log_model, save_pyfunc
 from .datasets import SOURCE_TAG, SPLITS, data_inputs, log_data_inputs
 from .epoch_logger import EpochLogger
-from .runs import pipeline_id, pipeline_parent, run_tags, stage_run
+from .runs import is_ours, outer_run, pipeline_id, pipeline_parent, run_tags, start_run_here, stage_run
 from .store import (CHECK_TIMEOUT_S, DEFAULT_EXPERIMENT, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, MODEL_ARTIFACT,
                     PIPELINE_ENV, PIPELINE_TAG, ROLE_TAG, check_store_exists, check_tracking, configure,
                     errors, experiment_name, local_store_path, redact, redact_params, run_name, tracking_uri)
@@ -65,4 +65,5 @@ __all__ = ["CHECK_TIMEOUT_S", "DEFAULT_EXPERIMENT", "EXPERIMENT_KIND", "EXPERIME
            "MODEL_ARTIFACT", "PIPELINE_ENV", "PIPELINE_TAG", "ROLE_TAG", "SOURCE_TAG", "SPLITS",
            "check_store_exists", "check_tracking", "configure", "data_inputs", "errors", "experiment_name",
            "local_store_path", "log_artifacts_dir", "log_data_inputs", "log_evaluation", "log_model",
-           "pipeline_id", "pipeline_parent", "redact", "redact_params", "run_name", "run_tags", "save_pyfunc", "stage_run", "tracking_uri"]
+           "is_ours", "outer_run", "pipeline_id", "pipeline_parent", "redact", "redact_params", "run_name",
+           "run_tags", "save_pyfunc", "stage_run", "start_run_here", "tracking_uri"]

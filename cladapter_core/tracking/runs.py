@@ -11,8 +11,9 @@ from typing import Any
 from .. import identity
 from ..errors import TrackingError
 from ..identity import dataset_name, git_commit
-from ..settings import settings
-from .store import PIPELINE_TAG, ROLE_TAG, _PARAM_MAX, configure, errors, redact, redact_params, run_name
+from ..settings import exported, settings
+from .store import (PIPELINE_TAG, ROLE_TAG, _PARAM_MAX, configure, errors, redact, redact_params, run_name,
+                    tracking_uri)
 
 # -- grouping the runs of one pipeline execution -----------------------------------------
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
@@ -85,6 +86,48 @@ def pipeline_parent(client, experiment_id: str, pid: str, params: dict, tags: di
     return winner
 
 
+def outer_run(client):
+    """The run this process was started inside, when the platform nests under it: the run
+    of ``$MLFLOW_RUN_ID`` (KFP 2.17's MLflow integration opens one per task and injects
+    it; so does ``mlflow run``) unless ``CLADAPTER_OUTER_RUN=own``. None otherwise.
+
+    Nesting under it, in its experiment, keeps one tree per pipeline run instead of the
+    launcher's and a second parent of our own; the outer run itself is the launcher's to
+    name and end. `client`: an ``mlflow.MlflowClient``."""
+    s = settings()
+    if s.outer_run == "own" or not s.mlflow_run_id:
+        return None
+    with errors(f"reading the run that $MLFLOW_RUN_ID names ({s.mlflow_run_id}); "
+                "set CLADAPTER_OUTER_RUN=own to ignore it"):
+        run = client.get_run(s.mlflow_run_id.strip())
+    if run.info.lifecycle_stage != "active":
+        raise TrackingError(f"$MLFLOW_RUN_ID names the deleted run {run.info.run_id}: restore it, "
+                            "or set CLADAPTER_OUTER_RUN=own to ignore it")
+    return run
+
+
+def is_ours(client, run_id: str) -> bool:
+    """Whether `run_id` is a parent run this platform made (role "pipeline"), which it may
+    name, tag and end; an outer run is its launcher's."""
+    return client.get_run(run_id).data.tags.get(ROLE_TAG) == "pipeline"
+
+
+def start_run_here(**kwargs):
+    """``mlflow.start_run`` that never resumes ``$MLFLOW_RUN_ID``: MLflow would log into
+    that run (and delete the variable) instead of starting the run asked for."""
+    import mlflow
+    with exported(mlflow_run_id=None):
+        return mlflow.start_run(**kwargs)
+
+
+def end_run_here(status: str) -> None:
+    """``mlflow.end_run``, which also deletes ``$MLFLOW_RUN_ID``: the variable is kept for
+    the rest of the step (its next runs, the processes it starts)."""
+    import mlflow
+    with exported(mlflow_run_id=settings().mlflow_run_id):
+        mlflow.end_run(status)
+
+
 def _flat(params: dict) -> dict:
     from ..params import flatten
     return flatten(params)
@@ -97,9 +140,10 @@ def stage_run(params: dict, stage: str, data_hash: str | None = None, prepared=N
     The run is named `name`, else ``run_name(params, stage)`` (what ran); its ``stage`` tag
     is `stage`.
 
-    The run is a child of the pipeline's parent run (see ``pipeline_id``), or of the
-    active run when one is open in this process (e.g. tuning trials under the tune
-    stage). It gets the flattened params, ``params.json`` and the tags of ``run_tags``
+    The run is a child of the active run when one is open in this process (e.g. tuning
+    trials under the tune stage), else of the run its launcher opened (``outer_run``:
+    KFP 2.17's task run, in that run's experiment), else of the pipeline's parent run
+    (see ``pipeline_id``). It gets the flattened params, ``params.json`` and the tags of ``run_tags``
     (``data_hash``: the given one, else ``identity.data_hash(prepared)`` when the stage's
     prepared folder is given, else the hash of ``data.source``). It ends FINISHED, or
     FAILED when the body raises; the parent's status follows its latest stage.
@@ -115,8 +159,10 @@ def stage_run(params: dict, stage: str, data_hash: str | None = None, prepared=N
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    cfg = configure(params, prepared)
+    mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
+    outer = outer_run(client) if mlflow.active_run() is None else None
+    cfg = None if outer else configure(params, prepared)
     if data_hash is None and prepared is not None and (Path(prepared) / "manifest.csv").is_file():
         data_hash = identity.data_hash(prepared)
     needs_source = data_hash is None or not settings().pipeline_id
@@ -128,14 +174,16 @@ def stage_run(params: dict, stage: str, data_hash: str | None = None, prepared=N
     with errors(f"starting the MLflow run of stage {stage!r}"):
         if active is not None:
             parent_id, experiment_id = active.info.run_id, active.info.experiment_id
+        elif outer is not None:
+            parent_id, experiment_id = outer.info.run_id, outer.info.experiment_id
         else:
             experiment_id = cfg["experiment_id"]
             parent_id = pipeline_parent(client, experiment_id, pid, params, tags, prepared)
             client.update_run(parent_id, status="RUNNING")
         tags["mlflow.parentRunId"] = parent_id
         shown = redact(name or run_name(params, stage, prepared=prepared))
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=shown, tags=redact_params(tags),
-                               nested=active is not None)
+        run = start_run_here(experiment_id=experiment_id, run_name=shown, tags=redact_params(tags),
+                             nested=active is not None)
     status = "FAILED"
     try:
         try:
@@ -150,12 +198,12 @@ def stage_run(params: dict, stage: str, data_hash: str | None = None, prepared=N
             # hide the stage's own error nor end the stage in a raw traceback.
             if status == "FINISHED":
                 with errors(f"ending the MLflow run of stage {stage!r}"):
-                    mlflow.end_run(status)
+                    end_run_here(status)
             else:
                 with contextlib.suppress(Exception):
-                    mlflow.end_run(status)
+                    end_run_here(status)
     finally:
-        if active is None:
+        if active is None and outer is None:
             with contextlib.suppress(Exception):  # cosmetic: the parent shows the last status
                 client.set_terminated(parent_id, status=status)
 

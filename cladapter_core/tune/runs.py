@@ -39,13 +39,15 @@ def _log_params(client, run_id: str, params: dict) -> None:
 
 
 def _new_study_run(client, experiment_id: str, params: dict, study_name: str, storage: str,
-                   data_hash: str | None, prepared=None) -> str:
-    """Create a study run under the pipeline's parent run; returns its id."""
+                   data_hash: str | None, prepared=None, outer=None) -> str:
+    """Create a study run under the `outer` run (`tracking.outer_run`), else under the
+    pipeline's parent run; returns its id."""
     source_of = identity.source_hash(params["data"]["source"])
     pid = tracking.pipeline_id(params, source_of)
     tags = tracking.run_tags(params, "tune", data_hash or source_of)
     tags[tracking.PIPELINE_TAG] = pid
-    parent = tracking.pipeline_parent(client, experiment_id, pid, params, dict(tags), prepared)
+    parent = (outer.info.run_id if outer is not None
+              else tracking.pipeline_parent(client, experiment_id, pid, params, dict(tags), prepared))
     tags.update({STUDY_TAG: study_key(study_name, storage), "optuna.study_name": study_name,
                  "mlflow.parentRunId": parent, "optuna.storage": redact(normalize_storage(storage))})
     if any(e["param"] == "model.num_centers" for e in params["tune"]["space"]):
@@ -56,14 +58,17 @@ def _new_study_run(client, experiment_id: str, params: dict, study_name: str, st
 def study_run(params: dict, study_name: str, storage: str, data_hash: str | None = None,
               prepared=None) -> str:
     """The MLflow run of this tuning session: the open one tagged with the study's key,
-    else a new one (a child of the pipeline's parent run), in the experiment of the
-    `prepared` data. Workers starting together may each create one: all then keep the
+    else a new one (a child of the run its launcher opened, in that run's experiment, or of
+    the pipeline's parent run, in the experiment of the `prepared` data). Workers starting together may each create one: all then keep the
     oldest and the others are deleted."""
+    import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
-    cfg = tracking.configure(params, prepared)
+    mlflow.set_tracking_uri(tracking.tracking_uri())
     client = MlflowClient()
+    outer = tracking.outer_run(client)
+    cfg = {"experiment_id": outer.info.experiment_id} if outer else tracking.configure(params, prepared)
     flt = f"tags.`{STUDY_TAG}` = '{study_key(study_name, storage)}'"
 
     def open_runs():
@@ -76,7 +81,8 @@ def study_run(params: dict, study_name: str, storage: str, data_hash: str | None
         if found:
             run_id = found[0].info.run_id
         else:
-            mine = _new_study_run(client, cfg["experiment_id"], params, study_name, storage, data_hash, prepared)
+            mine = _new_study_run(client, cfg["experiment_id"], params, study_name, storage, data_hash, prepared,
+                                  outer)
             found = open_runs()
             run_id = found[0].info.run_id if found else mine
             if run_id != mine:
@@ -111,7 +117,7 @@ def end_study_run(run_id: str, status: str, close: bool) -> None:
                 client.delete_tag(run_id, STUDY_TAG)
         client.set_terminated(run_id, status=status)
         parent = run.data.tags.get("mlflow.parentRunId")
-        if parent:
+        if parent and tracking.is_ours(client, parent):  # an outer run is its launcher's to end
             client.set_terminated(parent, status=status)
     except Exception as e:
         warnings.warn(f"MLflow: could not end the study run {run_id} ({type(e).__name__}: {str(e)[:200]})")
