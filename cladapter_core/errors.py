@@ -25,6 +25,11 @@ class TrainingError(CLAdapterError):
     """Training cannot go on (non-finite loss, inconsistent inputs)."""
 
 
+class CacheError(CLAdapterError):
+    """The stage-1 feature cache cannot be used as asked (unfrozen backbone, bad settings,
+    too large to fit)."""
+
+
 class Preempted(CLAdapterError):
     """SIGTERM arrived (or a step limit): a checkpoint was saved; run again to resume."""
 

@@ -37,7 +37,10 @@ class Settings(BaseSettings):
 
     # -- the platform's own ------------------------------------------------------------------
     image: str = _env("CLADAPTER_IMAGE", DEFAULT_IMAGE,
-                      "the image every pipeline step runs (infra/docker/Dockerfile's build)")
+                      "the image the pipeline's training steps run (infra/docker/Dockerfile's build)")
+    light_image_set: Optional[str] = _env("CLADAPTER_LIGHT_IMAGE", None,
+                                          "the image of the steps that do not train (the Dockerfile's "
+                                          "`light` target); default: the image's name + '-light', same tag")
     tracking: bool = _env("CLADAPTER_TRACKING", True, "0: no MLflow tracking (like --no-track)")
     device: Optional[str] = _env("CLADAPTER_DEVICE", None, "auto, cpu, cuda or cuda:N (--device)")
     gpu_decode: bool = _env("CLADAPTER_GPU_DECODE", False, "1: JPEGs decoded on the training GPU")
@@ -93,6 +96,19 @@ class Settings(BaseSettings):
     @property
     def tracking_uri(self) -> str:
         return self.mlflow_tracking_uri or DEFAULT_TRACKING_URI
+
+    @property
+    def light_image(self) -> str:
+        """CLADAPTER_LIGHT_IMAGE, else the image's repository + '-light' with its tag
+        (registry/team/cladapter:7 -> registry/team/cladapter-light:7); an image pinned by
+        digest names no light variant: the full image then."""
+        if self.light_image_set:
+            return self.light_image_set
+        if "@" in self.image:
+            return self.image
+        repo, slash, name = self.image.rpartition("/")
+        name, colon, tag = name.partition(":")
+        return f"{repo}{slash}{name}-light{colon}{tag}"
 
 
 def _variables() -> tuple[str, ...]:

@@ -1,6 +1,7 @@
 """The KFP v2 components, one per stage. Each is a lightweight Python component that runs
 in the project image (`settings().image`, $CLADAPTER_IMAGE, which has kfp and this package:
-nothing is pip-installed at run time) and whose body only turns KFP artifacts into paths
+nothing is pip-installed at run time; the steps that do not train in its light variant,
+`LIGHT_STEPS`) and whose body only turns KFP artifacts into paths
 and calls `components.runtime`, which calls `cladapter_core`.
 
 KFP serialises each function's source, so the bodies import what they use.
@@ -21,6 +22,11 @@ from components.pipeline_params import params_step_inputs
 # install_kfp_package=False: the image has kfp; its pods run offline and non-root.
 IMAGE = settings().image  # $CLADAPTER_IMAGE where the pipeline is compiled
 _IN_IMAGE = dict(base_image=IMAGE, install_kfp_package=False)
+# The steps that do not train run in the light image (no torch, no CUDA wheels: a cold
+# start pulls far less); what they import must load without torch (tests/test_light_image.py).
+LIGHT_IMAGE = settings().light_image  # $CLADAPTER_LIGHT_IMAGE, else <image>-light
+LIGHT_STEPS = ("resolve_params", "dataset_version", "tune_plan", "untuned", "close_pipeline_run")
+_IN_LIGHT_IMAGE = dict(base_image=LIGHT_IMAGE, install_kfp_package=False)
 
 
 # The params step's inputs are the pipeline parameters that reach the params
@@ -64,11 +70,11 @@ def _resolve_params_source() -> str:
 
 def make_resolve_params():
     """The params step's component, from the table as it is now (the pipeline builds it)."""
-    return dsl.component(**_IN_IMAGE)(_generated("resolve_params", _resolve_params_source()))
+    return dsl.component(**_IN_LIGHT_IMAGE)(_generated("resolve_params", _resolve_params_source()))
 
 
 
-@dsl.component(**_IN_IMAGE)
+@dsl.component(**_IN_LIGHT_IMAGE)
 def dataset_version(dataset_uri: str, dataset_path: str, dataset_rev: str) -> str:
     """The data's version before it is read (never cached): a DVC revision's commit SHA,
     the hash of an S3 prefix's listing (names and ETags). An input of prepare, so a
@@ -96,7 +102,7 @@ def prepare(dataset_uri: str, dataset_path: str, dataset_rev: str, data_version:
     return identity.data_hash(runtime.artifact_prepared(dataset.path))
 
 
-@dsl.component(**_IN_IMAGE)
+@dsl.component(**_IN_LIGHT_IMAGE)
 def tune_plan(params: str, n_trials: int, n_workers: int, pipeline_id: str) -> List[int]:
     """Check the search (space, shared study storage) and create the study; returns the
     workers' indices, over which the pipeline fans out."""
@@ -137,7 +143,7 @@ def tune_finish(params: str, dataset: Input[Dataset], pipeline_id: str, pipeline
     return json.dumps(tuned, sort_keys=True)
 
 
-@dsl.component(**_IN_IMAGE)
+@dsl.component(**_IN_LIGHT_IMAGE)
 def untuned(params: str) -> str:
     """Tuning off: the params, unchanged (the other branch of the tuning condition)."""
     import json
@@ -242,7 +248,7 @@ def promote(params: str, version: str, dataset: Input[Dataset],
     return (str(res["decision"]), str(res["champion_after"]))
 
 
-@dsl.component(**_IN_IMAGE)
+@dsl.component(**_IN_LIGHT_IMAGE)
 def close_pipeline_run(pipeline_id: str, pipeline_name: str, status: dsl.PipelineTaskFinalStatus):
     """Exit handler: runs however the pipeline ended. When a step failed (or its pod was
     killed), the MLflow parent run and any stage run still RUNNING are closed as FAILED."""

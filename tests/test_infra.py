@@ -321,15 +321,19 @@ def test_dockerfile_is_pinned_non_root_secret_free_and_copies_what_exists():
     cuda = [s[0][1].split()[0].split("@")[0] for s in all_stages if s[0][1].startswith("nvidia/cuda:")]
     assert cuda and re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-[a-z-]+-ubuntu22\.04", cuda[0]), cuda
 
-    final = all_stages[-1]
-    users = [args for kw, args in final if kw == "USER"]
-    assert users, "the final stage must switch to a non-root USER"
-    uid = users[-1].split(":")[0]
-    assert uid.isdigit() and int(uid) != 0, f"USER {users[-1]}: use a numeric non-root UID"
-    entry = [args for kw, args in final if kw == "ENTRYPOINT"]
-    assert entry and json.loads(entry[-1]) == ["cladapter"], entry
-    env_text = " ".join(args for kw, args in final if kw == "ENV")
-    assert "PYTHONUNBUFFERED=1" in env_text
+    by_alias = {s[0][1].split()[-1]: s for s in all_stages if " AS " in s[0][1].upper()}
+    for final in (all_stages[-1], by_alias["light"]):  # the GPU image (default target) and the light one
+        chain = [final]  # the stage and those it is built FROM, for what it inherits
+        while chain[-1][0][1].split()[0] in by_alias:
+            chain.append(by_alias[chain[-1][0][1].split()[0]])
+        users = [args for kw, args in final if kw == "USER"]
+        assert users, "the final stage must switch to a non-root USER"
+        uid = users[-1].split(":")[0]
+        assert uid.isdigit() and int(uid) != 0, f"USER {users[-1]}: use a numeric non-root UID"
+        entry = [args for kw, args in final if kw == "ENTRYPOINT"]
+        assert entry and json.loads(entry[-1]) == ["cladapter"], entry
+        env_text = " ".join(args for stage in chain for kw, args in stage if kw == "ENV")
+        assert "PYTHONUNBUFFERED=1" in env_text and "CLADAPTER_GIT_COMMIT=${GIT_COMMIT}" in env_text
     for kw, args in instructions:
         if kw in {"ENV", "ARG"}:
             assert not SENSITIVE_KEY.search(args.split("=")[0] if kw == "ARG" else args), \

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from cladapter_core import identity
 from cladapter_core.errors import CLAdapterError, DataError, ParamsError
 from cladapter_core.params import defaults
-from components import runtime
+from components import runtime, stages
 from pipelines import cladapter_pipeline as kp
 from helpers import BIN, REPO
 
@@ -377,9 +377,11 @@ def test_empty_optional_secret_values_are_unset(monkeypatch):
 
 
 def test_every_step_runs_in_the_project_image_without_installing(compiled):
+    light = {f"exec-{s.replace('_', '-')}" for s in stages.LIGHT_STEPS}
     for name, ex in compiled["spec"]["deploymentSpec"]["executors"].items():
         c = ex["container"]
-        assert c["image"] == DEFAULT_IMAGE, name
+        assert c["image"] == (DEFAULT_IMAGE.replace("/cladapter:", "/cladapter-light:") if name in light
+                              else DEFAULT_IMAGE), name
         text = " ".join(c["command"] + c["args"])
         assert "pip install" not in text, f"{name} installs packages at run time"
         assert "from components import" in text and "runtime" in text, \
@@ -443,7 +445,9 @@ def test_image_from_environment_and_gpus_per_training_step(tmp_path):
     assert proc.returncode == 0, proc.stderr
     spec = next(yaml.safe_load_all(out.read_text()))
     executors = spec["deploymentSpec"]["executors"]
-    assert {ex["container"]["image"] for ex in executors.values()} == {"registry.example.org/team/cladapter:7"}
+    assert {ex["container"]["image"] for ex in executors.values()} == {
+        "registry.example.org/team/cladapter:7", "registry.example.org/team/cladapter-light:7"}
+    assert executors["exec-train-stage1"]["container"]["image"] == "registry.example.org/team/cladapter:7"
     for name in ("exec-train-stage1", "exec-train-stage2"):
         assert executors[name]["container"]["resources"]["accelerator"]["resourceCount"] == "2"
     assert executors["exec-evaluate"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"

@@ -120,12 +120,14 @@ def test_the_image_installs_only_hashed_packages():
             if "pip install" not in part:
                 continue
             part = " ".join(part.split())
-            # the lock by hash, or the project itself without fetching anything
-            assert ("--require-hashes" in part and "-r requirements.lock" in part) or \
+            # a lock by hash (the full image's, the light image's), or the project itself
+            # without fetching anything
+            assert ("--require-hashes" in part and re.search(r"-r requirements(-light)?\.lock$", part)) or \
                    part.endswith("pip install --no-cache-dir --no-deps --no-build-isolation ."), part
     assert any(kw == "COPY" and "infra/docker/requirements.lock" in a for kw, a in instructions)
     patterns = ignore_patterns(INFRA / "docker" / "Dockerfile.dockerignore")
-    assert not dockerignore_excludes("infra/docker/requirements.lock", patterns)
+    for lock in ("requirements.lock", "requirements-light.lock"):
+        assert not dockerignore_excludes(f"infra/docker/{lock}", patterns), lock
     assert any("pip check" in a for kw, a in instructions if kw == "RUN")
 
 

@@ -52,7 +52,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.seeding import SeededDataset  # the trainer's per-item seeding, so views match epochs
-from ..errors import CLAdapterError
+from ..errors import CacheError
 from ..outputs import default_mode
 
 __all__ = ["FeatureCache", "CachedTrainLoader", "CachedEvalLoader", "cache_key", "check_fits", "get_features", "stage1_cache", "clear_memory",
@@ -69,8 +69,6 @@ STATS = {"builds": 0, "hits": 0, "images_encoded": 0}
 _MEMORY: "OrderedDict[str, FeatureCache]" = OrderedDict()
 
 
-class CacheError(CLAdapterError):
-    """The feature cache cannot be used as asked (unfrozen backbone, bad settings)."""
 
 
 def clear_memory() -> None:

@@ -21,9 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import TrainingError, TuneError
+from ..errors import CacheError, TrainingError, TuneError
 from ..training import Callback
-from ..training.feature_cache import CacheError
 from .runs import TrialRun
 from .space import format_value, suggest, trial_params
 
