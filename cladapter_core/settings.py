@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     checkpoint_sync_s: float = _env("CLADAPTER_CHECKPOINT_SYNC_S", 15.0,
                                     "seconds between mirrors of the trainer's checkpoint")
     tune_storage: str = _env("CLADAPTER_TUNE_STORAGE", "", "the Optuna storage URL of the tuning steps")
+    weights_mirror: str = _env("CLADAPTER_WEIGHTS_MIRROR", "",
+                               "s3:// prefix or folder of pretrained backbone weights (<name>.safetensors): "
+                               "model.pretrained reads them there instead of downloading")
     # -- hostile input: what a file or a request may hold (docs/security.md) -----------------
     max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, gt=0, validation_alias="CLADAPTER_MAX_IMAGE_PIXELS",
                                   description="largest 2D image (width x height, read from its header "

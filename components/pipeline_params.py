@@ -49,8 +49,9 @@ PIPELINE_PARAMS: tuple[UIParam, ...] = (
             "model needs more GPU memory and time."),
     UIParam("backbone_kwargs", "model.backbone_kwargs", "A mapping, e.g. {img_size: 224}; empty: the "
             "backbone's native input size."),
-    UIParam("pretrained", "model.pretrained", "Effect: the backbone's starting weights; the "
-            "download happens inside the pod."),
+    UIParam("pretrained", "model.pretrained", "Effect: the backbone's starting weights, read from "
+            "the install's weights mirror (CLADAPTER_WEIGHTS_MIRROR of the ConfigMap cladapter-pipeline; "
+            "empty there: downloaded inside the pod)."),
     UIParam("weights_uri", "model.weights", "Empty: none (pretrained decides)."),
     UIParam("num_centers", "model.num_centers", "A count: more centers, finer clusters and more "
             "adapter parameters."),

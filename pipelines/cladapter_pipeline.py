@@ -91,7 +91,7 @@ REQUIRED_KEYS = {MLFLOW_SECRET: ["MLFLOW_TRACKING_URI"], MLFLOW_PROMOTER_SECRET:
 # Not secret: the install's settings for its runs (created by each install overlay in the
 # runs' namespace): where training checkpoints go (run-scoped below it).
 SETTINGS_CONFIG_MAP = "cladapter-pipeline"
-CONFIG_MAP_KEYS = {SETTINGS_CONFIG_MAP: ["CLADAPTER_CHECKPOINT_ROOT"]}
+CONFIG_MAP_KEYS = {SETTINGS_CONFIG_MAP: ["CLADAPTER_CHECKPOINT_ROOT", "CLADAPTER_WEIGHTS_MIRROR"]}
 # Pod labels the install's NetworkPolicies select on (infra/k8s/base/networkpolicy.yaml).
 POD_LABELS = {"app.kubernetes.io/part-of": "cladapter"}
 MLFLOW_CLIENT_LABEL = "cladapter.io/mlflow-client"
@@ -291,12 +291,12 @@ def _tuning(a: dict, params, dataset, common: dict, scratch: str):
             # Ignored by every KFP release so far inside a ParallelFor (kubeflow/pipelines#13897):
             # kept for backends that honour it; a worker is safe to rerun (pipelines/README.md).
             _retry(worker, "tune")
-            _secrets(_gpu(_resources(worker, "tune"), 1, scratch), MLFLOW_SECRET, S3_SECRET, TUNE_SECRET)
+            _settings(_secrets(_gpu(_resources(worker, "tune"), 1, scratch), MLFLOW_SECRET, S3_SECRET, TUNE_SECRET))
         finish = stages.tune_finish(params=params, dataset=dataset, pipeline_id=common["pipeline_id"],
                                     pipeline_name=common["pipeline_name"]).after(worker)
         finish.set_display_name("tune finish").set_caching_options(False)
         # a GPU: the best trials train again on other seeds (tune.rerun_top) before the pick
-        _secrets(_gpu(_resources(finish, "tune"), 1, scratch), MLFLOW_SECRET, S3_SECRET, TUNE_SECRET)
+        _settings(_secrets(_gpu(_resources(finish, "tune"), 1, scratch), MLFLOW_SECRET, S3_SECRET, TUNE_SECRET))
     with dsl.Else(name="no tuning"):
         same = stages.untuned(params=params)
         _resources(same.set_display_name("untuned").set_caching_options(False), "params")

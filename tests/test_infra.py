@@ -63,7 +63,7 @@ PIPELINE_SECRETS = {
                      "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION"},
     "cladapter-tune": {"CLADAPTER_TUNE_STORAGE"},
 }
-PIPELINE_CONFIG_MAPS = {"cladapter-pipeline": {"CLADAPTER_CHECKPOINT_ROOT"}}
+PIPELINE_CONFIG_MAPS = {"cladapter-pipeline": {"CLADAPTER_CHECKPOINT_ROOT", "CLADAPTER_WEIGHTS_MIRROR"}}
 # A local PostgreSQL (trust auth) for the server test; a throw-away database is made in it.
 POSTGRES_ADMIN_URI = os.environ.get("CLADAPTER_TEST_POSTGRES",
                                     "postgresql+psycopg2://postgres@127.0.0.1:5432/test")

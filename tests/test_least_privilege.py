@@ -273,6 +273,10 @@ def test_manifests_wire_one_identity_per_job(dev_rendered):
     root = find(runs, "ConfigMap", "cladapter-pipeline")["data"]["CLADAPTER_CHECKPOINT_ROOT"]
     bucket = urlsplit(root).netloc
     assert bucket in buckets_of(policy("cladapter-runs"), write=True) and bucket != registry
+    # the pretrained weights mirror is a bucket the runs read and the data writer fills
+    mirror = urlsplit(find(runs, "ConfigMap", "cladapter-pipeline")["data"]["CLADAPTER_WEIGHTS_MIRROR"]).netloc
+    assert mirror in buckets_of(policy("cladapter-runs")) and mirror != registry
+    assert mirror in buckets_of(policy("cladapter-data-writer"), write=True)
 
 
 def test_minio_is_closed_to_all_but_its_clients(dev_rendered, compiled_labels):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import sys
 
 from ..errors import CLAdapterError
-from .commands import (cmd_compare, cmd_demo, cmd_demo_data, cmd_evaluate, cmd_init, cmd_predict, cmd_prepare,
-                       cmd_sweep, cmd_train, cmd_tune)
+from .commands import (cmd_compare, cmd_demo, cmd_demo_data, cmd_evaluate, cmd_init, cmd_mirror_weights,
+                       cmd_predict, cmd_prepare, cmd_sweep, cmd_train, cmd_tune)
 from .parser import build_parser
 from .plugins import _HANDLER, PLUGIN_GROUP  # noqa: F401  (PLUGIN_GROUP: public)
 from .registry_commands import cmd_lineage, cmd_promote, cmd_register, cmd_serve, cmd_summary, cmd_verify_model
@@ -17,7 +17,7 @@ COMMANDS = {"init": cmd_init, "summary": cmd_summary, "register": cmd_register, 
             "demo-data": cmd_demo_data, "prepare": cmd_prepare, "train": cmd_train,
             "evaluate": cmd_evaluate, "predict": cmd_predict, "compare": cmd_compare,
             "demo": cmd_demo, "tune": cmd_tune, "serve": cmd_serve, "sweep": cmd_sweep,
-            "verify-model": cmd_verify_model}
+            "verify-model": cmd_verify_model, "mirror-weights": cmd_mirror_weights}
 
 
 def main(argv=None) -> int:

@@ -39,6 +39,15 @@ def cmd_demo_data(args):
     print(f"demo dataset in {out}")
 
 
+def cmd_mirror_weights(args):
+    from ..errors import ParamsError
+    from ..model.backbones import mirror_weights
+    if args.from_file and len(args.backbone) > 1:
+        raise ParamsError("mirror-weights: --from-file holds the weights of one backbone; name one")
+    for name in args.backbone:
+        print(f"{name}: {mirror_weights(name, args.to, source=args.from_file)}")
+
+
 def cmd_prepare(args):
     from ..data import prepare
     params = _load(args)

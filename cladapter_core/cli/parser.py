@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_init, _add_demo_data, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_compare,
                 _add_sweep, _add_register, _add_promote, _add_lineage, _add_verify_model, _add_serve, _add_tune,
-                _add_summary, _add_demo):
+                _add_summary, _add_demo, _add_mirror_weights):
         add(sub)
     add_plugins(sub)
     return ap
@@ -73,6 +73,19 @@ def _add_demo_data(sub) -> None:
                                    "10 classes) as PNG files in an ImageFolder tree.")
     p.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
     p.add_argument("--per-class", type=int, help="only the first N scans of each digit (a small stand-in dataset)")
+
+
+def _add_mirror_weights(sub) -> None:
+    p = sub.add_parser("mirror-weights", help="put pretrained backbone weights in the install's mirror (offline clusters)",
+                       description="Write <backbone>.safetensors to a weights mirror (an s3:// prefix or a "
+                                   "folder). Steps with $CLADAPTER_WEIGHTS_MIRROR set read pretrained weights "
+                                   "there instead of downloading them. Without --from-file the weights are "
+                                   "downloaded as timm or torchvision would (needs internet).")
+    p.add_argument("backbone", nargs="+", help="timm name with its pretrained tag "
+                                               "(vit_base_patch16_clip_224.laion2b) or a torchvision video model")
+    p.add_argument("--to", required=True, help="the mirror: s3://bucket/prefix or a folder")
+    p.add_argument("--from-file", help="a checkpoint you have (path, file:// or s3://) instead of downloading; "
+                                       "one backbone only")
 
 
 def _add_prepare(sub) -> None:

@@ -10,13 +10,18 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from .. import storage
 from ..errors import ModelError
 from ..backbone_names import VIDEO_MODELS, check_backbone_name
+from ..settings import exported
+from .mirror import mirror_uri, mirrored_weights
 from .weights import load_into, read_state_dict, strip_model_prefix
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
@@ -34,6 +39,8 @@ class Backbone(nn.Module):
         check_backbone_name(name)
         self.name, self.kwargs = name, dict(kwargs)
         self.is_3d = name in VIDEO_MODELS
+        if pretrained and not weights:  # an install without internet: its mirror's file
+            weights = mirrored_weights(name)
         pretrained = pretrained and not weights  # given weights replace the download
         if self.is_3d:
             self._build_video(name, pretrained, kwargs)
@@ -194,3 +201,24 @@ class Backbone(nn.Module):
 def create_backbone(name: str, pretrained: bool = False, weights: str | None = None,
                     **kwargs) -> Backbone:
     return Backbone(name, pretrained=pretrained, weights=weights, **kwargs)
+
+
+def mirror_weights(name: str, dest: str, source: str | None = None, **kwargs) -> str:
+    """Write the weights of backbone `name` to the mirror `dest`: downloaded as timm or
+    torchvision would (`source` None), or taken from the checkpoint `source` (converted
+    as `model.weights` would be). Returns the file's URI."""
+    from safetensors.torch import save_file
+
+    uri = mirror_uri(name, dest)
+    with exported(weights_mirror=None):  # read from the source, never from the mirror being filled
+        backbone = Backbone(name, pretrained=source is None, weights=source, **kwargs)
+    state = {k: v.detach().contiguous().cpu() for k, v in backbone.model.state_dict().items()}
+    with tempfile.TemporaryDirectory(prefix="cladapter-mirror-") as tmp:
+        path = Path(tmp) / f"{name}.safetensors"
+        save_file(state, str(path), metadata={"backbone": name})
+        try:
+            storage.upload(path, uri)
+        except storage.StorageError as e:
+            raise ModelError(f"cannot write {uri}: {e.reason}") from e
+    return uri
+
