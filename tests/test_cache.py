@@ -186,6 +186,23 @@ def test_key_follows_weights_data_and_transforms(prepared, tmp_path):
     assert cache.cache_key(model, plain, 0, 0, "float16") == cache.cache_key(model, plain, 0, 5, "float16")
 
 
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+def test_each_mode_reads_its_own_backbone_output(prepared, tmp_path, storage):
+    """linear and linear-mean store different features of the same frozen backbone (its
+    own pooling, the mean of its tokens): neither may be served the other's cache."""
+    features = {}
+    for mode in ("linear", "linear-mean", "cla"):
+        model = frozen_model(tiny_params(f"train.mode={mode}"))
+        got = cache.get_features(model, train_set(prepared, model), storage=storage, cache_dir=tmp_path)
+        assert got.built, f"{mode} was served another mode's cache"
+        x = torch.stack([train_set(prepared, model)[i][0] for i in range(4)])
+        with torch.no_grad():
+            want = model.backbone_output(x)
+        assert torch.allclose(got.batch(range(4))[0], want.float(), atol=2e-2), mode
+        features[mode] = got
+    assert len({f.key for f in features.values()}) == 3
+
+
 def test_disk_and_memory_agree_float16_stores_close_values(prepared, tmp_path):
     model = frozen_model(tiny_params())
     ds = train_set(prepared, model)

@@ -13,7 +13,8 @@ Views (`train.cache.views`):
   view e mod V. With V >= the number of epochs a cached run sees the same images as an
   uncached one.
 
-Key: a hash of the backbone (name, options, every weight and buffer), the data (the
+Key: a hash of the backbone (name, options, every weight and buffer), what is stored (tokens,
+their mean for `linear-mean`, the backbone's own pooling), the data (the
 split's files by the sha256 that prepare recorded in manifest.csv, with their paths and
 labels), the transform (size, normalisation, every augmentation setting), the views, the
 seed, the storage dtype, the device type and the autocast dtype, plus torch/torchvision
@@ -60,7 +61,7 @@ __all__ = ["FeatureCache", "CachedTrainLoader", "CachedEvalLoader", "cache_key",
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 STORAGES = ("memory", "disk")
-KEY_VERSION = 2  # 2: files by sha256, device and autocast dtype in the key
+KEY_VERSION = 3  # 2: files by sha256, device and autocast dtype; 3: linear-mean apart from linear
 MEMORY_SHARE = 0.5  # a memory cache may take at most this share of the available memory
 MEMORY_ENTRIES = 4  # per-process store: a train and a val cache of two configurations
 
@@ -123,7 +124,9 @@ def cache_key(model, dataset, views: int, seed: int, dtype: str, device=None, am
     parts = {
         "version": KEY_VERSION, "torch": torch.__version__, "torchvision": torchvision.__version__,
         "backbone": model.backbone.name, "backbone_kwargs": model.backbone.kwargs,
-        "output": "tokens" if model.adapter is not None else "pooled",
+        # what backbone_output stores: the tokens, their mean (linear-mean) or the backbone's pooling
+        "output": "tokens" if model.adapter is not None else ("mean-tokens" if model.mode == "linear-mean"
+                                                               else "pooled"),
         "weights": weights_digest(model.backbone), "data": _data_digest(dataset),
         "device": torch.device(device).type if device is not None else None,
         "autocast": str(amp_dtype) if amp_dtype else None,
