@@ -3,9 +3,9 @@
 Both runs train the same methods on the same seeds and prepared demo digits with the demo's
 params.yaml (test_vit, 8 + 3 epochs, stage-1 feature cache of 8 views), in this process,
 one after the other; the figure is the ratio of their wall times (a ratio within one run:
-the machine's load moves both). With a grid, a frozen stage's feature cache is built once
-per method and seed and shared by its grid points; stages that train the backbone (full,
-every stage 2) cost once per point.
+the machine's load moves both). In both, each seed builds one feature cache per stored
+output (tokens, pooled, mean of tokens), read by every frozen stage and grid point that
+needs it; stages that train the backbone (full, every stage 2) cost once per grid point.
 
     python benchmarks/compare_grid.py [--seeds 0] [--methods linear full cla-stage1 cla-sft]
                                       [--grid 3] [--out DIR]

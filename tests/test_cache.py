@@ -230,7 +230,7 @@ def test_disk_and_memory_agree_float16_stores_close_values(prepared, tmp_path):
     assert torch.allclose(x16, xm, rtol=2e-3, atol=2e-3)
 
 
-def test_views_are_deterministic_and_distinct(prepared):
+def test_views_are_deterministic_and_distinct(prepared, tmp_path):
     params = tiny_params()
     model = frozen_model(params)
     ds = train_set(prepared, model, params["train"]["augment"])
@@ -243,6 +243,17 @@ def test_views_are_deterministic_and_distinct(prepared):
     loader.epoch = 4  # epoch 4 reads view 4 mod 3 = 1
     (x, _), (x2, _) = list(loader)
     assert torch.equal(x, a.features[1][[0, 1]]) and torch.equal(x2, a.features[1][[2]])
+    # A cache of 3 views serves a request for 2 (view v is the same in both, as a 2-view
+    # cache built alone shows): no pass, a read cost of 2/3 of its build; another seed is
+    # another cache.
+    two = cache.get_features(model, ds, views=2, seed=7, dtype="float32")
+    assert not two.built and two.views == 2 and two.stored_views == 3
+    assert torch.equal(two.features, b.features[:2])
+    fresh = cache.get_features(model, ds, views=2, seed=7, dtype="float32", storage="disk",
+                               cache_dir=tmp_path)
+    assert fresh.built and torch.equal(torch.from_numpy(fresh.features[:].copy()), two.features)  # built alone
+    assert two.read_cost() == pytest.approx(b.seconds * 2 / 3)
+    assert cache.get_features(model, ds, views=2, seed=8, dtype="float32").built
 
 
 def test_refuses_an_unfrozen_backbone_and_bad_settings(prepared):

@@ -109,9 +109,8 @@ def test_every_method_gets_the_same_data_augmentation_seeds_and_epochs():
             epochs = sum(stage_plan(p, stage, mode)["epochs"] for mode, stage in PLANS[m])
             assert epochs == 5, m
             frozen = p["stage1"]["epochs"] if m != "full" else 0
-            # cached views = fresh draws every epoch, and no more views than the frozen epochs read
-            assert p["train"]["cache"]["views"] == max(p["stage1"]["epochs"], 1)
-            assert p["train"]["cache"]["views"] >= frozen
+            # cached views = fresh draws every epoch; one cache (a view per budget epoch) serves all
+            assert p["train"]["cache"]["views"] == b["epochs"] >= frozen
             lrs = {stage: stage_plan(p, stage, mode)["lr"] for mode, stage in PLANS[m]}
             if m == "full":
                 assert lrs == {1: pytest.approx(0.0002)}  # the backbone's lr, like every stage 2
@@ -138,15 +137,24 @@ def test_tuned_values_reach_every_method_and_every_row_trains_the_same_epochs():
     assert untuned == {params["stage1"]["epochs"] + params["stage2"]["epochs"]}
 
 
-def test_reported_time_includes_the_cache_build_and_no_method_rides_another_cache(prepared, tmp_path):
-    p = method_params(tiny_params("train.cache.views=0", "stage1.epochs=1", "stage2.epochs=1"), "linear", 0)
+def test_methods_share_a_seeds_cache_and_each_time_counts_the_views_it_reads(prepared, tmp_path):
+    """linear (3 frozen epochs) builds the seed's pooled-feature cache of 3 views; lp-ft's
+    stage 1 (2 epochs) reads it instead of building its own, and its time carries 2/3 of
+    that build: what it would have cost alone. A second grid point counts the cache once."""
+    params = tiny_params("train.cache.views=2", "stage1.epochs=2", "stage2.epochs=1")
     cache.clear_memory()
-    first = train_method(p, prepared, tmp_path / "a", "linear")
-    second = train_method(p, prepared, tmp_path / "b", "linear")
-    for run in (first, second):
-        info = run["summary"]["cache"]
-        assert info["built"], "each method builds its own cache"
-        assert run["seconds"] >= info["seconds"] + run["summary"]["seconds"]
+    builds = cache.STATS["builds"]
+    lin = train_method(method_params(params, "linear", 0), prepared, tmp_path / "a", "linear", fresh_cache=False)
+    assert cache.STATS["builds"] - builds == 2  # the train and the val cache
+    lpft = train_method(method_params(params, "lp-ft", 0), prepared, tmp_path / "b", "lp-ft", fresh_cache=False)
+    assert cache.STATS["builds"] - builds == 2, "lp-ft built a cache the seed already had"
+    assert lin["reads"].keys() == lpft["reads"].keys() and len(lin["reads"]) == 2
+    train_key = next(k for k in lin["reads"] if k != lin["summary"]["cache"]["val_key"])
+    val_key = lin["summary"]["cache"]["val_key"]
+    assert lpft["reads"][train_key] == pytest.approx(lin["reads"][train_key] * 2 / 3, abs=2e-3)
+    assert lpft["reads"][val_key] == pytest.approx(lin["reads"][val_key])
+    assert lin["seconds"] >= sum(lin["reads"].values()) + lin["summary"]["seconds"]
+    assert lpft["seconds"] >= sum(lpft["reads"].values())
 
 
 # -- cache -------------------------------------------------------------------------------

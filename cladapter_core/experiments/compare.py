@@ -7,7 +7,8 @@ on the mean of the tokens, CLAdapter's pooling), `full` (full fine-tuning), `lp-
 What makes the comparison fair (and is written into compare.json and the table's header):
 - Same data, augmentation policy and seeds: every method trains on the same prepared
   split with the same `train.augment`, fresh draws each epoch (a stage-1 feature cache, if
-  on, gets views >= epochs, which gives the same images as no cache).
+  on, holds as many views as the budget has epochs, which gives the same images as no
+  cache: epoch e reads view e, the image the uncached trainer would draw).
 - Same budget: every method trains `stage1.epochs + stage2.epochs` epochs in all; one-stage
   frozen methods run all of them, staged methods split them as the params say.
 - Learning rates per role, explicit: the head's (`compare.head_lr`, default `train.lr`) for
@@ -16,14 +17,18 @@ What makes the comparison fair (and is written into compare.json and the table's
 - Equal tuning effort: with `compare.lr_grid` = n > 1 every method, every seed, trains at n
   learning-rate factors log-spaced over [1/lr_span, lr_span] (both role lrs scaled together)
   and the one best on validation is scored; the same n for every method, so no ranking rests
-  on which method suits one fixed lr. A frozen stage's feature cache is built once per method
-  and seed and shared by its grid points. n = 1 (the default): the role lrs alone, no choice.
+  on which method suits one fixed lr. n = 1 (the default): the role lrs alone, no choice.
+- What does not depend on the lr is computed once per seed: the frozen backbone's features
+  (one cache per stored output: the tokens for `cla-stage1` and `cla-sft`'s stage 1, the
+  backbone's pooling for `linear` and `lp-ft`'s stage 1, the tokens' mean for
+  `linear-mean`), read by every grid point of every method that needs them.
 - Tuned values (best params of `cladapter tune`) apply to every method that has the
   parameter, and the epochs of every row come from them: all rows train the same epochs.
-- Time is the wall clock of every stage of a method, the stage-1 cache build included: the
-  in-process cache is dropped before each method, so none rides on another's cache, and a
-  cache builds only the views its frozen stage reads (one per epoch). The order of the
-  methods rotates with the seed, so no method always runs first (or last) on a busy machine.
+- Time is the wall clock of every stage of a method, and the cache it reads counted as if
+  it had built it alone: whoever built a cache, each method's time carries its build time
+  times the share of its views the method reads (one per frozen epoch), and a build it did
+  for others is not counted twice. The order of the methods rotates with the seed, so no
+  method always runs first (or last) on a busy machine.
 - Staged selection (default on): a staged method (`lp-ft`, `cla-sft`) keeps its stage-1
   model when stage 1 scored better on validation than stage 2, and says which stage won.
 
@@ -98,8 +103,8 @@ def method_params(params: dict, method: str, seed: int, tuned: dict | None = Non
     if len(PLANS[method]) == 1 and mode != "full":  # one frozen stage: all the epochs
         p["stage1"]["epochs"], p["stage2"]["epochs"] = b["epochs"], 0
     cache = p["train"]["cache"]
-    if cache.get("views"):  # one view per frozen epoch: the same images as fresh draws, no more
-        cache["views"] = max(int(p["stage1"]["epochs"]), 1)
+    if cache.get("views"):  # a view per epoch of the budget: one cache serves every frozen stage
+        cache["views"] = max(int(b["epochs"]), 1)
         cache["storage"] = "memory"
     elif cache.get("views") is not None:  # 0: no augmentation, one plain view
         cache["storage"] = "memory"
@@ -111,8 +116,9 @@ def train_method(p: dict, prepared_dir: Path, work: Path, method: str, progress:
     """Every stage of `method` from scratch; returns the scored model dir, summary, time,
     the stage whose model is scored (`staged_selection`: the better stage on validation)
     and its validation key (`val_key`, as `best_stage` ranks). `fresh_cache`: drop the
-    in-process feature cache first (each method pays for its own; the points of one
-    method's lr grid share it: the frozen backbone's features do not depend on the lr)."""
+    in-process feature cache first. Time (`seconds`): the wall clock less the cache builds
+    done here, plus the build cost of the views its stages read (`cache_reads`): what
+    the method costs alone, whichever method or grid point built the cache it reads."""
     from ..training import feature_cache as cache
     from ..training import train
     if fresh_cache:
@@ -125,8 +131,20 @@ def train_method(p: dict, prepared_dir: Path, work: Path, method: str, progress:
         runs.append((stage, model_dir, summary))
         init = model_dir
     won = best_stage(runs) if staged_selection and len(runs) > 1 else runs[-1]
-    return {"model_dir": won[1], "summary": runs[-1][2], "seconds": time.perf_counter() - t0,
-            "stage": won[0], "val_key": val_key(*won)}
+    reads = cache_reads([summary for _, _, summary in runs])
+    built = sum(float((summary.get("cache") or {}).get("built_seconds", 0.0)) for _, _, summary in runs)
+    return {"model_dir": won[1], "summary": runs[-1][2], "stage": won[0], "val_key": val_key(*won),
+            "seconds": time.perf_counter() - t0 - built + sum(reads.values()), "reads": reads}
+
+
+def cache_reads(summaries: list[dict]) -> dict[str, float]:
+    """Cache -> the build cost of the views read from it (the most any of the summaries
+    read): each cache counted once, however many stages or grid points read it."""
+    reads: dict[str, float] = {}
+    for summary in summaries:
+        for key, cost in ((summary.get("cache") or {}).get("reads") or {}).items():
+            reads[key] = max(reads.get(key, 0.0), float(cost))
+    return reads
 
 
 def best_stage(runs: list[tuple]) -> tuple:
@@ -193,6 +211,7 @@ def compare(params: dict, prepared_dir, out_dir, seeds=(0, 1, 2), methods=None,
         raise ParamsError(f"compare: confidence must be between 0 and 1, got {confidence!r}")
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
         raise ParamsError(f"compare: bootstrap must be a number of resamples >= 0, got {bootstrap!r}")
+    from ..training import feature_cache
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
     log = _tracker(params, prepared_dir, methods, seeds, split, sorted(tuned or {})) if track else None
     opts = {"split": split, "progress": progress, "tuned": tuned, "staged_selection": staged_selection}
@@ -200,6 +219,7 @@ def compare(params: dict, prepared_dir, out_dir, seeds=(0, 1, 2), methods=None,
         with atomic_dir(out_dir) as work:
             rows = []
             for i, seed in enumerate(seeds):
+                feature_cache.clear_memory()  # a seed's caches serve its methods, not the next seed's
                 for method in rotated(methods, i):
                     logger.info("[compare] seed %s: %s", seed, method)
                     rows.append(_run_one(params, prepared_dir, work / f"seed{seed}", method, int(seed), opts))
@@ -244,15 +264,17 @@ def _log_row(log, row: dict, split: str) -> None:
 
 
 def _run_one(params, prepared_dir: Path, work: Path, method: str, seed: int, opts: dict) -> dict:
-    """One method, one seed: every point of the lr grid trained (a frozen stage's cache
+    """One method, one seed: every point of the lr grid trained (the seed's feature caches
     shared by them), the one best on validation scored on the split. Its time counts them all."""
     from ..training import stage_plan
-    factors, best, seconds, vals = lr_factors(params), None, 0.0, []
+    factors, best, seconds, vals, reads = lr_factors(params), None, 0.0, [], {}
     for i, factor in enumerate(factors):
         p = method_params(params, method, seed, opts["tuned"], factor)
         run = train_method(p, prepared_dir, work / f"lr{i}", method, opts["progress"], opts["staged_selection"],
-                           fresh_cache=i == 0)
-        seconds += run["seconds"]
+                           fresh_cache=False)
+        seconds += run["seconds"] - sum(run["reads"].values())  # each cache counted once, below
+        for k, v in run["reads"].items():
+            reads[k] = max(reads.get(k, 0.0), v)
         key = run["val_key"] or (False, float("-inf"))
         vals.append(key[1] if key[0] else None)  # the validation select metric of this point
         if best is None or key > best[0]:
@@ -261,6 +283,7 @@ def _run_one(params, prepared_dir: Path, work: Path, method: str, seed: int, opt
             best = (key, factor, work / f"lr{i}", p, run)
         else:
             shutil.rmtree(work / f"lr{i}", ignore_errors=True)
+    seconds += sum(reads.values())
     _, factor, _, p, run = best
     m = score(run["model_dir"], prepared_dir, p, opts["split"])
     rep = run["summary"]["param_report"]
@@ -332,8 +355,8 @@ def budget_line(b: dict) -> str:
             if len(factors) > 1 else "one lr per role for every method (compare.lr_grid: 1, no choice)")
     return (f"Equal budget: {b['epochs']} epochs per method, same data, augmentation and seeds; "
             f"head lr {b['head_lr']:g} (frozen backbone, full's head), backbone lr {b['backbone_lr']:g} "
-            f"(full fine-tuning and every stage 2); {grid}; time includes cache builds, every stage "
-            "and every grid point.")
+            f"(full fine-tuning and every stage 2); {grid}; time counts every stage, every grid point "
+            "and the cache views a method reads, as if it had built them alone.")
 
 
 def format_table(table: list[dict], split: str = "test", b: dict | None = None, stats: dict | None = None) -> str:

@@ -36,7 +36,6 @@ Storage (`train.cache.storage`):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -54,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.seeding import SeededDataset  # the trainer's per-item seeding, so views match epochs
 from ..errors import CacheError
+from .cache_keys import cache_key, weights_digest  # noqa: F401 (weights_digest: re-exported)
 from ..outputs import default_mode
 
 __all__ = ["FeatureCache", "CachedTrainLoader", "CachedEvalLoader", "cache_key", "check_fits", "get_features", "stage1_cache", "clear_memory",
@@ -61,9 +61,8 @@ __all__ = ["FeatureCache", "CachedTrainLoader", "CachedEvalLoader", "cache_key",
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 STORAGES = ("memory", "disk")
-KEY_VERSION = 3  # 2: files by sha256, device and autocast dtype; 3: linear-mean apart from linear
 MEMORY_SHARE = 0.5  # a memory cache may take at most this share of the available memory
-MEMORY_ENTRIES = 4  # per-process store: a train and a val cache of two configurations
+MEMORY_ENTRIES = 8  # per-process store: a train and a val cache of four configurations (compare: three outputs)
 
 # Backbone passes and cache hits of this process (benchmarks and tests read them).
 STATS = {"builds": 0, "hits": 0, "images_encoded": 0}
@@ -77,77 +76,29 @@ def clear_memory() -> None:
     _MEMORY.clear()
 
 
-# -- the key ---------------------------------------------------------------------------------
-def weights_digest(module: torch.nn.Module) -> str:
-    """Hash of every parameter and buffer (names, dtypes, shapes and bytes)."""
-    h = hashlib.blake2b(digest_size=20)
-    for name, t in module.state_dict().items():
-        t = t.detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def _data_digest(dataset) -> str:
-    """Files by content: the sha256 that prepare recorded in manifest.csv (with path and
-    label, as order and labels matter); a file the manifest does not list, by size and mtime."""
-    h = hashlib.blake2b(digest_size=20)
-    shas = {}
-    if getattr(dataset, "prepared_dir", None) is not None:
-        from ..data.datasets import manifest_sha256
-        shas = manifest_sha256(dataset.prepared_dir)
-    for path, label in dataset.items:
-        if shas.get(Path(path)):
-            h.update(f"{path}|{label}|{shas[Path(path)]}\n".encode())
-        else:
-            st = os.stat(path)
-            h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def _transform_desc(transform) -> dict:
-    """What the transform does, from its own settings (its repr lists every augmentation)."""
-    return {"size": list(getattr(transform, "size", []) or []),
-            "is_3d": getattr(transform, "is_3d", None), "frames": getattr(transform, "frames", None),
-            "channels": getattr(transform, "channels", None),
-            "interpolation": getattr(transform, "interpolation", None),
-            "intensity": getattr(transform, "intensity", None),
-            "normalize": repr(getattr(transform, "normalize", None)),
-            "augment": repr(getattr(transform, "augment", None))}
-
-
-def cache_key(model, dataset, views: int, seed: int, dtype: str, device=None, amp_dtype=None) -> str:
-    """The cache key of `model`'s backbone output over `dataset` (a ManifestDataset),
-    computed on `device` under autocast `amp_dtype` (both change the stored numbers)."""
-    import torchvision
-    parts = {
-        "version": KEY_VERSION, "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "backbone": model.backbone.name, "backbone_kwargs": model.backbone.kwargs,
-        # what backbone_output stores: the tokens, their mean (linear-mean) or the backbone's pooling
-        "output": "tokens" if model.adapter is not None else ("mean-tokens" if model.mode == "linear-mean"
-                                                               else "pooled"),
-        "weights": weights_digest(model.backbone), "data": _data_digest(dataset),
-        "device": torch.device(device).type if device is not None else None,
-        "autocast": str(amp_dtype) if amp_dtype else None,
-        "in_chans": getattr(dataset, "in_chans", None),
-        "transform": _transform_desc(dataset.transform),
-        # Views and seed only change the stored numbers when there is augmentation.
-        "views": views, "seed": seed if views else None, "dtype": dtype,
-    }
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:32]
-
-
 # -- the cache -----------------------------------------------------------------------------
 class FeatureCache:
     """Stored backbone outputs: `features` (stored views, images, *feature shape) as a
     tensor (memory) or a read-only memory-mapped array (disk), and `labels` (images,)."""
 
     def __init__(self, key: str, features, labels: torch.Tensor, views: int,
-                 path: Path | None = None, built: bool = False, seconds: float = 0.0):
+                 path: Path | None = None, built: bool = False, seconds: float = 0.0,
+                 base: str = "", stored_views: int | None = None):
         self.key, self.features, self.labels, self.views = key, features, labels, views
-        self.path, self.built, self.seconds = path, built, seconds
+        self.path, self.built, self.seconds = path, built, seconds  # seconds: the build of all stored views
+        self.base = base  # the key without the views (views > 0): what a larger cache may serve
+        self.stored_views = views if stored_views is None else stored_views
+
+    def serving(self, key: str, views: int) -> "FeatureCache":
+        """This stored cache, read as one of `views` <= its views (not built by this call)."""
+        return FeatureCache(key, self.features[:max(views, 1)], self.labels, views, built=False,
+                            seconds=self.seconds, base=self.base, stored_views=self.stored_views)
+
+    def read_cost(self, epochs: int | None = None) -> float:
+        """The build seconds of what a reader uses: the build time times the share of the
+        stored views it reads (one per epoch, at most its `views`), whoever built them."""
+        read = min(self.views, epochs) if epochs and self.views else self.views
+        return self.seconds * max(read, 1) / max(self.stored_views, 1)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -334,20 +285,19 @@ def get_features(model, dataset, *, views: int = 0, seed: int = 0, dtype: str = 
         raise CacheError("nothing to cache: the dataset is empty")
     device = device or next(model.parameters()).device
     key = cache_key(model, dataset, views, seed, dtype, device, amp_dtype)
+    base = cache_key(model, dataset, views, seed, dtype, device, amp_dtype, any_views=True)
     labels = torch.as_tensor(list(dataset.targets), dtype=torch.long)
     encode = dict(views=views, seed=seed, dtype=DTYPES[dtype], device=device, batch_size=batch_size,
                   num_workers=num_workers, amp_dtype=amp_dtype)
 
     if storage == "memory":
-        if key in _MEMORY:
-            _MEMORY.move_to_end(key)
-            STATS["hits"] += 1
-            hit = _MEMORY[key]
-            return FeatureCache(key, hit.features, hit.labels, views, built=False)
+        hit = _memory_hit(key, base, views)
+        if hit is not None:
+            return hit
         check_fits(model, dataset, views, dtype, storage, cache_dir, device, seed)
         t0 = time.time()
         feats = _encode(model, dataset, **encode)
-        cache = FeatureCache(key, feats, labels, views, built=True, seconds=time.time() - t0)
+        cache = FeatureCache(key, feats, labels, views, built=True, seconds=time.time() - t0, base=base)
         STATS["builds"] += 1
         _MEMORY[key] = cache
         while len(_MEMORY) > MEMORY_ENTRIES:
@@ -388,6 +338,19 @@ def get_features(model, dataset, *, views: int = 0, seed: int = 0, dtype: str = 
     return FeatureCache(key, found[0], found[1], views, path=folder, built=True, seconds=time.time() - t0)
 
 
+def _memory_hit(key: str, base: str, views: int) -> FeatureCache | None:
+    """The stored cache under `key`, else one of more augmented views of the same base (its
+    first `views` views are this cache's, image for image); None if there is none."""
+    found = _MEMORY.get(key)
+    if found is None and views:
+        found = next((c for c in _MEMORY.values() if c.base == base and c.stored_views >= views), None)
+    if found is None:
+        return None
+    _MEMORY.move_to_end(found.key)
+    STATS["hits"] += 1
+    return found.serving(key, views)
+
+
 # -- the trainer's entry point ---------------------------------------------------------------
 def stage1_cache(model, params: dict, prepared_dir, config: dict, seed: int, sampler, device,
                  amp_dtype=None, has_val: bool = True, epochs: int | None = None) -> dict:
@@ -425,5 +388,9 @@ def stage1_cache(model, params: dict, prepared_dir, config: dict, seed: int, sam
     info = {"views": views, "dtype": c["dtype"], "storage": c["storage"],
             "train_key": train_cache.key, "val_key": val_cache.key if val_cache else None,
             "built": any(x.built for x in caches), "seconds": round(time.time() - t0, 3),
-            "bytes": sum(x.nbytes for x in caches)}
+            "bytes": sum(x.nbytes for x in caches),
+            # what building the caches this stage reads costs, whoever built them (compare)
+            "built_seconds": round(sum(x.seconds for x in caches if x.built), 3),
+            "reads": {x.base or x.key: round(x.read_cost(epochs if x is train_cache else None), 3)
+                      for x in caches}}
     return {"train": CachedTrainLoader(train_cache, sampler), "val": val, "info": info}
