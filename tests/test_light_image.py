@@ -118,7 +118,8 @@ def test_the_light_lock_is_the_full_lock_less_torch_and_what_only_it_needs():
     assert all(full[n] == block for n, block in light.items())  # same versions, same hashes
     dropped = set(full) - set(light)
     assert {"torch", "torchvision", "timm", "triton", "nvidia-cudnn-cu13", "sympy"} <= dropped
-    assert {"mlflow", "kfp", "optuna", "dvc", "psycopg2-binary", "boto3", "pydantic-settings", "setuptools"} <= set(light)
+    assert {"mlflow", "kfp", "optuna", "dvc", "psycopg2-binary", "boto3", "pydantic-settings",
+            "setuptools"} <= set(light)
     # nothing that something kept needs is dropped
     assert not dropped & ll.closure(["mlflow", "kfp", "kfp-kubernetes", "optuna", "dvc-s3", "s3fs"])
 

@@ -76,7 +76,8 @@ def _add_demo_data(sub) -> None:
 
 
 def _add_mirror_weights(sub) -> None:
-    p = sub.add_parser("mirror-weights", help="put pretrained backbone weights in the install's mirror (offline clusters)",
+    p = sub.add_parser("mirror-weights",
+                       help="put pretrained backbone weights in the install's mirror (offline clusters)",
                        description="Write <backbone>.safetensors to a weights mirror (an s3:// prefix or a "
                                    "folder). Steps with $CLADAPTER_WEIGHTS_MIRROR set read pretrained weights "
                                    "there instead of downloading them. Without --from-file the weights are "

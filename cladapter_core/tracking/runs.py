@@ -143,8 +143,8 @@ def stage_run(params: dict, stage: str, data_hash: str | None = None, prepared=N
     The run is a child of the active run when one is open in this process (e.g. tuning
     trials under the tune stage), else of the run its launcher opened (``outer_run``:
     KFP 2.17's task run, in that run's experiment), else of the pipeline's parent run
-    (see ``pipeline_id``). It gets the flattened params, ``params.json`` and the tags of ``run_tags``
-    (``data_hash``: the given one, else ``identity.data_hash(prepared)`` when the stage's
+    (see ``pipeline_id``). It gets the flattened params, ``params.json`` and the tags of
+    ``run_tags`` (``data_hash``: the given one, else ``identity.data_hash(prepared)`` when the stage's
     prepared folder is given, else the hash of ``data.source``). It ends FINISHED, or
     FAILED when the body raises; the parent's status follows its latest stage.
 

@@ -59,8 +59,8 @@ def study_run(params: dict, study_name: str, storage: str, data_hash: str | None
               prepared=None) -> str:
     """The MLflow run of this tuning session: the open one tagged with the study's key,
     else a new one (a child of the run its launcher opened, in that run's experiment, or of
-    the pipeline's parent run, in the experiment of the `prepared` data). Workers starting together may each create one: all then keep the
-    oldest and the others are deleted."""
+    the pipeline's parent run, in the experiment of the `prepared` data). Workers starting
+    together may each create one: all then keep the oldest and the others are deleted."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
