@@ -254,13 +254,14 @@ def test_secrets_come_from_kubernetes(compiled):
     assert secret_keys("exec-dataset-version") == s3  # lists the S3 prefix
     assert secret_keys("exec-close-pipeline-run") == mlflow
     assert not platform["exec-resolve-params"].get("secretAsEnv")  # no credentials where none are needed
-    # the checkpoint root: the install's ConfigMap, on the training steps only
+    # the checkpoint root and the weights mirror: the install's ConfigMap, on the steps that train
     for ex, config in platform.items():
         maps = {c["configMapName"]: {k["configMapKey"] for k in c["keyToEnv"]}
                 for c in config.get("configMapAsEnv", [])}
         assert all("optional" not in c for c in config.get("configMapAsEnv", [])), ex
-        assert maps == ({"cladapter-pipeline": {"CLADAPTER_CHECKPOINT_ROOT"}}
-                        if ex in ("exec-train-stage1", "exec-train-stage2") else {}), ex
+        assert maps == ({"cladapter-pipeline": {"CLADAPTER_CHECKPOINT_ROOT", "CLADAPTER_WEIGHTS_MIRROR"}}
+                        if ex in ("exec-train-stage1", "exec-train-stage2", "exec-tune-worker",
+                                  "exec-tune-finish") else {}), ex
         # the labels the install's NetworkPolicies select on
         labels = config["podMetadata"]["labels"]
         assert labels["app.kubernetes.io/part-of"] == "cladapter", ex
