@@ -56,31 +56,41 @@ def bn_setup(tmp_path_factory):
 
 
 def test_first_stage2_epoch_keeps_stage1_under_the_default_rule(bn_setup, tmp_path):
+    """Per seed the training loss tells the rules apart at once; validation macro-F1 on
+    ~270 images swings by up to 0.04 between stage-1 epochs (and with the thread count), so
+    it is compared as the mean of 3 seeds: stage 2's first epoch stays within 0.06 of the
+    stage-1 model it starts from, and the old rule, by parameter, loses clearly more."""
     prepared, checkpoint = bn_setup
-    base = COMMON + [f"model.weights={checkpoint}", "train.batch_size=8", "stage1.epochs=6",
-                     "stage2.epochs=1", "train.lr=0.01", "stage2.lr_factor=0.01"]
-    train(load_params(None, base), prepared, tmp_path / "s1", progress=False)
-    s1 = _history(tmp_path / "s1")
-    s1_loss, s1_best = s1[-1]["train_loss"], max(r["val_macro_f1"] for r in s1)
-    assert s1_best > 0.4
+    start, kept_f1, wrecked_f1 = [], [], []
+    for seed in (0, 1, 2):
+        base = COMMON + [f"model.weights={checkpoint}", "train.batch_size=8", "stage1.epochs=6",
+                         "stage2.epochs=1", "train.lr=0.01", "stage2.lr_factor=0.01", f"seed={seed}"]
+        s1_dir, kept_dir, redone_dir = (tmp_path / f"{name}{seed}" for name in ("s1", "kept", "redone"))
+        train(load_params(None, base), prepared, s1_dir, progress=False)
+        s1 = _history(s1_dir)
+        s1_loss = s1[-1]["train_loss"]
+        start.append(max(r["val_macro_f1"] for r in s1))  # stage 2 starts from the best epoch
 
-    kept = train(load_params(None, base), prepared, tmp_path / "kept", stage=2,
-                 init_from=tmp_path / "s1", progress=False)
-    first = _history(tmp_path / "kept")[len(s1)]
-    assert kept["batchnorm"] == "frozen"  # auto at batch 8
-    assert first["train_loss"] < 1.25 * s1_loss, (first, s1_loss)
-    assert first["val_macro_f1"] > s1_best - 0.05, (first, s1_best)
-    # the weights trained, the running statistics are stage 1's (the checkpoint's) exactly
-    assert _bn_buffers(tmp_path / "kept").keys() == _bn_buffers(tmp_path / "s1").keys()
-    assert all(torch.equal(v, _bn_buffers(tmp_path / "s1")[k]) for k, v in _bn_buffers(tmp_path / "kept").items())
+        kept = train(load_params(None, base), prepared, kept_dir, stage=2, init_from=s1_dir, progress=False)
+        first = _history(kept_dir)[len(s1)]
+        assert kept["batchnorm"] == "frozen"  # auto at batch 8
+        assert first["train_loss"] < 1.25 * s1_loss, (seed, first, s1_loss)
+        # the weights trained, the running statistics are stage 1's (the checkpoint's) exactly
+        assert _bn_buffers(kept_dir).keys() == _bn_buffers(s1_dir).keys()
+        assert all(torch.equal(v, _bn_buffers(s1_dir)[k]) for k, v in _bn_buffers(kept_dir).items())
+        kept_f1.append(first["val_macro_f1"])
 
-    # the old behaviour, by parameter: statistics from batches of 8 undo stage 1
-    redone = train(load_params(None, base + ["train.batchnorm=train"]), prepared, tmp_path / "redone",
-                   stage=2, init_from=tmp_path / "s1", progress=False)
-    wrecked = _history(tmp_path / "redone")[len(s1)]
-    assert redone["batchnorm"] == "trained"
-    assert wrecked["train_loss"] > 1.4 * s1_loss, (wrecked, s1_loss)
-    assert wrecked["val_macro_f1"] < first["val_macro_f1"] - 0.05, (wrecked, first)
+        # the old behaviour, by parameter: statistics from batches of 8 undo stage 1
+        redone = train(load_params(None, base + ["train.batchnorm=train"]), prepared, redone_dir,
+                       stage=2, init_from=s1_dir, progress=False)
+        wrecked = _history(redone_dir)[len(s1)]
+        assert redone["batchnorm"] == "trained"
+        assert wrecked["train_loss"] > 1.4 * s1_loss, (seed, wrecked, s1_loss)
+        wrecked_f1.append(wrecked["val_macro_f1"])
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert mean(start) > 0.4
+    assert mean(kept_f1) > mean(start) - 0.06, (start, kept_f1)
+    assert mean(wrecked_f1) < mean(kept_f1) - 0.04, (kept_f1, wrecked_f1)
 
 
 def test_full_fine_tuning_follows_the_same_rule(bn_setup, tmp_path):
