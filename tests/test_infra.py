@@ -213,6 +213,16 @@ def stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
     return result
 
 
+def built_from(all_stages: list, stage: list) -> list[tuple[str, str]]:
+    """The instructions an image of `stage` carries: its own and those of every stage it is
+    built FROM (an image inherits their ARG scope no further, their ENV and LABELs whole)."""
+    by_alias = {s[0][1].split()[-1]: s for s in all_stages if " AS " in s[0][1].upper()}
+    chain = [stage]
+    while chain[-1][0][1].split()[0] in by_alias:
+        chain.append(by_alias[chain[-1][0][1].split()[0]])
+    return [ins for st in reversed(chain) for ins in st]
+
+
 def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
     """Docker's rule: the last matching pattern wins; a pattern also matches parents."""
     parts = path.split("/")
@@ -323,16 +333,14 @@ def test_dockerfile_is_pinned_non_root_secret_free_and_copies_what_exists():
 
     by_alias = {s[0][1].split()[-1]: s for s in all_stages if " AS " in s[0][1].upper()}
     for final in (all_stages[-1], by_alias["light"]):  # the GPU image (default target) and the light one
-        chain = [final]  # the stage and those it is built FROM, for what it inherits
-        while chain[-1][0][1].split()[0] in by_alias:
-            chain.append(by_alias[chain[-1][0][1].split()[0]])
         users = [args for kw, args in final if kw == "USER"]
         assert users, "the final stage must switch to a non-root USER"
         uid = users[-1].split(":")[0]
         assert uid.isdigit() and int(uid) != 0, f"USER {users[-1]}: use a numeric non-root UID"
-        entry = [args for kw, args in final if kw == "ENTRYPOINT"]
+        image = built_from(all_stages, final)
+        entry = [args for kw, args in image if kw == "ENTRYPOINT"]
         assert entry and json.loads(entry[-1]) == ["cladapter"], entry
-        env_text = " ".join(args for stage in chain for kw, args in stage if kw == "ENV")
+        env_text = " ".join(args for kw, args in image if kw == "ENV")
         assert "PYTHONUNBUFFERED=1" in env_text and "CLADAPTER_GIT_COMMIT=${GIT_COMMIT}" in env_text
     for kw, args in instructions:
         if kw in {"ENV", "ARG"}:
@@ -361,13 +369,17 @@ def test_dockerfile_is_pinned_non_root_secret_free_and_copies_what_exists():
 def test_image_carries_its_git_commit():
     """Lineage: the commit arrives as a build argument and becomes the OCI revision label
     and $CLADAPTER_GIT_COMMIT, which the pipeline steps tag their MLflow runs with."""
-    final = stages(dockerfile_instructions(DOCKERFILE.read_text()))[-1]
-    args = [a for kw, a in final if kw == "ARG"]
-    labels = " ".join(a for kw, a in final if kw == "LABEL")
-    env_text = " ".join(a for kw, a in final if kw == "ENV")
-    assert "GIT_COMMIT=unknown" in args
-    assert 'org.opencontainers.image.revision="${GIT_COMMIT}"' in labels
-    assert "CLADAPTER_GIT_COMMIT=${GIT_COMMIT}" in env_text
+    all_stages = stages(dockerfile_instructions(DOCKERFILE.read_text()))
+    by_alias = {s[0][1].split()[-1]: s for s in all_stages if " AS " in s[0][1].upper()}
+    for final in (all_stages[-1], by_alias["light"]):
+        image = built_from(all_stages, final)
+        # the ARG, its label and its variable in one stage (an ARG is scoped to its stage)
+        carrier = next(st for st in all_stages if ("ARG", "GIT_COMMIT=unknown") in st)
+        assert all(ins in image for ins in carrier)
+        labels = " ".join(a for kw, a in carrier if kw == "LABEL")
+        env_text = " ".join(a for kw, a in carrier if kw == "ENV")
+        assert 'org.opencontainers.image.revision="${GIT_COMMIT}"' in labels
+        assert "CLADAPTER_GIT_COMMIT=${GIT_COMMIT}" in env_text
     from components.lineage import GIT_ENV
     assert GIT_ENV == "CLADAPTER_GIT_COMMIT"
     assert '--build-arg GIT_COMMIT="$(git rev-parse HEAD)"' in (INFRA / "README.md").read_text()
