@@ -117,7 +117,7 @@ def train_method(p: dict, prepared_dir: Path, work: Path, method: str, progress:
     the stage whose model is scored (`staged_selection`: the better stage on validation)
     and its validation key (`val_key`, as `best_stage` ranks). `fresh_cache`: drop the
     in-process feature cache first. Time (`seconds`): the wall clock less the cache builds
-    done here, plus the build cost of the views its stages read (`cache_reads`): what
+    done here, plus the build cost of the views its stages read (`merge_reads`): what
     the method costs alone, whichever method or grid point built the cache it reads."""
     from ..training import feature_cache as cache
     from ..training import train
@@ -131,20 +131,21 @@ def train_method(p: dict, prepared_dir: Path, work: Path, method: str, progress:
         runs.append((stage, model_dir, summary))
         init = model_dir
     won = best_stage(runs) if staged_selection and len(runs) > 1 else runs[-1]
-    reads = cache_reads([summary for _, _, summary in runs])
-    built = sum(float((summary.get("cache") or {}).get("built_seconds", 0.0)) for _, _, summary in runs)
+    infos = [summary.get("cache") or {} for _, _, summary in runs]
+    reads = merge_reads(info.get("reads") or {} for info in infos)
+    built = sum(float(info.get("built_seconds", 0.0)) for info in infos)
     return {"model_dir": won[1], "summary": runs[-1][2], "stage": won[0], "val_key": val_key(*won),
             "seconds": time.perf_counter() - t0 - built + sum(reads.values()), "reads": reads}
 
 
-def cache_reads(summaries: list[dict]) -> dict[str, float]:
-    """Cache -> the build cost of the views read from it (the most any of the summaries
-    read): each cache counted once, however many stages or grid points read it."""
-    reads: dict[str, float] = {}
-    for summary in summaries:
-        for key, cost in ((summary.get("cache") or {}).get("reads") or {}).items():
-            reads[key] = max(reads.get(key, 0.0), float(cost))
-    return reads
+def merge_reads(reads) -> dict[str, float]:
+    """Cache -> the build cost of the views read from it (the most any of `reads`, dicts of
+    the same, read): each cache counted once, however many stages or grid points read it."""
+    merged: dict[str, float] = {}
+    for one in reads:
+        for key, cost in one.items():
+            merged[key] = max(merged.get(key, 0.0), float(cost))
+    return merged
 
 
 def best_stage(runs: list[tuple]) -> tuple:
@@ -267,14 +268,13 @@ def _run_one(params, prepared_dir: Path, work: Path, method: str, seed: int, opt
     """One method, one seed: every point of the lr grid trained (the seed's feature caches
     shared by them), the one best on validation scored on the split. Its time counts them all."""
     from ..training import stage_plan
-    factors, best, seconds, vals, reads = lr_factors(params), None, 0.0, [], {}
+    factors, best, seconds, vals, reads = lr_factors(params), None, 0.0, [], []
     for i, factor in enumerate(factors):
         p = method_params(params, method, seed, opts["tuned"], factor)
         run = train_method(p, prepared_dir, work / f"lr{i}", method, opts["progress"], opts["staged_selection"],
                            fresh_cache=False)
         seconds += run["seconds"] - sum(run["reads"].values())  # each cache counted once, below
-        for k, v in run["reads"].items():
-            reads[k] = max(reads.get(k, 0.0), v)
+        reads.append(run["reads"])
         key = run["val_key"] or (False, float("-inf"))
         vals.append(key[1] if key[0] else None)  # the validation select metric of this point
         if best is None or key > best[0]:
@@ -283,7 +283,7 @@ def _run_one(params, prepared_dir: Path, work: Path, method: str, seed: int, opt
             best = (key, factor, work / f"lr{i}", p, run)
         else:
             shutil.rmtree(work / f"lr{i}", ignore_errors=True)
-    seconds += sum(reads.values())
+    seconds += sum(merge_reads(reads).values())
     _, factor, _, p, run = best
     m = score(run["model_dir"], prepared_dir, p, opts["split"])
     rep = run["summary"]["param_report"]
