@@ -24,6 +24,16 @@ INSTALL_MODES = {"standalone": "kubeflow", "multi-user": "kubeflow-user-example-
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
 
 
+def script(name: str):
+    """One of infra/scripts/ (not a package: file names with dashes) as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py").replace("-", "_"),
+                                                  INFRA / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def kubectl() -> str:
     beside = Path(sys.executable).parent / "kubectl"
     found = str(beside) if beside.is_file() else shutil.which("kubectl")

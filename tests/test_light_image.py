@@ -8,7 +8,6 @@ folder, an Optuna study, an MLflow store): what the light image's pods do.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -104,15 +103,9 @@ def test_the_compiled_pipeline_runs_only_the_light_steps_in_the_light_image(tmp_
     assert stages.LIGHT_IMAGE == stages.IMAGE.replace("/cladapter:", "/cladapter-light:")
 
 
-def _light_lock():
-    spec = importlib.util.spec_from_file_location("light_lock", REPO / "infra" / "scripts" / "light-lock.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_light_lock_is_the_full_lock_less_torch_and_what_only_it_needs():
-    ll = _light_lock()
+    from infra_helpers import script
+    ll = script("light-lock.py")
     full, light = ll.lock_blocks(ll.LOCK.read_text()), ll.lock_blocks(ll.LIGHT_LOCK.read_text())
     assert ll.LIGHT_LOCK.read_text() == ll.light_lock(), "stale: run infra/scripts/light-lock.py"
     assert all(full[n] == block for n, block in light.items())  # same versions, same hashes

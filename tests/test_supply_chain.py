@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import importlib.util
 import re
 import subprocess
 import tomllib
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO
-from infra_helpers import DOCKERFILE, dockerfile_instructions, dockerignore_excludes, ignore_patterns
+from infra_helpers import DOCKERFILE, dockerfile_instructions, dockerignore_excludes, ignore_patterns, script
 
 INFRA = REPO / "infra"
 LOCK = INFRA / "docker" / "requirements.lock"
@@ -30,14 +29,10 @@ BUILD_TOOLS = {"setuptools", "wheel"}  # in the lock for --no-build-isolation, n
 
 
 def _pin_images():
-    spec = importlib.util.spec_from_file_location("pin_images", INFRA / "scripts" / "pin-images.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script("pin-images.py")
 
 
-def norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+norm = script("light-lock.py").norm  # PEP 503 names, as the light lock's script writes them
 
 
 def lock_entries() -> dict[str, tuple[str, set[str]]]:
@@ -142,9 +137,7 @@ def test_the_lock_covers_the_project_at_the_constraints_versions():
     # every package pyproject.toml pulls in on the image's platform, from the installed
     # packages' own metadata (the same versions: constraints.txt)
     from packaging.requirements import Requirement
-    linux = {"extra": "", "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
-             "python_version": "3.11", "python_full_version": "3.11.14", "os_name": "posix",
-             "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+    linux = script("light-lock.py").LINUX  # the image's platform, as the light lock reads it
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     todo, closure = [Requirement(r) for r in project], set()
     while todo:

@@ -6,7 +6,7 @@ It is requirements.lock (same versions, same hashes) less what only torch, torch
 and timm pull in: the closure of pyproject.toml's other dependencies on the image's
 platform (x86_64 Linux, CPython 3.11), read from the installed packages' own metadata
 (the versions of constraints.txt), plus the build tools. Run it after lock-image.sh;
-`--check` exits 1 when the committed file differs (tests/test_supply_chain.py runs it).
+`--check` exits 1 when the committed file differs (tests/test_light_image.py checks it).
 
     python infra/scripts/light-lock.py [--check]
 """
@@ -56,10 +56,8 @@ def closure(roots: list[str], leave_out: set[str] = frozenset()) -> set[str]:
 
 def lock_blocks(text: str) -> dict[str, str]:
     """name -> its entry (the `name==version` line and its hash lines) of a lock file."""
-    blocks = re.findall(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)==\S+(?:[ \t]*\\\n[ \t]+--hash=\S+)*\n?", text, re.M)
-    starts = [m.start() for m in re.finditer(r"^[A-Za-z0-9]", text, re.M)]
-    ends = starts[1:] + [len(text)]
-    return {norm(n): text[s:e].rstrip("\n") + "\n" for n, s, e in zip(blocks, starts, ends)}
+    entries = re.finditer(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)==\S+(?:[ \t]*\\\n[ \t]+--hash=\S+)*", text, re.M)
+    return {norm(m.group(1)): m.group(0) + "\n" for m in entries}
 
 
 def light_lock() -> str:
