@@ -44,7 +44,7 @@ def known_backbone(name: str) -> bool:
         return True
     timm = _timm()
     if timm is None:  # timm.is_model's rule: the architecture, any pretrained tag after "."
-        return name.partition(".")[0] in set(_listed())
+        return name.partition(".")[0] in _listed()
     try:
         return timm.is_model(name)
     except Exception:
