@@ -53,12 +53,12 @@ def _transform_desc(transform) -> dict:
             "augment": repr(getattr(transform, "augment", None))}
 
 
-def cache_key(model, dataset, views: int, seed: int, dtype: str, device=None, amp_dtype=None,
-              any_views: bool = False) -> str:
-    """The cache key of `model`'s backbone output over `dataset` (a ManifestDataset),
-    computed on `device` under autocast `amp_dtype` (both change the stored numbers).
-    `any_views`: the key without the number of views (augmented views only): view v of
-    image i is the same in a cache of any size, so one of more views serves fewer."""
+def cache_keys(model, dataset, views: int, seed: int, dtype: str, device=None,
+               amp_dtype=None) -> tuple[str, str]:
+    """(key, base) of `model`'s backbone output over `dataset` (a ManifestDataset), computed
+    on `device` under autocast `amp_dtype` (both change the stored numbers). `base`: the key
+    without the number of views (augmented views only): view v of image i is the same in a
+    cache of any size, so one of more views serves fewer. Hashes the weights and data once."""
     import torchvision
     parts = {
         "version": KEY_VERSION, "torch": torch.__version__, "torchvision": torchvision.__version__,
@@ -72,7 +72,16 @@ def cache_key(model, dataset, views: int, seed: int, dtype: str, device=None, am
         "in_chans": getattr(dataset, "in_chans", None),
         "transform": _transform_desc(dataset.transform),
         # Views and seed only change the stored numbers when there is augmentation.
-        "views": "any" if any_views and views else views, "seed": seed if views else None, "dtype": dtype,
+        "views": views, "seed": seed if views else None, "dtype": dtype,
     }
+    return _hash(parts), _hash({**parts, "views": "any" if views else 0})
+
+
+def cache_key(model, dataset, views: int, seed: int, dtype: str, device=None, amp_dtype=None) -> str:
+    """The key alone (`cache_keys`)."""
+    return cache_keys(model, dataset, views, seed, dtype, device, amp_dtype)[0]
+
+
+def _hash(parts: dict) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:32]

@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.seeding import SeededDataset  # the trainer's per-item seeding, so views match epochs
 from ..errors import CacheError
-from .cache_keys import cache_key, weights_digest  # noqa: F401 (weights_digest: re-exported)
+from .cache_keys import cache_key, cache_keys, weights_digest  # noqa: F401 (cache_key, weights_digest: re-exported)
 from ..outputs import default_mode
 
 __all__ = ["FeatureCache", "CachedTrainLoader", "CachedEvalLoader", "cache_key", "check_fits", "get_features", "stage1_cache", "clear_memory",
@@ -67,8 +67,6 @@ MEMORY_ENTRIES = 8  # per-process store: a train and a val cache of four configu
 # Backbone passes and cache hits of this process (benchmarks and tests read them).
 STATS = {"builds": 0, "hits": 0, "images_encoded": 0}
 _MEMORY: "OrderedDict[str, FeatureCache]" = OrderedDict()
-
-
 
 
 def clear_memory() -> None:
@@ -284,8 +282,7 @@ def get_features(model, dataset, *, views: int = 0, seed: int = 0, dtype: str = 
     if len(dataset) == 0:
         raise CacheError("nothing to cache: the dataset is empty")
     device = device or next(model.parameters()).device
-    key = cache_key(model, dataset, views, seed, dtype, device, amp_dtype)
-    base = cache_key(model, dataset, views, seed, dtype, device, amp_dtype, any_views=True)
+    key, base = cache_keys(model, dataset, views, seed, dtype, device, amp_dtype)
     labels = torch.as_tensor(list(dataset.targets), dtype=torch.long)
     encode = dict(views=views, seed=seed, dtype=DTYPES[dtype], device=device, batch_size=batch_size,
                   num_workers=num_workers, amp_dtype=amp_dtype)
